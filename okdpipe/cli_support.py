@@ -1,0 +1,27 @@
+"""Turn user errors into one line and an exit code, for every command."""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import typer
+
+from okdpipe.errors import OkdpipeError
+
+
+def friendly_errors(command: Callable) -> Callable:
+    """OkdpipeError -> 'error: ...' on stderr and its exit code; Ctrl-C -> exit 130. Bugs keep their traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except OkdpipeError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
