@@ -1,0 +1,15 @@
+"""Backbones behind one interface (`Backbone`: stem -> stages -> pool -> classifier), built by name.
+
+    from okdpipe.distill.models import MODELS, create_model
+    model = create_model("resnet32", num_classes=100, in_channels=3)
+
+Importing this package registers every architecture below in MODELS.
+"""
+
+from okdpipe.distill.models import cifar_resnet, densenet, mobilenetv2, torchvision_resnet, vgg, wide_resnet
+from okdpipe.distill.models.base import MODELS, Backbone, create_model, init_weights
+
+__all__ = ["MODELS", "Backbone", "create_model", "init_weights"]
+
+# The architecture modules are imported for their registrations only.
+del cifar_resnet, densenet, mobilenetv2, torchvision_resnet, vgg, wide_resnet

@@ -1,0 +1,131 @@
+"""The one backbone interface, its registry, `create_model` and the layers every architecture shares.
+
+A backbone is exactly three parameterised parts -- `stem`, `stages`, `classifier` -- so that multi-branch
+students can be assembled generically (trunk = stem + stages[:-1], branch = a copy of stages[-1] + classifier)
+and split back into a plain network by copying state-dict entries (keys `stem.*`, `stages.<i>.*`,
+`classifier.*`). Global average pooling is the only operation between the last stage and the classifier.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from okdpipe.errors import OkdpipeError
+from okdpipe.registry import Registry
+
+
+class Backbone(nn.Module):
+    """stem -> stages (each output is a "stage map") -> global average pool -> linear classifier.
+
+    Every non-linear layer before the pooling lives in `stem` or a stage, so `stages[-1]` followed by
+    `pool` and `classifier` is a complete branch head.
+    """
+
+    def __init__(
+        self,
+        stem: nn.Module,
+        stages: Sequence[nn.Module],
+        classifier: nn.Linear,
+        stage_channels: Sequence[int],
+    ):
+        super().__init__()
+        if len(stage_channels) != len(stages) or stage_channels[-1] != classifier.in_features:
+            raise ValueError(
+                f"stage_channels {list(stage_channels)} must give one width per stage ({len(stages)}) "
+                f"and end with the classifier's input width {classifier.in_features}"
+            )
+        self.stem = stem
+        self.stages = nn.ModuleList(stages)
+        self.classifier = classifier
+        self.stage_channels = [int(c) for c in stage_channels]
+        self.num_features = classifier.in_features
+        # Filled in by create_model, so that a network says how to rebuild itself.
+        self.arch = ""
+        self.arch_kwargs: dict[str, Any] = {}
+        init_weights(self)
+
+    def forward_features(self, x: torch.Tensor, return_stages: bool = False):
+        """Final feature map [B, C, h, w]; with return_stages also the list of every stage's output."""
+        x = self.stem(x)
+        stage_maps = []
+        for stage in self.stages:
+            x = stage(x)
+            stage_maps.append(x)
+        return (x, stage_maps) if return_stages else x
+
+    def pool(self, fmap: torch.Tensor) -> torch.Tensor:
+        """Global average pool + flatten -> [B, num_features]; adaptive, so any input size works."""
+        return torch.flatten(F.adaptive_avg_pool2d(fmap, 1), 1)
+
+    def forward_head(self, fmap: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.pool(fmap))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def init_weights(model: nn.Module) -> None:
+    """Kaiming-normal (fan_out, ReLU gain) convs with zero bias, BN weight 1 / bias 0 (He et al. 2015/2016).
+
+    Linear layers keep PyTorch's default uniform init, as the ONE/OKDDip/PCL CIFAR code and torchvision's
+    ResNets do.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, (nn.BatchNorm2d, nn.BatchNorm1d)):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+def conv_bn_act(
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int = 3,
+    stride: int = 1,
+    groups: int = 1,
+    act: Optional[Callable[..., nn.Module]] = nn.ReLU,
+) -> nn.Sequential:
+    """Conv (no bias: BN follows) + BN + optional activation; 'same' padding for odd kernels."""
+    layers: list[nn.Module] = [
+        nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(out_channels),
+    ]
+    if act is not None:
+        layers.append(act(inplace=True))
+    return nn.Sequential(*layers)
+
+
+ModelBuilder = Callable[..., Backbone]
+MODELS: Registry[ModelBuilder] = Registry("backbone")
+
+
+def create_model(name: str, num_classes: int, in_channels: int = 3, **kwargs: Any) -> Backbone:
+    """Build a registered backbone; (name, num_classes, in_channels, kwargs) fully determine its shape."""
+    builder = MODELS.get(name)
+    for what, value in (("num_classes", num_classes), ("in_channels", in_channels)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise OkdpipeError(f"backbone {name!r}: {what} must be a positive integer, got {value!r}")
+    _check_options(name, builder, kwargs)
+    model = builder(num_classes=num_classes, in_channels=in_channels, **kwargs)
+    model.arch = name
+    model.arch_kwargs = dict(kwargs)
+    return model
+
+
+def _check_options(name: str, builder: ModelBuilder, kwargs: dict[str, Any]) -> None:
+    """Reject options the builder does not take with a one-line message listing the ones it does."""
+    options = [p for p in inspect.signature(builder).parameters if p not in ("num_classes", "in_channels")]
+    unknown = sorted(set(kwargs) - set(options))
+    if unknown:
+        accepted = ", ".join(options) if options else "none"
+        raise OkdpipeError(
+            f"backbone {name!r} has no option(s) {', '.join(unknown)}; options it accepts: {accepted}"
+        )

@@ -1,0 +1,187 @@
+"""Every registered backbone against the Backbone contract; parametrised over MODELS.names()."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+from okdpipe.distill.models import MODELS, Backbone, create_model
+from okdpipe.errors import OkdpipeError
+
+# Exact trainable-parameter counts for num_classes=100, in_channels=3 (each builder's docstring states its own).
+PARAMETERS_100_CLASSES = {
+    "resnet8": 83_892,
+    "resnet20": 278_324,
+    "resnet32": 472_756,
+    "resnet56": 861_620,
+    "resnet110": 1_736_564,
+    "resnet110_bottleneck": 1_170_868,
+    "wrn16_2": 703_284,
+    "wrn40_2": 2_255_156,
+    "vgg16": 14_770_212,
+    "densenet40_12": 1_060_132,
+    "mobilenetv2": 2_351_972,
+    "resnet18": 11_227_812,
+    "resnet34": 21_335_972,
+}
+
+# Side of the final feature map for a 32x32 and a 28x28 input: pins every architecture's strides.
+FINAL_MAP_SIDE = {
+    "resnet8": (8, 7),
+    "resnet20": (8, 7),
+    "resnet32": (8, 7),
+    "resnet56": (8, 7),
+    "resnet110": (8, 7),
+    "resnet110_bottleneck": (8, 7),
+    "wrn16_2": (8, 7),
+    "wrn40_2": (8, 7),
+    "vgg16": (1, 1),
+    "densenet40_12": (8, 7),
+    "mobilenetv2": (4, 4),
+    "resnet18": (1, None),
+    "resnet34": (1, None),
+}
+
+IMAGENET_LAYOUT = {"resnet18", "resnet34"}  # 28x28 is below what they are meant for; skipped for speed
+NUM_CLASSES = 100
+NAMES = MODELS.names()
+
+
+@functools.lru_cache(maxsize=None)
+def built(name: str, in_channels: int) -> Backbone:
+    """One eval-mode instance per (name, channels), built at seed 0; tests must not modify it."""
+    torch.manual_seed(0)
+    return create_model(name, NUM_CLASSES, in_channels).eval()
+
+
+def sample(in_channels: int, side: int) -> torch.Tensor:
+    return torch.randn(2, in_channels, side, side, generator=torch.Generator().manual_seed(1))
+
+
+def inputs_for(name: str) -> list[tuple[int, int]]:
+    sizes = [(1, 28), (3, 32)]
+    return sizes[1:] if name in IMAGENET_LAYOUT else sizes
+
+
+def test_every_backbone_has_an_expected_parameter_count_and_map_size():
+    assert sorted(PARAMETERS_100_CLASSES) == NAMES
+    assert sorted(FINAL_MAP_SIDE) == NAMES
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_parameter_count_is_exact_and_documented(name):
+    count = sum(p.numel() for p in built(name, 3).parameters())
+    assert count == PARAMETERS_100_CLASSES[name]
+    assert f"{count:,} parameters" in MODELS.get(name).__doc__
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_forward_gives_logits_and_composes_from_features_and_head(name):
+    for in_channels, side in inputs_for(name):
+        model, x = built(name, in_channels), sample(in_channels, side)
+        with torch.no_grad():
+            logits = model(x)
+            fmap = model.forward_features(x)
+            assert logits.shape == (2, NUM_CLASSES)
+            assert torch.equal(logits, model.forward_head(fmap))
+        expected_side = FINAL_MAP_SIDE[name][0 if side == 32 else 1]
+        assert fmap.shape == (2, model.num_features, expected_side, expected_side)
+        assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_return_stages_gives_one_map_per_stage_with_the_stated_channels(name):
+    model = built(name, 3)
+    with torch.no_grad():
+        fmap, stage_maps = model.forward_features(sample(3, 32), return_stages=True)
+    assert len(stage_maps) == len(model.stages) == len(model.stage_channels)
+    assert [m.shape[1] for m in stage_maps] == model.stage_channels
+    assert stage_maps[-1] is fmap
+    assert model.num_features == model.stage_channels[-1] == model.classifier.in_features
+    assert model.pool(fmap).shape == (2, model.num_features)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_parameters_and_buffers_live_only_in_stem_stages_classifier(name):
+    model = built(name, 3)
+    assert [child for child, _ in model.named_children()] == ["stem", "stages", "classifier"]
+    assert isinstance(model.classifier, nn.Linear)
+    prefixes = {key.split(".")[0] for key in model.state_dict()}
+    assert prefixes == {"stem", "stages", "classifier"}
+    stage_indices = {int(key.split(".")[1]) for key in model.state_dict() if key.startswith("stages.")}
+    assert stage_indices == set(range(len(model.stages)))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_same_seed_gives_identical_weights_and_another_seed_does_not(name):
+    reference = built(name, 3).state_dict()
+    torch.manual_seed(0)
+    again = create_model(name, NUM_CLASSES).state_dict()
+    torch.manual_seed(1)
+    other = create_model(name, NUM_CLASSES).state_dict()
+    assert list(again) == list(reference)
+    assert all(torch.equal(again[key], reference[key]) for key in reference)
+    stem_conv = next(key for key in reference if key.startswith("stem.") and reference[key].dim() == 4)
+    assert not torch.equal(other[stem_conv], reference[stem_conv])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_trunk_plus_branch_reproduces_the_network_and_extracts_back(name):
+    """The multi-branch container's use: trunk = stem + stages[:-1]; branch = copy of stages[-1] + classifier."""
+    model, x = built(name, 3), sample(3, 32)
+    trunk = nn.Sequential(model.stem, *model.stages[:-1])
+    branch_stage, branch_head = copy.deepcopy(model.stages[-1]), copy.deepcopy(model.classifier)
+    last = len(model.stages) - 1
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith((f"stages.{last}.", "classifier."))}
+    state.update({f"stages.{last}.{k}": v for k, v in branch_stage.state_dict().items()})
+    state.update({f"classifier.{k}": v for k, v in branch_head.state_dict().items()})
+    torch.manual_seed(1)
+    extracted = create_model(model.arch, NUM_CLASSES, 3, **model.arch_kwargs).eval()
+    extracted.load_state_dict(state)
+    with torch.no_grad():
+        expected = model(x)
+        assert torch.equal(branch_head(model.pool(branch_stage(trunk(x)))), expected)
+        assert torch.equal(extracted(x), expected)
+
+
+def test_unknown_name_lists_the_known_ones():
+    with pytest.raises(OkdpipeError, match="unknown backbone 'resnet99'") as info:
+        create_model("resnet99", 10)
+    assert all(name in str(info.value) for name in NAMES)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_option_and_bad_sizes_are_user_errors():
+    with pytest.raises(OkdpipeError, match=r"'resnet20' has no option\(s\) width; options it accepts: none"):
+        create_model("resnet20", 10, width=2)
+    with pytest.raises(OkdpipeError, match="options it accepts: drop_rate"):
+        create_model("wrn16_2", 10, dropout=0.3)
+    with pytest.raises(OkdpipeError, match=r"drop_rate must be in \[0, 1\), got 1.5"):
+        create_model("wrn16_2", 10, drop_rate=1.5)
+    with pytest.raises(OkdpipeError, match="num_classes must be a positive integer, got 0"):
+        create_model("resnet20", 0)
+    with pytest.raises(OkdpipeError, match="in_channels must be a positive integer, got 2.0"):
+        create_model("resnet20", 10, in_channels=2.0)
+
+
+def test_wrn_dropout_option_is_recorded_adds_no_parameters_and_acts_only_in_training():
+    torch.manual_seed(0)
+    model = create_model("wrn16_2", 10, 1, drop_rate=0.3)
+    assert (model.arch, model.arch_kwargs) == ("wrn16_2", {"drop_rate": 0.3})
+    assert list(model.state_dict()) == list(create_model("wrn16_2", 10, 1).state_dict())
+    x = sample(1, 28)
+    with torch.no_grad():
+        assert not torch.equal(model.train()(x), model(x))
+        assert torch.equal(model.eval()(x), model(x))
+
+
+def test_vgg_survives_odd_maps_and_larger_inputs():
+    """ceil-mode pools keep 28x28 non-empty; the adaptive pool in pool() makes 64x64 inputs work too."""
+    model = built("vgg16", 3)
+    with torch.no_grad():
+        assert model.forward_features(sample(3, 64)).shape == (2, 512, 2, 2)
+        assert model(sample(3, 64)).shape == (2, NUM_CLASSES)
