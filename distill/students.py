@@ -1,0 +1,128 @@
+"""N students trained together, in one of two layouts, and how each extracts to a plain network.
+
+- `peers`: N independent backbones of one architecture (vanilla, DML, FFSD, OKDPH).
+- `branches`: one shared trunk (stem + all stages but the last) and N branches (a copy of the last stage and
+  the classifier each) (ONE, PCL, MBDE). Branch i plus the trunk extracts to a plain backbone.
+
+`extract(i)` always returns a standalone `Backbone` of the base architecture: the only thing select and
+export ever see.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from okdpipe.distill.models import Backbone, create_model
+
+
+@dataclass
+class StudentOutputs:
+    """What one forward pass of all students produced.
+
+    logits:   [N, B, K]
+    features: per student, pooled features [B, d] (only when asked)
+    stages:   per student, the list of stage maps (only when asked)
+    trunk:    `branches` layout only: the shared trunk's output map, per view
+    """
+
+    logits: torch.Tensor
+    features: Optional[list[torch.Tensor]] = None
+    stages: Optional[list[list[torch.Tensor]]] = None
+    trunk: list[torch.Tensor] = field(default_factory=list)
+
+
+class Students(nn.Module):
+    """The students of one run. Parameters live in `members` (peers) or `trunk` + `branches`."""
+
+    def __init__(self, arch: str, count: int, num_classes: int, in_channels: int,
+                 layout: str = "peers", same_init: bool = False):
+        super().__init__()
+        if layout not in ("peers", "branches"):
+            raise ValueError(f"unknown student layout {layout!r}")
+        self.arch, self.count, self.layout = arch, count, layout
+        self.channels_last = False
+        self.num_classes, self.in_channels = num_classes, in_channels
+        first = self._new_backbone()
+        others = [copy.deepcopy(first) if same_init else self._new_backbone() for _ in range(count - 1)]
+        if layout == "peers":
+            self.members = nn.ModuleList([first, *others])
+        else:
+            self.trunk = nn.ModuleDict({"stem": first.stem, "stages": nn.ModuleList(first.stages[:-1])})
+            self.branches = nn.ModuleList(
+                nn.ModuleDict({"stage": b.stages[-1], "classifier": b.classifier}) for b in [first, *others]
+            )
+            self._template = [first]  # kept out of the module tree: only pool() and the layout are used
+
+    def _new_backbone(self) -> Backbone:
+        return create_model(self.arch, num_classes=self.num_classes, in_channels=self.in_channels)
+
+    def forward(self, views: torch.Tensor, features: bool = False, stages: bool = False) -> StudentOutputs:
+        """views: [V, B, C, H, W]; V = 1: every student sees view 0; V >= N: student i sees view i
+        (a method may ask for more views than students, e.g. OKDPH's hybrid gets one of its own)."""
+        if views.shape[0] != 1 and views.shape[0] < self.count:
+            raise ValueError(f"expected 1 or at least {self.count} views, got {views.shape[0]}")
+        if self.layout == "peers":
+            return self._forward_peers(views, features, stages)
+        return self._forward_branches(views, features, stages)
+
+    def _view(self, views: torch.Tensor, i: int) -> torch.Tensor:
+        view = views[i] if views.shape[0] > 1 else views[0]
+        return view.contiguous(memory_format=torch.channels_last) if self.channels_last else view
+
+    def _forward_peers(self, views, features, stages) -> StudentOutputs:
+        logits, pooled, maps = [], [], []
+        for i, member in enumerate(self.members):
+            fmap, stage_maps = member.forward_features(self._view(views, i), return_stages=True)
+            feat = member.pool(fmap)
+            logits.append(member.classifier(feat))
+            pooled.append(feat)
+            maps.append(stage_maps)
+        return StudentOutputs(torch.stack(logits), pooled if features else None, maps if stages else None)
+
+    def run_trunk(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        out = self.trunk["stem"](x)
+        maps = []
+        for stage in self.trunk["stages"]:
+            out = stage(out)
+            maps.append(out)
+        return out, maps
+
+    def _forward_branches(self, views, features, stages) -> StudentOutputs:
+        pool = self._template[0].pool
+        trunks = [self.run_trunk(self._view(views, i)) for i in range(1 if views.shape[0] == 1 else self.count)]
+        logits, pooled, maps = [], [], []
+        for i, branch in enumerate(self.branches):
+            trunk_map, trunk_stages = trunks[i] if len(trunks) > 1 else trunks[0]
+            fmap = branch["stage"](trunk_map)
+            feat = pool(fmap)
+            logits.append(branch["classifier"](feat))
+            pooled.append(feat)
+            maps.append([*trunk_stages, fmap])
+        return StudentOutputs(torch.stack(logits), pooled if features else None,
+                              maps if stages else None, trunk=[t[0] for t in trunks])
+
+    def extract(self, i: int) -> Backbone:
+        """Student i as a standalone network of the base architecture (a copy: training is unaffected)."""
+        if not 0 <= i < self.count:
+            raise IndexError(f"student {i} does not exist (0..{self.count - 1})")
+        if self.layout == "peers":
+            return copy.deepcopy(self.members[i])
+        net = self._new_backbone().to(next(self.parameters()).device)
+        net.load_state_dict(self.member_state(i))
+        return net
+
+    def member_state(self, i: int) -> dict[str, torch.Tensor]:
+        """Student i's state dict under the plain backbone's keys (stem.*, stages.<k>.*, classifier.*)."""
+        if self.layout == "peers":
+            return self.members[i].state_dict()
+        last = len(self.trunk["stages"])
+        state = {f"stem.{k}": v for k, v in self.trunk["stem"].state_dict().items()}
+        state.update({f"stages.{k}": v for k, v in self.trunk["stages"].state_dict().items()})
+        state.update({f"stages.{last}.{k}": v for k, v in self.branches[i]["stage"].state_dict().items()})
+        state.update({f"classifier.{k}": v for k, v in self.branches[i]["classifier"].state_dict().items()})
+        return state

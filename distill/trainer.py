@@ -1,0 +1,312 @@
+"""`fit()`: the one training loop every method runs through.
+
+It owns the device, precision, schedule, evaluation, checkpoints, resume, metrics and progress; a method only
+turns outputs into losses (and may update state after each step). Resume is exact on CPU: every source of
+randomness in epoch e (data order, augmentation, a method's draws) is a function of (seed, e), and a
+checkpoint is written at the end of every epoch, so a run killed at any point continues from the last finished
+epoch and reaches the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from okdpipe.config import DistillConfig, dump_yaml, validate_params
+from okdpipe.datasets import load_dataset, make_loader
+from okdpipe.distill.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from okdpipe.distill.evaluate import evaluate_run, recalibrate_bn
+from okdpipe.distill.methods import METHODS, Method, StepContext
+from okdpipe.distill.students import Students
+from okdpipe.errors import OkdpipeError
+from okdpipe.files import atomic_write_text
+from okdpipe.run import RunDir, environment, now_iso
+
+LOG_EVERY_STEPS = 50
+BN_CALIBRATION_BATCHES = 20  # batches of training images used to recompute BN statistics of averaged models
+RESUME_MAY_CHANGE = ("device", "workers", "eval_batch_size")  # settings that cannot change the weights
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise OkdpipeError("--device cuda: no CUDA device is visible; use --device cpu or auto")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def autocast_for(device: torch.device, precision: str):
+    """bf16 autocast on GPU (BatchNorm stays fp32 under autocast); plain fp32 on CPU unless asked."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def lr_factor(step: int, cfg: DistillConfig, steps_per_epoch: int) -> float:
+    """Linear warm-up, then cosine to 0, step decay at `milestones` (fractions of the run), or constant."""
+    total = cfg.epochs * steps_per_epoch
+    warmup = cfg.warmup_epochs * steps_per_epoch
+    if step < warmup:
+        return (step + 1) / warmup
+    if cfg.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+    if cfg.schedule == "step":
+        return cfg.lr_decay ** sum(step >= m * total for m in cfg.milestones)
+    return 1.0
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 1_000_003 + epoch
+
+
+def build_optimizer(cfg: DistillConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    for group in groups:
+        group.setdefault("lr", cfg.lr)
+        group["base_lr"] = group["lr"]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                           nesterov=cfg.optimizer == "nesterov")
+
+
+@dataclass
+class Session:
+    """Everything one run's loop works on."""
+
+    cfg: DistillConfig
+    run: RunDir
+    device: torch.device
+    students: Students
+    method: Method
+    optimizer: torch.optim.Optimizer
+    extra_optimizers: list[torch.optim.Optimizer]
+    train_loader: Any
+    val_loader: Any
+    test_loader: Any
+    calib_loader: Any
+    bundle: Any
+    autocast: Any
+    history: list[dict]
+    forward: Any = None
+
+
+def build_models(cfg: DistillConfig, spec, device: torch.device) -> tuple[Students, Method]:
+    """The students and the method of `cfg`, initialised from its seed (select rebuilds them the same way)."""
+    method_cls = METHODS.get(cfg.method)
+    count = cfg.students or method_cls.default_students
+    if count < method_cls.min_students:
+        raise OkdpipeError(f"--method {cfg.method} needs at least {method_cls.min_students} students, got {count}")
+    hp = validate_params(method_cls.Params, cfg.method_params, cfg.method)
+    torch.manual_seed(cfg.seed)
+    students = Students(cfg.arch, count, spec.num_classes, spec.in_channels,
+                        layout=method_cls.layout, same_init=method_cls.same_init).to(device)
+    method = method_cls(students, hp, spec.num_classes).to(device)
+    if cfg.channels_last:
+        students.to(memory_format=torch.channels_last)
+        students.channels_last = True
+    return students, method
+
+
+def build_session(cfg: DistillConfig, run: RunDir) -> Session:
+    device = resolve_device(cfg.device)
+    METHODS.get(cfg.method)  # an unknown method fails before the data is read
+    bundle = load_dataset(cfg.dataset, cfg.data_dir, val_split=cfg.val_split, seed=cfg.seed,
+                          train_subset=cfg.train_subset, **cfg.data_options)
+    spec = bundle.spec
+    students, method = build_models(cfg, spec, device)
+    optimizer = build_optimizer(cfg, [{"params": list(students.parameters())}, *method.param_groups()])
+    views = method.num_views(students.count)
+    loader = lambda split, train, v: make_loader(  # noqa: E731
+        split, spec, batch_size=cfg.batch_size if train else cfg.eval_batch_size, train=train, device=device,
+        seed=cfg.seed, views=v, num_workers=cfg.workers)
+    session = Session(cfg, run, device, students, method, optimizer, method.extra_optimizers(),
+                      loader(bundle.train, True, views), loader(bundle.val, False, 1),
+                      loader(bundle.test, False, 1), loader(bundle.train, False, 1), bundle,
+                      autocast_for(device, cfg.precision), [])
+    session.forward = torch.compile(students) if cfg.compile else students
+    if len(session.train_loader) == 0:
+        raise OkdpipeError(f"the training split has fewer images than --batch-size {cfg.batch_size}")
+    return session
+
+
+def train_epoch(s: Session, epoch: int, stop_after_steps: Optional[int]) -> Optional[dict]:
+    """One epoch; returns its summary, or None when stopped early (tests simulate a kill this way)."""
+    cfg, spe = s.cfg, len(s.train_loader)
+    generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
+    torch.manual_seed(epoch_seed(cfg.seed, epoch))
+    s.students.train()
+    s.method.train()
+    sums: dict[str, torch.Tensor] = {}
+    seen, started = 0, time.perf_counter()
+    with progress_bar(spe, f"epoch {epoch + 1}/{cfg.epochs}") as advance:
+        for i, batch in enumerate(s.train_loader.epoch(epoch)):
+            step = epoch * spe + i
+            if stop_after_steps is not None and step >= stop_after_steps:
+                return None
+            ctx = StepContext(epoch + i / spe, step, cfg.epochs, spe, generator)
+            losses = train_step(s, batch, ctx)
+            for key, value in losses.items():
+                sums[key] = sums.get(key, 0) + value.detach().float()
+            seen += batch.labels.numel()
+            if (i + 1) % LOG_EVERY_STEPS == 0 or i + 1 == spe:
+                rate = seen / (time.perf_counter() - started)
+                advance(i + 1, f"loss {float(losses['loss'].detach()):.4f}  {rate:,.0f} img/s")
+                s.run.append_metrics({"kind": "step", "epoch": epoch + 1, "step": step + 1,
+                                      "lr": s.optimizer.param_groups[0]["lr"], "images_per_s": rate,
+                                      **{k: float(v.detach()) for k, v in losses.items()}})
+    seconds = time.perf_counter() - started
+    return {"epoch": epoch + 1, "train": {k: float(v) / spe for k, v in sums.items()},
+            "seconds": seconds, "images_per_s": seen / seconds}
+
+
+def train_step(s: Session, batch, ctx: StepContext) -> dict[str, torch.Tensor]:
+    factor = lr_factor(ctx.step, s.cfg, ctx.steps_per_epoch)
+    for group in s.optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
+    with s.autocast():
+        out = s.forward(batch.views, features=s.method.needs_features, stages=s.method.needs_stages)
+        losses = s.method.step(batch.views, batch.labels, out, ctx)
+    optimizers = [s.optimizer, *s.extra_optimizers]
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    if s.cfg.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(
+            [p for group in s.optimizer.param_groups for p in group["params"]], s.cfg.grad_clip)
+    for optimizer in optimizers:
+        optimizer.step()
+    s.method.after_step(ctx)
+    return losses
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, label: str):
+    """A rich progress bar on a terminal; silent in logs (the epoch summary line is printed either way)."""
+    if not sys.stderr.isatty():
+        yield lambda done, text: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+               TextColumn("{task.fields[info]}"))
+    with Progress(*columns, transient=True) as bar:
+        task = bar.add_task(label, total=total, info="")
+        yield lambda done, text: bar.update(task, completed=done, info=text)
+
+
+def checkpoint_state(s: Session, epoch: int) -> dict[str, Any]:
+    return {
+        "epoch": epoch,
+        "config": s.cfg.model_dump(mode="json"),
+        "students": s.students.state_dict(),
+        "method": s.method.state_dict(),
+        "optimizer": s.optimizer.state_dict(),
+        "extra_optimizers": [o.state_dict() for o in s.extra_optimizers],
+        "history": s.history,
+    }
+
+
+def restore(s: Session) -> int:
+    """Load the last checkpoint into the session; returns the number of finished epochs."""
+    state = load_checkpoint(s.run)
+    saved = {k: v for k, v in state["config"].items() if k not in RESUME_MAY_CHANGE}
+    current = {k: v for k, v in s.cfg.model_dump(mode="json").items() if k in saved}
+    changed = sorted(k for k in saved if saved[k] != current[k])
+    if changed:
+        raise OkdpipeError(f"--resume: the config differs from the checkpoint's in {', '.join(changed)}; "
+                           "resume with the same settings or start a new --out")
+    s.students.load_state_dict(state["students"])
+    s.method.load_state_dict(state["method"])
+    s.optimizer.load_state_dict(state["optimizer"])
+    for optimizer, saved_state in zip(s.extra_optimizers, state["extra_optimizers"]):
+        optimizer.load_state_dict(saved_state)
+    s.history = list(state["history"])
+    return int(state["epoch"])
+
+
+def trim_metrics(run: RunDir, finished_epochs: int) -> None:
+    """Drop metric lines written after the last checkpoint (a killed epoch is replayed on resume)."""
+    if not run.metrics_path.is_file():
+        return
+    import json
+
+    lines = run.metrics_path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line)["epoch"] <= finished_epochs]
+    atomic_write_text(run.metrics_path, "".join(line + "\n" for line in kept))
+
+
+def fit(cfg: DistillConfig, run: RunDir, *, resume: bool = False, stop_after_steps: Optional[int] = None,
+        echo=print) -> dict[str, Any]:
+    """Train `cfg` into `run`; returns the final summary (also written to the manifest)."""
+    if has_checkpoint(run) and not resume:
+        raise OkdpipeError(f"{run.root} already holds a run; pass --resume to continue it or choose another --out")
+    if resume and not has_checkpoint(run):
+        raise OkdpipeError(f"--resume: {run.root} has no checkpoint to resume from")
+    run.prepare()
+    configure_determinism()
+    s = build_session(cfg, run)
+    start = restore(s) if resume else 0
+    trim_metrics(run, start)
+    atomic_write_text(run.config_path, dump_yaml(cfg))
+    run.update_manifest(**manifest_header(s))
+    for epoch in range(start, cfg.epochs):
+        summary = train_epoch(s, epoch, stop_after_steps)
+        if summary is None:
+            return {"stopped": True}
+        summary["val"] = evaluate(s, s.val_loader)
+        s.history.append(summary)
+        run.append_metrics({"kind": "epoch", **summary})
+        save_checkpoint(run, checkpoint_state(s, epoch + 1))
+        run.update_manifest(epochs=s.history, status="training")
+        echo(epoch_line(summary, cfg.epochs))
+    return finish(s)
+
+
+def evaluate(s: Session, loader) -> dict[str, dict[str, float]]:
+    calibrate = lambda model: recalibrate_bn(model, s.calib_loader.epoch(0), BN_CALIBRATION_BATCHES)  # noqa: E731
+    return evaluate_run(s.students, s.method, loader.epoch(0), s.autocast, calibrate)
+
+
+def configure_determinism() -> None:
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+
+
+def finish(s: Session) -> dict[str, Any]:
+    """Measure every model on the test split once, at the end; nothing is chosen with these numbers."""
+    test = evaluate(s, s.test_loader)
+    s.run.update_manifest(test=test, status="finished", finished=now_iso())
+    return {"val": s.history[-1]["val"], "test": test}
+
+
+def manifest_header(s: Session) -> dict[str, Any]:
+    spec = s.bundle.spec
+    return {
+        "stage": "distill",
+        "created": s.run.read_manifest().get("created", now_iso()),
+        "environment": environment(),
+        "device": str(s.device),
+        "config": s.cfg.model_dump(mode="json"),
+        "students": {"count": s.students.count, "layout": s.students.layout, "arch": s.cfg.arch,
+                     "method_ships": s.method.ships},
+        "dataset": {"name": spec.name, "source": s.bundle.source, "fingerprint": s.bundle.fingerprint,
+                    "num_classes": spec.num_classes, "labels": list(spec.labels),
+                    "in_channels": spec.in_channels, "input_size": list(spec.input_size),
+                    "mean": list(spec.mean), "std": list(spec.std),
+                    "train": len(s.bundle.train), "val": len(s.bundle.val), "test": len(s.bundle.test)},
+    }
+
+
+def epoch_line(summary: dict, epochs: int) -> str:
+    val = summary["val"]
+    students = [v["top1"] for k, v in val.items() if k.startswith("student:")]
+    extras = "  ".join(f"{k} {v['top1']:.2%}" for k, v in val.items() if not k.startswith("student:"))
+    return (f"epoch {summary['epoch']}/{epochs}  loss {summary['train']['loss']:.4f}  "
+            f"val best student {max(students):.2%}  {extras}  ({summary['images_per_s']:,.0f} img/s)")
