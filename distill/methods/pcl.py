@@ -1,0 +1,104 @@
+"""PCL -- Peer Collaborative Learning for online KD (Wu & Gong, AAAI 2021), Sec. 3, Eq. 1-7.
+
+Multi-branch (layout `branches`), N = 3 peers, and each peer gets its own augmented view of the batch (the
+trunk runs once per view). Two teachers:
+
+- Peer ensemble teacher: one Linear(N*d -> classes) on the concatenated pooled features of the peers (no BN,
+  no ReLU), logits z_e. Its features are NOT detached for CE(z_e): that term trains the peers and the trunk too.
+- Peer mean teacher: a temporal mean (EMA) copy of the whole multi-branch network, registered on the method
+  (checkpointed, requires_grad False, never back-propagated). After every optimiser step
+  theta' <- a theta' + (1 - a) theta with a = min(1 - 1/(step+1), 0.999), over parameters AND BatchNorm
+  buffers. Its logits z'_l (peer l on view l) come from a no_grad forward in eval mode, i.e. with its averaged
+  running statistics -- our reading of "temporal mean model used as the teacher".
+  `ema_buffers=false` reproduces the public reproduction instead: parameters only, and the mean teacher runs
+  in train mode (batch statistics; its running statistics then follow its own forwards).
+
+    L = CE(z_e) + sum_j CE(z_j) + w(e) [ sum_j KD(z_j <- z_e) + sum_j 1/(N-1) sum_{l != j} KD(z_j <- z'_l) ]
+
+T = 3, ramp w(e) over L = 80/300 of the run (the epoch is divided by the ramp length, not by the weight as a
+public reproduction does). Teachers are detached inside the KD. Ships: the mean teacher's trunk + peer 1
+(candidate "mean-teacher:0"); every mean-teacher peer is a candidate, and the reported `ensemble` is z_e.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from okdpipe.distill.losses import ema_update
+from okdpipe.distill.methods.base import METHODS, Candidate, Method
+from okdpipe.distill.methods.dml import mutual_kd
+from okdpipe.distill.methods.one import EnsembleKDParams, ensemble_kd_terms, kd_weight, loss_dict
+
+
+class PCLParams(EnsembleKDParams):
+    ema_decay: float = Field(0.999, ge=0, lt=1, description="cap of the mean teacher's decay "
+                                                            "a = min(1 - 1/(step+1), cap) (paper: 0.999)")
+    ema_buffers: bool = Field(True, description="average BatchNorm buffers too and run the mean teacher in eval "
+                                                "mode (paper reading); false = the public reproduction")
+
+
+def mean_teacher_decay(step: int, cap: float) -> float:
+    """a = min(1 - 1/(step+1), cap): the first update copies the students, then a true running mean until
+    the cap (Tarvainen & Valpola 2017's warm-up)."""
+    return min(1.0 - 1.0 / (step + 1), cap)
+
+
+@torch.no_grad()
+def ema_update_parameters(target: nn.Module, source: nn.Module, decay: float) -> None:
+    """target <- decay * target + (1 - decay) * source over parameters only (the reproduction's update)."""
+    for t, s in zip(target.parameters(), source.parameters()):
+        t.mul_(decay).add_(s.detach(), alpha=1.0 - decay)
+
+
+@METHODS.register("pcl")
+class PCL(Method):
+    """Peers distil from the peer ensemble and from the other peers' temporal means (module docstring)."""
+
+    Params = PCLParams
+    layout = "branches"
+    default_students = 3
+    min_students = 2
+    needs_features = True
+    per_student_views = True
+    ships = "mean-teacher"
+
+    def __init__(self, students, hp, num_classes):
+        super().__init__(students, hp, num_classes)
+        features = students.branches[0]["classifier"].in_features
+        self.ensemble_head = nn.Linear(students.count * features, num_classes)
+        self.mean_teacher = copy.deepcopy(students).requires_grad_(False)
+        self.mean_teacher.train(not hp.ema_buffers)
+
+    def train(self, mode: bool = True):
+        """The mean teacher stays in eval mode in the paper reading (see the module docstring)."""
+        super().train(mode)
+        self.mean_teacher.train(mode and not self.hp.ema_buffers)
+        return self
+
+    def ensemble_logits(self, out) -> torch.Tensor:
+        return self.ensemble_head(torch.cat(out.features, dim=1))
+
+    def step(self, views, labels, out, ctx):
+        weight = kd_weight(ctx, self.hp.ramp_fraction)
+        terms = ensemble_kd_terms(out.logits, self.ensemble_logits(out), labels, self.hp.temperature, weight)
+        terms.update(self.mean_teacher_terms(views, out.logits, weight))
+        return loss_dict(terms)
+
+    def mean_teacher_terms(self, views, logits, weight: float) -> dict[str, torch.Tensor]:
+        """w * 1/(N-1) sum_{l != j} KD(z_j <- z'_l) per peer j, z'_l = mean teacher's peer l on view l."""
+        self.mean_teacher.channels_last = self.students.channels_last
+        with torch.no_grad():
+            means = self.mean_teacher(views).logits
+        return {f"kd_mean/s{j}": weight * mutual_kd(z, means, j, self.hp.temperature) for j, z in enumerate(logits)}
+
+    def after_step(self, ctx):
+        decay = mean_teacher_decay(ctx.step, self.hp.ema_decay)
+        update = ema_update if self.hp.ema_buffers else ema_update_parameters
+        update(self.mean_teacher, self.students, decay)
+
+    def candidates(self) -> dict[str, Candidate]:
+        return {f"mean-teacher:{i}": Candidate(self.mean_teacher.extract(i)) for i in range(self.mean_teacher.count)}

@@ -1,0 +1,75 @@
+"""MBDE (our reading): L_cd on hand-made matrices, the FFM's attention and gradient path, and a short run."""
+
+import math
+
+import pytest
+import torch
+
+from okdpipe.distill.methods import METHODS
+from okdpipe.distill.methods.mbde import FeatureFusion, MBDEParams, classifier_similarity
+from okdpipe.distill.methods.one import ensemble_kd_terms
+
+from test_method_one import backward_of, grad_in_every_tensor, make_ctx, make_method, no_grad_in, short_fit
+
+LABELS = torch.tensor([0, 1, 2, 3])
+ALONG_X = torch.tensor([[2.0, 0.0], [3.0, 0.0], [5.0, 0.0]])  # 3 classes, every row along e1 after normalising
+ALONG_Y = torch.tensor([[0.0, 1.0], [0.0, 4.0], [0.0, 0.5]])
+
+
+def test_classifier_similarity_on_hand_made_matrices():
+    # Identical directions: W_i W_j^T is the 3x3 all-ones matrix, ||.||_F^2 = 9, / 3 classes = 3.
+    assert classifier_similarity([ALONG_X, ALONG_X]).item() == pytest.approx(3.0)
+    assert classifier_similarity([ALONG_X, ALONG_Y]).item() == 0.0
+    # Pairs (x, x), (x, y), (x, y): mean of 3, 0, 0.
+    assert classifier_similarity([ALONG_X, ALONG_X, ALONG_Y]).item() == pytest.approx(1.0)
+    # Orthonormal rows: W W^T = I, ||I||_F^2 / 3 = 1.
+    assert classifier_similarity([torch.eye(3), 7 * torch.eye(3)]).item() == pytest.approx(1.0)
+
+
+def test_classifier_similarity_has_gradient_into_the_classifiers():
+    w = torch.tensor([[1.0, 1.0], [1.0, 0.0]], requires_grad=True)
+    classifier_similarity([w, torch.tensor([[1.0, 0.0], [0.0, 1.0]])]).backward()
+    assert w.grad.abs().sum() > 0
+
+
+def test_ffm_attention_is_a_softmax_over_branches():
+    fusion = FeatureFusion(4, 3)
+    with torch.no_grad():
+        fusion.attention.weight.zero_()
+        fusion.attention.bias.copy_(torch.tensor([0.0, math.log(2.0), 0.0]))
+    maps = [torch.randn(2, 4, 3, 3) for _ in range(3)]
+    torch.testing.assert_close(fusion(maps), torch.tensor([[0.25, 0.5, 0.25]] * 2))
+    assert fusion.fuse[0].in_channels == 12 and fusion.fuse[0].out_channels == 4
+
+
+def test_ffm_sends_gradient_into_the_branches():
+    method, students = make_method("mbde")
+    out = students(torch.randn(1, 4, 1, 28, 28), stages=True)
+    attention = method.fusion([maps[-1] for maps in out.stages])
+    backward_of(attention[:, 0].sum(), method, students)
+    assert all(grad_in_every_tensor(branch["stage"]) for branch in students.branches)
+    assert all(no_grad_in(branch["classifier"]) for branch in students.branches)  # the FFM reads maps only
+    assert students.trunk["stem"][0].weight.grad.any()
+
+
+def test_step_terms_and_what_the_kd_does_not_train():
+    method, students = make_method("mbde", lambda_cd=2.0)
+    out = students(torch.randn(1, 4, 1, 28, 28), stages=True)
+    losses = method.step(None, LABELS, out, make_ctx(80.0))
+    weights = [branch["classifier"].weight for branch in students.branches]
+    torch.testing.assert_close(losses["cd"], 2.0 * classifier_similarity(weights))
+    assert losses["loss"].item() == pytest.approx(sum(v for k, v in losses.items() if k != "loss").item(), rel=1e-6)
+    backward_of(losses["loss"], method, students)
+    assert grad_in_every_tensor(method.fusion)
+    teacher = method.ensemble_logits(out)
+    kd_terms = ensemble_kd_terms(out.logits, teacher, LABELS, 3.0, 1.0)
+    backward_of(sum(kd_terms[f"kd/s{j}"] for j in range(3)), method, students)
+    assert no_grad_in(method.fusion)  # the teacher is detached inside the KD
+
+
+def test_mbde_defaults_and_short_run(tmp_path):
+    cls = METHODS.get("mbde")
+    assert (cls.layout, cls.default_students, cls.ships, cls.needs_stages) == ("branches", 3, "student:0", True)
+    assert MBDEParams().lambda_cd == 1.0 and MBDEParams().temperature == 3.0
+    val = short_fit("mbde", tmp_path)
+    assert set(val) == {"student:0", "student:1", "student:2", "ensemble"}
