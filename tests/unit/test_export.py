@@ -1,0 +1,212 @@
+"""okdpipe.export end to end on tiny models and the synthetic dataset: parity, dynamic batch, cards, failures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from okdpipe.datasets import load_dataset
+from okdpipe.distill.models import MODELS, create_model
+from okdpipe.errors import OkdpipeError
+from okdpipe.export import onnx_export
+from okdpipe.export.card import read_card, write_card
+from okdpipe.export.pipeline import ExportOptions, export_model
+from okdpipe.export.triton import triton_config
+from okdpipe.modelfile import ModelInfo, save_model_file
+
+FAST_MODELS = {"resnet8", "resnet20"}  # the rest export in 3-15 s each on 2 cores: slow-marked
+
+
+def make_model_file(path, arch="resnet8", seed=0):
+    """A MODEL.pt for the synthetic dataset (3x16x16, 4 classes), as `okdpipe select` would write it."""
+    spec = load_dataset("synthetic").spec
+    torch.manual_seed(seed)
+    model = create_model(arch, spec.num_classes, spec.in_channels) if arch in MODELS else torch.nn.Identity()
+    info = ModelInfo(arch=arch, num_classes=spec.num_classes, in_channels=spec.in_channels,
+                     input_size=spec.input_size, mean=spec.mean, std=spec.std, labels=spec.labels,
+                     dataset="synthetic", provenance={"data": {"dataset": "synthetic", "val_split": 0.25, "seed": 0},
+                                                      "run_dir": "runs/x", "candidate": "s0", "method": "dml"})
+    save_model_file(model, info, path)
+    return path, model.eval(), spec
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """One int8 export shared by the read-only tests below (export is the slow part)."""
+    root = tmp_path_factory.mktemp("export")
+    model_path, model, spec = make_model_file(root / "model.pt")
+    dirs = export_model(model_path, root / "out", ExportOptions(quantize="int8", max_accuracy_drop=100.0))
+    return {"dirs": dirs, "model": model, "spec": spec, "model_path": model_path, "out": root / "out"}
+
+
+def test_writes_fp32_and_int8_artifact_directories(exported):
+    out = exported["out"]
+    assert exported["dirs"] == [out / "fp32", out / "int8"]
+    assert sorted(p.name for p in out.iterdir()) == ["fp32", "int8"]  # no staging leftovers
+    assert sorted(p.name for p in (out / "fp32").iterdir()) == ["model.json", "model.onnx"]
+
+
+def test_card_schema(exported):
+    card = read_card(exported["out"] / "fp32")
+    spec = exported["spec"]
+    assert list(card) == ["format", "format_version", "name", "file", "precision", "input", "output", "preprocess",
+                          "labels", "dataset", "opset", "parity", "quantization", "accuracy", "runtime",
+                          "provenance", "sha256"]
+    assert card["name"] == "resnet8-synthetic" and card["precision"] == "fp32" and card["quantization"] is None
+    assert card["input"] == {"name": "input", "shape": [None, 3, 16, 16], "dtype": "float32", "layout": "NCHW"}
+    assert card["output"] == {"name": "logits", "shape": [None, 4], "dtype": "float32"}
+    assert card["preprocess"] == {"size": [16, 16], "channels": 3, "scale": 1 / 255,
+                                  "mean": list(spec.mean), "std": list(spec.std)}
+    assert card["labels"] == list(spec.labels) and card["opset"] == 18
+    assert card["provenance"]["candidate"] == "s0" and len(card["provenance"]["model_sha256"]) == 64
+    assert set(card["runtime"]) == {"torch", "onnx", "onnxruntime", "okdpipe"}
+
+
+def test_fp32_parity_recorded_and_within_tolerance(exported):
+    parity = read_card(exported["out"] / "fp32")["parity"]
+    val_size = len(load_dataset("synthetic", val_split=0.25).val)
+    assert parity["batches"] == [1, min(32, val_size)]
+    assert parity["tolerance"] == 1e-4 and parity["reference"] == "pytorch-fp32"
+    assert parity["max_abs_diff"] < 1e-5 and parity["top1_agreement"] == 1.0
+
+
+def test_onnx_matches_pytorch_at_dynamic_batch_sizes_in_fresh_sessions(exported):
+    model = exported["model"]
+    for batch in (1, 7, 64):
+        session = onnx_export.cpu_session(exported["out"] / "fp32" / "model.onnx")  # fresh: no shape caching
+        inputs = np.random.default_rng(batch).standard_normal((batch, 3, 16, 16)).astype(np.float32)
+        logits = onnx_export.run_session(session, inputs)
+        assert logits.shape == (batch, 4)
+        np.testing.assert_allclose(logits, onnx_export.torch_logits(model, inputs), rtol=0, atol=1e-4)
+
+
+def test_int8_accuracy_drop_is_measured_on_the_validation_split(exported):
+    fp32, int8 = read_card(exported["out"] / "fp32"), read_card(exported["out"] / "int8")
+    accuracy = int8["accuracy"]
+    assert accuracy["val_samples"] == len(load_dataset("synthetic", val_split=0.25).val)
+    assert accuracy["fp32_val_top1"] == fp32["accuracy"]["val_top1"]
+    assert accuracy["drop_points"] == pytest.approx((accuracy["fp32_val_top1"] - accuracy["val_top1"]) * 100)
+    assert int8["name"] == "resnet8-synthetic-int8" and int8["parity"]["tolerance"] is None
+    assert int8["quantization"]["calibration"]["samples"] == len(load_dataset("synthetic", val_split=0.25).train)
+
+
+def test_tampered_onnx_fails_sha256_check(exported, tmp_path):
+    directory = tmp_path / "art"
+    directory.mkdir()
+    (directory / "model.onnx").write_bytes((exported["out"] / "fp32" / "model.onnx").read_bytes())
+    write_card(directory, {"name": "m", "file": "model.onnx", "precision": "fp32", "input": {}, "output": {},
+                           "preprocess": {}, "labels": []})
+    assert read_card(directory)["sha256"]["model.onnx"]
+    with open(directory / "model.onnx", "ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(OkdpipeError, match="sha256 does not match"):
+        read_card(directory)
+
+
+def test_card_format_version_and_missing_card_are_errors(exported, tmp_path):
+    with pytest.raises(OkdpipeError, match="not an artifact directory"):
+        read_card(tmp_path)
+    card = json.loads((exported["out"] / "fp32" / "model.json").read_text())
+    (tmp_path / "model.json").write_text(json.dumps({**card, "format_version": 2}))
+    with pytest.raises(OkdpipeError, match="format version 2 is not supported"):
+        read_card(tmp_path)
+
+
+def test_card_module_does_not_import_torch():
+    code = "import sys, okdpipe.export.card; assert 'torch' not in sys.modules and 'numpy' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_parity_failure_raises_and_writes_no_artifact(tmp_path, monkeypatch):
+    model_path, _, _ = make_model_file(tmp_path / "model.pt")
+    real_export = onnx_export.export_onnx
+
+    def export_broken_model(model, *args, **kwargs):
+        broken = create_model("resnet8", 4, 3).eval()  # other weights: a wrong graph the check must catch
+        return real_export(broken, *args, **kwargs)
+
+    monkeypatch.setattr(onnx_export, "export_onnx", export_broken_model)
+    with pytest.raises(OkdpipeError, match="parity check failed") as error:
+        export_model(model_path, tmp_path / "out", ExportOptions())
+    assert "\n" not in str(error.value)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_accuracy_drop_over_limit_fails_and_writes_nothing(exported, tmp_path):
+    with pytest.raises(OkdpipeError, match="over --max-accuracy-drop -100"):
+        export_model(exported["model_path"], tmp_path / "out",
+                     ExportOptions(quantize="int8-dynamic", max_accuracy_drop=-100.0))
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_triton_repository(exported, tmp_path):
+    dirs = export_model(exported["model_path"], tmp_path / "repo", ExportOptions(format="triton"))
+    model_dir = tmp_path / "repo" / "resnet8-synthetic"
+    assert dirs == [model_dir]
+    assert sorted(p.name for p in (model_dir / "1").iterdir()) == ["model.json", "model.onnx"]
+    assert read_card(model_dir / "1")["name"] == "resnet8-synthetic"
+    config = (model_dir / "config.pbtxt").read_text()
+    assert 'backend: "onnxruntime"' in config and "max_batch_size: 64" in config
+    assert "dims: [ 3, 16, 16 ]" in config and "dims: [ 4 ]" in config
+    assert "kind: KIND_CPU" in config and "dynamic_batching { }" in config
+
+
+def test_triton_config_text():
+    card = {"input": {"name": "input", "shape": [None, 1, 28, 28], "dtype": "float32"},
+            "output": {"name": "logits", "shape": [None, 10], "dtype": "float32"}}
+    assert triton_config("m", card, max_batch_size=8, instance="gpu") == (
+        'name: "m"\nbackend: "onnxruntime"\nmax_batch_size: 8\n'
+        'input [\n  {\n    name: "input"\n    data_type: TYPE_FP32\n    dims: [ 1, 28, 28 ]\n  }\n]\n'
+        'output [\n  {\n    name: "logits"\n    data_type: TYPE_FP32\n    dims: [ 10 ]\n  }\n]\n'
+        "dynamic_batching { }\n"
+        "instance_group [\n  {\n    kind: KIND_GPU\n    count: 1\n  }\n]\n"
+    )
+    with pytest.raises(OkdpipeError, match="max-batch-size must be >= 1"):
+        triton_config("m", card, max_batch_size=0)
+
+
+def test_not_an_okdpipe_file(tmp_path):
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    with pytest.raises(OkdpipeError, match="not an okdpipe model file"):
+        export_model(tmp_path / "foreign.pt", tmp_path / "out", ExportOptions())
+
+
+def test_corrupt_file(tmp_path):
+    (tmp_path / "corrupt.pt").write_bytes(b"\x80\x04garbage" * 10)
+    with pytest.raises(OkdpipeError, match="not a readable okdpipe model file"):
+        export_model(tmp_path / "corrupt.pt", tmp_path / "out", ExportOptions())
+
+
+def test_unknown_architecture(tmp_path):
+    model_path, _, _ = make_model_file(tmp_path / "model.pt", arch="resnet9000")
+    with pytest.raises(OkdpipeError, match="resnet9000"):
+        export_model(model_path, tmp_path / "out", ExportOptions())
+
+
+def test_unwritable_out(tmp_path):
+    model_path, _, _ = make_model_file(tmp_path / "model.pt")
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(OkdpipeError, match="cannot write there") as error:
+        export_model(model_path, tmp_path / "a_file" / "out", ExportOptions())
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "arch", [name if name in FAST_MODELS else pytest.param(name, marks=pytest.mark.slow) for name in MODELS.names()]
+)
+def test_every_backbone_exports_with_parity(arch, tmp_path):
+    torch.manual_seed(0)
+    model = create_model(arch, num_classes=4, in_channels=3).eval()
+    onnx_export.export_onnx(model, (3, 16, 16), tmp_path / "m.onnx")
+    inputs = np.random.default_rng(0).standard_normal((3, 3, 16, 16)).astype(np.float32)
+    report = onnx_export.parity_report(
+        lambda x: onnx_export.torch_logits(model, x),
+        lambda x: onnx_export.run_session(onnx_export.cpu_session(tmp_path / "m.onnx"), x),
+        [inputs[:1], inputs], onnx_export.FP32_TOLERANCE, "pytorch-fp32",
+    )
+    assert report["top1_agreement"] == 1.0 and report["batches"] == [1, 3]
