@@ -1,0 +1,241 @@
+"""The FastAPI application: Open Inference Protocol v2 over onnxruntime, plus /classify and /metrics.
+
+No torch anywhere: the card, onnxruntime, numpy and Pillow are all a served model needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from okdpipe import __version__
+from okdpipe.serve.batching import BatchStats, MicroBatcher, QueueFull
+from okdpipe.serve.card import ServingCard, read_serving_card
+from okdpipe.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from okdpipe.serve.metrics import ServerMetrics
+from okdpipe.serve.middleware import ServingMiddleware
+from okdpipe.serve.model import OnnxClassifier
+from okdpipe.serve.outputs import classify_response, infer_outputs
+from okdpipe.serve.preprocess import image_to_tensor, multipart_file
+from okdpipe.serve.protocol import (
+    HEADER_LENGTH,
+    ClientError,
+    ModelSpec,
+    encode_infer_response,
+    parse_infer_request,
+)
+
+logger = logging.getLogger("okdpipe.serve")
+MODEL_VERSION = "1"
+SERVER_EXTENSIONS = ["binary_tensor_data", "parameters"]
+RETRY_AFTER_S = "1"
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Everything `okdpipe serve` takes besides host/port/workers/log level (those belong to uvicorn)."""
+
+    artifact_dir: Path
+    max_batch: int = 32
+    max_delay_ms: float = 2.0
+    max_queue: int = 256
+    max_body_bytes: int = 16 * 1024 * 1024
+    intra_op_threads: int | None = None
+    api_key: str | None = None
+
+
+class ServingState:
+    """The loaded model and its batcher; `ready` turns true only after warm-up, false again while draining."""
+
+    def __init__(self, settings: ServeSettings, classifier: OnnxClassifier):
+        self.settings = settings
+        self.card: ServingCard = classifier.card
+        self.classifier = classifier
+        max_batch = min(settings.max_batch, classifier.max_batch_limit or settings.max_batch)
+        self.spec = ModelSpec(self.card.input_name, (self.card.channels, self.card.height, self.card.width),
+                              max_batch, self.card.num_classes)
+        self.metrics = ServerMetrics(queue_depth=self._queue_depth, ready=lambda: float(self.ready))
+        self.batcher: MicroBatcher | None = None
+        self.ready = False
+
+    def _queue_depth(self) -> float:
+        return float(self.batcher.waiting_images) if self.batcher else 0.0
+
+    async def start(self) -> None:
+        self.classifier.warm_up(tuple(sorted({1, self.spec.max_batch})))
+        self.batcher = MicroBatcher(self.classifier.run, self.spec.max_batch, self.settings.max_delay_ms / 1000,
+                                    self.settings.max_queue, self._record_batch)
+        self.batcher.start()
+        self.ready = True
+        logger.info("model %s warmed up and ready (max batch %d)", self.card.name, self.spec.max_batch)
+
+    def _record_batch(self, stats: BatchStats) -> None:
+        self.metrics.observe_batch(stats.size, stats.seconds)
+
+    async def stop(self) -> None:
+        self.ready = False
+        if self.batcher is not None:
+            await self.batcher.stop()
+
+    async def logits(self, images: np.ndarray) -> np.ndarray:
+        if not self.ready or self.batcher is None:
+            raise ClientError(503, "model is not ready yet", {"retry-after": RETRY_AFTER_S})
+        try:
+            return await self.batcher.submit(images)
+        except QueueFull as full:
+            raise ClientError(503, f"server is at capacity ({full}); retry shortly",
+                              {"retry-after": RETRY_AFTER_S}) from None
+
+
+def load_classifier(settings: ServeSettings) -> OnnxClassifier:
+    """Card + onnxruntime session; every artifact problem surfaces here as an OkdpipeError, before binding."""
+    return OnnxClassifier(read_serving_card(settings.artifact_dir), settings.intra_op_threads)
+
+
+def create_app(settings: ServeSettings, classifier: OnnxClassifier | None = None) -> FastAPI:
+    """The ASGI app; loads the model now (or takes a loaded one) and warms it up in the lifespan start-up."""
+    state = ServingState(settings, classifier or load_classifier(settings))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await state.start()
+        yield
+        await state.stop()
+
+    app = FastAPI(title="okdpipe serve", version=__version__, lifespan=lifespan, docs_url=None,
+                  redoc_url=None, openapi_url=None)
+    app.state.serving = state
+    _add_error_handlers(app)
+    _add_health_routes(app, state)
+    _add_model_routes(app, state)
+    app.add_middleware(ServingMiddleware, metrics=state.metrics, api_key=settings.api_key)
+    return app
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    async def client_error(request: Request, error: ClientError) -> JSONResponse:
+        return _error(error.status, error.message, error.headers)
+
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        return _error(error.status_code, str(error.detail), dict(error.headers or {}))
+
+    async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        return _error(400, f"invalid request: {error.errors()[0].get('msg', 'validation failed')}")
+
+    app.add_exception_handler(ClientError, client_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+
+
+def _add_health_routes(app: FastAPI, state: ServingState) -> None:
+    """Health answers by status code with an empty body (the protocol's rule): 200 true, 503 false."""
+
+    @app.get("/v2/health/live")
+    async def live() -> Response:
+        return Response(status_code=200)
+
+    @app.get("/v2/health/ready")
+    async def ready() -> Response:
+        return Response(status_code=200 if state.ready else 503)
+
+    @app.get("/v2")
+    async def server_metadata() -> dict:
+        return {"name": "okdpipe", "version": __version__, "extensions": SERVER_EXTENSIONS}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
+
+def _checked_model(state: ServingState, name: str, version: str | None) -> None:
+    if name != state.card.name:
+        raise ClientError(404, f"unknown model {name!r}; this server serves {state.card.name!r}")
+    if version is not None and version != MODEL_VERSION:
+        raise ClientError(404, f"unknown version {version!r} of model {name!r}; available: {MODEL_VERSION}")
+
+
+def _model_metadata(state: ServingState) -> dict:
+    card = state.card
+    return {
+        "name": card.name,
+        "versions": [MODEL_VERSION],
+        "platform": "onnxruntime_onnx",
+        "inputs": [{"name": card.input_name, "datatype": "FP32", "shape": [-1, *state.spec.image_shape]}],
+        "outputs": [
+            {"name": "logits", "datatype": "FP32", "shape": [-1, card.num_classes]},
+            {"name": "probabilities", "datatype": "FP32", "shape": [-1, card.num_classes]},
+            {"name": "labels", "datatype": "BYTES", "shape": [-1, -1]},
+        ],
+        "parameters": {"max_batch_size": state.spec.max_batch, "labels": list(card.labels)},
+    }
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed `limit` (declared or streamed)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ClientError(413, f"request body of {declared} bytes exceeds the {limit}-byte limit (--max-body-mb)")
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise ClientError(413, f"request body exceeds the {limit}-byte limit (--max-body-mb)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _add_model_routes(app: FastAPI, state: ServingState) -> None:
+    for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+        _add_model_routes_under(app, state, prefix)
+
+
+def _add_model_routes_under(app: FastAPI, state: ServingState, prefix: str) -> None:
+    @app.get(prefix)
+    async def model_metadata(name: str, version: str | None = None) -> dict:
+        _checked_model(state, name, version)
+        return _model_metadata(state)
+
+    @app.get(prefix + "/ready")
+    async def model_ready(name: str, version: str | None = None) -> Response:
+        _checked_model(state, name, version)
+        return Response(status_code=200 if state.ready else 503)
+
+    @app.post(prefix + "/infer")
+    async def infer(request: Request, name: str, version: str | None = None) -> Response:
+        _checked_model(state, name, version)
+        body = await read_body(request, state.settings.max_body_bytes)
+        parsed = parse_infer_request(body, request.headers.get(HEADER_LENGTH), state.spec)
+        logits = await state.logits(parsed.images)
+        header = {"model_name": state.card.name, "model_version": MODEL_VERSION}
+        if parsed.request_id is not None:
+            header["id"] = parsed.request_id
+        content, headers = encode_infer_response(header, infer_outputs(logits, parsed, state.card.labels))
+        return Response(content, headers=headers)
+
+    @app.post(prefix + "/classify")
+    async def classify(request: Request, name: str, version: str | None = None) -> dict:
+        _checked_model(state, name, version)
+        body = await read_body(request, state.settings.max_body_bytes)
+        content_type = request.headers.get("content-type", "")
+        image = multipart_file(body, content_type) if content_type.startswith("multipart/") else body
+        top_k = _query_top_k(request.query_params.get("top_k", "1"), state.card.num_classes)
+        logits = await state.logits(image_to_tensor(image, state.card.preprocess))
+        return classify_response(logits[0], top_k, state.card.labels)
+
+
+def _query_top_k(text: str, num_classes: int) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= num_classes:
+        raise ClientError(400, f"top_k must be an integer between 1 and {num_classes}, got {text!r}")
+    return int(text)

@@ -1,0 +1,75 @@
+"""Image bytes -> normalised NCHW tensor, exactly as the model card prescribes; and a minimal multipart reader.
+
+The multipart reader is a few lines of our own because FastAPI's form parsing needs `python-multipart`,
+which is not a dependency of okdpipe; one file field is all `/classify` accepts.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import warnings
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from okdpipe.serve.card import Preprocess
+from okdpipe.serve.protocol import ClientError
+
+# Far above any classifier input, far below what could exhaust memory (a "decompression bomb" PNG).
+MAX_IMAGE_PIXELS = 4096 * 4096
+_PIL_MODES = {1: "L", 3: "RGB"}
+_BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
+
+
+def image_to_tensor(data: bytes, recipe: Preprocess) -> np.ndarray:
+    """Decode, convert to the card's channels, resize to (H, W), x = (pixel * scale - mean) / std -> [1,C,H,W]."""
+    image = _decode_image(data, _PIL_MODES[recipe.channels])
+    if image.size != (recipe.width, recipe.height):
+        image = image.resize((recipe.width, recipe.height), Image.Resampling.BILINEAR)
+    pixels = np.asarray(image, dtype=np.float32).reshape(recipe.height, recipe.width, recipe.channels)
+    mean = np.asarray(recipe.mean, np.float32)
+    std = np.asarray(recipe.std, np.float32)
+    normalised = (pixels * np.float32(recipe.scale) - mean) / std
+    return np.ascontiguousarray(normalised.transpose(2, 0, 1)[None])
+
+
+def _decode_image(data: bytes, mode: str) -> Image.Image:
+    """Decoded and converted to `mode`; the pixel count is checked from the header, before decoding."""
+    if not data:
+        raise ClientError(400, "request body is empty; send a PNG or JPEG image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise ClientError(400, f"image of {image.width}x{image.height} pixels is too large to classify")
+            return image.convert(mode)
+    except ClientError:
+        raise
+    except UnidentifiedImageError:
+        raise ClientError(400, "body is not a decodable image (unknown format); send PNG or JPEG") from None
+    except Exception as error:  # Pillow's decoders raise many types on hostile bytes: all are the client's
+        raise ClientError(400, f"body is not a decodable image ({type(error).__name__})") from None
+
+
+def multipart_file(body: bytes, content_type: str) -> bytes:
+    """The content of the first part of a multipart/form-data body that carries a filename (or the only part)."""
+    match = _BOUNDARY.search(content_type)
+    if not match:
+        raise ClientError(400, "multipart body without a boundary in Content-Type")
+    parts = [_split_part(raw) for raw in body.split(b"--" + match.group(1).encode("latin-1"))[1:-1]]
+    files = [content for headers, content in parts if b"filename=" in headers.lower()]
+    if files:
+        return files[0]
+    if len(parts) == 1:
+        return parts[0][1]
+    raise ClientError(400, "multipart body has no file part; send the image as a form field with a filename")
+
+
+def _split_part(raw: bytes) -> tuple[bytes, bytes]:
+    """A part is CRLF, headers, blank line, content, CRLF (RFC 7578); the closing CRLF belongs to the delimiter."""
+    headers, separator, content = raw.partition(b"\r\n\r\n")
+    if not separator:
+        raise ClientError(400, "malformed multipart part (no blank line after its headers)")
+    return headers, content[:-2] if content.endswith(b"\r\n") else content

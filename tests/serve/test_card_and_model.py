@@ -1,0 +1,104 @@
+"""The serving card reader and model loader: every bad artifact is a one-line OkdpipeError naming the fix."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from okdpipe.errors import OkdpipeError
+from okdpipe.serve.app import ServeSettings, load_classifier
+from okdpipe.serve.card import read_serving_card
+
+
+@pytest.fixture()
+def artifact_copy(artifact_dir, tmp_path):
+    target = tmp_path / "artifact"
+    shutil.copytree(artifact_dir, target)
+    return target
+
+
+def _edit_card(directory, **changes):
+    card = json.loads((directory / "model.json").read_text())
+    card.update(changes)
+    (directory / "model.json").write_text(json.dumps(card))
+
+
+def test_card_reads_what_serving_needs(artifact_dir):
+    card = read_serving_card(artifact_dir)
+    assert (card.name, card.input_name, card.output_name) == ("tiny-cnn", "input", "logits")
+    assert (card.channels, card.height, card.width, card.num_classes) == (1, 28, 28, 10)
+    assert card.labels == tuple(json.loads((artifact_dir / "model.json").read_text())["labels"])
+    assert card.labels[0] == "T-shirt/top" and len(card.labels) == 10
+    assert card.preprocess.mean == (0.286,) and card.preprocess.std == (0.353,)
+    assert card.preprocess.scale == pytest.approx(1 / 255)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda d: (d / "model.json").unlink(), "no model.json"),
+        (lambda d: (d / "model.json").write_text("{not json"), "not valid JSON"),
+        (lambda d: _edit_card(d, format="other"), "format is 'other'"),
+        (lambda d: _edit_card(d, format_version=2), "format_version 2 is not supported"),
+        (lambda d: _edit_card(d, file="missing.onnx"), "'missing.onnx' named by the card is not in"),
+        (lambda d: _edit_card(d, file="../model.onnx"), "is not in"),
+        (lambda d: _edit_card(d, sha256={}), "no sha256 for 'model.onnx'"),
+        (lambda d: _edit_card(d, input={"name": "input", "shape": [None, 1, 28], "dtype": "float32"}),
+         "is not [null, C, H, W] NCHW"),
+        (lambda d: _edit_card(d, labels=["a", "b"]), "labels must be 10 strings"),
+        (lambda d: _edit_card(d, preprocess={"size": [32, 32], "channels": 1, "mean": [0], "std": [1]}),
+         "disagree with input"),
+        (lambda d: _edit_card(d, preprocess={"size": [28, 28], "channels": 1, "mean": [0], "std": [0]}),
+         "std > 0"),
+    ],
+)
+def test_bad_card_is_one_line_okdpipe_error(artifact_copy, damage, message):
+    damage(artifact_copy)
+    with pytest.raises(OkdpipeError) as raised:
+        read_serving_card(artifact_copy)
+    assert message in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_missing_directory_is_okdpipe_error(tmp_path):
+    with pytest.raises(OkdpipeError, match="does not exist; pass the folder `okdpipe export` wrote"):
+        read_serving_card(tmp_path / "nowhere")
+
+
+def test_sha256_mismatch_is_detected(artifact_copy):
+    with open(artifact_copy / "model.onnx", "ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(OkdpipeError, match=r"model.onnx sha256 is .* the card says .* \(file changed\)"):
+        read_serving_card(artifact_copy)
+
+
+def test_unloadable_onnx_is_okdpipe_error(artifact_copy, card_writer):
+    (artifact_copy / "model.onnx").write_bytes(b"this is not a protobuf")
+    card_writer(artifact_copy)
+    with pytest.raises(OkdpipeError, match="onnxruntime cannot load model.onnx: .*; re-export the model"):
+        load_classifier(ServeSettings(artifact_dir=artifact_copy))
+
+
+def test_card_and_graph_must_agree_on_input_name(artifact_copy):
+    _edit_card(artifact_copy, input={"name": "pixels", "shape": [None, 1, 28, 28], "dtype": "float32"})
+    with pytest.raises(OkdpipeError, match=r"model inputs \['input'\] do not match the card's single input 'pixels'"):
+        load_classifier(ServeSettings(artifact_dir=artifact_copy))
+
+
+def test_classifier_matches_direct_onnxruntime_and_warms_up(artifact_dir, reference_logits, images):
+    classifier = load_classifier(ServeSettings(artifact_dir=artifact_dir))
+    classifier.warm_up((1, 16))
+    np.testing.assert_array_equal(classifier.run(images), reference_logits(images))
+
+
+def test_cli_reports_bad_artifact_in_one_line_and_exits_1(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "okdpipe.serve", str(tmp_path), "--port", "0"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: no model.json in {tmp_path}; pass the folder `okdpipe export` wrote"
+    ]

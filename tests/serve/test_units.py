@@ -1,0 +1,283 @@
+"""In-process units: v2 parsing/encoding, image preprocessing, multipart, metrics text, the micro-batcher."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import struct
+import threading
+import time
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from okdpipe.serve.batching import MicroBatcher, QueueFull
+from okdpipe.serve.card import Preprocess
+from okdpipe.serve.metrics import Histogram, ServerMetrics
+from okdpipe.serve.outputs import classify_response, softmax
+from okdpipe.serve.preprocess import image_to_tensor, multipart_file
+from okdpipe.serve.protocol import (
+    ClientError,
+    ModelSpec,
+    OutputTensor,
+    encode_infer_response,
+    parse_infer_request,
+    serialize_bytes,
+)
+
+SPEC = ModelSpec("input", (1, 2, 2), max_batch=4, num_classes=3)
+
+
+def _json_request(data, shape=(1, 1, 2, 2), datatype="FP32", **extra) -> bytes:
+    tensor = {"name": "input", "shape": list(shape), "datatype": datatype, "data": data}
+    return json.dumps({"inputs": [tensor], **extra}).encode()
+
+
+def _binary_request(array: np.ndarray, datatype: str, declared: int | None = None) -> tuple[bytes, str]:
+    size = array.nbytes if declared is None else declared
+    header = json.dumps({"inputs": [{"name": "input", "shape": list(array.shape), "datatype": datatype,
+                                     "parameters": {"binary_data_size": size}}]}).encode()
+    return header + array.tobytes(), str(len(header))
+
+
+def test_json_data_flat_and_nested_give_the_same_tensor():
+    flat = parse_infer_request(_json_request([1, 2, 3, 4.5]), None, SPEC)
+    nested = parse_infer_request(_json_request([[[[1, 2], [3, 4.5]]]]), None, SPEC)
+    np.testing.assert_array_equal(flat.images, nested.images)
+    assert flat.images.dtype == np.float32 and flat.images.shape == (1, 1, 2, 2)
+    assert [output.name for output in flat.outputs] == ["logits", "probabilities", "labels"]
+    assert flat.top_k == 1 and not any(output.binary for output in flat.outputs)
+
+
+@pytest.mark.parametrize("datatype", ["FP32", "FP16", "FP64"])
+def test_binary_input_is_read_in_its_datatype_and_served_as_fp32(datatype):
+    values = np.arange(8, dtype=np.float64).reshape(2, 1, 2, 2) / 4
+    numpy_type = {"FP32": "<f4", "FP16": "<f2", "FP64": "<f8"}[datatype]
+    body, header_length = _binary_request(values.astype(numpy_type), datatype)
+    parsed = parse_infer_request(body, header_length, SPEC)
+    np.testing.assert_array_equal(parsed.images, values.astype(np.float32))
+
+
+@pytest.mark.parametrize(
+    ("body", "header_length", "message"),
+    [
+        (b"{bad", None, "not valid JSON"),
+        (b"[1, 2]", None, "must be a JSON object"),
+        (_json_request([1, 2, 3]), None, "has 3 values, the shape needs 4"),
+        (_json_request([1, 2, 3, 4], shape=(1, 1, 2, 3)), None, "does not match [B, 1, 2, 2]"),
+        (_json_request([1] * 20, shape=(5, 1, 2, 2)), None, "batch of 5 images is larger than the allowed 4"),
+        (_json_request([1, 2, 3, 4], datatype="INT32"), None, "datatype 'INT32' is not accepted"),
+        (_json_request([1, "2", 3, 4]), None, "list of numbers"),
+        (_json_request([[1, 2], [3]]), None, "list of numbers"),
+        (_json_request([1, float("nan"), 3, 4]), None, "NaN or infinite"),
+        (_json_request([1, 2, 3, 1e300], datatype="FP64"), None, "NaN or infinite"),
+        (_json_request([1, 2, 3, 4], parameters={"top_k": 4}), None, "top_k must be an integer"),
+        (_json_request([1, 2, 3, 4], outputs=[{"name": "features"}]), None, "unknown output 'features'"),
+        (json.dumps({"inputs": [{"name": "x", "shape": [1, 1, 2, 2], "datatype": "FP32"}]}).encode(), None,
+         "unknown input 'x'"),
+        (json.dumps({"inputs": []}).encode(), None, "exactly one tensor named 'input'"),
+        (_json_request([1, 2, 3, 4]), "abc", "must be an integer"),
+        (b"[" * 100_000 + b"]" * 100_000, None, "nested too deeply"),
+        (_json_request([1, 2, 3, 4]), "100000", "outside the body"),
+    ],
+)
+def test_malformed_requests_are_400_with_a_reason(body, header_length, message):
+    with pytest.raises(ClientError) as raised:
+        parse_infer_request(body, header_length, SPEC)
+    assert raised.value.status == 400 and message in raised.value.message
+
+
+def test_binary_byte_counts_must_match_shape_and_body():
+    array = np.zeros((1, 1, 2, 2), np.float32)
+    body, header_length = _binary_request(array, "FP32", declared=12)
+    with pytest.raises(ClientError, match=r"binary_data_size 12 does not match shape x datatype \(16 bytes\)"):
+        parse_infer_request(body, header_length, SPEC)
+    body, header_length = _binary_request(array, "FP32")
+    with pytest.raises(ClientError, match="body carries 20 bytes of binary tensor data, expected 16"):
+        parse_infer_request(body + b"\0" * 4, header_length, SPEC)
+
+
+def test_binary_response_layout_follows_the_extension():
+    logits = np.array([[1.0, 2.0]], np.float32)
+    labels = np.array([["cat", "dög"]], dtype=object)
+    outputs = [OutputTensor("logits", "FP32", logits, True), OutputTensor("labels", "BYTES", labels, True)]
+    body, headers = encode_infer_response({"model_name": "m"}, outputs)
+    json_length = int(headers["inference-header-content-length"])
+    header = json.loads(body[:json_length])
+    sizes = [output["parameters"]["binary_data_size"] for output in header["outputs"]]
+    assert sizes == [8, 4 + 3 + 4 + 4] and len(body) == json_length + sum(sizes)
+    np.testing.assert_array_equal(np.frombuffer(body[json_length:json_length + 8], "<f4"), [1.0, 2.0])
+    assert body[json_length + 8:] == struct.pack("<I", 3) + b"cat" + struct.pack("<I", 4) + "dög".encode()
+    assert serialize_bytes(np.array([b"\x00"], dtype=object)) == b"\x01\x00\x00\x00\x00"
+
+
+def test_json_response_has_no_binary_header():
+    body, headers = encode_infer_response({}, [OutputTensor("logits", "FP32", np.ones((1, 2), np.float32), False)])
+    assert headers == {"content-type": "application/json"}
+    assert json.loads(body)["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [1, 2],
+                                            "data": [1.0, 1.0]}]
+
+
+def test_softmax_and_classify_response_are_exact():
+    logits = np.log(np.array([0.2, 0.5, 0.3], np.float32))
+    np.testing.assert_allclose(softmax(logits[None])[0], [0.2, 0.5, 0.3], rtol=1e-6)
+    response = classify_response(logits, 2, ("a", "b", "c"))
+    assert response["labels"] == ["b", "c"] and response["top_k"] == 2
+    np.testing.assert_allclose(response["scores"], [0.5, 0.3], rtol=1e-6)
+
+
+def _png(pixels: np.ndarray, mode: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_image_preprocessing_follows_the_card_formula():
+    pixels = np.array([[0, 51], [102, 255]], np.uint8)
+    recipe = Preprocess(2, 2, 1, 1 / 255, (0.5,), (0.25,))
+    tensor = image_to_tensor(_png(pixels, "L"), recipe)
+    expected = (pixels.astype(np.float32) / 255 - 0.5) / 0.25
+    assert tensor.shape == (1, 1, 2, 2)
+    np.testing.assert_allclose(tensor[0, 0], expected, rtol=1e-6)
+
+
+def test_rgb_image_becomes_grayscale_and_is_resized():
+    rgb = np.full((8, 6, 3), 200, np.uint8)
+    tensor = image_to_tensor(_png(rgb, "RGB"), Preprocess(4, 4, 1, 1 / 255, (0.0,), (1.0,)))
+    assert tensor.shape == (1, 1, 4, 4)
+    np.testing.assert_allclose(tensor, 200 / 255, rtol=1e-6)
+
+
+def _huge_png_header() -> bytes:
+    """A valid 1-pixel PNG whose header claims 5000 x 5000 pixels: refused before any decoding."""
+    png = bytearray(_png(np.zeros((1, 1), np.uint8), "L"))
+    png[16:24] = struct.pack(">II", 5000, 5000)
+    png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])))  # IHDR's CRC covers type + data
+    return bytes(png)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [(b"", "body is empty"), (b"not an image", "unknown format"),
+     (_png(np.zeros((4, 4), np.uint8), "L")[:30], "not a decodable image"),
+     (_huge_png_header(), "image of 5000x5000 pixels is too large")],
+)
+def test_undecodable_image_is_400(data, message):
+    with pytest.raises(ClientError) as raised:
+        image_to_tensor(data, Preprocess(2, 2, 1, 1.0, (0.0,), (1.0,)))
+    assert raised.value.status == 400 and message in raised.value.message
+
+
+def test_multipart_file_part_is_extracted_byte_exact():
+    payload = b"\x89PNG\r\n\x1a\n\r\n--not-the-boundary\r\n"
+    body = (b"--XyZ\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nhello\r\n"
+            b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n"
+            b"Content-Type: image/png\r\n\r\n" + payload + b"\r\n--XyZ--\r\n")
+    assert multipart_file(body, "multipart/form-data; boundary=XyZ") == payload
+    with pytest.raises(ClientError, match="without a boundary"):
+        multipart_file(body, "multipart/form-data")
+
+
+def test_histogram_renders_cumulative_buckets():
+    histogram = Histogram("h", "help", (1, 2))
+    for value in (1, 2, 2, 5):
+        histogram.observe(value)
+    assert histogram.render().splitlines()[2:] == [
+        'h_bucket{le="1"} 1', 'h_bucket{le="2"} 3', 'h_bucket{le="+Inf"} 4', "h_sum 10", "h_count 4",
+    ]
+
+
+def test_server_metrics_count_errors_by_kind():
+    metrics = ServerMetrics(queue_depth=lambda: 3, ready=lambda: 1)
+    metrics.observe_request("/r", "POST", 200, 0.01)
+    metrics.observe_request("/r", "POST", 400, 0.01)
+    metrics.observe_request("/r", "POST", 503, 0.01)
+    text = metrics.render()
+    assert 'okdpipe_requests_total{route="/r",method="POST",status="400"} 1' in text
+    assert 'okdpipe_request_errors_total{route="/r",kind="client"} 1' in text
+    assert 'okdpipe_request_errors_total{route="/r",kind="server"} 1' in text
+    assert "okdpipe_queue_depth 3" in text and "okdpipe_model_ready 1" in text
+
+
+def _batcher_run(calls: list, release: threading.Event | None = None):
+    """A fake model: logits = per-image sum, so each caller can check it got its own rows back."""
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        if release is not None:
+            release.wait(timeout=5)
+        calls.append(len(batch))
+        return batch.reshape(len(batch), -1).sum(axis=1, keepdims=True)
+
+    return run
+
+
+def test_batcher_gathers_concurrent_requests_and_splits_in_order():
+    calls: list[int] = []
+
+    async def scenario():
+        batcher = MicroBatcher(_batcher_run(calls), max_batch=8, max_delay_s=0.05, max_queue=64)
+        batcher.start()
+        requests = [np.full((size, 1), float(index)) for index, size in enumerate((1, 3, 2, 1))]
+        results = await asyncio.gather(*(batcher.submit(images) for images in requests))
+        await batcher.stop()
+        return requests, results
+
+    requests, results = asyncio.run(scenario())
+    assert calls == [7]
+    for images, logits in zip(requests, results):
+        np.testing.assert_array_equal(logits, images)
+
+
+def test_batcher_never_splits_a_request_and_carries_it_to_the_next_batch():
+    calls: list[int] = []
+
+    async def scenario():
+        batcher = MicroBatcher(_batcher_run(calls), max_batch=4, max_delay_s=0.05, max_queue=64)
+        batcher.start()
+        await asyncio.gather(*(batcher.submit(np.ones((size, 1))) for size in (3, 2, 2)))
+        await batcher.stop()
+
+    asyncio.run(scenario())
+    assert calls == [3, 4]
+
+
+def test_batcher_refuses_beyond_max_queue_without_growing():
+    release = threading.Event()
+
+    async def scenario():
+        batcher = MicroBatcher(_batcher_run([], release), max_batch=2, max_delay_s=0.0, max_queue=3)
+        batcher.start()
+        running = asyncio.ensure_future(batcher.submit(np.ones((2, 1))))
+        await asyncio.sleep(0.05)  # the first batch is now inside the (blocked) model call
+        waiting = asyncio.ensure_future(batcher.submit(np.ones((2, 1))))
+        await asyncio.sleep(0.01)
+        with pytest.raises(QueueFull, match="2 images are waiting"):
+            await batcher.submit(np.ones((2, 1)))
+        release.set()
+        await asyncio.gather(running, waiting)
+        depth = batcher.waiting_images
+        await batcher.stop()
+        return depth
+
+    assert asyncio.run(scenario()) == 0
+
+
+def test_batcher_spends_the_delay_only_after_seeing_concurrency():
+    async def scenario():
+        batcher = MicroBatcher(_batcher_run([]), max_batch=8, max_delay_s=0.3, max_queue=64)
+        batcher.start()
+        started = time.perf_counter()
+        await batcher.submit(np.ones((1, 1)))
+        lone = time.perf_counter() - started
+        await batcher.submit(np.ones((2, 1)))  # a multi-image batch: there is concurrency to wait for
+        started = time.perf_counter()
+        await batcher.submit(np.ones((1, 1)))
+        waited = time.perf_counter() - started
+        await batcher.stop()
+        return lone, waited
+
+    lone, waited = asyncio.run(scenario())
+    assert lone < 0.1 and waited >= 0.29
