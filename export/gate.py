@@ -1,0 +1,281 @@
+"""Deployment gates: `METRIC OP NUMBER` conditions on a bench report, absolute or relative to a baseline report.
+
+Grammar (spaces optional):
+
+    [SELECTOR:]METRIC[@BATCH] OP RHS        OP: >= <= > < ==
+    RHS: NUMBER | baseline | baseline+NUMBER | baseline-NUMBER | baseline*NUMBER
+
+SELECTOR picks report entries whose name, precision, kind or directory name equals it (`int8:top1>=0.9`,
+`ensemble:top1>=0.8`, `resnet20-fashion-mnist:p99_ms@1<=2`); without one a gate applies to every ONNX artifact
+(kind "onnx"), giving one result per artifact. `baseline` is the same metric of the entry with the same kind
+and name (else the same kind and precision) in the `--baseline` report: `top1>=baseline-0.005` lets top-1 drop
+at most 0.5 points, `p99_ms@1<=baseline*1.10` lets p99 grow at most 10%.
+
+METRIC -> path in a report ENTRY (see okdpipe.export.bench):
+
+    top1, top5, samples          accuracy.top1 / accuracy.top5 / accuracy.samples   (test split, fraction 0..1)
+    params, macs                 params / macs                                      (macs: per image)
+    start_ms                     start_ms                                           (session start)
+    peak_rss_mb                  memory.peak_rss_delta_mb
+    p50_ms@B p90_ms@B p99_ms@B   latency["B"].p50_ms / ...                          (ms per batch of B)
+    mean_ms@B min_ms@B           latency["B"].mean_ms / .min_ms
+    images_per_s@B               latency["B"].images_per_s
+    gflops_per_s@B               latency["B"].gflops_per_s
+    peak_fraction@B              latency["B"].peak_fraction                         (of the measured matmul peak)
+
+A policy file (YAML) holds the same expressions: a list, or {"gates": list}; each item a string or
+{"gate": EXPRESSION, "name": TEXT}. Any problem with a gate, the policy or the baseline is a usage error
+(GateUsageError, exit code 2), raised before benchmarking where it can be (`validate_gates`).
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from okdpipe.errors import OkdpipeError
+
+OPERATORS: dict[str, Callable[[float, float], bool]] = {
+    ">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq,
+}
+SCALAR_METRICS = {
+    "top1": ("accuracy", "top1"), "top5": ("accuracy", "top5"), "samples": ("accuracy", "samples"),
+    "params": ("params",), "macs": ("macs",), "start_ms": ("start_ms",),
+    "peak_rss_mb": ("memory", "peak_rss_delta_mb"),
+}
+BATCH_METRICS = ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms", "images_per_s", "gflops_per_s", "peak_fraction")
+NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+GATE_PATTERN = re.compile(
+    r"^\s*(?:(?P<selector>[^:<>=\s][^:<>=]*?)\s*:)?\s*(?P<metric>[A-Za-z_][A-Za-z0-9_]*)"
+    r"(?:@(?P<batch>\d+))?\s*(?P<op>>=|<=|==|>|<)\s*(?P<rhs>.*?)\s*$"
+)
+RHS_PATTERN = re.compile(rf"^(?:(?P<number>{NUMBER})|baseline(?:\s*(?P<relation>[-+*])\s*(?P<amount>{NUMBER}))?)$")
+
+
+class GateUsageError(OkdpipeError):
+    """A gate that cannot be evaluated (syntax, unknown metric, missing baseline): bad usage, exit code 2."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class Gate:
+    """One parsed expression. `relation` is None for an absolute threshold, else '+', '-', '*' or '=' (baseline)."""
+
+    expression: str
+    metric: str
+    op: str
+    amount: float
+    relation: str | None = None
+    selector: str | None = None
+    batch: int | None = None
+    name: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.metric if self.batch is None else f"{self.metric}@{self.batch}"
+
+    def threshold(self, baseline_value: float | None) -> float:
+        if self.relation is None:
+            return self.amount
+        assert baseline_value is not None
+        return {"=": baseline_value, "+": baseline_value + self.amount, "-": baseline_value - self.amount,
+                "*": baseline_value * self.amount}[self.relation]
+
+
+@dataclass
+class GateResult:
+    """The outcome of one gate on one report entry (`artifact`); `detail` says by how much it passed or failed."""
+
+    expression: str
+    metric: str
+    value: float
+    threshold: float
+    passed: bool
+    detail: str
+    artifact: str = ""
+    name: str | None = None
+
+
+def parse_gate(text: str, name: str | None = None) -> Gate:
+    """'int8:p99_ms@1<=baseline*1.1' -> Gate; raises GateUsageError with the expected form."""
+    match = GATE_PATTERN.match(text or "")
+    rhs = RHS_PATTERN.match(match["rhs"]) if match else None
+    if not match or not rhs:
+        raise GateUsageError(f"cannot parse gate {text!r}; expected [ARTIFACT:]METRIC[@BATCH] OP NUMBER or "
+                             "OP baseline[+-*]NUMBER, e.g. 'top1>=0.90', 'p99_ms@1<=baseline*1.10'")
+    metric, batch = match["metric"], int(match["batch"]) if match["batch"] else None
+    _check_metric(text, metric, batch)
+    if rhs["number"] is not None:
+        return Gate(text, metric, match["op"], float(rhs["number"]), None, match["selector"], batch, name)
+    relation = rhs["relation"] or "="
+    return Gate(text, metric, match["op"], float(rhs["amount"] or 0.0), relation, match["selector"], batch, name)
+
+
+def _check_metric(text: str, metric: str, batch: int | None) -> None:
+    if metric in BATCH_METRICS:
+        if batch is None or batch < 1:
+            raise GateUsageError(f"gate {text!r}: {metric} is per batch size; write e.g. {metric}@1")
+    elif metric in SCALAR_METRICS:
+        if batch is not None:
+            raise GateUsageError(f"gate {text!r}: {metric} does not depend on the batch size; drop '@{batch}'")
+    else:
+        known = ", ".join([*SCALAR_METRICS, *(f"{m}@B" for m in BATCH_METRICS)])
+        raise GateUsageError(f"gate {text!r}: unknown metric {metric!r}; known metrics: {known}")
+
+
+def load_policy(path: Path) -> list[tuple[str, str | None]]:
+    """(expression, name) pairs from a YAML policy file."""
+    import yaml
+
+    text = _read_text(path, "--policy")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise GateUsageError(f"--policy {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    items = data.get("gates") if isinstance(data, dict) and set(data) == {"gates"} else data
+    if not isinstance(items, list):
+        raise GateUsageError(f"--policy {path}: expected a list of gates (or 'gates: [...]'), got {type(data).__name__}")
+    return [_policy_item(path, item) for item in items]
+
+
+def _read_text(path: Path, flag: str) -> str:
+    try:
+        return Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise GateUsageError(f"{flag} {path}: cannot read it ({getattr(exc, 'strerror', None) or exc})") from None
+
+
+def _policy_item(path: Path, item: Any) -> tuple[str, str | None]:
+    if isinstance(item, str):
+        return item, None
+    if isinstance(item, dict) and "gate" in item and set(item) <= {"gate", "name"}:
+        return str(item["gate"]), None if item.get("name") is None else str(item["name"])
+    raise GateUsageError(f"--policy {path}: each gate is a string or {{gate: EXPRESSION, name: TEXT}}, got {item!r}")
+
+
+def parse_gates(gates: list[str], policy: Path | None = None) -> list[Gate]:
+    """Command-line gates then policy gates, in order."""
+    pairs = [(text, None) for text in gates] + (load_policy(policy) if policy is not None else [])
+    return [parse_gate(text, name) for text, name in pairs]
+
+
+def load_baseline(path: Path | None) -> dict | None:
+    """A previous report.json (None when not given)."""
+    if path is None:
+        return None
+    text = _read_text(path, "--baseline")
+    try:
+        report = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise GateUsageError(f"--baseline {path}: not valid JSON ({exc.msg})") from None
+    if not isinstance(report, dict) or report.get("schema_version") != 1:
+        raise GateUsageError(f"--baseline {path}: not an okdpipe bench report (schema_version 1)")
+    return report
+
+
+def validate_gates(gates: list[str], policy: Path | None, baseline: dict | None,
+                   batch_sizes: tuple[int, ...]) -> list[Gate]:
+    """Everything that can be checked before benchmarking: syntax, metrics, batch sizes, baseline presence."""
+    parsed = parse_gates(gates, policy)
+    for gate in parsed:
+        if gate.batch is not None and gate.batch not in batch_sizes:
+            raise GateUsageError(f"gate {gate.expression!r}: batch size {gate.batch} is not benchmarked; add it to "
+                                 f"--batch-sizes (now {','.join(map(str, batch_sizes))})")
+        _require_baseline(gate, baseline)
+    return parsed
+
+
+def _require_baseline(gate: Gate, baseline: dict | None) -> None:
+    if gate.relation is not None and baseline is None:
+        raise GateUsageError(f"gate {gate.expression!r} compares with a baseline; pass --baseline OLD_REPORT.json")
+
+
+def evaluate_gates(report: dict, gates: list[str], policy: Path | None = None,
+                   baseline: dict | None = None) -> list[GateResult]:
+    """Every gate on every entry it selects; raises GateUsageError for gates that cannot be evaluated."""
+    results = []
+    for gate in parse_gates(gates, policy):
+        _require_baseline(gate, baseline)
+        for target in select_entries(report, gate):
+            results.append(evaluate_one(gate, target, baseline))
+    return results
+
+
+def evaluate_one(gate: Gate, target: dict, baseline: dict | None) -> GateResult:
+    value = metric_value(target, gate, "report")
+    reference = metric_value(baseline_entry(baseline, target, gate), gate, "baseline") if gate.relation else None
+    threshold = gate.threshold(reference)
+    passed = OPERATORS[gate.op](value, threshold)
+    return GateResult(gate.expression, gate.label, value, threshold, passed,
+                      describe(gate, value, threshold, reference, passed), target["name"], gate.name)
+
+
+def describe(gate: Gate, value: float, threshold: float, reference: float | None, passed: bool) -> str:
+    """'0.8512 < 0.9 (short by 0.0488)'; relative gates name the baseline value too."""
+    against = f"{fmt(threshold)}" if reference is None else f"{fmt(threshold)} (baseline {fmt(reference)})"
+    if passed:
+        return f"{fmt(value)} {gate.op} {against}, margin {fmt(abs(value - threshold))}"
+    return f"{fmt(value)} is not {gate.op} {against}, off by {fmt(abs(value - threshold))}"
+
+
+def fmt(number: float | None) -> str:
+    """4 significant digits, thousands separated above 10 000 (images/s, MACs)."""
+    if number is None:
+        return "-"
+    return f"{number:,.0f}" if abs(number) >= 10_000 else f"{number:.4g}"
+
+
+def entries(report: dict) -> list[dict]:
+    return list(report.get("artifacts", [])) + list(report.get("references", []))
+
+
+def select_entries(report: dict, gate: Gate) -> list[dict]:
+    """The entries a gate applies to: its selector's matches, or every ONNX artifact."""
+    if gate.selector is None:
+        chosen = [e for e in entries(report) if e["kind"] == "onnx"]
+    else:
+        chosen = [e for e in entries(report) if gate.selector in entry_labels(e)]
+    if not chosen:
+        names = ", ".join(e["name"] for e in entries(report)) or "none"
+        raise GateUsageError(f"gate {gate.expression!r} selects no report entry (entries: {names}); use a name, "
+                             "precision (fp32/int8/fp16), kind (onnx/pytorch/ensemble) or directory name")
+    return chosen
+
+
+def entry_labels(entry: dict) -> set[str]:
+    return {entry["name"], entry["kind"], str(entry.get("precision")), Path(entry.get("path") or "").name}
+
+
+def metric_value(entry: dict, gate: Gate, where: str) -> float:
+    """The metric at its documented path; a missing value is a usage error naming the entry and the metric."""
+    path = ("latency", str(gate.batch), gate.metric) if gate.batch is not None else SCALAR_METRICS[gate.metric]
+    value: Any = entry
+    for key in path:
+        value = value.get(key) if isinstance(value, dict) else None
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise GateUsageError(f"gate {gate.expression!r}: the {where} has no {gate.label} for {entry['name']!r} "
+                             f"(path {'.'.join(path)}); benchmark it or drop the gate")
+    return float(value)
+
+
+def baseline_entry(baseline: dict | None, target: dict, gate: Gate) -> dict:
+    """Same kind and name in the baseline report, else same kind and precision when that is unique."""
+    candidates = entries(baseline or {})
+    same_name = [e for e in candidates if e.get("kind") == target["kind"] and e.get("name") == target["name"]]
+    same_precision = [e for e in candidates
+                      if e.get("kind") == target["kind"] and e.get("precision") == target["precision"]]
+    found = same_name or (same_precision if len(same_precision) == 1 else [])
+    if not found:
+        names = ", ".join(str(e.get("name")) for e in candidates) or "none"
+        raise GateUsageError(f"gate {gate.expression!r}: the baseline has no entry matching {target['name']!r} "
+                             f"(it has: {names}); gate it with a selector or refresh the baseline")
+    return found[0]
+
+
+def failed(results: list[GateResult]) -> list[GateResult]:
+    return [result for result in results if not result.passed]
