@@ -10,7 +10,9 @@ import typer
 from okdpipe import __version__
 from okdpipe.cli_support import friendly_errors
 from okdpipe.distill.command import distill_command, select_command
+from okdpipe.export.bench_command import bench_command
 from okdpipe.export.command import export_command
+from okdpipe.pipeline_command import pipeline_command
 from okdpipe.serve.command import serve_command
 
 app = typer.Typer(
@@ -38,7 +40,9 @@ def main(
 app.command("distill")(friendly_errors(distill_command))
 app.command("select")(friendly_errors(select_command))
 app.command("export")(friendly_errors(export_command))
+app.command("bench")(friendly_errors(bench_command))
 app.command("serve")(friendly_errors(serve_command))
+app.command("pipeline")(friendly_errors(pipeline_command))
 
 if __name__ == "__main__":
     app()

@@ -57,7 +57,8 @@ class DistillConfig(Strict):
         return self
 
 
-def _one_line(error: ValidationError) -> str:
+def validation_message(error: ValidationError) -> str:
+    """The first validation problem as `where: what`, for one-line errors."""
     first = error.errors()[0]
     where = ".".join(str(part) for part in first["loc"]) or "config"
     return f"{where}: {first['msg']}"
@@ -107,7 +108,7 @@ def build_config(file_values: dict[str, Any], flag_values: dict[str, Any], sets:
     try:
         return DistillConfig(**merged)
     except ValidationError as exc:
-        raise OkdpipeError(f"bad config: {_one_line(exc)}") from None
+        raise OkdpipeError(f"bad config: {validation_message(exc)}") from None
 
 
 def validate_params(model: type[BaseModel], params: dict[str, Any], method: str) -> BaseModel:
@@ -116,7 +117,7 @@ def validate_params(model: type[BaseModel], params: dict[str, Any], method: str)
         return model(**params)
     except ValidationError as exc:
         known = ", ".join(model.model_fields) or "none"
-        raise OkdpipeError(f"bad {method} parameter {_one_line(exc)} (known: {known})") from None
+        raise OkdpipeError(f"bad {method} parameter {validation_message(exc)} (known: {known})") from None
 
 
 def dump_yaml(config: DistillConfig) -> str:

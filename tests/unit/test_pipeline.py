@@ -1,0 +1,213 @@
+"""`okdpipe.pipeline`: config checks before anything runs, and the skip/invalidate rules of the stage runner.
+
+The runner tests use two cheap file-writing stages in place of the real ones (the rules do not depend on what a
+stage computes); the distill-resume test uses a real tiny run.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from okdpipe.config import DistillConfig
+from okdpipe.distill.trainer import fit
+from okdpipe.pipeline import (Pipeline, PipelineConfig, PipelineUsageError, Stage, describe, load_pipeline_config,
+                              section_sha256)
+from okdpipe.run import RunDir
+
+SMOKE = Path(__file__).resolve().parents[2] / "configs" / "pipeline-smoke.yaml"
+
+
+def write_config(tmp_path, data) -> Path:
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+# -- config -------------------------------------------------------------------------------------------------------
+
+def test_both_shipped_configs_load():
+    assert load_pipeline_config(SMOKE).distill.dataset == "synthetic"
+    fmnist = load_pipeline_config(SMOKE.with_name("pipeline-fmnist.yaml"))
+    assert (fmnist.export.quantize, fmnist.bench.batch_sizes, fmnist.gate) == ("int8", [1, 64],
+                                                                               ["top1>=0.80", "p99_ms@1<=20"])
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"distil": {}}, "distil: Extra inputs are not permitted"),
+    ({"distill": {"epochz": 3}}, "distill.epochz: Extra inputs are not permitted"),
+    ({"export": {"quantize": "int4"}}, "export.quantize: Input should be 'none', 'fp16', 'int8' or 'int8-dynamic'"),
+    ({"bench": {"batch_sizes": []}}, "bench.batch_sizes: List should have at least 1 item"),
+    ({"gate": "top1>=0.8"}, "gate: Input should be a valid list"),
+    ({"distill": {"method": "dmx"}}, "unknown method 'dmx'"),
+    ({"distill": {"method": "dml", "method_params": {"temp": 2}}}, "bad dml parameter temp"),
+    ({"distill": {"arch": "resnet9"}}, "unknown backbone 'resnet9'"),
+    ({"distill": {"dataset": "mnist"}}, "unknown dataset 'mnist'"),
+])
+def test_bad_config_is_one_line_exit_2(tmp_path, data, message):
+    path = write_config(tmp_path, data)
+    with pytest.raises(PipelineUsageError) as error:
+        load_pipeline_config(path)
+    assert error.value.exit_code == 2
+    assert str(error.value).startswith(f"{path}: ") and message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_missing_config_file_is_bad_usage(tmp_path):
+    with pytest.raises(PipelineUsageError, match="config file not found"):
+        load_pipeline_config(tmp_path / "none.yaml")
+
+
+def test_section_hash_ignores_key_order_but_not_values():
+    a = PipelineConfig(export={"quantize": "int8", "calib_size": 64}).export
+    b = PipelineConfig(export={"calib_size": 64, "quantize": "int8"}).export
+    c = PipelineConfig(export={"calib_size": 65, "quantize": "int8"}).export
+    assert section_sha256(a) == section_sha256(b) != section_sha256(c)
+    assert section_sha256(["top1>=0.8"]) != section_sha256(["top1>=0.9"])
+
+
+# -- the runner, on two fake stages ---------------------------------------------------------------------------------
+
+class FakeStages:
+    """`upstream` writes OUT/a.txt from its config; `gate` writes OUT/b.txt from a.txt and passes when a.txt
+    holds `passing`. Counts how often each one ran."""
+
+    def __init__(self, out: Path, upstream_config: dict, passing: str = "x"):
+        self.out, self.passing, self.calls = out, passing, {"upstream": 0, "gate": 0}
+        self.upstream_config = upstream_config
+
+    def upstream(self):
+        self.calls["upstream"] += 1
+        (self.out / "a.txt").write_text(self.upstream_config["text"])
+        return ["a.txt"], {}
+
+    def gate(self):
+        self.calls["gate"] += 1
+        text = (self.out / "a.txt").read_text()
+        (self.out / "b.txt").write_text(text.upper())
+        passed = text == self.passing
+        return ["b.txt"], {"passed": passed, "results": [
+            {"expression": f"a=={self.passing}", "value": text, "passed": passed}]}
+
+    def pipeline(self, force=False) -> tuple[Pipeline, list[str]]:
+        lines: list[str] = []
+        pipeline = Pipeline(PipelineConfig(), self.out, force, lines.append)
+        pipeline.stages = [Stage("upstream", dict(self.upstream_config), lambda: [], self.upstream),
+                           Stage("gate", ["a==x"], lambda: ["a.txt"], self.gate)]
+        return pipeline, lines
+
+
+@pytest.fixture
+def fake(tmp_path):
+    stages = FakeStages(tmp_path / "out", {"text": "x", "note": 1})
+    assert stages.pipeline()[0].run() == 0
+    return stages
+
+
+def test_second_run_skips_every_stage(fake):
+    pipeline, lines = fake.pipeline()
+    assert pipeline.run() == 0
+    assert fake.calls == {"upstream": 1, "gate": 1}
+    assert lines[:2] == ["skip  upstream config, inputs and outputs unchanged",
+                         "skip  gate     config, inputs and outputs unchanged"]
+    assert lines[2] == "  pass  a==x  (value x)"
+
+
+def test_state_file_records_config_inputs_and_outputs(fake):
+    from okdpipe.files import file_sha256
+
+    state = json.loads((fake.out / "pipeline.json").read_text())
+    gate = state["stages"]["gate"]
+    assert gate["config_sha256"] == section_sha256(["a==x"])
+    assert gate["inputs"] == {"a.txt": file_sha256(fake.out / "a.txt")}
+    assert gate["outputs"] == {"b.txt": file_sha256(fake.out / "b.txt")} and gate["passed"] is True
+    assert not list(fake.out.glob(".pipeline.json.*"))  # the atomic write left no temp file
+
+
+def test_changed_upstream_output_reruns_downstream(fake):
+    fake.upstream_config["text"] = "y"
+    pipeline, lines = fake.pipeline()
+    assert pipeline.run() == 1  # the gate now fails: exit code 1
+    assert fake.calls == {"upstream": 2, "gate": 2}
+    assert lines[:2] == ["run   upstream its config section (upstream) changed", "run   gate     input a.txt changed"]
+    assert (fake.out / "b.txt").read_text() == "Y"
+
+
+def test_config_change_with_identical_output_leaves_downstream_skipped(fake):
+    fake.upstream_config["note"] = 2  # reruns upstream, which writes the same bytes
+    pipeline, lines = fake.pipeline()
+    assert pipeline.run() == 0
+    assert fake.calls == {"upstream": 2, "gate": 1}
+    assert lines[1] == "skip  gate     config, inputs and outputs unchanged"
+
+
+def test_replaced_output_reruns_its_stage_only(fake):
+    (fake.out / "b.txt").write_text("tampered")
+    pipeline, lines = fake.pipeline()
+    assert pipeline.run() == 0 and fake.calls == {"upstream": 1, "gate": 2}
+    assert lines[1] == "run   gate     output b.txt is missing or was replaced"
+    assert (fake.out / "b.txt").read_text() == "X"
+
+
+def test_dry_run_plan_runs_nothing_and_marks_downstream(fake):
+    fake.upstream_config["text"] = "y"
+    pipeline, _ = fake.pipeline()
+    plan = [describe(decision) for decision in pipeline.plan()]
+    assert plan == ["run   upstream its config section (upstream) changed",
+                    "run   gate     upstream stage upstream runs first and may change its inputs"]
+    assert fake.calls == {"upstream": 1, "gate": 1} and (fake.out / "a.txt").read_text() == "x"
+
+
+def test_force_reruns_everything(fake):
+    pipeline, lines = fake.pipeline(force=True)
+    assert [describe(d) for d in pipeline.plan()] == ["run   upstream --force", "run   gate     --force"]
+    assert pipeline.run() == 0 and fake.calls == {"upstream": 2, "gate": 2}
+
+
+def test_a_failed_stage_keeps_the_finished_ones(fake):
+    fake.upstream_config["text"] = "y"
+    pipeline, _ = fake.pipeline()
+    pipeline.stages[1].run = lambda: (_ for _ in ()).throw(RuntimeError("killed"))
+    with pytest.raises(RuntimeError):
+        pipeline.run()
+    pipeline, lines = fake.pipeline()
+    pipeline.run()
+    assert lines[:2] == ["skip  upstream config, inputs and outputs unchanged", "run   gate     input a.txt changed"]
+
+
+def test_corrupt_state_file_names_the_fix(fake):
+    (fake.out / "pipeline.json").write_text("{")
+    with pytest.raises(Exception, match="pipeline.json: corrupt .*--force"):
+        fake.pipeline()[0].run()
+    assert fake.pipeline(force=True)[0].run() == 0
+
+
+# -- distill: a killed run is resumed -------------------------------------------------------------------------------
+
+TINY = dict(method="vanilla", arch="resnet8", students=2, dataset="synthetic", epochs=2, batch_size=8, lr=0.05,
+            val_split=0.25, device="cpu")  # 48 training images -> 6 steps per epoch
+
+
+def test_killed_distill_stage_is_resumed_not_restarted(tmp_path):
+    out = tmp_path / "out"
+    killed = fit(DistillConfig(**TINY), RunDir(out / "distill"), stop_after_steps=8, echo=lambda _: None)
+    assert killed == {"stopped": True}
+    first_epoch = RunDir(out / "distill").read_manifest()["epochs"][0]
+    pipeline = Pipeline(PipelineConfig(distill=TINY), out, echo=lambda _: None)
+    assert describe(pipeline.plan()[0]) == ("run   distill  no successful run recorded; "
+                                            "resumes the killed run after epoch 1")
+    outputs, extra = pipeline.stages[0].run()
+    manifest = RunDir(out / "distill").read_manifest()
+    assert outputs == ["distill/checkpoints/last.pt"] and extra == {"resumed": True}
+    assert manifest["status"] == "finished" and manifest["epochs"][0] == first_epoch  # epoch 1 was not retrained
+
+
+def test_killed_run_with_other_settings_or_force_starts_afresh(tmp_path):
+    out = tmp_path / "out"
+    fit(DistillConfig(**TINY), RunDir(out / "distill"), stop_after_steps=8, echo=lambda _: None)
+    changed = Pipeline(PipelineConfig(distill={**TINY, "lr": 0.02}), out, echo=lambda _: None)
+    forced = Pipeline(PipelineConfig(distill=TINY), out, force=True, echo=lambda _: None)
+    same_but_device = Pipeline(PipelineConfig(distill={**TINY, "device": "auto"}), out, echo=lambda _: None)
+    assert changed.plan()[0].stage.note() == "trains from scratch"
+    assert forced.plan()[0].stage.note() == "trains from scratch"
+    assert same_but_device.resumable_epochs() == 1  # the device cannot change the weights
