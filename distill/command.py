@@ -24,6 +24,9 @@ def distill_command(
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     precision: Optional[str] = typer.Option(None, help="auto (bf16 on GPU), fp32 or bf16."),
     seed: Optional[int] = typer.Option(None, help="Seed for initialisation, split, order and augmentation."),
+    fused: Optional[bool] = typer.Option(None, "--fused/--no-fused",
+                                         help="Run same-architecture peers as one grouped network (vanilla, "
+                                              "DML; faster on GPU only)."),
     out: Optional[Path] = typer.Option(None, help="Run directory (default runs/METHOD-ARCH-DATASET-sSEED)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     config: Optional[Path] = typer.Option(None, help="YAML config; flags override it."),
@@ -35,7 +38,7 @@ def distill_command(
 
     flags = dict(method=method, arch=arch, students=students, dataset=dataset, data_dir=data_dir,
                  epochs=epochs, batch_size=batch_size, lr=lr, val_split=val_split, train_subset=train_subset,
-                 device=device, precision=precision, seed=seed)
+                 device=device, precision=precision, seed=seed, fused=fused)
     file_values = read_yaml(config) if config else {}
     if resume and not config and out and (out / "config.yaml").is_file():
         file_values = read_yaml(out / "config.yaml")

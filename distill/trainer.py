@@ -23,6 +23,7 @@ from okdpipe.datasets import load_dataset, make_loader
 from okdpipe.distill.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from okdpipe.distill.evaluate import evaluate_run, recalibrate_bn
 from okdpipe.distill.methods import METHODS, Method, StepContext
+from okdpipe.distill.fused import FusedStudents
 from okdpipe.distill.students import Students
 from okdpipe.errors import OkdpipeError
 from okdpipe.files import atomic_write_text
@@ -104,9 +105,12 @@ def build_models(cfg: DistillConfig, spec, device: torch.device) -> tuple[Studen
     if count < method_cls.min_students:
         raise OkdpipeError(f"--method {cfg.method} needs at least {method_cls.min_students} students, got {count}")
     hp = validate_params(method_cls.Params, cfg.method_params, cfg.method)
+    if cfg.fused and not method_cls.fusable:
+        raise OkdpipeError(f"--fused: method {cfg.method} needs per-student modules; train it without --fused")
+    container = FusedStudents if cfg.fused else Students
     torch.manual_seed(cfg.seed)
-    students = Students(cfg.arch, count, spec.num_classes, spec.in_channels,
-                        layout=method_cls.layout, same_init=method_cls.same_init).to(device)
+    students = container(cfg.arch, count, spec.num_classes, spec.in_channels,
+                         layout=method_cls.layout, same_init=method_cls.same_init).to(device)
     method = method_cls(students, hp, spec.num_classes).to(device)
     if cfg.channels_last:
         students.to(memory_format=torch.channels_last)

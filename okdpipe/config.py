@@ -44,6 +44,8 @@ class DistillConfig(Strict):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     channels_last: bool = False
     compile: bool = False
+    fused: bool = Field(False, description="same-architecture peers as one grouped network (vanilla, DML); "
+                                           "faster on GPU only, see BENCHMARKS.md")
     seed: int = 0
     workers: int = Field(0, ge=0, description="data-loading workers (image folders only)")
     eval_batch_size: int = Field(512, ge=1)

@@ -62,6 +62,7 @@ class Method(nn.Module):
     needs_stages: ClassVar[bool] = False
     per_student_views: ClassVar[bool] = False
     same_init: ClassVar[bool] = False
+    fusable: ClassVar[bool] = False  # peers layout and never reads students.members (see distill/fused.py)
     ships: ClassVar[str] = "best-student"  # the candidate `select --strategy auto` falls back to describing
 
     def __init__(self, students, hp: Hparams, num_classes: int):

@@ -46,6 +46,8 @@ def peer_terms(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -
 class DML(Method):
     """Sum over peers of L_i (see the module docstring); the teachers are detached, so peers stay independent."""
 
+    fusable = True
+
     Params = DMLParams
     layout = "peers"
     default_students = 2

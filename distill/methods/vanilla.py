@@ -11,6 +11,8 @@ from okdpipe.distill.methods.base import METHODS, Method
 class Vanilla(Method):
     """L = sum_i CE(z_i, y). With N > 1 the students are independent runs sharing a data order."""
 
+    fusable = True
+
     def step(self, views, labels, out, ctx):
         losses = {f"ce/s{i}": F.cross_entropy(z, labels) for i, z in enumerate(out.logits)}
         total = sum(losses.values())
