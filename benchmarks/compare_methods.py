@@ -4,8 +4,9 @@
 
 Each (method, seed) trains through the real CLI (`okdpipe distill`), then `okdpipe select --strategy auto`
 picks the model to ship on the validation split; the shipped MODEL.pt is then measured once on the test split.
-Finished runs are kept and skipped, and a killed run is resumed, so the table can be filled over several
-sessions. The summary (summary.json + a Markdown table) is rewritten from whatever has finished.
+A finished run leaves a small record in the protocol's `records` folder (committed to the repository, so the
+table can be filled over several sessions and machines); a run with a record is skipped, and a killed run is
+resumed from its last checkpoint. The summary (records/summary.md) is rewritten from the records.
 """
 
 from __future__ import annotations
@@ -67,11 +68,12 @@ def shipped_test_accuracy(model_file: Path) -> float:
     return hits / len(bundle.test)
 
 
-def select_and_measure(out: Path, method: str, seed: int) -> dict:
+def record_path(records: Path, method: str, seed: int) -> Path:
+    return records / f"{method}-s{seed}.json"
+
+
+def select_and_measure(out: Path, records: Path, method: str, seed: int) -> dict:
     path = run_dir(out, method, seed)
-    result_file = path / "compare.json"
-    if result_file.is_file():
-        return json.loads(result_file.read_text())
     okdpipe("select", str(path), "--strategy", "auto")
     selection = json.loads((path / "selection.json").read_text())
     state = manifest(path)
@@ -85,10 +87,20 @@ def select_and_measure(out: Path, method: str, seed: int) -> dict:
                              if not k.startswith("student:") and k != "ensemble"},
         "candidates_val": {c["candidate"]: c for c in selection["candidates"]},
         "train_seconds": sum(e["seconds"] for e in state["epochs"]),
+        "wall_seconds": wall_seconds(state),
         "students": state["students"]["count"],
+        "config": state["config"],
     }
-    result_file.write_text(json.dumps(result, indent=2))
+    records.mkdir(parents=True, exist_ok=True)
+    record_path(records, method, seed).write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def wall_seconds(state: dict) -> float:
+    """From the run's manifest: first start to finish (a resumed run includes the time it lay killed)."""
+    from datetime import datetime
+
+    return (datetime.fromisoformat(state["finished"]) - datetime.fromisoformat(state["created"])).total_seconds()
 
 
 def mean_std(values: list[float]) -> str:
@@ -100,7 +112,7 @@ def mean_std(values: list[float]) -> str:
 
 def summarise(protocol: dict, results: list[dict]) -> str:
     rows = ["| method | students | seeds | shipped model (test top-1 %) | ensemble (test top-1 %) | "
-            "shipped candidates | train time per run (s) |", "|---|---|---|---|---|---|---|"]
+            "shipped candidates | wall time per run (s) |", "|---|---|---|---|---|---|---|"]
     for method in protocol["methods"]:
         mine = [r for r in results if r["method"] == method]
         if not mine:
@@ -110,7 +122,7 @@ def summarise(protocol: dict, results: list[dict]) -> str:
         rows.append(f"| {method} | {mine[0]['students']} | {len(mine)} | "
                     f"{mean_std([r['shipped_test_top1'] for r in mine])} | "
                     f"{mean_std([r['ensemble_test_top1'] for r in mine])} | {', '.join(shipped)} | "
-                    f"{statistics.mean(r['train_seconds'] for r in mine):.0f} |")
+                    f"{statistics.mean(r['wall_seconds'] for r in mine):.0f} |")
     return "\n".join(rows)
 
 
@@ -122,18 +134,19 @@ def main() -> None:
     parser.add_argument("--summary-only", action="store_true", help="only rewrite the summary")
     args = parser.parse_args()
     protocol = yaml.safe_load(args.protocol.read_text())
-    out = Path(protocol["out"])
+    out, records = Path(protocol["out"]), Path(protocol["records"])
     methods = args.only.split(",") if args.only else protocol["methods"]
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else protocol["seeds"]
     if not args.summary_only:
         for seed in seeds:  # seed-major: a partial table has every method at seed 0 first
             for method in methods:
-                train(protocol, out, method, seed)
-                select_and_measure(out, method, seed)
-    results = [json.loads(p.read_text()) for p in sorted(out.glob("*/compare.json"))]
+                if not record_path(records, method, seed).is_file():
+                    train(protocol, out, method, seed)
+                    select_and_measure(out, records, method, seed)
+    results = [json.loads(p.read_text()) for p in sorted(records.glob("*-s*.json"))]
     table = summarise(protocol, results)
-    (out / "summary.json").write_text(json.dumps(results, indent=2))
-    (out / "summary.md").write_text(table + "\n")
+    records.mkdir(parents=True, exist_ok=True)
+    (records / "summary.md").write_text(table + "\n")
     print(table)
 
 
