@@ -10,11 +10,20 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
 
+def _default_mode() -> int:
+    """The mode open() would give a new file (0666 minus the umask); mkstemp's own 0600 would hide model
+    cards and checkpoints from a server or container running as another user."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
     """Call `write` on a temp file in the same directory, fsync, then rename: never a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(tmp, _default_mode())
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
