@@ -76,11 +76,21 @@ def spec_stats(spec: DatasetSpec, device: torch.device) -> tuple[torch.Tensor, t
 
 
 class Loader:
-    """Batches per epoch; `epoch(e)` is a pure function of (seed, e): shuffle order and every augmentation draw."""
+    """Batches per epoch; `epoch(e)` is a pure function of (seed, e): shuffle order and every augmentation draw.
 
-    def __init__(self, split: Split, batch_size: int, shuffle: bool, drop_last: bool, seed: int, source):
+    With `shard=(rank, world_size)` each global batch of `batch_size` is cut into world_size consecutive parts
+    and this loader yields part `rank`: the same epoch order and the same augmentation draws (indexed by
+    position in that order) as one process, shared out, so N processes see exactly one process's global batch.
+    """
+
+    def __init__(self, split: Split, batch_size: int, shuffle: bool, drop_last: bool, seed: int, source,
+                 shard: tuple[int, int] = (0, 1)):
         self.split, self.batch_size, self.shuffle, self.seed, self.source = split, batch_size, shuffle, seed, source
         self.drop_last = drop_last
+        rank, world_size = shard
+        if not 0 <= rank < world_size:
+            raise OkdpipeError(f"shard {rank} of {world_size}: the rank must be in [0, {world_size})")
+        self.shard = shard
 
     @property
     def num_samples(self) -> int:
@@ -96,13 +106,20 @@ class Loader:
         count = len(self.split)
         order = torch.randperm(count, generator=generator) if self.shuffle else torch.arange(count)
         bounds = [(s, min(s + self.batch_size, count)) for s in range(0, len(self) * self.batch_size, self.batch_size)]
-        return self.source.batches(order, bounds, epoch, generator)
+        return self.source.batches(order, [shard_bounds(b, *self.shard) for b in bounds], epoch, generator)
+
+
+def shard_bounds(bounds: tuple[int, int], rank: int, world_size: int) -> tuple[int, int]:
+    """Part `rank` of [start, stop) cut into world_size consecutive parts whose sizes differ by at most one."""
+    start, stop = bounds
+    size = stop - start
+    return start + size * rank // world_size, start + size * (rank + 1) // world_size
 
 
 def make_loader(
     split: Split, spec: DatasetSpec, *, batch_size: int, train: bool, device: torch.device | str, seed: int = 0,
     views: int = 1, augment: AugmentConfig | None = None, drop_last: bool | None = None, num_workers: int = 0,
-    backend: str | None = None,
+    backend: str | None = None, shard: tuple[int, int] = (0, 1),
 ) -> Loader:
     """train=True: shuffled, spec.augment unless `augment` is given, drop_last unless that leaves no batch.
     train=False: in order, no augmentation unless `augment` is given, partial last batch kept.
@@ -110,6 +127,7 @@ def make_loader(
     Each of `views` views gets its own augmentation draw of the same images (for per-student views).
     backend: "tensor" (default for in-memory splits; augments batched on `device`) or "albumentations"
     (default for file splits; DataLoader with `num_workers`).
+    shard: (rank, world_size), this process's part of every batch (see Loader).
     """
     if batch_size < 1 or views < 1:
         raise OkdpipeError(f"batch_size and views must be >= 1, got {batch_size} and {views}")
@@ -119,7 +137,7 @@ def make_loader(
     keep_partial = not train if drop_last is None else not drop_last
     # A training split smaller than one batch still yields its one partial batch rather than none.
     drop = not keep_partial and len(split) >= batch_size
-    return Loader(split, batch_size, shuffle=train, drop_last=drop, seed=seed, source=source)
+    return Loader(split, batch_size, shuffle=train, drop_last=drop, seed=seed, source=source, shard=shard)
 
 
 def batch_source(split, spec, device, config, views, seed, num_workers, backend):  # noqa: ANN001, ANN201

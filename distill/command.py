@@ -27,6 +27,9 @@ def distill_command(
     fused: Optional[bool] = typer.Option(None, "--fused/--no-fused",
                                          help="Run same-architecture peers as one grouped network (vanilla, "
                                               "DML; faster on GPU only)."),
+    nproc_per_node: Optional[int] = typer.Option(None, help="Data-parallel processes on this machine (one GPU "
+                                                            "each on CUDA); --batch-size is the global batch. "
+                                                            "Or launch with torchrun --nproc-per-node N."),
     out: Optional[Path] = typer.Option(None, help="Run directory (default runs/METHOD-ARCH-DATASET-sSEED)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     config: Optional[Path] = typer.Option(None, help="YAML config; flags override it."),
@@ -38,7 +41,7 @@ def distill_command(
 
     flags = dict(method=method, arch=arch, students=students, dataset=dataset, data_dir=data_dir,
                  epochs=epochs, batch_size=batch_size, lr=lr, val_split=val_split, train_subset=train_subset,
-                 device=device, precision=precision, seed=seed, fused=fused)
+                 device=device, precision=precision, seed=seed, fused=fused, nproc_per_node=nproc_per_node)
     file_values = read_yaml(config) if config else {}
     if resume and not config and out and (out / "config.yaml").is_file():
         file_values = read_yaml(out / "config.yaml")
@@ -51,11 +54,23 @@ def distill_command(
 
 
 def run(cfg, run_dir: Path, resume: bool) -> None:
+    """Train and report. Under torchrun every process runs this; only rank 0 speaks (its errors included)."""
+    from okdpipe.distill.distributed import is_main_process, launched_world_size
     from okdpipe.distill.methods import METHODS  # noqa: F401  (registers every method)
     from okdpipe.distill.trainer import fit
+    from okdpipe.errors import OkdpipeError
     from okdpipe.run import RunDir
 
-    typer.echo(f"{'resuming' if resume else 'training'} {cfg.method} x {cfg.arch} on {cfg.dataset} -> {run_dir}")
+    if not is_main_process():
+        try:
+            fit(cfg, RunDir(run_dir), resume=resume, echo=typer.echo)
+        except OkdpipeError:
+            raise typer.Exit(1) from None  # rank 0 reports the same error
+        return
+    world_size = launched_world_size() or cfg.nproc_per_node
+    processes = f" on {world_size} processes" if world_size > 1 else ""
+    typer.echo(f"{'resuming' if resume else 'training'} {cfg.method} x {cfg.arch} on {cfg.dataset}{processes} "
+               f"-> {run_dir}")
     result = fit(cfg, RunDir(run_dir), resume=resume, echo=typer.echo)
     best = max((v["top1"], k) for k, v in result["val"].items() if k.startswith("student:"))
     typer.echo(f"done: best student on validation {best[1]} {best[0]:.2%}; "

@@ -5,6 +5,11 @@ turns outputs into losses (and may update state after each step). Resume is exac
 randomness in epoch e (data order, augmentation, a method's draws) is a function of (seed, e), and a
 checkpoint is written at the end of every epoch, so a run killed at any point continues from the last finished
 epoch and reaches the same weights as an uninterrupted run.
+
+Data parallel (`nproc_per_node` > 1, or under torchrun): every process runs this same loop on its share of each
+global batch (`batch_size` stays the global batch), gradients and logged losses are averaged across processes,
+rank 0 alone evaluates (the numbers are exactly a single process's on the same weights) and writes the run
+directory. See distill/distributed.py for why gradients are averaged by hand and what BatchNorm does.
 """
 
 from __future__ import annotations
@@ -13,14 +18,16 @@ import contextlib
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 
 from okdpipe.config import DistillConfig, dump_yaml, validate_params
 from okdpipe.datasets import load_dataset, make_loader
+from okdpipe.distill import distributed
 from okdpipe.distill.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from okdpipe.distill.distributed import Group
 from okdpipe.distill.evaluate import evaluate_run, recalibrate_bn
 from okdpipe.distill.methods import METHODS, Method, StepContext
 from okdpipe.distill.fused import FusedStudents
@@ -96,6 +103,12 @@ class Session:
     autocast: Any
     history: list[dict]
     forward: Any = None
+    group: Group = field(default_factory=Group)
+
+    def trained_parameters(self) -> list[torch.Tensor]:
+        """Every parameter some optimiser steps: the ones whose gradients data parallelism averages."""
+        optimizers = [self.optimizer, *self.extra_optimizers]
+        return [p for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]]
 
 
 def build_models(cfg: DistillConfig, spec, device: torch.device) -> tuple[Students, Method]:
@@ -118,8 +131,9 @@ def build_models(cfg: DistillConfig, spec, device: torch.device) -> tuple[Studen
     return students, method
 
 
-def build_session(cfg: DistillConfig, run: RunDir) -> Session:
-    device = resolve_device(cfg.device)
+def build_session(cfg: DistillConfig, run: RunDir, group: Group = Group()) -> Session:
+    """The session of this process; under data parallelism the training loader yields its share of each batch."""
+    device = group.device(resolve_device(cfg.device))
     METHODS.get(cfg.method)  # an unknown method fails before the data is read
     bundle = load_dataset(cfg.dataset, cfg.data_dir, val_split=cfg.val_split, seed=cfg.seed,
                           train_subset=cfg.train_subset, **cfg.data_options)
@@ -129,14 +143,17 @@ def build_session(cfg: DistillConfig, run: RunDir) -> Session:
     views = method.num_views(students.count)
     loader = lambda split, train, v: make_loader(  # noqa: E731
         split, spec, batch_size=cfg.batch_size if train else cfg.eval_batch_size, train=train, device=device,
-        seed=cfg.seed, views=v, num_workers=cfg.workers)
+        seed=cfg.seed, views=v, num_workers=cfg.workers,
+        shard=(group.rank, group.world_size) if train else (0, 1))  # rank 0 evaluates whole splits
     session = Session(cfg, run, device, students, method, optimizer, method.extra_optimizers(),
                       loader(bundle.train, True, views), loader(bundle.val, False, 1),
                       loader(bundle.test, False, 1), loader(bundle.train, False, 1), bundle,
-                      autocast_for(device, cfg.precision), [])
+                      autocast_for(device, cfg.precision), [], group=group)
     session.forward = torch.compile(students) if cfg.compile else students
-    if len(session.train_loader) == 0:
-        raise OkdpipeError(f"the training split has fewer images than --batch-size {cfg.batch_size}")
+    short = len(bundle.train) < cfg.batch_size
+    if len(session.train_loader) == 0 or (short and group.world_size > 1):
+        raise OkdpipeError(f"the training split has fewer images ({len(bundle.train)}) than --batch-size "
+                           f"{cfg.batch_size}; lower --batch-size")
     return session
 
 
@@ -149,7 +166,7 @@ def train_epoch(s: Session, epoch: int, stop_after_steps: Optional[int]) -> Opti
     s.method.train()
     sums: dict[str, torch.Tensor] = {}
     seen, started = 0, time.perf_counter()
-    with progress_bar(spe, f"epoch {epoch + 1}/{cfg.epochs}") as advance:
+    with progress_bar(spe, f"epoch {epoch + 1}/{cfg.epochs}", s.group.is_main) as advance:
         for i, batch in enumerate(s.train_loader.epoch(epoch)):
             step = epoch * spe + i
             if stop_after_steps is not None and step >= stop_after_steps:
@@ -158,16 +175,22 @@ def train_epoch(s: Session, epoch: int, stop_after_steps: Optional[int]) -> Opti
             losses = train_step(s, batch, ctx)
             for key, value in losses.items():
                 sums[key] = sums.get(key, 0) + value.detach().float()
-            seen += batch.labels.numel()
+            seen += batch.labels.numel() * s.group.world_size  # equal shards: the global batch
             if (i + 1) % LOG_EVERY_STEPS == 0 or i + 1 == spe:
-                rate = seen / (time.perf_counter() - started)
-                advance(i + 1, f"loss {float(losses['loss'].detach()):.4f}  {rate:,.0f} img/s")
-                s.run.append_metrics({"kind": "step", "epoch": epoch + 1, "step": step + 1,
-                                      "lr": s.optimizer.param_groups[0]["lr"], "images_per_s": rate,
-                                      **{k: float(v.detach()) for k, v in losses.items()}})
+                log_step(s, advance, s.group.mean_of(losses), epoch, i, seen / (time.perf_counter() - started))
     seconds = time.perf_counter() - started
-    return {"epoch": epoch + 1, "train": {k: float(v) / spe for k, v in sums.items()},
+    return {"epoch": epoch + 1, "train": {k: float(v) / spe for k, v in s.group.mean_of(sums).items()},
             "seconds": seconds, "images_per_s": seen / seconds}
+
+
+def log_step(s: Session, advance, losses: dict[str, torch.Tensor], epoch: int, i: int, rate: float) -> None:
+    """Progress and a metrics line, from rank 0 (`losses` are already averaged over ranks)."""
+    if not s.group.is_main:
+        return
+    advance(i + 1, f"loss {float(losses['loss'].detach()):.4f}  {rate:,.0f} img/s")
+    s.run.append_metrics({"kind": "step", "epoch": epoch + 1, "step": epoch * len(s.train_loader) + i + 1,
+                          "lr": s.optimizer.param_groups[0]["lr"], "images_per_s": rate,
+                          **{k: float(v.detach()) for k, v in losses.items()}})
 
 
 def train_step(s: Session, batch, ctx: StepContext) -> dict[str, torch.Tensor]:
@@ -181,6 +204,7 @@ def train_step(s: Session, batch, ctx: StepContext) -> dict[str, torch.Tensor]:
     for optimizer in optimizers:
         optimizer.zero_grad(set_to_none=True)
     losses["loss"].backward()
+    s.group.average_gradients(s.trained_parameters())  # before clipping: clip the global batch's gradient
     if s.cfg.grad_clip is not None:
         torch.nn.utils.clip_grad_norm_(
             [p for group in s.optimizer.param_groups for p in group["params"]], s.cfg.grad_clip)
@@ -191,9 +215,9 @@ def train_step(s: Session, batch, ctx: StepContext) -> dict[str, torch.Tensor]:
 
 
 @contextlib.contextmanager
-def progress_bar(total: int, label: str):
+def progress_bar(total: int, label: str, shown: bool = True):
     """A rich progress bar on a terminal; silent in logs (the epoch summary line is printed either way)."""
-    if not sys.stderr.isatty():
+    if not (shown and sys.stderr.isatty()):
         yield lambda done, text: None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -248,34 +272,79 @@ def trim_metrics(run: RunDir, finished_epochs: int) -> None:
 
 def fit(cfg: DistillConfig, run: RunDir, *, resume: bool = False, stop_after_steps: Optional[int] = None,
         echo=print) -> dict[str, Any]:
-    """Train `cfg` into `run`; returns the final summary (also written to the manifest)."""
+    """Train `cfg` into `run`; returns the final summary (also written to the manifest).
+
+    With nproc_per_node > 1 this process starts that many workers, each running `fit`, and returns rank 0's
+    summary; under torchrun (or inside a running process group) it is one of the workers."""
+    cfg = with_world_size(cfg)
     if has_checkpoint(run) and not resume:
         raise OkdpipeError(f"{run.root} already holds a run; pass --resume to continue it or choose another --out")
     if resume and not has_checkpoint(run):
         raise OkdpipeError(f"--resume: {run.root} has no checkpoint to resume from")
-    run.prepare()
+    if distributed.needs_launch(cfg.nproc_per_node):
+        return distributed.launch(fit, cfg.nproc_per_node, cfg, run, resume=resume,
+                                  stop_after_steps=stop_after_steps, echo=distributed.picklable(echo, print))
+    with distributed.joined(resolve_device(cfg.device)) as group:
+        return train(cfg, run, group, resume, stop_after_steps, echo if group.is_main else quiet)[1]
+
+
+def with_world_size(cfg: DistillConfig) -> DistillConfig:
+    """`cfg` with nproc_per_node = the world size a launcher (torchrun) already chose, checked against the
+    batch size: every process takes an equal share of each global batch."""
+    launched = distributed.launched_world_size()
+    if launched is not None and cfg.nproc_per_node not in (1, launched):
+        raise OkdpipeError(f"--nproc-per-node {cfg.nproc_per_node} disagrees with the launcher's WORLD_SIZE "
+                           f"{launched}; drop --nproc-per-node under torchrun")
+    world_size = launched or cfg.nproc_per_node
+    if cfg.batch_size % world_size:
+        raise OkdpipeError(f"--batch-size {cfg.batch_size} is not divisible by {world_size} processes; "
+                           f"use a multiple of {world_size} (it is the global batch, split evenly)")
+    return cfg if world_size == cfg.nproc_per_node else cfg.model_copy(update={"nproc_per_node": world_size})
+
+
+def quiet(_: str) -> None:
+    """The console of ranks other than 0."""
+
+
+def train(cfg: DistillConfig, run: RunDir, group: Group, resume: bool, stop_after_steps: Optional[int],
+          echo) -> tuple[Session, dict[str, Any]]:
+    """The loop of one process (of `group`); returns its session and the final summary."""
+    if group.is_main:
+        run.prepare()
     configure_determinism()
-    s = build_session(cfg, run)
+    s = build_session(cfg, run, group)
     start = restore(s) if resume else 0
-    trim_metrics(run, start)
-    atomic_write_text(run.config_path, dump_yaml(cfg))
-    run.update_manifest(**manifest_header(s))
+    group.copy_from_main(s.students, s.method)
+    group.barrier()  # every rank has read the checkpoint and the manifest before rank 0 writes them
+    if group.is_main:
+        trim_metrics(run, start)
+        atomic_write_text(run.config_path, dump_yaml(cfg))
+        run.update_manifest(**manifest_header(s))
     for epoch in range(start, cfg.epochs):
         summary = train_epoch(s, epoch, stop_after_steps)
         if summary is None:
-            return {"stopped": True}
+            return s, {"stopped": True}
+        group.average_buffers(s.students, s.method)
         summary["val"] = evaluate(s, s.val_loader)
         s.history.append(summary)
-        run.append_metrics({"kind": "epoch", **summary})
-        save_checkpoint(run, checkpoint_state(s, epoch + 1))
-        run.update_manifest(epochs=s.history, status="training")
+        if group.is_main:
+            record_epoch(s, summary)
         echo(epoch_line(summary, cfg.epochs))
-    return finish(s)
+    return s, finish(s)
+
+
+def record_epoch(s: Session, summary: dict[str, Any]) -> None:
+    s.run.append_metrics({"kind": "epoch", **summary})
+    save_checkpoint(s.run, checkpoint_state(s, summary["epoch"]))
+    s.run.update_manifest(epochs=s.history, status="training")
 
 
 def evaluate(s: Session, loader) -> dict[str, dict[str, float]]:
+    """Rank 0 measures the whole split (exactly a single process's numbers); every rank gets the result."""
+    if not s.group.is_main:
+        return s.group.from_main(None)
     calibrate = lambda model: recalibrate_bn(model, s.calib_loader.epoch(0), BN_CALIBRATION_BATCHES)  # noqa: E731
-    return evaluate_run(s.students, s.method, loader.epoch(0), s.autocast, calibrate)
+    return s.group.from_main(evaluate_run(s.students, s.method, loader.epoch(0), s.autocast, calibrate))
 
 
 def configure_determinism() -> None:
@@ -286,7 +355,8 @@ def configure_determinism() -> None:
 def finish(s: Session) -> dict[str, Any]:
     """Measure every model on the test split once, at the end; nothing is chosen with these numbers."""
     test = evaluate(s, s.test_loader)
-    s.run.update_manifest(test=test, status="finished", finished=now_iso())
+    if s.group.is_main:
+        s.run.update_manifest(test=test, status="finished", finished=now_iso())
     return {"val": s.history[-1]["val"], "test": test}
 
 
@@ -297,6 +367,7 @@ def manifest_header(s: Session) -> dict[str, Any]:
         "created": s.run.read_manifest().get("created", now_iso()),
         "environment": environment(),
         "device": str(s.device),
+        "processes": s.group.world_size,
         "config": s.cfg.model_dump(mode="json"),
         "students": {"count": s.students.count, "layout": s.students.layout, "arch": s.cfg.arch,
                      "method_ships": s.method.ships},

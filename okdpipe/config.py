@@ -48,6 +48,8 @@ class DistillConfig(Strict):
                                            "faster on GPU only, see BENCHMARKS.md")
     seed: int = 0
     workers: int = Field(0, ge=0, description="data-loading workers (image folders only)")
+    nproc_per_node: int = Field(1, ge=1, description="data-parallel processes, one GPU each on CUDA; batch_size "
+                                                     "is the global batch, split evenly between them")
     eval_batch_size: int = Field(512, ge=1)
     method_params: dict[str, Any] = Field(default_factory=dict)
     data_options: dict[str, Any] = Field(default_factory=dict, description="extra dataset loader options")
