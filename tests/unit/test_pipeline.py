@@ -31,7 +31,7 @@ def test_both_shipped_configs_load():
     assert load_pipeline_config(SMOKE).distill.dataset == "synthetic"
     fmnist = load_pipeline_config(SMOKE.with_name("pipeline-fmnist.yaml"))
     assert (fmnist.export.quantize, fmnist.bench.batch_sizes, fmnist.gate) == ("int8", [1, 64],
-                                                                               ["top1>=0.80", "p99_ms@1<=20"])
+                                                                               ["top1>=0.75", "p99_ms@1<=20"])
 
 
 @pytest.mark.parametrize("data, message", [
