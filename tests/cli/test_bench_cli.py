@@ -7,29 +7,15 @@ import xml.etree.ElementTree as ET
 
 import pytest
 import torch
-import typer
 from typer.testing import CliRunner
 
-from okdpipe.cli_support import friendly_errors
+from okdpipe.cli import app
 from okdpipe.datasets import load_dataset
 from okdpipe.distill.models import create_model
-from okdpipe.export.bench_command import bench_command
 from okdpipe.export.pipeline import ExportOptions, export_model
 from okdpipe.modelfile import ModelInfo, save_model_file
 
 QUICK = ["--batch-sizes", "1,2", "--threads", "1", "--warmup", "1", "--min-seconds", "0.01", "--no-pytorch"]
-
-
-def bench_app() -> typer.Typer:
-    """The lead's CLI once it registers `bench`; until then the same command behind the same error wrapper."""
-    from okdpipe.cli import app
-
-    if any(command.name == "bench" for command in app.registered_commands):
-        return app
-    local = typer.Typer()
-    local.command("bench")(friendly_errors(bench_command))
-    local.command("noop")(lambda: None)  # a second command keeps `bench` a subcommand, as in the real CLI
-    return local
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +35,7 @@ def artifact(tmp_path_factory):
 
 def bench(artifact, tmp_path, *extra: str):
     args = ["bench", str(artifact), *QUICK, "--report", str(tmp_path / "report.json"), *extra]
-    return CliRunner().invoke(bench_app(), args)
+    return CliRunner().invoke(app, args)
 
 
 def test_passing_gates_exit_0_and_write_every_report(artifact, tmp_path):
@@ -91,7 +77,7 @@ def test_bad_gates_exit_2_before_benchmarking(artifact, tmp_path, extra, message
 
 
 def test_bad_batch_sizes_exit_2(artifact, tmp_path):
-    result = CliRunner().invoke(bench_app(), ["bench", str(artifact), "--batch-sizes", "1,x"], env={"COLUMNS": "200"})
+    result = CliRunner().invoke(app, ["bench", str(artifact), "--batch-sizes", "1,x"], env={"COLUMNS": "200"})
     assert result.exit_code == 2 and "positive integers" in result.output
 
 

@@ -6,26 +6,12 @@ import json
 
 import pytest
 import torch
-import typer
 from typer.testing import CliRunner
 
-from okdpipe.cli_support import friendly_errors
+from okdpipe.cli import app
 from okdpipe.datasets import load_dataset
 from okdpipe.distill.models import create_model
-from okdpipe.export.command import export_command
 from okdpipe.modelfile import ModelInfo, save_model_file
-
-
-def export_app() -> typer.Typer:
-    """The lead's CLI once it registers `export`; until then the same command behind the same error wrapper."""
-    from okdpipe.cli import app
-
-    if any(command.name == "export" for command in app.registered_commands):
-        return app
-    local = typer.Typer()
-    local.command("export")(friendly_errors(export_command))
-    local.command("noop")(lambda: None)  # a second command keeps `export` a subcommand, as in the real CLI
-    return local
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +28,7 @@ def model_file(tmp_path_factory):
 
 def test_export_fp16_writes_two_artifact_directories(model_file, tmp_path):
     out = tmp_path / "out"
-    result = CliRunner().invoke(export_app(), ["export", str(model_file), "--out", str(out), "--quantize", "fp16"])
+    result = CliRunner().invoke(app, ["export", str(model_file), "--out", str(out), "--quantize", "fp16"])
     assert result.exit_code == 0, result.output
     assert result.output.split() == [str(out / "fp32"), str(out / "fp16")]
     card = json.loads((out / "fp16" / "model.json").read_text())
@@ -52,12 +38,12 @@ def test_export_fp16_writes_two_artifact_directories(model_file, tmp_path):
 
 def test_foreign_file_is_one_line_exit_1(tmp_path):
     torch.save({"not": "okdpipe"}, tmp_path / "foreign.pt")
-    result = CliRunner().invoke(export_app(), ["export", str(tmp_path / "foreign.pt"), "--out", str(tmp_path / "o")])
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "foreign.pt"), "--out", str(tmp_path / "o")])
     assert result.exit_code == 1
     assert result.output.strip().count("\n") == 0
     assert result.output.startswith("error: ") and "not an okdpipe model file" in result.output
 
 
 def test_bad_quantize_choice_is_rejected(model_file, tmp_path):
-    result = CliRunner().invoke(export_app(), ["export", str(model_file), "--out", str(tmp_path), "--quantize", "int4"])
+    result = CliRunner().invoke(app, ["export", str(model_file), "--out", str(tmp_path), "--quantize", "int4"])
     assert result.exit_code == 2 and "int4" in result.output
