@@ -106,8 +106,9 @@ def wall_seconds(state: dict) -> float:
 def mean_std(values: list[float]) -> str:
     if not values:
         return "-"
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.mean(values):.2f} ± {100 * std:.2f}"
+    if len(values) == 1:
+        return f"{100 * values[0]:.2f} (one seed, no spread yet)"
+    return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}"
 
 
 def summarise(protocol: dict, results: list[dict]) -> str:
@@ -123,6 +124,20 @@ def summarise(protocol: dict, results: list[dict]) -> str:
                     f"{mean_std([r['shipped_test_top1'] for r in mine])} | "
                     f"{mean_std([r['ensemble_test_top1'] for r in mine])} | {', '.join(shipped)} | "
                     f"{statistics.mean(r['wall_seconds'] for r in mine):.0f} |")
+    return "\n".join(rows)
+
+
+def averaging_table(results: list[dict]) -> str:
+    """Weight-averaged candidates (OKDPH's hybrid, the students' soup): validation top-1 with and without
+    recomputing BatchNorm statistics, next to the best single student."""
+    rows = ["| method | seed | candidate | val top-1, BN recalibrated | val top-1, averaged BN stats | "
+            "best student (val) |", "|---|---|---|---|---|---|"]
+    for r in sorted(results, key=lambda r: (r["method"], r["seed"])):
+        best = max(c["val_top1"] for name, c in r["candidates_val"].items() if name.startswith("student:"))
+        for name, c in r["candidates_val"].items():
+            if c.get("weight_averaged"):
+                rows.append(f"| {r['method']} | {r['seed']} | {name} | {100 * c['val_top1']:.2f} | "
+                            f"{100 * c['val_top1_without_bn_recalibration']:.2f} | {100 * best:.2f} |")
     return "\n".join(rows)
 
 
@@ -144,7 +159,7 @@ def main() -> None:
                     train(protocol, out, method, seed)
                     select_and_measure(out, records, method, seed)
     results = [json.loads(p.read_text()) for p in sorted(records.glob("*-s*.json"))]
-    table = summarise(protocol, results)
+    table = summarise(protocol, results) + "\n\n" + averaging_table(results)
     records.mkdir(parents=True, exist_ok=True)
     (records / "summary.md").write_text(table + "\n")
     print(table)
