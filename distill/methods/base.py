@@ -46,10 +46,6 @@ class StepContext:
     steps_per_epoch: int
     generator: torch.Generator  # seeded from (seed, epoch): method randomness replays exactly on resume
 
-    @property
-    def progress(self) -> float:
-        return self.epoch / self.total_epochs
-
 
 class Method(nn.Module):
     """Base class. Subclasses set the class variables and implement `step`."""
