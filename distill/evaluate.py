@@ -54,7 +54,8 @@ def recalibrate_bn(model: nn.Module, batches: Iterable, max_batches: int) -> nn.
 @torch.no_grad()
 def evaluate_run(students, method, batches: Iterable, autocast,
                  calibrate: Callable[[nn.Module], nn.Module]) -> dict[str, dict[str, float]]:
-    """Every student, the method's ensemble and every extra candidate, in one pass over `batches`.
+    """Every student, the method's ensemble, its reference outputs and every extra candidate, in one pass over
+    `batches`.
     Weight-averaged candidates get their BatchNorm statistics recomputed by `calibrate` first."""
     was_training = students.training
     students.eval()
@@ -66,11 +67,10 @@ def evaluate_run(students, method, batches: Iterable, autocast,
         for batch in batches:
             with autocast():
                 out = students(batch.views, features=method.needs_features, stages=method.needs_stages)
-                ensemble = method.ensemble_logits(out)
-                extra = {name: model(batch.views[0]) for name, model in candidates.items()}
+                extra = {"ensemble": method.ensemble_logits(out), **method.reference_logits(batch.views, out),
+                         **{name: model(batch.views[0]) for name, model in candidates.items()}}
             for i, logits in enumerate(out.logits):
                 meters[f"student:{i}"].update(logits, batch.labels)
-            meters["ensemble"].update(ensemble, batch.labels)
             for name, logits in extra.items():
                 meters[name].update(logits, batch.labels)
     finally:

@@ -2,8 +2,8 @@
 
 A method is a small class: typed hyperparameters (`Hparams`, paper defaults), a student layout, what outputs it
 needs, whether each student gets its own augmented view, and `step`, which turns one batch's outputs into a
-loss dict. Optional hooks run after the optimiser step (EMA, weight averaging, fusion) and offer extra shippable
-models (`candidates`). Auxiliary modules (gates, fusion modules, decoders) are registered on the method: they are
+loss dict. Optional hooks run after the optimiser step (EMA, weight averaging, fusion), offer extra shippable
+models (`candidates`) and name outputs that are only scored for reference (`reference_logits`). Auxiliary modules (gates, fusion modules, decoders) are registered on the method: they are
 trained and checkpointed, never shipped. `fit()` never branches on a method's name.
 """
 
@@ -99,3 +99,8 @@ class Method(nn.Module):
     def ensemble_logits(self, out) -> torch.Tensor:
         """The reference ensemble the shipped student approaches: mean of the students' logits."""
         return out.logits.mean(0)
+
+    def reference_logits(self, views: torch.Tensor, out) -> dict[str, torch.Tensor]:
+        """Other outputs scored every epoch for reference, by name, but never shipped: they need auxiliary
+        modules or several networks (FFSD's fusion head, PCL's ensemble of mean teachers)."""
+        return {}

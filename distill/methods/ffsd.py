@@ -30,7 +30,8 @@ Warm-up: every lambda is multiplied by exp(-5 (1 - e/E)^2) for e <= E (E = 5), p
 epochs from 1, so e = epoch index + 1 (first epoch: exp(-3.2)).
 
 Every cross-model input is detached, so one backward over the summed losses gives the same gradients as the
-original's sequential backwards. The logged terms are the weighted summands of the loss. Ships: the leader.
+original's sequential backwards. The logged terms are the weighted summands of the loss. Ships: the leader;
+the fusion head's accuracy is reported as "fusion-head" (a reference, not shippable).
 """
 
 from __future__ import annotations
@@ -211,13 +212,21 @@ class FFSD(Method):
         """Every weighted summand of the loss, undetached: "<term>/s<i>", "<term>/fusion", "decoder/s<i>"."""
         weights = self.lambdas(epoch)
         terms = self.common_terms(out, labels, weights)
-        concat = torch.cat([maps[-1].detach() for maps in out.stages[:self.common]], dim=1)
+        concat = self.common_concat(out)
         fused, z_fusion = self.fusion(concat)
         terms["ce/fusion"] = F.cross_entropy(z_fusion, labels)
         terms["kd/fusion"] = kd(z_fusion, out.logits[:self.common].mean(0), self.hp.temperature)
         terms.update(self.leader_terms(out, labels, concat, fused.detach(), z_fusion, weights))
         terms.update(self.decoder_terms(out.stages, weights["sd"]))
         return terms
+
+    def common_concat(self, out) -> torch.Tensor:
+        """The fusion module's input: the common students' detached last maps, concatenated [B, M*C, h, w]."""
+        return torch.cat([maps[-1].detach() for maps in out.stages[:self.common]], dim=1)
+
+    def reference_logits(self, views, out) -> dict[str, torch.Tensor]:
+        """The fusion module's classifier z_fus: scored every epoch, never shipped (it needs every common student)."""
+        return {"fusion-head": self.fusion(self.common_concat(out))[1]}
 
     def common_terms(self, out, labels, weights) -> dict[str, torch.Tensor]:
         """DML among the common students ("ce/s<i>", "kd/s<i>"), plus the diversity terms of students i >= 1."""

@@ -17,7 +17,8 @@ trunk runs once per view). Two teachers:
 
 T = 3, ramp w(e) over L = 80/300 of the run (the epoch is divided by the ramp length, not by the weight as a
 public reproduction does). Teachers are detached inside the KD. Ships: the mean teacher's trunk + peer 1
-(candidate "mean-teacher:0"); every mean-teacher peer is a candidate, and the reported `ensemble` is z_e.
+(candidate "mean-teacher:0"); every mean-teacher peer is a candidate, the reported `ensemble` is z_e, and
+PCL-E, the mean of the mean-teacher peers' logits, is reported as "mean-teacher-ensemble".
 """
 
 from __future__ import annotations
@@ -82,6 +83,10 @@ class PCL(Method):
     def ensemble_logits(self, out) -> torch.Tensor:
         return self.ensemble_head(torch.cat(out.features, dim=1))
 
+    def reference_logits(self, views, out) -> dict[str, torch.Tensor]:
+        """PCL-E: the mean of the mean teacher's peer logits, peer l on view l (a reference: N networks)."""
+        return {"mean-teacher-ensemble": self.mean_teacher_logits(views).mean(0)}
+
     def step(self, views, labels, out, ctx):
         weight = kd_weight(ctx, self.hp.ramp_fraction)
         terms = ensemble_kd_terms(out.logits, self.ensemble_logits(out), labels, self.hp.temperature, weight)
@@ -90,10 +95,14 @@ class PCL(Method):
 
     def mean_teacher_terms(self, views, logits, weight: float) -> dict[str, torch.Tensor]:
         """w * 1/(N-1) sum_{l != j} KD(z_j <- z'_l) per peer j, z'_l = mean teacher's peer l on view l."""
-        self.mean_teacher.channels_last = self.students.channels_last
-        with torch.no_grad():
-            means = self.mean_teacher(views).logits
+        means = self.mean_teacher_logits(views)
         return {f"kd_mean/s{j}": weight * mutual_kd(z, means, j, self.hp.temperature) for j, z in enumerate(logits)}
+
+    @torch.no_grad()
+    def mean_teacher_logits(self, views) -> torch.Tensor:
+        """z'_l of every mean-teacher peer l on view l (or all on view 0): [N, B, K], never back-propagated."""
+        self.mean_teacher.channels_last = self.students.channels_last
+        return self.mean_teacher(views).logits
 
     def after_step(self, ctx):
         decay = mean_teacher_decay(ctx.step, self.hp.ema_decay)

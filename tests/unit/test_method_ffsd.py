@@ -133,12 +133,25 @@ def test_leader_is_the_last_student_and_the_only_candidate():
     assert [o.defaults["lr"] for o in method.extra_optimizers()] == [1e-3, 1e-3]
 
 
-def test_short_fit_reports_the_leader(tmp_path):
+def test_fusion_head_reference_is_the_fusion_classifier_on_the_common_students_maps():
+    method = make_method()
+    method.eval()
+    out, _ = outputs_and_labels(method)
+    concat = torch.cat([out.stages[0][-1], out.stages[1][-1]], dim=1)  # the two common students, not the leader
+    expected = method.fusion.classifier(method.fusion.body(concat).mean(dim=(2, 3)))
+    reference = method.reference_logits(None, out)
+    assert set(reference) == {"fusion-head"}
+    torch.testing.assert_close(reference["fusion-head"], expected)
+
+
+def test_short_fit_reports_the_leader_and_the_fusion_head(tmp_path):
     cfg = DistillConfig(method="ffsd", arch="resnet8", dataset="synthetic", epochs=2, batch_size=16,
                         val_split=0.25)
     summary = fit(cfg, RunDir(tmp_path / "r"), echo=lambda _: None)
-    assert {"student:0", "student:1", "student:2", "ensemble", "leader"} <= set(summary["val"])
+    expected = {"student:0", "student:1", "student:2", "ensemble", "leader", "fusion-head"}
+    assert set(summary["val"]) == expected and set(summary["test"]) == expected
     assert math.isfinite(summary["val"]["leader"]["loss"])
+    assert summary["val"]["leader"] == summary["val"]["student:2"]  # the leader is the last student
 
 
 def test_more_common_students_each_get_a_decoder_and_a_diversity_term():

@@ -78,6 +78,17 @@ def test_mean_teacher_runs_in_eval_mode_and_pairs_peer_l_with_view_l():
     torch.testing.assert_close(terms["kd_mean/s2"], expected)
 
 
+def test_mean_teacher_ensemble_is_the_mean_of_the_extracted_mean_teachers():
+    method, students = make_method("pcl")
+    perturb(method.mean_teacher)
+    method.eval()
+    views = torch.randn(1, 4, 1, 28, 28)
+    reference = method.reference_logits(views, students(views, features=True))
+    plain = [method.mean_teacher.extract(l).eval()(views[0]) for l in range(3)]
+    assert set(reference) == {"mean-teacher-ensemble"}
+    torch.testing.assert_close(reference["mean-teacher-ensemble"], torch.stack(plain).mean(0))
+
+
 def test_ce_of_the_ensemble_trains_peers_and_trunk_and_the_mean_teacher_gets_nothing():
     method, students = make_method("pcl")
     views = torch.randn(3, 4, 1, 28, 28)
@@ -102,5 +113,5 @@ def test_pcl_defaults_and_short_run(tmp_path):
     assert method.ensemble_head.in_features == 3 * 64
     assert method.num_views(3) == 3
     val = short_fit("pcl", tmp_path)
-    assert set(val) == {"student:0", "student:1", "student:2", "ensemble",
+    assert set(val) == {"student:0", "student:1", "student:2", "ensemble", "mean-teacher-ensemble",
                         "mean-teacher:0", "mean-teacher:1", "mean-teacher:2"}
