@@ -21,11 +21,11 @@ PROTOCOL = {
 }
 
 
-def record(entry, seed, test, students_val, students_test, extras_val=None, extras_test=None):
+def record(entry, seed, test, students_val, students_test, extras_val=None, extras_test=None, val=None):
     """A record as select_and_measure writes it (only the fields the summary reads)."""
     candidates = {k: {"candidate": k, "val_top1": v} for k, v in {**students_val, **(extras_val or {})}.items()}
     method = entry.split("-")[0]
-    return {"entry": entry, "method": method, "seed": seed, "shipped": "student:0", "shipped_val_top1": test, "shipped_test_top1": test,
+    return {"entry": entry, "method": method, "seed": seed, "shipped": "student:0", "shipped_val_top1": test if val is None else val, "shipped_test_top1": test,
             "ensemble_test_top1": test, "students_test_top1": students_test, "extras_test_top1": extras_test or {},
             "candidates_val": candidates, "wall_seconds": 10.0, "students": len(students_val)}
 
@@ -46,10 +46,11 @@ def test_schedule_is_seed_major_methods_before_variants_and_honours_only():
 
 def test_versus_pairs_seeds_and_needs_the_gap_to_exceed_the_larger_spread():
     results = [record("vanilla", s, t, {"student:0": t}, {"student:0": t}) for s, t in enumerate([0.80, 0.81, 0.82])]
-    results += [record("pcl", s, t, {"student:0": t}, {"student:0": t}) for s, t in enumerate([0.83, 0.84, 0.85])]
+    results += [record("pcl", s, t, {"student:0": t}, {"student:0": t}, val=t - 0.02)
+                for s, t in enumerate([0.83, 0.84, 0.85])]
     results.append(record("pcl", 7, 0.10, {"student:0": 0.1}, {"student:0": 0.1}))  # no vanilla seed 7: left out
     row = compare.versus_table(results, [("pcl", "vanilla")]).splitlines()[2]
-    assert row == "| pcl | vanilla | 3 | +3.00 ± 0.00 (3/3 seeds > 0) | 1.00 | yes |"
+    assert row == "| pcl | vanilla | 3 | +1.00 ± 0.00 (3/3 seeds > 0) | +3.00 ± 0.00 (3/3 seeds > 0) | 1.00 | yes |"
     close = [r for r in results if r["entry"] == "vanilla"]
     close += [record("ffsd", s, t, {"student:0": t}, {"student:0": t}) for s, t in enumerate([0.805, 0.815, 0.825])]
     assert compare.versus_table(close, [("ffsd", "vanilla")]).splitlines()[2].endswith("| 1.00 | no |")
