@@ -3,8 +3,9 @@
 A method is a small class: typed hyperparameters (`Hparams`, paper defaults), a student layout, what outputs it
 needs, whether each student gets its own augmented view, and `step`, which turns one batch's outputs into a
 loss dict. Optional hooks run after the optimiser step (EMA, weight averaging, fusion), offer extra shippable
-models (`candidates`) and name outputs that are only scored for reference (`reference_logits`). Auxiliary modules (gates, fusion modules, decoders) are registered on the method: they are
-trained and checkpointed, never shipped. `fit()` never branches on a method's name.
+models (`candidates`) and name outputs that are only scored for reference (`reference_logits`). Auxiliary modules
+(gates, fusion modules, decoders) are registered on the method: they are trained and checkpointed, never shipped.
+`fit()` never branches on a method's name.
 """
 
 from __future__ import annotations

@@ -37,9 +37,9 @@ from okdpipe.distill.methods.one import EnsembleKDParams, ensemble_kd_terms, kd_
 
 class PCLParams(EnsembleKDParams):
     ema_decay: float = Field(0.999, ge=0, lt=1, description="cap of the mean teacher's decay "
-                                                            "a = min(1 - 1/(step+1), cap) (paper: 0.999, a "
-                                                            "~1/(1-cap) = 1,000-step horizon; short runs want "
-                                                            "a shorter one, see RESULTS.md)")
+                                                            "a = min(1 - 1/(step+1), cap) (paper: 0.999, a horizon "
+                                                            "of about 1/(1-cap) = 1,000 steps; short runs want a "
+                                                            "shorter one, see RESULTS.md)")
     ema_buffers: bool = Field(True, description="average BatchNorm buffers too and run the mean teacher in eval "
                                                 "mode (paper reading); false = the public reproduction")
 

@@ -25,8 +25,8 @@ def record(entry, seed, test, students_val, students_test, extras_val=None, extr
     """A record as select_and_measure writes it (only the fields the summary reads)."""
     candidates = {k: {"candidate": k, "val_top1": v} for k, v in {**students_val, **(extras_val or {})}.items()}
     method = entry.split("-")[0]
-    return {"entry": entry, "method": method, "seed": seed, "shipped": "student:0", "shipped_val_top1": test if val is None else val, "shipped_test_top1": test,
-            "ensemble_test_top1": test, "students_test_top1": students_test, "extras_test_top1": extras_test or {},
+    return {"entry": entry, "method": method, "seed": seed, "shipped": "student:0",
+            "shipped_val_top1": test if val is None else val, "shipped_test_top1": test, "ensemble_test_top1": test, "students_test_top1": students_test, "extras_test_top1": extras_test or {},
             "candidates_val": candidates, "wall_seconds": 10.0, "students": len(students_val)}
 
 
@@ -78,7 +78,8 @@ def test_old_records_without_an_entry_name_count_as_their_method():
     old = record("dml", 0, 0.8, {"student:0": 0.8}, {"student:0": 0.8})
     del old["entry"]
     assert compare.entry_of(old) == "dml"
-    assert compare.results_table([old], ["dml"]).splitlines()[2].startswith("| dml | dml | 1 | 1 | 80.00 (one seed) | 80.00")
+    row = compare.results_table([old], ["dml"]).splitlines()[2]
+    assert row.startswith("| dml | dml | 1 | 1 | 80.00 (one seed) | 80.00")
 
 
 @pytest.mark.parametrize("section", ["Against vanilla", "Seed papers: a method's own models", "Variants"])
