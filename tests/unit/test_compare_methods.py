@@ -27,7 +27,8 @@ def record(entry, seed, test, students_val, students_test, extras_val=None, extr
     method = entry.split("-")[0]
     return {"entry": entry, "method": method, "seed": seed, "shipped": "student:0",
             "shipped_val_top1": test if val is None else val, "shipped_test_top1": test, "ensemble_test_top1": test,
-            "students_test_top1": students_test, "extras_test_top1": extras_test or {}, "candidates_val": candidates, "wall_seconds": 10.0, "students": len(students_val)}
+            "students_test_top1": students_test, "extras_test_top1": extras_test or {}, "candidates_val": candidates,
+            "wall_seconds": 10.0, "students": len(students_val)}
 
 
 def test_a_variant_trains_its_method_with_the_method_overrides_and_its_own_params():
