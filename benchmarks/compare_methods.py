@@ -273,6 +273,10 @@ def main() -> None:
     protocol = yaml.safe_load(args.protocol.read_text())
     out, records = Path(protocol["out"]), Path(protocol["records"])
     names = args.only.split(",") if args.only else None
+    known = [*protocol["methods"], *protocol.get("variants", {})]
+    if names and set(names) - set(known):
+        parser.error(f"--only: unknown entries {', '.join(sorted(set(names) - set(known)))}; "
+                     f"the protocol has {', '.join(known)}")
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
     if not args.summary_only:
         for name, seed in schedule(protocol, names, seeds):
