@@ -59,8 +59,9 @@ def train(protocol: dict, out: Path, name: str, seed: int) -> None:
     print(f"{name} seed {seed}: trained in {time.time() - started:.0f} s", flush=True)
 
 
-def shipped_test_accuracy(model_file: Path) -> float:
-    """Top-1 of the shipped model on the test split: measured once, never used to choose anything."""
+def model_file_accuracy(model_file: Path, split: str = "test") -> float:
+    """Top-1 of a MODEL.pt on its own dataset's `split` ("val" or "test"), from the file alone. The test split is
+    measured once, for the record, and never used to choose anything."""
     import torch
 
     from okdpipe.datasets import load_dataset, make_loader
@@ -70,10 +71,11 @@ def shipped_test_accuracy(model_file: Path) -> float:
     data = info.provenance["data"]
     bundle = load_dataset(data["dataset"], data["data_dir"], val_split=data["val_split"], seed=data["seed"],
                           **data.get("options", {}))
-    loader = make_loader(bundle.test, bundle.spec, batch_size=512, train=False, device="cpu")
+    images = bundle.test if split == "test" else bundle.val
+    loader = make_loader(images, bundle.spec, batch_size=512, train=False, device="cpu")
     with torch.no_grad():
         hits = sum(int((model(b.views[0]).argmax(1) == b.labels).sum()) for b in loader.epoch(0))
-    return hits / len(bundle.test)
+    return hits / len(images)
 
 
 def record_path(records: Path, name: str, seed: int) -> Path:
@@ -88,7 +90,7 @@ def select_and_measure(out: Path, records: Path, name: str, seed: int) -> dict:
     result = {
         "entry": name, "method": state["config"]["method"], "seed": seed, "shipped": selection["chosen"],
         "shipped_val_top1": next(c["val_top1"] for c in selection["candidates"] if c["chosen"]),
-        "shipped_test_top1": shipped_test_accuracy(Path(selection["model_file"])),
+        "shipped_test_top1": model_file_accuracy(Path(selection["model_file"])),
         "ensemble_test_top1": state["test"]["ensemble"]["top1"],
         "students_test_top1": {k: v["top1"] for k, v in state["test"].items() if k.startswith("student:")},
         "extras_test_top1": {k: v["top1"] for k, v in state["test"].items()
