@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from compare_methods import model_file_accuracy
+from compare_methods import chosen_val_top1, model_file_accuracy
 
 
 def fresh_val_accuracy(model_file: Path) -> float:
@@ -26,13 +26,12 @@ def fresh_val_accuracy(model_file: Path) -> float:
     return float(result.stdout)
 
 
-def check(root: Path) -> bool:
-    runs = sorted(p.parent for p in root.glob("*/selection.json"))
+def check(runs: list[Path]) -> bool:
     agree = True
     with tempfile.TemporaryDirectory() as away:
         for run in runs:
             selection = json.loads((run / "selection.json").read_text())
-            recorded = next(c["val_top1"] for c in selection["candidates"] if c["chosen"])
+            recorded = chosen_val_top1(selection)
             copy = Path(away) / f"{run.name}.pt"
             shutil.copy(selection["model_file"], copy)
             measured = fresh_val_accuracy(copy)
@@ -53,7 +52,10 @@ def main() -> None:
         return
     if args.root is None:
         parser.error("give the folder of run directories, e.g. runs/compare-fmnist")
-    sys.exit(0 if check(args.root) else 1)
+    runs = sorted(p.parent for p in args.root.glob("*/selection.json"))
+    if not runs:
+        parser.error(f"{args.root}: no run directory with a selection.json; run `okdpipe select RUN` first")
+    sys.exit(0 if check(runs) else 1)
 
 
 if __name__ == "__main__":

@@ -82,6 +82,11 @@ def record_path(records: Path, name: str, seed: int) -> Path:
     return records / f"{name}-s{seed}.json"
 
 
+def chosen_val_top1(selection: dict) -> float:
+    """The validation top-1 that `okdpipe select` recorded for the model it chose (selection.json)."""
+    return next(c["val_top1"] for c in selection["candidates"] if c["chosen"])
+
+
 def select_and_measure(out: Path, records: Path, name: str, seed: int) -> dict:
     path = run_dir(out, name, seed)
     okdpipe("select", str(path), "--strategy", "auto")
@@ -89,7 +94,7 @@ def select_and_measure(out: Path, records: Path, name: str, seed: int) -> dict:
     state = manifest(path)
     result = {
         "entry": name, "method": state["config"]["method"], "seed": seed, "shipped": selection["chosen"],
-        "shipped_val_top1": next(c["val_top1"] for c in selection["candidates"] if c["chosen"]),
+        "shipped_val_top1": chosen_val_top1(selection),
         "shipped_test_top1": model_file_accuracy(Path(selection["model_file"])),
         "ensemble_test_top1": state["test"]["ensemble"]["top1"],
         "students_test_top1": {k: v["top1"] for k, v in state["test"].items() if k.startswith("student:")},
