@@ -17,17 +17,18 @@ export needs: the architecture and its arguments, the input it expects, its labe
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from okdpipe import __version__
+from okdpipe.contracts.versioned import FileFormat
 from okdpipe.errors import OkdpipeError
 from okdpipe.files import atomic_write, file_sha256
 
-FORMAT = "okdpipe-model"
-FORMAT_VERSION = 1
+MODEL_FILE = FileFormat("okdpipe-model", 1, "model file", "create it again with `okdpipe select RUN_DIR`")
 
 
 @dataclass
@@ -65,11 +66,16 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
 
 def save_model_file(model, info: ModelInfo, path: str | os.PathLike) -> str:
-    """Save `model` (a plain network from the backbone registry) with `info`; returns the file's sha256."""
+    """Save `model` (a plain network from the backbone registry) with `info`; returns the file's sha256.
+    Refused, writing nothing, when a field is invalid or a weight is not finite."""
+    check_info(info, path)
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    non_finite = [k for k, v in state.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+    if non_finite:
+        raise OkdpipeError(f"{path}: not written: weight {non_finite[0]} (and {len(non_finite) - 1} more) holds "
+                           "NaN or inf; the model diverged, retrain it with a lower --lr")
     payload = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        **MODEL_FILE.header(),
         "okdpipe_version": __version__,
         "arch": info.arch,
         "arch_kwargs": dict(info.arch_kwargs),
@@ -100,43 +106,59 @@ def read_model_file(path: str | os.PathLike) -> tuple[dict, ModelInfo]:
     except Exception as exc:  # torch raises many types for corrupt or foreign files
         reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
         raise OkdpipeError(f"{path}: not a readable okdpipe model file ({reason})") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise OkdpipeError(
-            f"{path}: not an okdpipe model file (no 'format: {FORMAT}' header); "
-            "export models produced by `okdpipe select`"
-        )
-    if payload.get("format_version") != FORMAT_VERSION:
-        raise OkdpipeError(
-            f"{path}: model file format version {payload.get('format_version')} is not supported "
-            f"by okdpipe {__version__} (expects {FORMAT_VERSION})"
-        )
-    state = payload["state_dict"]
+    MODEL_FILE.check(payload, path)
+    state = payload.get("state_dict")
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise OkdpipeError(f"{path}: the model file holds no state_dict of tensors; {MODEL_FILE.fix}")
     if weights_sha256(state) != payload.get("weights_sha256"):
         raise OkdpipeError(f"{path}: weights do not match their recorded sha256; the file is corrupt")
-    info = ModelInfo(
-        arch=payload["arch"],
-        arch_kwargs=dict(payload.get("arch_kwargs", {})),
-        num_classes=payload["num_classes"],
-        in_channels=payload["in_channels"],
-        input_size=tuple(payload["input_size"]),
-        mean=tuple(payload["mean"]),
-        std=tuple(payload["std"]),
-        labels=tuple(payload["labels"]),
-        dataset=payload.get("dataset", ""),
-        provenance=dict(payload.get("provenance", {})),
-    )
+    info = info_from_payload(payload, path)
     return state, info
 
 
-def load_model_file(path: str | os.PathLike):
-    """Build the network a model file describes and load its verified weights; returns (model, info)."""
-    from okdpipe.distill.models import create_model
-
-    state, info = read_model_file(path)
-    model = create_model(info.arch, num_classes=info.num_classes, in_channels=info.in_channels, **info.arch_kwargs)
+def info_from_payload(payload: dict, where: object) -> ModelInfo:
+    """ModelInfo from a model file's fields, each checked (type, length, std > 0, one label per class)."""
     try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise OkdpipeError(f"{path}: weights do not fit architecture {info.arch!r} ({first})") from None
-    return model.eval(), info
+        info = ModelInfo(
+            arch=payload["arch"], arch_kwargs=payload.get("arch_kwargs", {}), num_classes=payload["num_classes"],
+            in_channels=payload["in_channels"], input_size=tuple(payload["input_size"]),
+            mean=tuple(payload["mean"]), std=tuple(payload["std"]), labels=tuple(payload["labels"]),
+            dataset=payload.get("dataset", ""), provenance=payload.get("provenance", {}),
+        )
+    except (KeyError, TypeError) as exc:
+        raise OkdpipeError(f"{where}: the model file lacks or mistypes field {exc}; {MODEL_FILE.fix}") from None
+    check_info(info, where)
+    return info
+
+
+def check_info(info: ModelInfo, where: object) -> None:
+    """Every field a model card will be built from, so no artifact is exported that serve would refuse."""
+    problem = _info_problem(info)
+    if problem:
+        raise OkdpipeError(f"{where}: {problem}; {MODEL_FILE.fix}")
+
+
+def _info_problem(info: ModelInfo) -> str | None:
+    def positive_int(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+    def finite(values) -> bool:
+        return all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+
+    checks = [
+        (isinstance(info.arch, str) and bool(info.arch), f"arch {info.arch!r} must be a non-empty string"),
+        (positive_int(info.num_classes) and info.num_classes >= 2,
+         f"num_classes {info.num_classes!r} must be an integer >= 2"),
+        (positive_int(info.in_channels), f"in_channels {info.in_channels!r} must be a positive integer"),
+        (len(info.input_size) == 2 and all(positive_int(s) for s in info.input_size),
+         f"input_size {list(info.input_size)} must be two positive integers"),
+        (len(info.mean) == len(info.std) == info.in_channels and finite((*info.mean, *info.std)),
+         f"mean/std must be {info.in_channels} finite numbers each"),
+        (finite(info.std) and min(info.std, default=0) > 0, "std must be > 0 for every channel"),
+        (len(info.labels) == info.num_classes and all(isinstance(x, str) for x in info.labels),
+         f"labels must be {info.num_classes} strings, one per class (got {len(info.labels)})"),
+        (isinstance(info.dataset, str), "dataset must be a string"),
+        (isinstance(info.arch_kwargs, dict) and isinstance(info.provenance, dict),
+         "arch_kwargs and provenance must be mappings"),
+    ]
+    return next((problem for ok, problem in checks if not ok), None)

@@ -8,8 +8,10 @@ Importing this package registers every architecture below in MODELS.
 
 from okdpipe.distill.models import cifar_resnet, densenet, mobilenetv2, torchvision_resnet, vgg, wide_resnet
 from okdpipe.distill.models.base import MODELS, Backbone, create_model, init_weights
+from okdpipe.distill.models.load import load_model_file
+from okdpipe.distill.models.macs import count_macs
 
-__all__ = ["MODELS", "Backbone", "create_model", "init_weights"]
+__all__ = ["MODELS", "Backbone", "count_macs", "create_model", "init_weights", "load_model_file"]
 
 # The architecture modules are imported for their registrations only.
 del cifar_resnet, densenet, mobilenetv2, torchvision_resnet, vgg, wide_resnet

@@ -1,0 +1,256 @@
+"""The model card (`model.json`) beside every exported model: its one reader, its one writer, its preprocessing.
+
+An *artifact directory* holds `model.json` and the .onnx file it names. The card records the input contract
+(shape, dtype, layout, preprocessing), labels, opset, parity and accuracy figures, runtime versions and
+provenance, plus the sha256 of the .onnx (and any external-data file) so a swapped or damaged file is caught
+before it serves wrong answers. Export writes it through `write_card`, which validates the card exactly as
+`read_card` does, so an artifact that serve or bench would refuse is never written.
+
+Torch-free and numpy-free at import: `okdpipe serve` reads cards from a torch-free install.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from okdpipe.contracts.versioned import FileFormat
+from okdpipe.errors import OkdpipeError
+from okdpipe.files import atomic_write_text, file_sha256
+
+CARD = FileFormat("okdpipe-card", 1, "model card", "re-run `okdpipe export` to rewrite the artifact")
+CARD_NAME = "model.json"
+MODEL_DTYPES = ("float32", "float16")
+PIXEL_SCALE = 1.0 / 255.0
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Image -> model input: resize to (height, width), then x = (pixel * scale - mean[c]) / std[c].
+
+    The one normalisation formula: export's parity and accuracy checks, bench and serve all call `normalise`.
+    """
+
+    height: int
+    width: int
+    channels: int
+    scale: float
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def normalise(self, pixels):
+        """uint8 (or float) pixels [N, C, H, W] -> float32 model input of the same shape."""
+        import numpy as np
+
+        array = np.asarray(pixels, dtype=np.float32) * np.float32(self.scale)
+        mean = np.asarray(self.mean, dtype=np.float32).reshape(1, -1, 1, 1)
+        std = np.asarray(self.std, dtype=np.float32).reshape(1, -1, 1, 1)
+        return (array - mean) / std
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"size": [self.height, self.width], "channels": self.channels, "scale": self.scale,
+                "mean": list(self.mean), "std": list(self.std)}
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """A model card, checked against the files beside it. `raw` keeps every recorded field (parity, accuracy,
+    quantization, runtime) for reports."""
+
+    name: str
+    precision: str
+    model_path: Path
+    input_name: str
+    input_dtype: str
+    output_name: str
+    channels: int
+    height: int
+    width: int
+    num_classes: int
+    preprocess: Preprocess
+    labels: tuple[str, ...]
+    opset: int | None
+    provenance: dict[str, Any]
+    raw: dict[str, Any]
+
+    @property
+    def directory(self) -> Path:
+        return self.model_path.parent
+
+
+def read_card(artifact_dir: str | os.PathLike) -> ModelCard:
+    """Read and validate `artifact_dir/model.json` and the hashes of the files it names."""
+    artifact_dir = Path(artifact_dir)
+    return parse_card(_load_card_json(artifact_dir), artifact_dir)
+
+
+def write_card(artifact_dir: str | os.PathLike, fields: dict[str, Any]) -> ModelCard:
+    """Write `fields` as DIR/model.json with the header and the sha256 of the file it names filled in here, so a
+    card never describes a file it was not written beside; refused, writing nothing, if the card is invalid."""
+    artifact_dir = Path(artifact_dir)
+    onnx_name = fields.get("file")
+    if not isinstance(onnx_name, str) or not (artifact_dir / onnx_name).is_file():
+        raise OkdpipeError(f"{artifact_dir}: cannot write a card for a missing model file {onnx_name!r}")
+    raw = {**CARD.header(), **fields, **CARD.header(), "sha256": _hashes(artifact_dir, onnx_name)}
+    card = parse_card(raw, artifact_dir)
+    try:
+        text = json.dumps(raw, indent=1, allow_nan=False) + "\n"
+    except ValueError:
+        raise OkdpipeError(f"{artifact_dir}: the model card holds a non-finite number (NaN or inf); nothing was "
+                           "written. Check the model's weights and parity figures") from None
+    atomic_write_text(artifact_dir / CARD_NAME, text)
+    return card
+
+
+def parse_card(raw: dict[str, Any], artifact_dir: Path) -> ModelCard:
+    """Every check a reader needs, each a one-line OkdpipeError naming the field and the fix."""
+    CARD.check(raw, artifact_dir / CARD_NAME)
+    for section in ("input", "output", "preprocess"):
+        if not isinstance(raw.get(section), dict):
+            raise _fail(f"model card has no '{section}' object")
+    model_path = _checked_model_file(artifact_dir, raw)
+    channels, height, width = _checked_input_shape(raw)
+    num_classes = _checked_num_classes(raw)
+    return ModelCard(
+        name=_checked_name(raw), precision=_required_str(raw, "precision", "precision"), model_path=model_path,
+        input_name=_required_str(raw["input"], "name", "input.name"), input_dtype=_checked_input_dtype(raw),
+        output_name=_required_str(raw["output"], "name", "output.name"),
+        channels=channels, height=height, width=width, num_classes=num_classes,
+        preprocess=_checked_preprocess(raw, channels, height, width), labels=_checked_labels(raw, num_classes),
+        opset=_checked_opset(raw), provenance=_checked_provenance(raw), raw=raw,
+    )
+
+
+def _hashes(artifact_dir: Path, onnx_name: str) -> dict[str, str]:
+    """The model file and its external-data file (`model.onnx.data`), when the exporter wrote one."""
+    names = [onnx_name] + [name for name in (onnx_name + ".data",) if (artifact_dir / name).is_file()]
+    return {name: file_sha256(artifact_dir / name) for name in names}
+
+
+def _fail(problem: str, fix: str = CARD.fix) -> OkdpipeError:
+    return OkdpipeError(f"{problem}; {fix}")
+
+
+def _load_card_json(artifact_dir: Path) -> dict[str, Any]:
+    if not artifact_dir.is_dir():
+        raise _fail(f"artifact directory {artifact_dir} does not exist", "pass the folder `okdpipe export` wrote")
+    card_path = artifact_dir / CARD_NAME
+    if not card_path.is_file():
+        raise _fail(f"no {CARD_NAME} in {artifact_dir}", "pass the folder `okdpipe export` wrote")
+    try:
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise _fail(f"{card_path} is not valid JSON ({error})") from None
+    if not isinstance(card, dict):
+        raise _fail(f"{card_path} must hold a JSON object")
+    return card
+
+
+def _required_str(section: dict[str, Any], key: str, where: str) -> str:
+    value = section.get(key)
+    if not isinstance(value, str) or not value:
+        raise _fail(f"model card field '{where}' must be a non-empty string")
+    return value
+
+
+def _checked_name(card: dict[str, Any]) -> str:
+    name = _required_str(card, "name", "name")
+    if "/" in name or name.strip() != name:
+        raise _fail(f"model name {name!r} cannot appear in a URL path", "rename the model in model.json")
+    return name
+
+
+def _checked_model_file(artifact_dir: Path, card: dict[str, Any]) -> Path:
+    filename = _required_str(card, "file", "file")
+    model_path = (artifact_dir / filename).resolve()
+    if model_path.parent != artifact_dir.resolve() or not model_path.is_file():
+        raise _fail(f"model file {filename!r} named by the card is not in {artifact_dir}")
+    hashes = card.get("sha256")
+    if not isinstance(hashes, dict) or not isinstance(hashes.get(filename), str):
+        raise _fail(f"model card has no sha256 for {filename!r}")
+    for listed_name, expected in hashes.items():  # also external-data files (model.onnx.data) when listed
+        _check_sha256(artifact_dir, listed_name, expected)
+    return model_path
+
+
+def _check_sha256(artifact_dir: Path, filename: str, expected: object) -> None:
+    path = artifact_dir / filename
+    if not path.is_file():
+        raise _fail(f"{filename} listed in the card's sha256 is missing from {artifact_dir}")
+    actual = file_sha256(path)
+    if not isinstance(expected, str) or actual != expected.lower():
+        raise _fail(f"{filename} sha256 is {actual[:12]}..., the card says {str(expected)[:12]}... (file changed)")
+
+
+def _checked_input_shape(card: dict[str, Any]) -> tuple[int, int, int]:
+    shape = card["input"].get("shape")
+    layout = card["input"].get("layout", "NCHW")
+    valid = isinstance(shape, list) and len(shape) == 4 and shape[0] in (None, -1)
+    if not valid or not all(_is_positive_int(dim) for dim in shape[1:]) or layout != "NCHW":
+        raise _fail(f"model card input shape {shape} / layout {layout!r} is not [null, C, H, W] NCHW")
+    return shape[1], shape[2], shape[3]
+
+
+def _checked_input_dtype(card: dict[str, Any]) -> str:
+    dtype = card["input"].get("dtype", "float32")
+    if dtype not in MODEL_DTYPES:
+        raise _fail(f"model input dtype {dtype!r} is not served (supported: {', '.join(MODEL_DTYPES)})")
+    return dtype
+
+
+def _checked_num_classes(card: dict[str, Any]) -> int:
+    shape = card["output"].get("shape")
+    if not (isinstance(shape, list) and len(shape) == 2 and _is_positive_int(shape[1]) and shape[1] >= 2):
+        raise _fail(f"model card output shape {shape} is not [null, num_classes] with num_classes >= 2")
+    return shape[1]
+
+
+def _checked_preprocess(card: dict[str, Any], channels: int, height: int, width: int) -> Preprocess:
+    section = card["preprocess"]
+    mean, std = section.get("mean"), section.get("std")
+    if section.get("channels") != channels or section.get("size") != [height, width]:
+        raise _fail(f"preprocess channels/size {section.get('channels')}/{section.get('size')} disagree with input")
+    if not (isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) == channels):
+        raise _fail(f"preprocess mean/std must list one value per channel ({channels})")
+    if not all(_is_finite_number(value) for value in (*mean, *std)) or min(std) <= 0:
+        raise _fail("preprocess mean/std must be finite numbers with std > 0")
+    scale = section.get("scale", PIXEL_SCALE)
+    if not _is_finite_number(scale) or scale <= 0:
+        raise _fail(f"preprocess scale {scale!r} must be a positive number")
+    return Preprocess(height, width, channels, float(scale), tuple(map(float, mean)), tuple(map(float, std)))
+
+
+def _checked_labels(card: dict[str, Any], num_classes: int) -> tuple[str, ...]:
+    """Class names for the 'labels' output; an absent list falls back to the class index as text."""
+    labels = card.get("labels")
+    if labels is None:
+        return tuple(str(index) for index in range(num_classes))
+    if not (isinstance(labels, list) and len(labels) == num_classes and all(isinstance(x, str) for x in labels)):
+        raise _fail(f"model card labels must be {num_classes} strings (one per output class)")
+    return tuple(labels)
+
+
+def _checked_opset(card: dict[str, Any]) -> int | None:
+    opset = card.get("opset")
+    if opset is not None and not _is_positive_int(opset):
+        raise _fail(f"model card opset {opset!r} must be a positive integer")
+    return opset
+
+
+def _checked_provenance(card: dict[str, Any]) -> dict[str, Any]:
+    provenance = card.get("provenance") or {}
+    if not isinstance(provenance, dict):
+        raise _fail("model card provenance must be a JSON object")
+    return provenance
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

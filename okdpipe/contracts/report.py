@@ -1,0 +1,152 @@
+"""The bench report: what `okdpipe bench` measured, as dataclasses. Bench builds it, the gates read it by
+attribute, the Markdown/PNG/JUnit writers render it, and `--baseline` reads an earlier one back.
+
+JSON form (`format: okdpipe-bench-report`, version 2; version 1, keyed `schema_version`, is still read):
+
+    {"format", "format_version", "created": ISO-8601 UTC, "options": the resolved bench config,
+     "machine": {...}, "runtime": {...}, "artifacts": [ENTRY...], "references": [ENTRY...], "notes": [...],
+     "gates": [gate results]}
+    ENTRY = {"name", "kind": "onnx" | "pytorch" | "ensemble", "precision", "path", "dataset", "of", "provenance",
+             "device", "session": ONNX Runtime session options timed (onnx entries) or null,
+             "params", "macs" (per image), "start_ms", "memory": {"peak_rss_delta_mb", "method"},
+             "accuracy": {"split", "top1", "top5", "samples"},
+             "latency": {"<batch>": {"batch_size", "runs", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms",
+                                     "images_per_s", "gflops_per_s", "peak_fraction"}}}
+
+Every key is always present, null where not measured. Latency keys are strings in JSON (batch sizes here).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from okdpipe.contracts.versioned import FileFormat
+from okdpipe.errors import OkdpipeError
+
+REPORT = FileFormat("okdpipe-bench-report", 2, "bench report", "re-run `okdpipe bench` to write a current one",
+                    also_reads=(1,), legacy_key="schema_version")
+KINDS = ("onnx", "pytorch", "ensemble")
+
+
+@dataclass
+class LatencyPoint:
+    batch_size: int
+    runs: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    min_ms: float
+    images_per_s: float
+    gflops_per_s: float | None = None
+    peak_fraction: float | None = None
+
+
+@dataclass
+class Accuracy:
+    split: str
+    top1: float
+    top5: float
+    samples: int
+
+
+@dataclass
+class Memory:
+    peak_rss_delta_mb: float | None = None
+    method: str | None = None
+
+
+@dataclass
+class Entry:
+    """One row: an ONNX artifact, or a reference it stands behind (its PyTorch model, the peer ensemble)."""
+
+    name: str
+    kind: str
+    precision: str
+    path: str
+    dataset: str
+    of: list[str] = field(default_factory=list)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    device: str = ""
+    session: dict[str, Any] | None = None
+    params: int | None = None
+    macs: int | None = None
+    start_ms: float | None = None
+    memory: Memory = field(default_factory=Memory)
+    accuracy: Accuracy | None = None
+    latency: dict[int, LatencyPoint] = field(default_factory=dict)
+
+    def labels(self) -> set[str]:
+        """What a gate selector may call this entry: name, kind, precision or directory name."""
+        return {self.name, self.kind, str(self.precision), self.path.rstrip("/").rsplit("/", 1)[-1]}
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["latency"] = {str(batch): asdict(point) for batch, point in self.latency.items()}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Entry":
+        data = dict(data)
+        data["memory"] = Memory(**(data.get("memory") or {}))
+        data["accuracy"] = Accuracy(**data["accuracy"]) if data.get("accuracy") else None
+        data["latency"] = {int(batch): LatencyPoint(**point) for batch, point in (data.get("latency") or {}).items()}
+        data.setdefault("session", None)
+        return cls(**data)
+
+
+@dataclass
+class GateResult:
+    """The outcome of one gate on one report entry (`artifact`); `detail` says by how much it passed or failed."""
+
+    expression: str
+    metric: str
+    value: float
+    threshold: float
+    passed: bool
+    detail: str
+    artifact: str = ""
+    name: str | None = None
+
+
+@dataclass
+class BenchReport:
+    created: str
+    options: dict[str, Any]
+    machine: dict[str, Any]
+    runtime: dict[str, Any]
+    artifacts: list[Entry]
+    references: list[Entry] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    gates: list[GateResult] = field(default_factory=list)
+
+    def entries(self) -> list[Entry]:
+        return self.artifacts + self.references
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**REPORT.header(), "created": self.created, "options": self.options, "machine": self.machine,
+                "runtime": self.runtime, "artifacts": [e.to_dict() for e in self.artifacts],
+                "references": [e.to_dict() for e in self.references], "notes": list(self.notes),
+                "gates": [asdict(g) for g in self.gates]}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: object) -> "BenchReport":
+        """Read a report written by this or an earlier okdpipe; a malformed one is a one-line error."""
+        REPORT.check(data, where)
+        try:
+            # a v1 report may carry no more than its artifacts; everything descriptive defaults to empty
+            return cls(created=str(data.get("created", "")), options=dict(data.get("options") or {}),
+                       machine=dict(data.get("machine") or {}), runtime=dict(data.get("runtime") or {}),
+                       artifacts=[Entry.from_dict(e) for e in data["artifacts"]],
+                       references=[Entry.from_dict(e) for e in data.get("references", [])],
+                       notes=list(data.get("notes", [])),
+                       gates=[GateResult(**g) for g in data.get("gates", [])])
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise OkdpipeError(f"{where}: a damaged bench report ({type(exc).__name__}: {exc}); {REPORT.fix}") from None
+
+
+def is_finite(value: Any) -> bool:
+    """A real, finite number (a bool is not one): what a gate may compare and a report may record as measured."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

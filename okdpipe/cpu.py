@@ -1,0 +1,34 @@
+"""What this CPU is and which int8-relevant instruction sets it has: read by export (INT8 settings), bench
+(the machine it measured) and `okdpipe env`."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_tile", "avx512_fp16", "fp16")
+CPUINFO = "/proc/cpuinfo"
+
+
+def cpu_features(cpuinfo: str | os.PathLike = CPUINFO) -> dict[str, bool]:
+    """Which int8/fp16-relevant instruction sets this CPU reports (all False where /proc/cpuinfo is absent)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        text = ""
+    flags: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[1].split())
+    return {flag: flag in flags for flag in CPU_FLAGS}
+
+
+def cpu_model(cpuinfo: str | os.PathLike = CPUINFO) -> str:
+    try:
+        for line in Path(cpuinfo).read_text().splitlines():
+            if line.startswith(("model name", "Model", "Hardware")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

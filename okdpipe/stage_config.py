@@ -1,0 +1,76 @@
+"""One config model per stage, and the plumbing every stage command shares.
+
+Each stage declares its options once, as a `StageConfig` (pydantic: unknown keys and non-finite numbers
+refused). Its CLI command builds its flags from that model (`flag`: help text and default come from the field),
+its pipeline section is that model, and its Python function takes it. A command resolves YAML < flags
+(`resolve`), and `--dry-run` prints the result (`dump`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from okdpipe.errors import OkdpipeError
+
+C = TypeVar("C", bound="StageConfig")
+
+
+class StageConfig(BaseModel):
+    """Strict: a typo is an error, not a silently ignored key; NaN and inf are refused everywhere."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+def resolve(cls: type[C], config_file: Path | None, flags: dict[str, Any]) -> C:
+    """The stage config from a YAML file (optional) overridden by the flags the user gave (non-None)."""
+    from okdpipe.config import read_yaml
+
+    values = read_yaml(config_file) if config_file is not None else {}
+    given = {key: value for key, value in flags.items() if value is not None}
+    values.update(given)
+    try:
+        return cls(**values)
+    except ValidationError as exc:
+        raise OkdpipeError(problem_source(exc, given, config_file)) from None
+
+
+def problem_source(error: ValidationError, flags: dict[str, Any], config_file: Path | None) -> str:
+    """`--opset 5: Input should be ...` for a flag, `FILE: opset: ...` for a config file's key."""
+    first = error.errors()[0]
+    field = str(first["loc"][0]) if first["loc"] else ""
+    if field in flags:
+        return f"--{field.replace('_', '-')} {flags[field]!r}: {first['msg']}"
+    where = f"{config_file}: {field}" if config_file is not None else field or "config"
+    return f"{where}: {first['msg']}"
+
+
+def build(cls: type[C], values: dict[str, Any], where: str) -> C:
+    """`cls(**values)` with a validation problem turned into one line naming where it came from."""
+    from okdpipe.config import validation_message
+
+    try:
+        return cls(**values)
+    except ValidationError as exc:
+        raise OkdpipeError(f"{where}: {validation_message(exc)}") from None
+
+
+def dump(config: BaseModel) -> str:
+    """The resolved config as the YAML a `--config` file would hold."""
+    import yaml
+
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def flag(cls: type[BaseModel], field: str, *decls: str, **kwargs: Any):
+    """A typer option for `cls.field`: its description and default come from the model (so the flag's default
+    is None, meaning "not given", and the model decides)."""
+    import typer
+
+    info = cls.model_fields[field]
+    default = info.get_default(call_default_factory=True)
+    shown = ",".join(map(str, default)) if isinstance(default, list) else default
+    help_text = f"{(info.description or '').rstrip('.')}. [default: {shown}]"
+    return typer.Option(*decls, help=help_text[0].upper() + help_text[1:], show_default=False, **kwargs)
