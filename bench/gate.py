@@ -11,7 +11,10 @@ SELECTOR picks report entries whose name, precision, kind or directory name equa
 and name (else the same kind and precision) in the `--baseline` report: `top1>=baseline-0.005` lets top-1 drop
 at most 0.5 points, `p99_ms@1<=baseline*1.10` lets p99 grow at most 10%.
 
-METRIC -> path in a report ENTRY (see okdpipe.export.bench):
+A metric that is not a finite number (a NaN accuracy, an inf latency) fails its gate: it is never compared
+as if it were fine.
+
+METRIC -> attribute path in a report Entry (okdpipe.contracts.report):
 
     top1, top5, samples          accuracy.top1 / accuracy.top5 / accuracy.samples   (test split, fraction 0..1)
     params, macs                 params / macs                                      (macs: per image)
@@ -31,12 +34,14 @@ A policy file (YAML) holds the same expressions: a list, or {"gates": list}; eac
 from __future__ import annotations
 
 import json
+import math
 import operator
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from okdpipe.contracts.report import BenchReport, Entry, GateResult, is_finite
 from okdpipe.errors import OkdpipeError
 
 OPERATORS: dict[str, Callable[[float, float], bool]] = {
@@ -85,20 +90,6 @@ class Gate:
         assert baseline_value is not None
         return {"=": baseline_value, "+": baseline_value + self.amount, "-": baseline_value - self.amount,
                 "*": baseline_value * self.amount}[self.relation]
-
-
-@dataclass
-class GateResult:
-    """The outcome of one gate on one report entry (`artifact`); `detail` says by how much it passed or failed."""
-
-    expression: str
-    metric: str
-    value: float
-    threshold: float
-    passed: bool
-    detail: str
-    artifact: str = ""
-    name: str | None = None
 
 
 def parse_gate(text: str, name: str | None = None) -> Gate:
@@ -164,21 +155,22 @@ def parse_gates(gates: list[str], policy: Path | None = None) -> list[Gate]:
     return [parse_gate(text, name) for text, name in pairs]
 
 
-def load_baseline(path: Path | None) -> dict | None:
+def load_baseline(path: Path | None) -> BenchReport | None:
     """A previous report.json (None when not given)."""
     if path is None:
         return None
     text = _read_text(path, "--baseline")
     try:
-        report = json.loads(text)
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise GateUsageError(f"--baseline {path}: not valid JSON ({exc.msg})") from None
-    if not isinstance(report, dict) or report.get("schema_version") != 1:
-        raise GateUsageError(f"--baseline {path}: not an okdpipe bench report (schema_version 1)")
-    return report
+    try:
+        return BenchReport.from_dict(data, f"--baseline {path}")
+    except OkdpipeError as exc:
+        raise GateUsageError(str(exc)) from None
 
 
-def validate_gates(gates: list[str], policy: Path | None, baseline: dict | None,
+def validate_gates(gates: list[str], policy: Path | None, baseline: BenchReport | None,
                    batch_sizes: tuple[int, ...]) -> list[Gate]:
     """Everything that can be checked before benchmarking: syntax, metrics, batch sizes, baseline presence."""
     parsed = parse_gates(gates, policy)
@@ -190,13 +182,13 @@ def validate_gates(gates: list[str], policy: Path | None, baseline: dict | None,
     return parsed
 
 
-def _require_baseline(gate: Gate, baseline: dict | None) -> None:
+def _require_baseline(gate: Gate, baseline: BenchReport | None) -> None:
     if gate.relation is not None and baseline is None:
         raise GateUsageError(f"gate {gate.expression!r} compares with a baseline; pass --baseline OLD_REPORT.json")
 
 
-def evaluate_gates(report: dict, gates: list[str], policy: Path | None = None,
-                   baseline: dict | None = None) -> list[GateResult]:
+def evaluate_gates(report: BenchReport, gates: list[str], policy: Path | None = None,
+                   baseline: BenchReport | None = None) -> list[GateResult]:
     """Every gate on every entry it selects; raises GateUsageError for gates that cannot be evaluated."""
     results = []
     for gate in parse_gates(gates, policy):
@@ -206,13 +198,16 @@ def evaluate_gates(report: dict, gates: list[str], policy: Path | None = None,
     return results
 
 
-def evaluate_one(gate: Gate, target: dict, baseline: dict | None) -> GateResult:
+def evaluate_one(gate: Gate, target: Entry, baseline: BenchReport | None) -> GateResult:
     value = metric_value(target, gate, "report")
     reference = metric_value(baseline_entry(baseline, target, gate), gate, "baseline") if gate.relation else None
     threshold = gate.threshold(reference)
+    if not (is_finite(value) and is_finite(threshold)):
+        detail = f"{gate.label} is {fmt(value)} against {fmt(threshold)}: not a finite number, so it fails"
+        return GateResult(gate.expression, gate.label, value, threshold, False, detail, target.name, gate.name)
     passed = OPERATORS[gate.op](value, threshold)
     return GateResult(gate.expression, gate.label, value, threshold, passed,
-                      describe(gate, value, threshold, reference, passed), target["name"], gate.name)
+                      describe(gate, value, threshold, reference, passed), target.name, gate.name)
 
 
 def describe(gate: Gate, value: float, threshold: float, reference: float | None, passed: bool) -> str:
@@ -227,52 +222,49 @@ def fmt(number: float | None) -> str:
     """4 significant digits, thousands separated above 10 000 (images/s, MACs)."""
     if number is None:
         return "-"
+    if not math.isfinite(number):
+        return str(number)
     return f"{number:,.0f}" if abs(number) >= 10_000 else f"{number:.4g}"
 
 
-def entries(report: dict) -> list[dict]:
-    return list(report.get("artifacts", [])) + list(report.get("references", []))
-
-
-def select_entries(report: dict, gate: Gate) -> list[dict]:
+def select_entries(report: BenchReport, gate: Gate) -> list[Entry]:
     """The entries a gate applies to: its selector's matches, or every ONNX artifact."""
     if gate.selector is None:
-        chosen = [e for e in entries(report) if e["kind"] == "onnx"]
+        chosen = [e for e in report.entries() if e.kind == "onnx"]
     else:
-        chosen = [e for e in entries(report) if gate.selector in entry_labels(e)]
+        chosen = [e for e in report.entries() if gate.selector in e.labels()]
     if not chosen:
-        names = ", ".join(e["name"] for e in entries(report)) or "none"
+        names = ", ".join(e.name for e in report.entries()) or "none"
         raise GateUsageError(f"gate {gate.expression!r} selects no report entry (entries: {names}); use a name, "
                              "precision (fp32/int8/fp16), kind (onnx/pytorch/ensemble) or directory name")
     return chosen
 
 
-def entry_labels(entry: dict) -> set[str]:
-    return {entry["name"], entry["kind"], str(entry.get("precision")), Path(entry.get("path") or "").name}
-
-
-def metric_value(entry: dict, gate: Gate, where: str) -> float:
+def metric_value(entry: Entry, gate: Gate, where: str) -> float:
     """The metric at its documented path; a missing value is a usage error naming the entry and the metric."""
-    path = ("latency", str(gate.batch), gate.metric) if gate.batch is not None else SCALAR_METRICS[gate.metric]
-    value: Any = entry
-    for key in path:
-        value = value.get(key) if isinstance(value, dict) else None
+    if gate.batch is not None:
+        point = entry.latency.get(gate.batch)
+        value, path = getattr(point, gate.metric, None), f"latency[{gate.batch}].{gate.metric}"
+    else:
+        value = entry
+        for attribute in SCALAR_METRICS[gate.metric]:
+            value = getattr(value, attribute, None)
+        path = ".".join(SCALAR_METRICS[gate.metric])
     if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise GateUsageError(f"gate {gate.expression!r}: the {where} has no {gate.label} for {entry['name']!r} "
-                             f"(path {'.'.join(path)}); benchmark it or drop the gate")
+        raise GateUsageError(f"gate {gate.expression!r}: the {where} has no {gate.label} for {entry.name!r} "
+                             f"(path {path}); benchmark it or drop the gate")
     return float(value)
 
 
-def baseline_entry(baseline: dict | None, target: dict, gate: Gate) -> dict:
+def baseline_entry(baseline: BenchReport | None, target: Entry, gate: Gate) -> Entry:
     """Same kind and name in the baseline report, else same kind and precision when that is unique."""
-    candidates = entries(baseline or {})
-    same_name = [e for e in candidates if e.get("kind") == target["kind"] and e.get("name") == target["name"]]
-    same_precision = [e for e in candidates
-                      if e.get("kind") == target["kind"] and e.get("precision") == target["precision"]]
+    candidates = baseline.entries() if baseline else []
+    same_name = [e for e in candidates if e.kind == target.kind and e.name == target.name]
+    same_precision = [e for e in candidates if e.kind == target.kind and e.precision == target.precision]
     found = same_name or (same_precision if len(same_precision) == 1 else [])
     if not found:
-        names = ", ".join(str(e.get("name")) for e in candidates) or "none"
-        raise GateUsageError(f"gate {gate.expression!r}: the baseline has no entry matching {target['name']!r} "
+        names = ", ".join(e.name for e in candidates) or "none"
+        raise GateUsageError(f"gate {gate.expression!r}: the baseline has no entry matching {target.name!r} "
                              f"(it has: {names}); gate it with a selector or refresh the baseline")
     return found[0]
 

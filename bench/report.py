@@ -7,11 +7,11 @@ The Markdown is written for a CI job summary or a PR comment; the JUnit file has
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from okdpipe.export.gate import GateResult, entries, failed, fmt
+from okdpipe.bench.gate import failed, fmt
+from okdpipe.contracts.report import BenchReport, Entry, GateResult
 from okdpipe.files import atomic_write, atomic_write_json, atomic_write_text
 
 SUMMARY_HEADERS = ("model", "kind", "precision", "top-1", "top-5", "params", "MACs/image", "start ms",
@@ -21,34 +21,33 @@ GATE_HEADERS = ("gate", "entry", "value", "threshold", "result", "detail")
 KIND_MARKERS = {"onnx": "o", "pytorch": "s", "ensemble": "*"}
 
 
-def write_reports(report: dict, gate_results: list[GateResult], out_json: Path,
-                  junit: Path | None = None) -> dict[str, Path]:
-    """report.json with the gate results, REPORT.md and REPORT.png beside it, and `junit` when asked."""
+def report_paths(out_json: Path, junit: Path | None = None) -> dict[str, Path]:
+    """report.json, the .md and .png beside it, and the JUnit file when asked."""
     out_json = Path(out_json)
     paths = {"json": out_json, "md": out_json.with_suffix(".md"), "png": out_json.with_suffix(".png")}
-    atomic_write_json(paths["json"], with_gates(report, gate_results))
-    atomic_write_text(paths["md"], markdown(report, gate_results))
+    return paths if junit is None else {**paths, "junit": Path(junit)}
+
+
+def write_reports(report: BenchReport, out_json: Path, junit: Path | None = None) -> dict[str, Path]:
+    """Every rendering of `report` (its gate results included); returns the paths written."""
+    paths = report_paths(out_json, junit)
+    atomic_write_json(paths["json"], report.to_dict())
+    atomic_write_text(paths["md"], markdown(report, report.gates))
     write_plot(report, paths["png"])
     if junit is not None:
-        paths["junit"] = Path(junit)
-        atomic_write_text(paths["junit"], junit_xml(gate_results))
+        atomic_write_text(paths["junit"], junit_xml(report.gates))
     return paths
-
-
-def with_gates(report: dict, gate_results: list[GateResult]) -> dict:
-    return {**report, "gates": [asdict(result) for result in gate_results]}
 
 
 # ---------------------------------------------------------------- rows shared by Markdown and the terminal
 
 
-def summary_rows(report: dict) -> list[list[str]]:
+def summary_rows(report: BenchReport) -> list[list[str]]:
     rows = []
-    for e in entries(report):
-        accuracy, memory = e.get("accuracy") or {}, e.get("memory") or {}
-        rows.append([e["name"], e["kind"], str(e["precision"]), _percent(accuracy.get("top1")),
-                     _percent(accuracy.get("top5")), fmt(e.get("params")), fmt(e.get("macs")), fmt(e.get("start_ms")),
-                     fmt(memory.get("peak_rss_delta_mb"))])
+    for e in report.entries():
+        top1, top5 = (e.accuracy.top1, e.accuracy.top5) if e.accuracy else (None, None)
+        rows.append([e.name, e.kind, str(e.precision), _percent(top1), _percent(top5), fmt(e.params), fmt(e.macs),
+                     fmt(e.start_ms), fmt(e.memory.peak_rss_delta_mb)])
     return rows
 
 
@@ -56,14 +55,13 @@ def _percent(fraction: float | None) -> str:
     return "-" if fraction is None else f"{100 * fraction:.2f}%"
 
 
-def latency_rows(report: dict) -> list[list[str]]:
+def latency_rows(report: BenchReport) -> list[list[str]]:
     rows = []
-    for e in entries(report):
-        for batch, point in e["latency"].items():
-            fraction = point.get("peak_fraction")
-            rows.append([e["name"], batch, fmt(point["p50_ms"]), fmt(point["p90_ms"]), fmt(point["p99_ms"]),
-                         fmt(point["mean_ms"]), fmt(point["images_per_s"]), fmt(point.get("gflops_per_s")),
-                         _percent(fraction)])
+    for e in report.entries():
+        for batch, point in e.latency.items():
+            rows.append([e.name, str(batch), fmt(point.p50_ms), fmt(point.p90_ms), fmt(point.p99_ms),
+                         fmt(point.mean_ms), fmt(point.images_per_s), fmt(point.gflops_per_s),
+                         _percent(point.peak_fraction)])
     return rows
 
 
@@ -72,31 +70,33 @@ def gate_rows(results: list[GateResult]) -> list[list[str]]:
              r.detail] for r in results]
 
 
-def savings_lines(report: dict) -> list[str]:
+def savings_lines(report: BenchReport) -> list[str]:
     """What each shipped artifact saves against the ensemble it replaces: MACs, p50 at batch 1, top-1."""
-    ensembles = [e for e in report.get("references", []) if e["kind"] == "ensemble"]
+    ensembles = [e for e in report.references if e.kind == "ensemble"]
     lines = []
-    for artifact in report.get("artifacts", []):
-        for ensemble in (e for e in ensembles if artifact["name"] in e["of"]):
-            lines.append(f"{artifact['name']} vs {ensemble['name']}: " + _saving(artifact, ensemble))
+    for artifact in report.artifacts:
+        for ensemble in (e for e in ensembles if artifact.name in e.of):
+            lines.append(f"{artifact.name} vs {ensemble.name}: " + _saving(artifact, ensemble))
     return lines
 
 
-def _saving(artifact: dict, ensemble: dict) -> str:
+def _saving(artifact: Entry, ensemble: Entry) -> str:
     parts = []
-    if artifact.get("macs") and ensemble.get("macs"):
-        parts.append(f"{ensemble['macs'] / artifact['macs']:.2f}x fewer MACs")
-    batch = min(artifact["latency"], key=int)
-    if batch in ensemble["latency"]:
-        speedup = ensemble["latency"][batch]["p50_ms"] / artifact["latency"][batch]["p50_ms"]
+    if artifact.macs and ensemble.macs:
+        parts.append(f"{ensemble.macs / artifact.macs:.2f}x fewer MACs")
+    batch = min(artifact.latency)
+    if batch in ensemble.latency:
+        speedup = ensemble.latency[batch].p50_ms / artifact.latency[batch].p50_ms
         parts.append(f"{speedup:.2f}x lower p50 latency at batch {batch}")
-    drop = 100 * (ensemble["accuracy"]["top1"] - artifact["accuracy"]["top1"])
-    parts.append(f"top-1 {drop:.2f} points below the ensemble" if drop >= 0 else f"top-1 {-drop:.2f} points above")
+    if artifact.accuracy and ensemble.accuracy:
+        drop = 100 * (ensemble.accuracy.top1 - artifact.accuracy.top1)
+        parts.append(f"top-1 {drop:.2f} points below the ensemble" if drop >= 0
+                     else f"top-1 {-drop:.2f} points above")
     return ", ".join(parts)
 
 
-def machine_line(report: dict) -> str:
-    machine, runtime = report["machine"], report["runtime"]
+def machine_line(report: BenchReport) -> str:
+    machine, runtime = report.machine, report.runtime
     features = ", ".join(flag for flag, present in machine["cpu_features"].items() if present) or "none detected"
     peak = machine["peak_gflops"]
     return (f"{machine['cpu_model']} ({machine['logical_cpus']} logical CPUs; {features}); provider "
@@ -108,7 +108,7 @@ def machine_line(report: dict) -> str:
 # ---------------------------------------------------------------- Markdown
 
 
-def markdown(report: dict, gate_results: list[GateResult]) -> str:
+def markdown(report: BenchReport, gate_results: list[GateResult]) -> str:
     lines = ["## okdpipe bench", "", machine_line(report), "", _md_table(SUMMARY_HEADERS, summary_rows(report)), "",
              _md_table(LATENCY_HEADERS, latency_rows(report))]
     savings = savings_lines(report)
@@ -118,8 +118,8 @@ def markdown(report: dict, gate_results: list[GateResult]) -> str:
         bad = failed(gate_results)
         verdict = f"**{len(bad)} of {len(gate_results)} gates failed**" if bad else f"all {len(gate_results)} gates pass"
         lines += ["", f"### Gates: {verdict}", "", _md_table(GATE_HEADERS, gate_rows(gate_results))]
-    if report.get("notes"):
-        lines += ["", "### Notes", "", *(f"- {note}" for note in report["notes"])]
+    if report.notes:
+        lines += ["", "### Notes", "", *(f"- {note}" for note in report.notes)]
     return "\n".join(lines) + "\n"
 
 
@@ -133,7 +133,7 @@ def _md_table(headers: tuple[str, ...], rows: list[list[str]]) -> str:
 # ---------------------------------------------------------------- plot
 
 
-def write_plot(report: dict, path: Path) -> None:
+def write_plot(report: BenchReport, path: Path) -> None:
     """Top-1 against p50 latency (log scale), one line per entry through its batch sizes; the ensemble a star.
 
     Uses matplotlib's object API with the Agg canvas, so no display and no global backend switch."""
@@ -142,32 +142,32 @@ def write_plot(report: dict, path: Path) -> None:
 
     figure = Figure(figsize=(7, 4.5), dpi=110)
     axes = figure.add_subplot()
-    for e in entries(report):
+    for e in report.entries():
         _plot_entry(axes, e)
     axes.set_xscale("log")
     axes.set_xlabel("p50 latency per batch (ms, log scale)")
     axes.set_ylabel("test top-1")
     axes.set_title("accuracy vs latency (labels: batch size)")
     axes.grid(True, which="both", alpha=0.3)
-    if entries(report):
+    if report.entries():
         axes.legend(fontsize=8, loc="best")
     figure.tight_layout()
     canvas = FigureCanvasAgg(figure)
     atomic_write(path, lambda handle: canvas.print_png(handle))
 
 
-def _plot_entry(axes: Any, e: dict) -> None:
-    top1 = (e.get("accuracy") or {}).get("top1")
-    if top1 is None or not e["latency"]:
+def _plot_entry(axes: Any, e: Entry) -> None:
+    if e.accuracy is None or not e.latency:
         return
-    batches = sorted(e["latency"], key=int)
-    latency = [e["latency"][b]["p50_ms"] for b in batches]
-    size = 160 if e["kind"] == "ensemble" else 50
+    top1 = e.accuracy.top1
+    batches = sorted(e.latency)
+    latency = [e.latency[b].p50_ms for b in batches]
+    size = 160 if e.kind == "ensemble" else 50
     [line] = axes.plot(latency, [top1] * len(batches), linestyle="-", alpha=0.4)
-    axes.scatter(latency, [top1] * len(batches), marker=KIND_MARKERS.get(e["kind"], "o"), s=size, color=line.get_color(),
-                 label=f"{e['name']} [{e['kind']}]", zorder=3)
+    axes.scatter(latency, [top1] * len(batches), marker=KIND_MARKERS.get(e.kind, "o"), s=size,
+                 color=line.get_color(), label=f"{e.name} [{e.kind}]", zorder=3)
     for batch, x in zip(batches, latency):
-        axes.annotate(batch, (x, top1), textcoords="offset points", xytext=(3, 5), fontsize=7)
+        axes.annotate(str(batch), (x, top1), textcoords="offset points", xytext=(3, 5), fontsize=7)
 
 
 # ---------------------------------------------------------------- JUnit
@@ -194,7 +194,7 @@ def junit_xml(results: list[GateResult]) -> str:
 # ---------------------------------------------------------------- terminal
 
 
-def print_summary(report: dict, gate_results: list[GateResult], console: Any = None) -> None:
+def print_summary(report: BenchReport, gate_results: list[GateResult], console: Any = None) -> None:
     """Rich tables: the entries, latency per batch size, the savings, then the gates (failures in red)."""
     import sys
 
@@ -205,7 +205,7 @@ def print_summary(report: dict, gate_results: list[GateResult], console: Any = N
     console.print(machine_line(report), style="dim")
     console.print(_rich_table("models (test split)", SUMMARY_HEADERS, summary_rows(report)))
     console.print(_rich_table("latency", LATENCY_HEADERS, latency_rows(report)))
-    for line in savings_lines(report) + [f"note: {note}" for note in report.get("notes", [])]:
+    for line in savings_lines(report) + [f"note: {note}" for note in report.notes]:
         console.print(line)
     if gate_results:
         rows = gate_rows(gate_results)

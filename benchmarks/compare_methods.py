@@ -43,7 +43,7 @@ def manifest(path: Path) -> dict:
 
 
 def okdpipe(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "okdpipe.cli", *args], check=True)
+    subprocess.run([sys.executable, "-m", "okdpipe", *args], check=True)
 
 
 def train(protocol: dict, out: Path, name: str, seed: int) -> None:
@@ -64,13 +64,12 @@ def model_file_accuracy(model_file: Path, split: str = "test") -> float:
     measured once, for the record, and never used to choose anything."""
     import torch
 
-    from okdpipe.datasets import load_dataset, make_loader
-    from okdpipe.modelfile import load_model_file
+    from okdpipe.contracts.data import DataSource
+    from okdpipe.datasets import make_loader
+    from okdpipe.distill.models import load_model_file
 
     model, info = load_model_file(model_file)
-    data = info.provenance["data"]
-    bundle = load_dataset(data["dataset"], data["data_dir"], val_split=data["val_split"], seed=data["seed"],
-                          **data.get("options", {}))
+    bundle = DataSource.from_record(info.provenance["data"], model_file).load()  # the split select scored on
     images = bundle.test if split == "test" else bundle.val
     loader = make_loader(images, bundle.spec, batch_size=512, train=False, device="cpu")
     with torch.no_grad():

@@ -36,7 +36,8 @@ def fmnist_shaped():
 def export_untrained(arch: str, spec, work: Path) -> dict[str, Path]:
     """`okdpipe export --quantize int8` of an untrained `arch` (the real path: parity checks, model cards)."""
     from okdpipe.distill.models import create_model
-    from okdpipe.export.pipeline import ExportOptions, export_model
+    from okdpipe.export.config import ExportConfig
+    from okdpipe.export.exporter import export_model
     from okdpipe.modelfile import ModelInfo, save_model_file
 
     torch.manual_seed(0)
@@ -47,8 +48,8 @@ def export_untrained(arch: str, spec, work: Path) -> dict[str, Path]:
     model_path = work / f"{arch}.pt"
     save_model_file(create_model(arch, spec.num_classes, spec.in_channels), info, model_path)
     # Untrained weights make accuracy noise; the drop limit is off because only speed is measured here.
-    options = ExportOptions(quantize="int8", calib_size=64, max_accuracy_drop=100.0)
-    return {path.name: path for path in export_model(model_path, work / arch, options)}
+    config = ExportConfig(quantize="int8", calib_size=64, max_accuracy_drop=100.0)
+    return {card.directory.name: card.directory for card in export_model(model_path, work / arch, config)}
 
 
 @pytest.fixture(scope="session")

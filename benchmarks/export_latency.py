@@ -20,8 +20,11 @@ from typing import Callable
 import numpy as np
 import torch
 
+from okdpipe.cpu import cpu_features
 from okdpipe.distill.models import create_model
 from okdpipe.export import onnx_export, quantize
+from okdpipe.export.config import ExportConfig
+from okdpipe.ortsession import create_session
 
 
 def median_ms(run: Callable[[], object], warmup: int, runs: int) -> float:
@@ -38,10 +41,10 @@ def median_ms(run: Callable[[], object], warmup: int, runs: int) -> float:
 def build_onnx(model, shape: tuple[int, int, int], work: Path) -> tuple[Path, Path]:
     """fp32 export and its int8 static QDQ variant with this CPU's recommended settings."""
     fp32, int8 = work / "fp32.onnx", work / "int8.onnx"
-    onnx_export.export_onnx(model, shape, fp32)
+    onnx_export.export_onnx(model, shape, fp32, ExportConfig().opset)
     rng = np.random.default_rng(0)
     batches = [rng.standard_normal((16, *shape)).astype(np.float32) for _ in range(4)]
-    settings = quantize.int8_settings(quantize.cpu_features())
+    settings = quantize.int8_settings(cpu_features())
     quantize.quantize_int8_static(fp32, int8, quantize.BatchReader(iter(batches), 4, "input"), "minmax", settings)
     return fp32, int8
 
@@ -52,7 +55,8 @@ def bench_model(name: str, shape, batches, threads: int, warmup: int, runs: int)
     rows = []
     with tempfile.TemporaryDirectory() as work:
         fp32, int8 = build_onnx(model, shape, Path(work))
-        sessions = {"ort_fp32": onnx_export.cpu_session(fp32, threads), "ort_int8": onnx_export.cpu_session(int8, threads)}
+        sessions = {"ort_fp32": create_session(fp32, threads=threads)[0],
+                    "ort_int8": create_session(int8, threads=threads)[0]}
         for batch in batches:
             inputs = np.random.default_rng(1).standard_normal((batch, *shape)).astype(np.float32)
             row = {"model": name, "batch": batch, "threads": threads,

@@ -15,9 +15,11 @@ BATCH_SIZES = (1, 8, 64)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_ort_inference(benchmark, exported, pinned_threads, arch, precision, batch_size):
     from okdpipe.export import onnx_export
-    from okdpipe.export.pipeline import ONNX_FILE
+    from okdpipe.export.exporter import ONNX_FILE
+    from okdpipe.ortsession import create_session
 
-    session = onnx_export.cpu_session(exported(arch)[precision] / ONNX_FILE, pinned_threads)
+    # the session `okdpipe serve` and `okdpipe bench` build for this artifact and thread count
+    session, _ = create_session(exported(arch)[precision] / ONNX_FILE, threads=pinned_threads)
     inputs = np.random.default_rng(0).standard_normal((batch_size, 1, 28, 28)).astype(np.float32)
     benchmark.extra_info.update(images=batch_size, threads=pinned_threads)
     logits = benchmark(onnx_export.run_session, session, inputs)

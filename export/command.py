@@ -1,33 +1,57 @@
-"""`okdpipe export MODEL.pt --out DIR`: the typer command (torch and onnx are imported only when it runs)."""
+"""`okdpipe export MODEL.pt --out DIR`: the typer command (torch and onnx are imported only when it runs).
+
+Exit codes (okdpipe/errors.py): 0 exported, 1 a check failed (parity, INT8 accuracy drop, non-finite weights),
+2 bad input or usage. Nothing is written to DIR unless every check passes.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Optional
 
 import typer
+
+from okdpipe.export.config import ExportConfig
+from okdpipe.stage_config import flag
 
 
 def export_command(
     model_file: Annotated[Path, typer.Argument(help="MODEL.pt written by `okdpipe select`.")],
-    out: Annotated[Path, typer.Option("--out", help="Output directory: OUT/fp32 and OUT/<precision>.")],
-    format: Annotated[Literal["onnx", "triton"], typer.Option(help="Plain ONNX artifacts or a Triton model repository.")] = "onnx",
-    quantize: Annotated[Literal["none", "fp16", "int8", "int8-dynamic"], typer.Option(help="Extra precision beside fp32.")] = "none",
-    calib_size: Annotated[int, typer.Option(help="Training images used to calibrate int8 activation ranges.")] = 512,
-    calib_method: Annotated[Literal["minmax", "entropy", "percentile"], typer.Option(help="int8 calibration method.")] = "minmax",
-    opset: Annotated[int, typer.Option(help="ONNX opset version.")] = 18,
-    max_accuracy_drop: Annotated[float, typer.Option(help="Fail if validation top-1 drops more (percentage points).")] = 1.0,
-    data_dir: Annotated[Optional[Path], typer.Option(help="Dataset directory, overriding the one the model file records.")] = None,
-    triton_max_batch_size: Annotated[int, typer.Option(help="Triton max_batch_size.")] = 64,
-    triton_instance: Annotated[Literal["cpu", "gpu"], typer.Option(help="Triton instance_group kind.")] = "cpu",
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output directory: OUT/fp32 and OUT/<precision>.")] = None,
+    format: Annotated[Optional[str], flag(ExportConfig, "format")] = None,
+    quantize: Annotated[Optional[str], flag(ExportConfig, "quantize")] = None,
+    calib_size: Annotated[Optional[int], flag(ExportConfig, "calib_size")] = None,
+    calib_method: Annotated[Optional[str], flag(ExportConfig, "calib_method")] = None,
+    opset: Annotated[Optional[int], flag(ExportConfig, "opset")] = None,
+    max_accuracy_drop: Annotated[Optional[float], flag(ExportConfig, "max_accuracy_drop")] = None,
+    data_dir: Annotated[Optional[str], flag(ExportConfig, "data_dir")] = None,
+    triton_max_batch_size: Annotated[Optional[int], flag(ExportConfig, "triton_max_batch_size")] = None,
+    triton_instance: Annotated[Optional[str], flag(ExportConfig, "triton_instance")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="YAML holding these options (as the pipeline's export: "
+                                                        "section); flags override it.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and exit.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the written model cards as JSON on "
+                                                             "stdout.")] = False,
 ) -> None:
     """Export a model file to ONNX, check parity and accuracy, and write model cards."""
-    from okdpipe.export.pipeline import ExportOptions, export_model
+    from okdpipe.console import emit_json, say
+    from okdpipe.errors import OkdpipeError
+    from okdpipe.stage_config import dump, resolve
 
-    options = ExportOptions(
-        format=format, quantize=quantize, calib_size=calib_size, calib_method=calib_method, opset=opset,
-        max_accuracy_drop=max_accuracy_drop, data_dir=None if data_dir is None else str(data_dir),
-        triton_max_batch_size=triton_max_batch_size, triton_instance=triton_instance,
-    )
-    for directory in export_model(model_file, out, options):
-        typer.echo(str(directory))
+    flags = dict(format=format, quantize=quantize, calib_size=calib_size, calib_method=calib_method, opset=opset,
+                 max_accuracy_drop=max_accuracy_drop, data_dir=data_dir,
+                 triton_max_batch_size=triton_max_batch_size, triton_instance=triton_instance)
+    cfg = resolve(ExportConfig, config, flags)
+    if dry_run:
+        typer.echo(dump(cfg), nl=False)
+        return
+    if out is None:
+        raise OkdpipeError("export needs --out DIR (where OUT/fp32 and OUT/<precision> are written)")
+    from okdpipe.export.exporter import export_model
+
+    cards = export_model(model_file, out, cfg)
+    if json_output:
+        emit_json({"artifacts": [{"directory": str(card.directory), **card.raw} for card in cards]})
+        return
+    for card in cards:
+        say(str(card.directory))

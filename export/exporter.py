@@ -1,7 +1,9 @@
 """`okdpipe export`: MODEL.pt -> OUT/fp32 (+ OUT/<precision>) artifact directories, or a Triton repository.
 
-Every artifact is built in a hidden staging directory inside OUT and moved into place only after all
-checks (parity, accuracy drop) pass, so a failed export leaves no artifact behind.
+Every option is checked (ExportConfig) and the model file verified before OUT is touched. Every artifact is built
+in a hidden staging directory inside OUT and published only after all checks pass (finite weights, parity,
+accuracy drop), all precisions together, so a failed export changes nothing. OUT is locked while an export
+writes it; staging directories that a killed export left behind are removed by the next one.
 """
 
 from __future__ import annotations
@@ -16,33 +18,19 @@ from typing import Any, Callable
 import numpy as np
 
 from okdpipe import __version__
-from okdpipe.errors import OkdpipeError
-from okdpipe.export import data as export_data
+from okdpipe.contracts.card import PIXEL_SCALE, ModelCard, Preprocess, write_card
+from okdpipe.contracts.data import DataSource
+from okdpipe.errors import GateFailed, OkdpipeError
 from okdpipe.export import onnx_export, quantize
-from okdpipe.export.card import write_card
+from okdpipe.export.config import ExportConfig
 from okdpipe.files import file_sha256
-from okdpipe.modelfile import load_model_file
+from okdpipe.modelfile import ModelInfo
+from okdpipe.ortsession import create_session
+from okdpipe.scoring import first_batch, normalised_batches, score
 
-PRECISIONS = ("none", "fp16", "int8", "int8-dynamic")
-FORMATS = ("onnx", "triton")
-PARITY_BATCH = 32
 ONNX_FILE = "model.onnx"
-
-
-@dataclass
-class ExportOptions:
-    """Every flag of `okdpipe export`, so a config file could hold the same thing."""
-
-    format: str = "onnx"
-    quantize: str = "none"
-    calib_size: int = 512
-    calib_method: str = "minmax"
-    opset: int = 18
-    max_accuracy_drop: float = 1.0  # percentage points of validation top-1
-    data_dir: str | None = None
-    parity_batch: int = PARITY_BATCH
-    triton_max_batch_size: int = 64
-    triton_instance: str = "cpu"
+STAGING_PREFIX = ".export-"
+LOCK_FILE = ".export.lock"
 
 
 @dataclass
@@ -50,126 +38,160 @@ class ExportContext:
     """What every variant needs: the network, its description, real data and the fp32 reference numbers."""
 
     model: Any
-    info: Any
+    info: ModelInfo
     model_path: Path
+    source: DataSource
     train: Any
     val: Any
-    normalise: export_data.Normaliser
+    preprocess: Preprocess
     parity_inputs: list[np.ndarray]
-    options: ExportOptions
+    config: ExportConfig
     fp32_top1: float | None = None
 
 
-def export_model(model_path: str | os.PathLike, out_dir: str | os.PathLike, options: ExportOptions) -> list[Path]:
-    """Export, verify and card a model file; returns the artifact (or Triton model) directories written."""
-    _check_options(options)
+def export_model(model_path: str | os.PathLike, out_dir: str | os.PathLike, config: ExportConfig) -> list[ModelCard]:
+    """Export, verify and card a model file; returns the cards of the artifacts written (in OUT/<precision>, or
+    in the Triton repository's version folders)."""
+    from okdpipe.distill.models import load_model_file
+    from okdpipe.locks import exclusive_lock
+
     model, info = load_model_file(model_path)
-    out_dir = _writable_dir(Path(out_dir))
-    train, val = export_data.load_splits(info, options.data_dir)
-    normalise = export_data.Normaliser(info.mean, info.std)
-    first = export_data.first_batch(val, options.parity_batch, normalise)
-    ctx = ExportContext(model, info, Path(model_path), train, val, normalise,
-                        onnx_export.parity_batches(first), options)
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as staging:
-        staged = _build_artifacts(ctx, Path(staging))
-        return _publish(staged, out_dir, ctx)
+    check_finite_weights(model, model_path)
+    source = recorded_source(info, model_path).with_data_dir(config.data_dir)
+    bundle = source.load()
+    if len(bundle.val) == 0:
+        raise OkdpipeError(f"dataset {source.dataset!r} has an empty validation split; export needs one to check "
+                           "parity and accuracy (record val_split > 0 when training)")
+    preprocess = Preprocess(*info.input_size, info.in_channels, PIXEL_SCALE, info.mean, info.std)
+    first = first_batch(bundle.val, config.parity_batch, preprocess)
+    ctx = ExportContext(model, info, Path(model_path), source, bundle.train, bundle.val, preprocess,
+                        onnx_export.parity_batches(first), config)
+    out_dir = writable_dir(Path(out_dir))
+    with exclusive_lock(out_dir / LOCK_FILE, f"another export is writing {out_dir}"):
+        remove_stale_staging(out_dir)
+        with tempfile.TemporaryDirectory(dir=out_dir, prefix=STAGING_PREFIX) as staging:
+            staged = build_artifacts(ctx, Path(staging))
+            return publish(staged, out_dir, ctx, Path(staging))
 
 
-def _check_options(options: ExportOptions) -> None:
-    if options.quantize not in PRECISIONS:
-        raise OkdpipeError(f"unknown --quantize {options.quantize!r}; choose one of: {', '.join(PRECISIONS)}")
-    if options.format not in FORMATS:
-        raise OkdpipeError(f"unknown --format {options.format!r}; choose one of: {', '.join(FORMATS)}")
-    if options.calib_size < 1:
-        raise OkdpipeError(f"--calib-size must be >= 1 (got {options.calib_size})")
-    if options.parity_batch < 2:
-        raise OkdpipeError(f"parity batch must be >= 2 to exercise the dynamic batch axis (got {options.parity_batch})")
+def recorded_source(info: ModelInfo, where: object) -> DataSource:
+    """The data the model was selected on, as the model file records it (older files: the dataset alone)."""
+    record = info.provenance.get("data")
+    return DataSource.from_record(record, where) if record else DataSource.from_record({"dataset": info.dataset},
+                                                                                       where)
 
 
-def _writable_dir(out_dir: Path) -> Path:
+def check_finite_weights(model, where: object) -> None:
+    bad = [name for name, tensor in model.state_dict().items()
+           if tensor.is_floating_point() and not bool(tensor.isfinite().all())]
+    if bad:
+        raise GateFailed(f"{where}: weight {bad[0]} (and {len(bad) - 1} more) holds NaN or inf; the model "
+                         "diverged and is not exported: retrain it with a lower --lr")
+
+
+def writable_dir(out_dir: Path) -> Path:
     """Create OUT and prove it is writable before spending minutes on export."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OkdpipeError(f"--out {out_dir} is a file; pass a directory (it is created if missing)")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=out_dir).close()
     except OSError as exc:
-        raise OkdpipeError(f"--out {out_dir}: cannot write there ({exc.strerror or exc}); choose another directory") from None
+        raise OkdpipeError(f"--out {out_dir}: cannot write there ({exc.strerror or exc}); choose another "
+                           "directory") from None
     return out_dir
 
 
-def _build_artifacts(ctx: ExportContext, staging: Path) -> dict[str, tuple[Path, dict]]:
+def remove_stale_staging(out_dir: Path) -> None:
+    """Staging folders of an export that was killed (we hold OUT's lock, so none is in use)."""
+    for stale in out_dir.glob(STAGING_PREFIX + "*"):
+        if stale.is_dir() and stale.name != LOCK_FILE:
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def build_artifacts(ctx: ExportContext, staging: Path) -> dict[str, ModelCard]:
     """Build fp32 and the requested variant under `staging`; every check runs before anything is published."""
     fp32_dir = staging / "fp32"
-    staged = {"fp32": (fp32_dir, _build_fp32(ctx, fp32_dir))}
-    if ctx.options.quantize != "none":
-        precision = ctx.options.quantize
-        variant_dir = staging / precision
-        staged[precision] = (variant_dir, _build_variant(ctx, fp32_dir / ONNX_FILE, variant_dir, precision))
+    staged = {"fp32": build_fp32(ctx, fp32_dir)}
+    if ctx.config.quantize != "none":
+        precision = ctx.config.quantize
+        staged[precision] = build_variant(ctx, fp32_dir / ONNX_FILE, staging / precision, precision)
     return staged
 
 
-def _build_fp32(ctx: ExportContext, directory: Path) -> dict:
+def build_fp32(ctx: ExportContext, directory: Path) -> ModelCard:
     directory.mkdir(parents=True)
     onnx_path = directory / ONNX_FILE
-    input_shape = (ctx.info.in_channels, *ctx.info.input_size)
-    onnx_export.export_onnx(ctx.model, input_shape, onnx_path, opset=ctx.options.opset)
-    session = onnx_export.cpu_session(onnx_path)
-    parity = onnx_export.parity_report(
-        _torch_predict(ctx.model), _ort_predict(session), ctx.parity_inputs,
-        onnx_export.FP32_TOLERANCE, "pytorch-fp32",
-    )
-    ctx.fp32_top1, samples = export_data.top1_accuracy(_ort_predict(session), ctx.val, ctx.normalise)
-    accuracy = {"val_top1": ctx.fp32_top1, "val_samples": samples, "fp32_val_top1": ctx.fp32_top1, "drop_points": 0.0}
-    return write_card(directory, _card(ctx, "fp32", parity, None, accuracy))
+    opset = onnx_export.export_onnx(ctx.model, (ctx.info.in_channels, *ctx.info.input_size), onnx_path,
+                                    ctx.config.opset)
+    predict = ort_predict(onnx_path)
+    parity = onnx_export.parity_report(torch_predict(ctx.model), predict, ctx.parity_inputs,
+                                       onnx_export.FP32_TOLERANCE, "pytorch-fp32")
+    result = score(predict, ctx.val, ctx.preprocess, what=f"{ctx.model_path} exported to fp32 ONNX")
+    ctx.fp32_top1 = result.top1
+    accuracy = {"val_top1": result.top1, "val_samples": result.samples, "fp32_val_top1": result.top1,
+                "drop_points": 0.0}
+    return write_card(directory, card_fields(ctx, "fp32", opset, parity, None, accuracy))
 
 
-def _build_variant(ctx: ExportContext, fp32_path: Path, directory: Path, precision: str) -> dict:
+def build_variant(ctx: ExportContext, fp32_path: Path, directory: Path, precision: str) -> ModelCard:
     directory.mkdir(parents=True)
     onnx_path = directory / ONNX_FILE
-    quantization = _convert(ctx, fp32_path, onnx_path, precision)
-    session = onnx_export.cpu_session(onnx_path)
+    quantization = convert(ctx, fp32_path, onnx_path, precision)
+    predict = ort_predict(onnx_path)
     tolerance = onnx_export.FP16_TOLERANCE if precision == "fp16" else None
-    parity = onnx_export.parity_report(
-        _torch_predict(ctx.model), _ort_predict(session), ctx.parity_inputs, tolerance, "pytorch-fp32"
-    )
-    accuracy = _accuracy_with_drop(ctx, session, precision)
-    return write_card(directory, _card(ctx, precision, parity, quantization, accuracy))
+    parity = onnx_export.parity_report(torch_predict(ctx.model), predict, ctx.parity_inputs, tolerance,
+                                       "pytorch-fp32")
+    accuracy = accuracy_with_drop(ctx, predict, precision)
+    opset = onnx_export.graph_opset(_load_graph(onnx_path))
+    return write_card(directory, card_fields(ctx, precision, opset, parity, quantization, accuracy))
 
 
-def _convert(ctx: ExportContext, fp32_path: Path, onnx_path: Path, precision: str) -> dict:
+def convert(ctx: ExportContext, fp32_path: Path, onnx_path: Path, precision: str) -> dict:
     if precision == "fp16":
         return quantize.convert_fp16(fp32_path, onnx_path)
     settings = quantize.int8_settings(quantize.cpu_features())
     if precision == "int8-dynamic":
         return quantize.quantize_int8_dynamic(fp32_path, onnx_path, settings)
-    samples = min(ctx.options.calib_size, len(ctx.train))
-    batches = export_data.normalised_batches(ctx.train, quantize.CALIB_BATCH, ctx.normalise, limit=samples)
+    samples = min(ctx.config.calib_size, len(ctx.train))
+    batches = normalised_batches(ctx.train, quantize.CALIB_BATCH, ctx.preprocess, limit=samples)
     reader = quantize.BatchReader((inputs for inputs, _ in batches), -(-samples // quantize.CALIB_BATCH),
                                   onnx_export.INPUT_NAME)
-    return quantize.quantize_int8_static(fp32_path, onnx_path, reader, ctx.options.calib_method, settings)
+    return quantize.quantize_int8_static(fp32_path, onnx_path, reader, ctx.config.calib_method, settings)
 
 
-def _accuracy_with_drop(ctx: ExportContext, session, precision: str) -> dict:
-    """Validation top-1 of the variant and its drop vs fp32, in percentage points; raises over the limit."""
-    top1, samples = export_data.top1_accuracy(_ort_predict(session), ctx.val, ctx.normalise)
-    drop = (ctx.fp32_top1 - top1) * 100.0
-    if drop > ctx.options.max_accuracy_drop:
-        raise OkdpipeError(
-            f"{precision} loses {drop:.2f} points of validation top-1 ({ctx.fp32_top1:.4f} -> {top1:.4f}), over "
-            f"--max-accuracy-drop {ctx.options.max_accuracy_drop:g}; try --calib-method entropy/percentile, "
+def accuracy_with_drop(ctx: ExportContext, predict, precision: str) -> dict:
+    """Validation top-1 of the variant and its drop vs fp32, in percentage points; GateFailed over the limit."""
+    result = score(predict, ctx.val, ctx.preprocess, what=f"the {precision} export of {ctx.model_path}")
+    drop = (ctx.fp32_top1 - result.top1) * 100.0
+    if not drop <= ctx.config.max_accuracy_drop:
+        raise GateFailed(
+            f"{precision} loses {drop:.2f} points of validation top-1 ({ctx.fp32_top1:.4f} -> {result.top1:.4f}), "
+            f"over --max-accuracy-drop {ctx.config.max_accuracy_drop:g}; try --calib-method entropy/percentile, "
             "a larger --calib-size, or raise the limit"
         )
-    return {"val_top1": top1, "val_samples": samples, "fp32_val_top1": ctx.fp32_top1, "drop_points": drop}
+    return {"val_top1": result.top1, "val_samples": result.samples, "fp32_val_top1": ctx.fp32_top1,
+            "drop_points": drop}
 
 
-def _torch_predict(model) -> Callable[[np.ndarray], np.ndarray]:
+def torch_predict(model) -> Callable[[np.ndarray], np.ndarray]:
     return lambda batch: onnx_export.torch_logits(model, batch)
 
 
-def _ort_predict(session) -> Callable[[np.ndarray], np.ndarray]:
+def ort_predict(onnx_path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    """A session built exactly as `okdpipe serve` builds it, so the checks verify what is served."""
+    session, _ = create_session(onnx_path)
     return lambda batch: onnx_export.run_session(session, batch)
 
 
-def _card(ctx: ExportContext, precision: str, parity: dict, quantization: dict | None, accuracy: dict) -> dict:
+def _load_graph(path: Path):
+    import onnx
+
+    return onnx.load(str(path), load_external_data=False)
+
+
+def card_fields(ctx: ExportContext, precision: str, opset: int, parity: dict, quantization: dict | None,
+                accuracy: dict) -> dict:
     info = ctx.info
     height, width = (int(s) for s in info.input_size)
     return {
@@ -179,21 +201,19 @@ def _card(ctx: ExportContext, precision: str, parity: dict, quantization: dict |
         "input": {"name": onnx_export.INPUT_NAME, "shape": [None, info.in_channels, height, width],
                   "dtype": "float32", "layout": "NCHW"},
         "output": {"name": onnx_export.OUTPUT_NAME, "shape": [None, info.num_classes], "dtype": "float32"},
-        "preprocess": {"size": [height, width], "channels": info.in_channels, "scale": ctx.normalise.scale,
-                       "mean": list(info.mean), "std": list(info.std)},
+        "preprocess": ctx.preprocess.as_dict(),
         "labels": list(info.labels),
-        "dataset": export_data.data_source(info, ctx.options.data_dir)["dataset"],
-        "opset": ctx.options.opset,
+        "dataset": ctx.source.dataset,
+        "opset": opset,
         "parity": parity,
         "quantization": quantization,
         "accuracy": accuracy,
         "runtime": runtime_versions(),
-        "provenance": _provenance(ctx),
-        "sha256": {},
+        "provenance": provenance(ctx),
     }
 
 
-def model_name(info, precision: str = "fp32") -> str:
+def model_name(info: ModelInfo, precision: str = "fp32") -> str:
     """`resnet20-fashion-mnist`, `resnet20-fashion-mnist-int8`: unique when several variants are served."""
     parts = [info.arch, info.dataset] + ([] if precision == "fp32" else [precision])
     return "-".join(part for part in parts if part)
@@ -208,32 +228,47 @@ def runtime_versions() -> dict[str, str]:
             "okdpipe": __version__}
 
 
-def _provenance(ctx: ExportContext) -> dict:
+def provenance(ctx: ExportContext) -> dict:
     recorded = ctx.info.provenance
     return {"model_file": str(ctx.model_path.resolve()), "model_sha256": file_sha256(ctx.model_path),
             "run_dir": recorded.get("run_dir"), "candidate": recorded.get("candidate"),
-            "method": recorded.get("method")}
+            "method": recorded.get("method"), "data": ctx.source.as_record()}
 
 
-def _publish(staged: dict[str, tuple[Path, dict]], out_dir: Path, ctx: ExportContext) -> list[Path]:
-    """Move verified artifacts into OUT (or lay out a Triton repository); replaces earlier exports."""
-    if ctx.options.format == "triton":
-        return _publish_triton(staged, out_dir, ctx)
-    written = []
-    for precision, (directory, _) in staged.items():
-        target = out_dir / precision
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(directory, target)
-        written.append(target)
-    return written
+def publish(staged: dict[str, ModelCard], out_dir: Path, ctx: ExportContext, staging: Path) -> list[ModelCard]:
+    """Move the verified artifacts into OUT together (or lay out a Triton repository), replacing earlier exports:
+    the old ones are first moved aside into the staging folder, so a failure between renames can be undone."""
+    if ctx.config.format == "triton":
+        return publish_triton(staged, out_dir, ctx)
+    aside = staging / ".replaced"
+    aside.mkdir()
+    moved: list[tuple[Path, Path]] = []
+    try:
+        for precision in staged:
+            if (out_dir / precision).exists():
+                os.replace(out_dir / precision, aside / precision)
+                moved.append((aside / precision, out_dir / precision))
+        for precision, card in staged.items():
+            os.replace(card.directory, out_dir / precision)
+    except OSError as exc:
+        for old, place in moved:
+            shutil.rmtree(place, ignore_errors=True)
+            os.replace(old, place)
+        raise OkdpipeError(f"--out {out_dir}: could not publish the export ({exc.strerror or exc}); the earlier "
+                           "artifacts are kept") from None
+    from okdpipe.contracts.card import read_card
+
+    return [read_card(out_dir / precision) for precision in staged]
 
 
-def _publish_triton(staged: dict[str, tuple[Path, dict]], out_dir: Path, ctx: ExportContext) -> list[Path]:
+def publish_triton(staged: dict[str, ModelCard], out_dir: Path, ctx: ExportContext) -> list[ModelCard]:
+    from okdpipe.contracts.card import read_card
     from okdpipe.export.triton import write_triton_model
 
     written = []
-    for directory, card in staged.values():
-        shutil.rmtree(out_dir / card["name"], ignore_errors=True)
-        written.append(write_triton_model(out_dir, card["name"], directory, card, ctx.options.triton_max_batch_size,
-                                          ctx.options.triton_instance))
+    for card in staged.values():
+        shutil.rmtree(out_dir / card.name, ignore_errors=True)
+        model_dir = write_triton_model(out_dir, card.name, card.directory, card.raw,
+                                       ctx.config.triton_max_batch_size, ctx.config.triton_instance)
+        written.append(read_card(model_dir / "1"))
     return written

@@ -16,7 +16,7 @@ from typing import Iterable
 
 import numpy as np
 
-from okdpipe.errors import OkdpipeError
+from okdpipe.errors import GateFailed, OkdpipeError
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -25,35 +25,57 @@ FP32_TOLERANCE = 1e-4
 FP16_TOLERANCE = 5e-2
 
 
-def export_onnx(model, input_shape: tuple[int, int, int], path: str | os.PathLike, opset: int = 18) -> None:
-    """Export `model` (eval mode) to one self-contained .onnx file with a symbolic batch axis."""
+def export_onnx(model, input_shape: tuple[int, int, int], path: str | os.PathLike, opset: int) -> int:
+    """Export `model` (eval mode) to one self-contained .onnx file with a symbolic batch axis, at exactly `opset`
+    (checked on the written graph, which is what the card records); returns the graph's opset."""
     import onnx
-    import torch
+
+    from okdpipe.export.config import DYNAMO_MIN_OPSET
 
     model = model.eval()
-    sample = torch.zeros(TRACE_BATCH, *input_shape)
-    batch = torch.export.Dim("batch", min=1, max=65536)
     try:
-        program = torch.onnx.export(
-            model, (sample,), dynamo=True, opset_version=opset, optimize=True, verbose=False,
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},),
-        )
-    except Exception as exc:  # the exporter raises many types; the first line names the unsupported op
+        if opset >= DYNAMO_MIN_OPSET:
+            _export_dynamo(model, input_shape, path, opset)
+        else:
+            _export_torchscript(model, input_shape, path, opset)
+    except Exception as exc:  # the exporters raise many types; the first line names the unsupported op
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise OkdpipeError(f"ONNX export failed at opset {opset} ({first}); try another --opset") from None
+    graph = onnx.load(str(path))
+    onnx.checker.check_model(graph, full_check=True)
+    written = graph_opset(graph)
+    if written != opset:
+        raise OkdpipeError(f"the exporter wrote opset {written}, not the requested {opset}; choose another --opset")
+    return written
+
+
+def graph_opset(graph) -> int:
+    """The default-domain ("" or ai.onnx) opset a graph imports."""
+    return next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _export_dynamo(model, input_shape: tuple[int, int, int], path, opset: int) -> None:
+    import torch
+
+    sample = torch.zeros(TRACE_BATCH, *input_shape)
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    program = torch.onnx.export(
+        model, (sample,), dynamo=True, opset_version=opset, optimize=True, verbose=False,
+        input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},),
+    )
     program.save(str(path), external_data=False)
-    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
 
 
-def cpu_session(path: str | os.PathLike, threads: int | None = None):
-    """A fresh ONNX Runtime CPU session; `threads` pins intra-op threads for reproducible timings."""
-    import onnxruntime as ort
+def _export_torchscript(model, input_shape: tuple[int, int, int], path, opset: int) -> None:
+    import warnings
 
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(model, (torch.zeros(TRACE_BATCH, *input_shape),), str(path), dynamo=False,
+                          opset_version=opset, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
 
 
 def run_session(session, batch: np.ndarray) -> np.ndarray:
@@ -81,6 +103,8 @@ def parity_report(
     sizes, worst, scale, agree, total = [], 0.0, 1.0, 0, 0
     for batch in batches:
         expected, actual = reference(batch), candidate(batch)
+        check_finite(expected, reference_name)
+        check_finite(actual, "ONNX Runtime")
         worst = max(worst, float(np.max(np.abs(expected - actual))))
         scale = max(scale, float(np.max(np.abs(expected))))
         agree += int(np.sum(expected.argmax(1) == actual.argmax(1)))
@@ -88,7 +112,7 @@ def parity_report(
     report = {"max_abs_diff": worst, "top1_agreement": agree / max(total, 1), "batches": sizes,
               "tolerance": tolerance, "reference": reference_name}
     if tolerance is not None and not worst <= tolerance * scale:
-        raise OkdpipeError(
+        raise GateFailed(
             f"parity check failed: ONNX Runtime logits differ from {reference_name} by {worst:.3g} "
             f"(> {tolerance:g} x logit scale {scale:.3g}) at batches {sizes}; try another --opset"
         )
@@ -98,3 +122,11 @@ def parity_report(
 def parity_batches(first_batch: np.ndarray) -> list[np.ndarray]:
     """Batch 1 and batch N from the same real images: covers the batch-1 fast paths and the dynamic axis."""
     return [first_batch[:1], first_batch]
+
+
+def check_finite(logits: np.ndarray, who: str) -> None:
+    """A model answering NaN or inf never passes parity (max() would silently drop a NaN difference)."""
+    bad = int((~np.isfinite(logits)).sum())
+    if bad:
+        raise GateFailed(f"parity check failed: {who} gives {bad} non-finite logits (NaN or inf) on real validation "
+                         "images; the model's weights are damaged or diverged: retrain or re-select")

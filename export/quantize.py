@@ -17,24 +17,11 @@ from typing import Iterable, Iterator
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
+from okdpipe.cpu import cpu_features  # noqa: F401  (re-exported for the card)
 from okdpipe.errors import OkdpipeError
 
-CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_tile")
 CALIB_METHODS = ("minmax", "entropy", "percentile")
 CALIB_BATCH = 32  # images per calibration step; ORT holds this many images' activations at once
-
-
-def cpu_features(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> dict[str, bool]:
-    """Which int8-relevant instruction sets this CPU reports (all False where /proc/cpuinfo is absent)."""
-    try:
-        text = Path(cpuinfo).read_text()
-    except OSError:
-        text = ""
-    flags: set[str] = set()
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            flags.update(line.split(":", 1)[1].split())
-    return {flag: flag in flags for flag in CPU_FLAGS}
 
 
 def int8_settings(features: dict[str, bool], machine: str | None = None) -> dict:

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 from okdpipe.errors import OkdpipeError
-from okdpipe.export.card import CARD_NAME
+from okdpipe.contracts.card import CARD_NAME
 from okdpipe.files import atomic_write_text
 
 TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "uint8": "TYPE_UINT8", "int64": "TYPE_INT64"}

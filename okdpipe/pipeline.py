@@ -22,64 +22,42 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Optional
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
-from okdpipe.config import DistillConfig, Strict, validation_message, read_yaml
+from okdpipe.bench.config import BenchConfig
+from okdpipe.config import DistillConfig, Strict, read_yaml, validation_message
+from okdpipe.contracts.versioned import FileFormat
+from okdpipe.distill.select_command import SelectConfig
 from okdpipe.errors import OkdpipeError
-from okdpipe.files import atomic_write_json, atomic_write_text, file_sha256
+from okdpipe.export.config import ExportConfig
+from okdpipe.files import atomic_write_json, file_sha256
 from okdpipe.run import RunDir, now_iso
 
 STATE_FILE = "pipeline.json"
-STATE_VERSION = 1
-
-
-class PipelineUsageError(OkdpipeError):
-    """A bad pipeline config: reported before anything runs, exit code 2 (bad usage)."""
-
-    exit_code = 2
-
-
-class SelectSection(Strict):
-    strategy: str = "auto"
-    bn_batches: int = Field(50, ge=1, description="training batches for BN recalibration of averaged models")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-
-
-class ExportSection(Strict):
-    """`okdpipe export` options; the pipeline always writes plain ONNX artifacts (the benchmark reads them)."""
-
-    quantize: Literal["none", "fp16", "int8", "int8-dynamic"] = "none"
-    calib_size: int = Field(512, ge=1)
-    calib_method: Literal["minmax", "entropy", "percentile"] = "minmax"
-    opset: int = Field(18, ge=7)
-    max_accuracy_drop: float = Field(1.0, ge=0, description="percentage points of validation top-1")
-    data_dir: Optional[str] = None
-
-
-class BenchSection(Strict):
-    """`okdpipe.export.bench.BenchOptions`, field for field."""
-
-    batch_sizes: list[int] = Field([1, 8, 64], min_length=1)
-    threads: Optional[int] = Field(None, ge=1)
-    provider: str = "cpu"
-    dataset: Optional[str] = None
-    data_dir: Optional[str] = None
-    max_samples: Optional[int] = Field(None, ge=1)
-    compare_pytorch: bool = True
-    compare_ensemble: bool = True
-    warmup: int = Field(10, ge=0)
-    min_seconds: float = Field(1.0, gt=0, description="seconds of timed runs per batch size")
+STATE = FileFormat("okdpipe-pipeline-state", 2, "pipeline state file", "re-run the pipeline with --force",
+                   also_reads=(1,), legacy_key="state_version")
 
 
 class PipelineConfig(Strict):
+    """Each section is that stage's own config model (the one its command and Python function take)."""
+
     out: Optional[str] = None
     distill: DistillConfig = Field(default_factory=DistillConfig)
-    select: SelectSection = Field(default_factory=SelectSection)
-    export: ExportSection = Field(default_factory=ExportSection)
-    bench: BenchSection = Field(default_factory=BenchSection)
+    select: SelectConfig = Field(default_factory=SelectConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    bench: BenchConfig = Field(default_factory=BenchConfig)
     gate: list[str] = Field(default_factory=list, description='e.g. ["top1>=0.80", "p99_ms@1<=20"]')
+
+    @model_validator(mode="after")
+    def _gates_in_one_place(self) -> "PipelineConfig":
+        if self.bench.gates:
+            raise ValueError("put the pipeline's gates in its top-level `gate:` list, not bench.gates (a gate "
+                             "change then re-runs only the gate stage, not the benchmark)")
+        if self.export.format != "onnx":
+            raise ValueError("the pipeline exports plain ONNX artifacts (its bench reads them); drop export.format")
+        return self
 
 
 def load_pipeline_config(path: str | Path) -> PipelineConfig:
@@ -88,28 +66,24 @@ def load_pipeline_config(path: str | Path) -> PipelineConfig:
         cfg = PipelineConfig(**read_yaml(path))
         check_names(cfg)
     except ValidationError as exc:
-        raise PipelineUsageError(f"{path}: {validation_message(exc)}") from None
+        raise OkdpipeError(f"{path}: {validation_message(exc)}") from None
     except OkdpipeError as exc:
-        raise PipelineUsageError(f"{path}: {exc}") from None
+        raise OkdpipeError(f"{path}: {exc}") from None
     return cfg
 
 
 def check_names(cfg: PipelineConfig) -> None:
-    """Unknown method, backbone, dataset, method parameter, provider or gate fail now, not after minutes of
-    training."""
+    """Unknown method, backbone, dataset, method parameter or gate fail now, not after minutes of training."""
+    from okdpipe.bench.gate import validate_gates
     from okdpipe.config import validate_params
     from okdpipe.datasets import DATASETS
     from okdpipe.distill.methods import METHODS
     from okdpipe.distill.models import MODELS
-    from okdpipe.export.bench import PROVIDERS
-    from okdpipe.export.gate import validate_gates
 
     method = METHODS.get(cfg.distill.method)
     validate_params(method.Params, cfg.distill.method_params, cfg.distill.method)
     MODELS.get(cfg.distill.arch)
     DATASETS.get(cfg.distill.dataset)
-    if cfg.bench.provider not in PROVIDERS:
-        raise OkdpipeError(f"bench.provider {cfg.bench.provider!r} is unknown; choose one of: {', '.join(PROVIDERS)}")
     validate_gates(cfg.gate, None, None, tuple(cfg.bench.batch_sizes))
 
 
@@ -188,14 +162,16 @@ class Pipeline:
 
     def read_state(self) -> dict[str, Any]:
         if not self.state_path.is_file():
-            return {"state_version": STATE_VERSION, "stages": {}}
+            return {**STATE.header(), "stages": {}}
         try:
             state = json.loads(self.state_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise OkdpipeError(f"{self.state_path}: corrupt ({exc.msg}); delete it or re-run with --force") from None
-        if state.get("state_version") != STATE_VERSION:
-            raise OkdpipeError(f"{self.state_path}: written by another okdpipe version; re-run with --force")
-        return state
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise OkdpipeError(f"{self.state_path}: corrupt ({exc}); delete it or re-run with --force") from None
+        STATE.check(state, self.state_path)
+        if not isinstance(state.get("stages"), dict):
+            raise OkdpipeError(f"{self.state_path}: damaged (no stages mapping); re-run with --force")
+        current = {key: value for key, value in state.items() if key != STATE.legacy_key}  # v1 -> v2 header
+        return {**current, **STATE.header()}
 
     def record(self, state: dict, stage: Stage, inputs: dict, outputs: list[str], extra: dict) -> None:
         state["stages"][stage.name] = {
@@ -224,7 +200,7 @@ class Pipeline:
     def run(self) -> int:
         """Run or skip each stage in order, deciding on the real files as upstream stages finish; gate's exit code."""
         self.out.mkdir(parents=True, exist_ok=True)
-        state = {"state_version": STATE_VERSION, "stages": {}} if self.force else self.read_state()
+        state = {**STATE.header(), "stages": {}} if self.force else self.read_state()
         for stage in self.stages:
             decision = self.decide(stage, state["stages"], None)
             self.echo(describe(decision))
@@ -294,30 +270,33 @@ class Pipeline:
         return [self.out / "export" / name for name in variants]
 
     def _export(self) -> tuple[list[str], dict]:
-        from okdpipe.export.pipeline import ExportOptions, export_model
+        from okdpipe.export.exporter import export_model
 
         # A fresh directory: a variant from an earlier config (say int8 before fp16) must not linger.
         shutil.rmtree(self.out / "export", ignore_errors=True)
-        written = export_model(self.out / "model.pt", self.out / "export",
-                               ExportOptions(format="onnx", **self.cfg.export.model_dump()))
-        return files_under(self.out, "export"), {"artifacts": [str(p.relative_to(self.out)) for p in written]}
+        cards = export_model(self.out / "model.pt", self.out / "export", self.cfg.export)
+        return files_under(self.out, "export"), {"artifacts": [str(c.directory.relative_to(self.out))
+                                                               for c in cards]}
 
     def _bench(self) -> tuple[list[str], dict]:
-        from okdpipe.export.bench import BenchOptions, run_bench
+        from okdpipe.bench.run import run_bench
 
-        options = self.cfg.bench.model_dump()
-        options["batch_sizes"] = tuple(options["batch_sizes"])
-        report = run_bench(self.artifact_dirs(), BenchOptions(**options))
-        atomic_write_text(self.out / "bench.json", json.dumps(report, indent=2, default=str) + "\n")
+        report = run_bench(self.artifact_dirs(), self.cfg.bench)
+        atomic_write_json(self.out / "bench.json", report.to_dict())
         return ["bench.json"], {}
 
     def _gate(self) -> tuple[list[str], dict]:
-        from okdpipe.export.gate import evaluate_gates
-        from okdpipe.export.report import write_reports
+        from dataclasses import replace
 
-        report = json.loads((self.out / "bench.json").read_text())
+        from okdpipe.bench.gate import evaluate_gates
+        from okdpipe.bench.report import write_reports
+        from okdpipe.contracts.report import BenchReport
+
+        path = self.out / "bench.json"
+        report = BenchReport.from_dict(json.loads(path.read_text()), path)
         results = evaluate_gates(report, list(self.cfg.gate))
-        written = write_reports(report, results, self.out / "report.json", junit=self.out / "report.junit.xml")
+        written = write_reports(replace(report, gates=results), self.out / "report.json",
+                                junit=self.out / "report.junit.xml")
         rows = [gate_row(result) for result in results]
         outputs = sorted(str(Path(p).relative_to(self.out)) for p in written.values())
         return outputs, {"passed": all(row["passed"] for row in rows), "results": rows}

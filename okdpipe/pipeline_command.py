@@ -18,11 +18,7 @@ def pipeline_command(
 
     Exit code: 0 when every gate passes, 1 when a gate fails (or a stage fails), 2 for a bad config.
     """
-    from okdpipe.pipeline import PipelineUsageError, run_pipeline
+    from okdpipe.console import say
+    from okdpipe.pipeline import run_pipeline
 
-    try:
-        code = run_pipeline(config, out, force=force, dry_run=dry_run, echo=typer.echo)
-    except PipelineUsageError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    raise typer.Exit(code)
+    raise typer.Exit(run_pipeline(config, out, force=force, dry_run=dry_run, echo=say))

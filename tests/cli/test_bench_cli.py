@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 from okdpipe.cli import app
 from okdpipe.datasets import load_dataset
 from okdpipe.distill.models import create_model
-from okdpipe.export.pipeline import ExportOptions, export_model
+from okdpipe.export.config import ExportConfig
+from okdpipe.export.exporter import export_model
 from okdpipe.modelfile import ModelInfo, save_model_file
 
 QUICK = ["--batch-sizes", "1,2", "--threads", "1", "--warmup", "1", "--min-seconds", "0.01", "--no-pytorch"]
@@ -29,8 +30,8 @@ def artifact(tmp_path_factory):
                                        spec.std, spec.labels, "synthetic", provenance={"data": {
                                            "dataset": "synthetic", "val_split": 0.25, "seed": 0}}),
                     root / "model.pt")
-    [directory] = export_model(root / "model.pt", root / "out", ExportOptions())
-    return directory
+    [card] = export_model(root / "model.pt", root / "out", ExportConfig())
+    return card.directory
 
 
 def bench(artifact, tmp_path, *extra: str):

@@ -1,4 +1,4 @@
-"""`okdpipe export` through the command line: flags reach the pipeline, user errors are one line + exit 1."""
+"""`okdpipe export` through the command line: flags reach the pipeline, user errors are one line + exit 2."""
 
 from __future__ import annotations
 
@@ -36,10 +36,10 @@ def test_export_fp16_writes_two_artifact_directories(model_file, tmp_path):
     assert card["quantization"]["keep_io_types"] is True
 
 
-def test_foreign_file_is_one_line_exit_1(tmp_path):
+def test_foreign_file_is_one_line_exit_2(tmp_path):
     torch.save({"not": "okdpipe"}, tmp_path / "foreign.pt")
     result = CliRunner().invoke(app, ["export", str(tmp_path / "foreign.pt"), "--out", str(tmp_path / "o")])
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # bad input (okdpipe/errors.py), not a failed check
     assert result.output.strip().count("\n") == 0
     assert result.output.startswith("error: ") and "not an okdpipe model file" in result.output
 
@@ -47,3 +47,23 @@ def test_foreign_file_is_one_line_exit_1(tmp_path):
 def test_bad_quantize_choice_is_rejected(model_file, tmp_path):
     result = CliRunner().invoke(app, ["export", str(model_file), "--out", str(tmp_path), "--quantize", "int4"])
     assert result.exit_code == 2 and "int4" in result.output
+
+
+@pytest.mark.parametrize("opset", [13, 17])
+def test_opset_below_18_is_honoured_and_recorded(model_file, tmp_path, opset):
+    import onnx
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["export", str(model_file), "--out", str(out), "--opset", str(opset)])
+    assert result.exit_code == 0, result.output
+    graph = onnx.load(str(out / "fp32" / "model.onnx"))
+    written = next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))
+    card = json.loads((out / "fp32" / "model.json").read_text())
+    assert written == card["opset"] == opset
+
+
+@pytest.mark.parametrize("opset", ["5", "12", "24", "999"])
+def test_unsupported_opset_is_refused_in_one_line_exit_2(model_file, tmp_path, opset):
+    result = CliRunner().invoke(app, ["export", str(model_file), "--out", str(tmp_path / "o"), "--opset", opset])
+    assert result.exit_code == 2 and result.output.startswith("error: ") and "opset" in result.output
+    assert result.output.strip().count("\n") == 0 and not (tmp_path / "o").exists()

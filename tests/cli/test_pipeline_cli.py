@@ -156,7 +156,7 @@ def test_dry_run_of_a_new_directory_creates_nothing(tmp_path):
     ({"export": {"quantise": "int8"}}, "export.quantise: Extra inputs are not permitted"),
     ({"gate": ["p99_ms@2<=20"]}, "batch size 2 is not benchmarked"),
     ({"gate": ["latency<=20"]}, "latency"),
-    ({"bench": {"provider": "tpu"}}, "bench.provider 'tpu' is unknown"),
+    ({"bench": {"provider": "tpu"}}, "bench.provider: unknown provider 'tpu'"),
 ])
 def test_bad_config_is_one_line_exit_2_before_anything_runs(tmp_path, sections, fragment):
     result = invoke(smoke_config(tmp_path, **sections), tmp_path / "out")

@@ -10,14 +10,28 @@ import numpy as np
 import pytest
 import torch
 
+from okdpipe.contracts.card import read_card, write_card
 from okdpipe.datasets import load_dataset
 from okdpipe.distill.models import MODELS, create_model
 from okdpipe.errors import OkdpipeError
 from okdpipe.export import onnx_export
-from okdpipe.export.card import read_card, write_card
-from okdpipe.export.pipeline import ExportOptions, export_model
+from okdpipe.export.config import ExportConfig
+from okdpipe.export.exporter import LOCK_FILE, export_model
 from okdpipe.export.triton import triton_config
 from okdpipe.modelfile import ModelInfo, save_model_file
+from okdpipe.ortsession import create_session
+
+OPSET = ExportConfig().opset
+
+
+def written(out):
+    """What an export left in OUT besides its (released) advisory lock file."""
+    return [p for p in out.iterdir() if p.name != LOCK_FILE]
+
+
+def cpu_session(path):
+    """A fresh session built by the one factory export, bench and serve share."""
+    return create_session(path)[0]
 
 FAST_MODELS = {"resnet8", "resnet20"}  # the rest export in 3-15 s each on 2 cores: slow-marked
 
@@ -26,7 +40,8 @@ def make_model_file(path, arch="resnet8", seed=0):
     """A MODEL.pt for the synthetic dataset (3x16x16, 4 classes), as `okdpipe select` would write it."""
     spec = load_dataset("synthetic").spec
     torch.manual_seed(seed)
-    model = create_model(arch, spec.num_classes, spec.in_channels) if arch in MODELS else torch.nn.Identity()
+    # an unknown arch gets real (resnet8) weights: a file from a newer okdpipe, say, not an empty one
+    model = create_model(arch if arch in MODELS else "resnet8", spec.num_classes, spec.in_channels)
     info = ModelInfo(arch=arch, num_classes=spec.num_classes, in_channels=spec.in_channels,
                      input_size=spec.input_size, mean=spec.mean, std=spec.std, labels=spec.labels,
                      dataset="synthetic", provenance={"data": {"dataset": "synthetic", "val_split": 0.25, "seed": 0},
@@ -40,19 +55,20 @@ def exported(tmp_path_factory):
     """One int8 export shared by the read-only tests below (export is the slow part)."""
     root = tmp_path_factory.mktemp("export")
     model_path, model, spec = make_model_file(root / "model.pt")
-    dirs = export_model(model_path, root / "out", ExportOptions(quantize="int8", max_accuracy_drop=100.0))
+    cards = export_model(model_path, root / "out", ExportConfig(quantize="int8", max_accuracy_drop=100.0))
+    dirs = [card.directory for card in cards]
     return {"dirs": dirs, "model": model, "spec": spec, "model_path": model_path, "out": root / "out"}
 
 
 def test_writes_fp32_and_int8_artifact_directories(exported):
     out = exported["out"]
     assert exported["dirs"] == [out / "fp32", out / "int8"]
-    assert sorted(p.name for p in out.iterdir()) == ["fp32", "int8"]  # no staging leftovers
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE, "fp32", "int8"]  # no staging leftovers
     assert sorted(p.name for p in (out / "fp32").iterdir()) == ["model.json", "model.onnx"]
 
 
 def test_card_schema(exported):
-    card = read_card(exported["out"] / "fp32")
+    card = read_card(exported["out"] / "fp32").raw
     spec = exported["spec"]
     assert list(card) == ["format", "format_version", "name", "file", "precision", "input", "output", "preprocess",
                           "labels", "dataset", "opset", "parity", "quantization", "accuracy", "runtime",
@@ -68,7 +84,7 @@ def test_card_schema(exported):
 
 
 def test_fp32_parity_recorded_and_within_tolerance(exported):
-    parity = read_card(exported["out"] / "fp32")["parity"]
+    parity = read_card(exported["out"] / "fp32").raw["parity"]
     val_size = len(load_dataset("synthetic", val_split=0.25).val)
     assert parity["batches"] == [1, min(32, val_size)]
     assert parity["tolerance"] == 1e-4 and parity["reference"] == "pytorch-fp32"
@@ -78,7 +94,7 @@ def test_fp32_parity_recorded_and_within_tolerance(exported):
 def test_onnx_matches_pytorch_at_dynamic_batch_sizes_in_fresh_sessions(exported):
     model = exported["model"]
     for batch in (1, 7, 64):
-        session = onnx_export.cpu_session(exported["out"] / "fp32" / "model.onnx")  # fresh: no shape caching
+        session = cpu_session(exported["out"] / "fp32" / "model.onnx")  # fresh: no shape caching
         inputs = np.random.default_rng(batch).standard_normal((batch, 3, 16, 16)).astype(np.float32)
         logits = onnx_export.run_session(session, inputs)
         assert logits.shape == (batch, 4)
@@ -86,7 +102,7 @@ def test_onnx_matches_pytorch_at_dynamic_batch_sizes_in_fresh_sessions(exported)
 
 
 def test_int8_accuracy_drop_is_measured_on_the_validation_split(exported):
-    fp32, int8 = read_card(exported["out"] / "fp32"), read_card(exported["out"] / "int8")
+    fp32, int8 = read_card(exported["out"] / "fp32").raw, read_card(exported["out"] / "int8").raw
     accuracy = int8["accuracy"]
     assert accuracy["val_samples"] == len(load_dataset("synthetic", val_split=0.25).val)
     assert accuracy["fp32_val_top1"] == fp32["accuracy"]["val_top1"]
@@ -99,26 +115,26 @@ def test_tampered_onnx_fails_sha256_check(exported, tmp_path):
     directory = tmp_path / "art"
     directory.mkdir()
     (directory / "model.onnx").write_bytes((exported["out"] / "fp32" / "model.onnx").read_bytes())
-    write_card(directory, {"name": "m", "file": "model.onnx", "precision": "fp32", "input": {}, "output": {},
-                           "preprocess": {}, "labels": []})
-    assert read_card(directory)["sha256"]["model.onnx"]
+    fields = read_card(exported["out"] / "fp32").raw  # a valid card: write_card refuses invalid ones
+    write_card(directory, {k: v for k, v in fields.items() if k not in ("format", "format_version", "sha256")})
+    assert read_card(directory).raw["sha256"]["model.onnx"]
     with open(directory / "model.onnx", "ab") as handle:
         handle.write(b"\0")
-    with pytest.raises(OkdpipeError, match="sha256 does not match"):
+    with pytest.raises(OkdpipeError, match=r"model.onnx sha256 is .* the card says .* \(file changed\)"):
         read_card(directory)
 
 
 def test_card_format_version_and_missing_card_are_errors(exported, tmp_path):
-    with pytest.raises(OkdpipeError, match="not an artifact directory"):
+    with pytest.raises(OkdpipeError, match="no model.json in .*pass the folder `okdpipe export` wrote"):
         read_card(tmp_path)
     card = json.loads((exported["out"] / "fp32" / "model.json").read_text())
     (tmp_path / "model.json").write_text(json.dumps({**card, "format_version": 2}))
-    with pytest.raises(OkdpipeError, match="format version 2 is not supported"):
+    with pytest.raises(OkdpipeError, match="format_version 2 is not supported"):
         read_card(tmp_path)
 
 
 def test_card_module_does_not_import_torch():
-    code = "import sys, okdpipe.export.card; assert 'torch' not in sys.modules and 'numpy' not in sys.modules"
+    code = "import sys, okdpipe.contracts.card; assert 'torch' not in sys.modules and 'numpy' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -132,24 +148,26 @@ def test_parity_failure_raises_and_writes_no_artifact(tmp_path, monkeypatch):
 
     monkeypatch.setattr(onnx_export, "export_onnx", export_broken_model)
     with pytest.raises(OkdpipeError, match="parity check failed") as error:
-        export_model(model_path, tmp_path / "out", ExportOptions())
-    assert "\n" not in str(error.value)
-    assert list((tmp_path / "out").iterdir()) == []
+        export_model(model_path, tmp_path / "out", ExportConfig())
+    assert "\n" not in str(error.value) and error.value.exit_code == 1  # a failed check, not bad input
+    assert written(tmp_path / "out") == []
 
 
 def test_accuracy_drop_over_limit_fails_and_writes_nothing(exported, tmp_path):
-    with pytest.raises(OkdpipeError, match="over --max-accuracy-drop -100"):
+    # ExportConfig refuses a negative limit; built unvalidated here so that any variant is over it
+    with pytest.raises(OkdpipeError, match="over --max-accuracy-drop -100") as error:
         export_model(exported["model_path"], tmp_path / "out",
-                     ExportOptions(quantize="int8-dynamic", max_accuracy_drop=-100.0))
-    assert list((tmp_path / "out").iterdir()) == []
+                     ExportConfig.model_construct(quantize="int8-dynamic", max_accuracy_drop=-100.0))
+    assert error.value.exit_code == 1
+    assert written(tmp_path / "out") == []
 
 
 def test_triton_repository(exported, tmp_path):
-    dirs = export_model(exported["model_path"], tmp_path / "repo", ExportOptions(format="triton"))
+    cards = export_model(exported["model_path"], tmp_path / "repo", ExportConfig(format="triton"))
     model_dir = tmp_path / "repo" / "resnet8-synthetic"
-    assert dirs == [model_dir]
+    assert [card.directory for card in cards] == [model_dir / "1"]
     assert sorted(p.name for p in (model_dir / "1").iterdir()) == ["model.json", "model.onnx"]
-    assert read_card(model_dir / "1")["name"] == "resnet8-synthetic"
+    assert read_card(model_dir / "1").name == "resnet8-synthetic"
     config = (model_dir / "config.pbtxt").read_text()
     assert 'backend: "onnxruntime"' in config and "max_batch_size: 64" in config
     assert "dims: [ 3, 16, 16 ]" in config and "dims: [ 4 ]" in config
@@ -173,26 +191,26 @@ def test_triton_config_text():
 def test_not_an_okdpipe_file(tmp_path):
     torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
     with pytest.raises(OkdpipeError, match="not an okdpipe model file"):
-        export_model(tmp_path / "foreign.pt", tmp_path / "out", ExportOptions())
+        export_model(tmp_path / "foreign.pt", tmp_path / "out", ExportConfig())
 
 
 def test_corrupt_file(tmp_path):
     (tmp_path / "corrupt.pt").write_bytes(b"\x80\x04garbage" * 10)
     with pytest.raises(OkdpipeError, match="not a readable okdpipe model file"):
-        export_model(tmp_path / "corrupt.pt", tmp_path / "out", ExportOptions())
+        export_model(tmp_path / "corrupt.pt", tmp_path / "out", ExportConfig())
 
 
 def test_unknown_architecture(tmp_path):
     model_path, _, _ = make_model_file(tmp_path / "model.pt", arch="resnet9000")
     with pytest.raises(OkdpipeError, match="resnet9000"):
-        export_model(model_path, tmp_path / "out", ExportOptions())
+        export_model(model_path, tmp_path / "out", ExportConfig())
 
 
 def test_unwritable_out(tmp_path):
     model_path, _, _ = make_model_file(tmp_path / "model.pt")
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(OkdpipeError, match="cannot write there") as error:
-        export_model(model_path, tmp_path / "a_file" / "out", ExportOptions())
+        export_model(model_path, tmp_path / "a_file" / "out", ExportConfig())
     assert "\n" not in str(error.value)
 
 
@@ -202,11 +220,11 @@ def test_unwritable_out(tmp_path):
 def test_every_backbone_exports_with_parity(arch, tmp_path):
     torch.manual_seed(0)
     model = create_model(arch, num_classes=4, in_channels=3).eval()
-    onnx_export.export_onnx(model, (3, 16, 16), tmp_path / "m.onnx")
+    onnx_export.export_onnx(model, (3, 16, 16), tmp_path / "m.onnx", OPSET)
     inputs = np.random.default_rng(0).standard_normal((3, 3, 16, 16)).astype(np.float32)
     report = onnx_export.parity_report(
         lambda x: onnx_export.torch_logits(model, x),
-        lambda x: onnx_export.run_session(onnx_export.cpu_session(tmp_path / "m.onnx"), x),
+        lambda x: onnx_export.run_session(cpu_session(tmp_path / "m.onnx"), x),
         [inputs[:1], inputs], onnx_export.FP32_TOLERANCE, "pytorch-fp32",
     )
     assert report["top1_agreement"] == 1.0 and report["batches"] == [1, 3]

@@ -7,10 +7,17 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from okdpipe.export.gate import (
-    Gate, GateUsageError, evaluate_gates, load_baseline, load_policy, parse_gate, validate_gates,
+from okdpipe.bench.gate import (
+    Gate,
+    GateUsageError,
+    evaluate_gates,
+    load_baseline,
+    load_policy,
+    parse_gate,
+    validate_gates,
 )
-from okdpipe.export.report import junit_xml, markdown
+from okdpipe.bench.report import junit_xml, markdown
+from okdpipe.contracts.report import BenchReport
 
 
 def point(p99: float, images_per_s: float) -> dict:
@@ -27,10 +34,12 @@ def entry(name: str, kind: str, precision: str, top1: float, p99: float, macs: i
 
 
 @pytest.fixture
-def report() -> dict:
-    return {"schema_version": 1, "artifacts": [entry("net", "onnx", "fp32", 0.92, 2.0),
-                                               entry("net-int8", "onnx", "int8", 0.90, 1.0, macs=None)],
-            "references": [entry("ensemble (2 x net)", "ensemble", "fp32", 0.94, 5.0, macs=2000)], "notes": []}
+def report() -> BenchReport:
+    return BenchReport.from_dict(
+        {"schema_version": 1, "artifacts": [entry("net", "onnx", "fp32", 0.92, 2.0),
+                                            entry("net-int8", "onnx", "int8", 0.90, 1.0, macs=None)],
+         "references": [entry("ensemble (2 x net)", "ensemble", "fp32", 0.94, 5.0, macs=2000)], "notes": []},
+        "test report")
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -95,22 +104,22 @@ def test_unselected_or_unmeasured_is_a_usage_error(report):
 
 def test_baseline_relative_gates(report):
     baseline = copy.deepcopy(report)
-    baseline["artifacts"][0]["accuracy"]["top1"] = 0.924  # net dropped 0.4 points: within 0.5
-    baseline["artifacts"][1]["accuracy"]["top1"] = 0.906  # net-int8 dropped 0.6 points: over
+    baseline.artifacts[0].accuracy.top1 = 0.924  # net dropped 0.4 points: within 0.5
+    baseline.artifacts[1].accuracy.top1 = 0.906  # net-int8 dropped 0.6 points: over
     results = evaluate_gates(report, ["top1>=baseline-0.005"], baseline=baseline)
     assert [(r.artifact, r.passed) for r in results] == [("net", True), ("net-int8", False)]
     assert results[1].threshold == pytest.approx(0.901) and "(baseline 0.906)" in results[1].detail
-    baseline["artifacts"][0]["latency"]["1"]["p99_ms"] = 1.8  # 2.0 is 11% more than 1.8
+    baseline.artifacts[0].latency[1].p99_ms = 1.8  # 2.0 is 11% more than 1.8
     [grown] = evaluate_gates(report, ["net:p99_ms@1<=baseline*1.10"], baseline=baseline)
     assert not grown.passed and grown.threshold == pytest.approx(1.98)
 
 
 def test_baseline_matches_by_name_then_unique_precision(report):
     baseline = copy.deepcopy(report)
-    baseline["artifacts"][0]["name"] = "net-v1"  # renamed, but the only onnx fp32 entry
+    baseline.artifacts[0].name = "net-v1"  # renamed, but the only onnx fp32 entry
     [result] = evaluate_gates(report, ["net:top1>=baseline"], baseline=baseline)
     assert result.threshold == 0.92
-    baseline["artifacts"][0]["kind"] = "pytorch"
+    baseline.artifacts[0].kind = "pytorch"
     with pytest.raises(GateUsageError, match="baseline has no entry matching 'net'"):
         evaluate_gates(report, ["net:top1>=baseline"], baseline=baseline)
 
@@ -156,7 +165,8 @@ def test_bad_policy_files_are_usage_errors(tmp_path, text, message):
 def test_load_baseline(tmp_path, report):
     assert load_baseline(None) is None
     (tmp_path / "old.json").write_text('{"schema_version": 1, "artifacts": []}')
-    assert load_baseline(tmp_path / "old.json") == {"schema_version": 1, "artifacts": []}
+    old = load_baseline(tmp_path / "old.json")  # a v1 report still reads
+    assert isinstance(old, BenchReport) and old.artifacts == [] and old.references == []
     (tmp_path / "bad.json").write_text('{"schema_version": 1')
     for path, message in [(tmp_path / "bad.json", "not valid JSON"), (tmp_path / "none.json", "cannot read it")]:
         with pytest.raises(GateUsageError, match=message):
@@ -188,14 +198,27 @@ def test_junit_without_gates_is_an_empty_suite():
 
 
 def test_markdown_states_the_verdict(report):
-    report["machine"] = {"cpu_model": "cpu", "logical_cpus": 2, "cpu_features": {"avx2": True},
+    report.machine = {"cpu_model": "cpu", "logical_cpus": 2, "cpu_features": {"avx2": True},
                          "provider": "cpu", "threads": None,
                          "peak_gflops": {"gflops": 100.0, "method": "torch fp32 matmul"}}
-    report["runtime"] = {"onnxruntime": "1", "torch": "2"}
-    report["references"][0]["of"] = ["net"]
+    report.runtime = {"onnxruntime": "1", "torch": "2"}
+    report.references[0].of = ["net"]
     text = markdown(report, evaluate_gates(report, ["top1>=0.91"]))
     assert "### Gates: **1 of 2 gates failed**" in text
     assert "| top1>=0.91 | net-int8 | 0.9 | 0.91 | FAIL | 0.9 is not >= 0.91, off by 0.01 |" in text
     assert ("- net vs ensemble (2 x net): 2.00x fewer MACs, 2.50x lower p50 latency at batch 1, "
             "top-1 2.00 points below the ensemble") in text
     assert "all 1 gates pass" in markdown(report, evaluate_gates(report, ["net:top1>=0.91"]))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_metric_fails_its_gate(report, value):
+    report.artifacts[0].accuracy.top1 = value
+    report.artifacts[0].latency[1].p99_ms = value
+    for gate in ["net:top1>=0.5", "net:top1<=0.5", "net:p99_ms@1<=1e9"]:
+        [result] = evaluate_gates(report, [gate])
+        assert not result.passed and "not a finite number" in result.detail
+    baseline = copy.deepcopy(report)
+    report.artifacts[0].accuracy.top1 = 0.92  # finite now, but the baseline's value is not
+    [result] = evaluate_gates(report, ["net:top1>=baseline-0.01"], baseline=baseline)
+    assert not result.passed

@@ -12,8 +12,8 @@ import yaml
 
 from okdpipe.config import DistillConfig
 from okdpipe.distill.trainer import fit
-from okdpipe.pipeline import (Pipeline, PipelineConfig, PipelineUsageError, Stage, describe, load_pipeline_config,
-                              section_sha256)
+from okdpipe.errors import OkdpipeError
+from okdpipe.pipeline import Pipeline, PipelineConfig, Stage, describe, load_pipeline_config, section_sha256
 from okdpipe.run import RunDir
 
 SMOKE = Path(__file__).resolve().parents[2] / "configs" / "pipeline-smoke.yaml"
@@ -47,14 +47,14 @@ def test_both_shipped_configs_load():
 ])
 def test_bad_config_is_one_line_exit_2(tmp_path, data, message):
     path = write_config(tmp_path, data)
-    with pytest.raises(PipelineUsageError) as error:
+    with pytest.raises(OkdpipeError) as error:
         load_pipeline_config(path)
     assert error.value.exit_code == 2
     assert str(error.value).startswith(f"{path}: ") and message in str(error.value) and "\n" not in str(error.value)
 
 
 def test_missing_config_file_is_bad_usage(tmp_path):
-    with pytest.raises(PipelineUsageError, match="config file not found"):
+    with pytest.raises(OkdpipeError, match="config file not found"):
         load_pipeline_config(tmp_path / "none.yaml")
 
 
@@ -211,3 +211,18 @@ def test_killed_run_with_other_settings_or_force_starts_afresh(tmp_path):
     assert changed.plan()[0].stage.note() == "trains from scratch"
     assert forced.plan()[0].stage.note() == "trains from scratch"
     assert same_but_device.resumable_epochs() == 1  # the device cannot change the weights
+
+
+def test_state_file_has_a_format_header_and_version_1_still_reads(fake):
+    path = fake.out / "pipeline.json"
+    state = json.loads(path.read_text())
+    assert (state["format"], state["format_version"]) == ("okdpipe-pipeline-state", 2)
+    old = {"state_version": 1, **{k: v for k, v in state.items() if k not in ("format", "format_version")}}
+    path.write_text(json.dumps(old))  # as okdpipe wrote it before the common header
+    pipeline, lines = fake.pipeline()
+    assert pipeline.run() == 0 and fake.calls == {"upstream": 1, "gate": 1}
+    assert lines[:2] == ["skip  upstream config, inputs and outputs unchanged",
+                         "skip  gate     config, inputs and outputs unchanged"]
+    path.write_text(json.dumps({**state, "format_version": 3}))
+    with pytest.raises(OkdpipeError, match="format_version 3 is not supported"):
+        fake.pipeline()[0].run()

@@ -8,8 +8,11 @@ import pytest
 import torch
 from torch import nn
 
+from okdpipe.cpu import cpu_features
 from okdpipe.errors import OkdpipeError
 from okdpipe.export import onnx_export, quantize
+from okdpipe.export.config import ExportConfig
+from okdpipe.ortsession import create_session
 
 AVX2_ONLY = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n\nprocessor\t: 1\nflags\t\t: fpu sse2 avx avx2 fma\n"
 VNNI = "flags\t\t: fpu avx2 avx512f avx512_vnni\n"
@@ -33,8 +36,12 @@ def fp32_model(tmp_path_factory):
     torch.manual_seed(0)
     model = WideNet().eval()
     path = tmp_path_factory.mktemp("quant") / "fp32.onnx"
-    onnx_export.export_onnx(model, (3, 8, 8), path)
+    onnx_export.export_onnx(model, (3, 8, 8), path, ExportConfig().opset)
     return path, model
+
+
+def cpu_session(path):
+    return create_session(path)[0]
 
 
 def calibration_batches(count: int, batch: int = 4):
@@ -48,18 +55,19 @@ def op_types(path) -> set[str]:
 
 def test_cpu_features_parses_flags(tmp_path):
     (tmp_path / "cpuinfo").write_text(AVX2_ONLY)
-    assert quantize.cpu_features(tmp_path / "cpuinfo") == {
+    assert cpu_features(tmp_path / "cpuinfo") == {
         "avx2": True, "avx512f": False, "avx512_vnni": False, "avx_vnni": False, "amx_int8": False, "amx_tile": False,
+        "avx512_fp16": False, "fp16": False,
     }
-    assert not any(quantize.cpu_features(tmp_path / "missing").values())
+    assert not any(cpu_features(tmp_path / "missing").values())
 
 
 def test_reduce_range_only_on_x86_without_vnni(tmp_path):
     (tmp_path / "avx2").write_text(AVX2_ONLY)
     (tmp_path / "vnni").write_text(VNNI)
-    avx2 = quantize.int8_settings(quantize.cpu_features(tmp_path / "avx2"), machine="x86_64")
-    vnni = quantize.int8_settings(quantize.cpu_features(tmp_path / "vnni"), machine="x86_64")
-    arm = quantize.int8_settings(quantize.cpu_features(tmp_path / "avx2"), machine="aarch64")
+    avx2 = quantize.int8_settings(cpu_features(tmp_path / "avx2"), machine="x86_64")
+    vnni = quantize.int8_settings(cpu_features(tmp_path / "vnni"), machine="x86_64")
+    arm = quantize.int8_settings(cpu_features(tmp_path / "avx2"), machine="aarch64")
     assert (avx2["reduce_range"], vnni["reduce_range"], arm["reduce_range"]) == (True, False, False)
     assert avx2["activation_type"] == "QUInt8" and avx2["weight_type"] == "QInt8" and avx2["per_channel"]
     assert avx2["cpu_features"]["avx2"] and not avx2["cpu_features"]["avx512_vnni"]
@@ -89,7 +97,7 @@ def test_static_int8_is_qdq_and_smaller(fp32_model, tmp_path, method):
     size_ratio = (tmp_path / "int8.onnx").stat().st_size / fp32_path.stat().st_size
     assert size_ratio < 0.3
     inputs = calibration_batches(1, batch=16)[0]
-    int8_logits = onnx_export.run_session(onnx_export.cpu_session(tmp_path / "int8.onnx"), inputs)
+    int8_logits = onnx_export.run_session(cpu_session(tmp_path / "int8.onnx"), inputs)
     fp32_logits = onnx_export.torch_logits(model, inputs)
     assert np.abs(int8_logits - fp32_logits).max() < 0.1 * np.abs(fp32_logits).max()
 
@@ -115,6 +123,6 @@ def test_fp16_keeps_fp32_io_and_stays_close(fp32_model, tmp_path):
     assert [v.type.tensor_type.elem_type for v in (*graph.input, *graph.output)] == [float32, float32]
     assert {t.data_type for t in graph.initializer if len(t.dims) == 4} == {onnx.TensorProto.FLOAT16}
     inputs = calibration_batches(1, batch=5)[0]
-    fp16_logits = onnx_export.run_session(onnx_export.cpu_session(tmp_path / "fp16.onnx"), inputs)
+    fp16_logits = onnx_export.run_session(cpu_session(tmp_path / "fp16.onnx"), inputs)
     fp32_logits = onnx_export.torch_logits(model, inputs)
     assert np.abs(fp16_logits - fp32_logits).max() < onnx_export.FP16_TOLERANCE * max(1, np.abs(fp32_logits).max())

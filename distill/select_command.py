@@ -1,0 +1,76 @@
+"""`okdpipe select RUN_DIR`: SelectConfig (its options, declared once) and the typer command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal, Optional
+
+import typer
+from pydantic import Field
+
+from okdpipe.stage_config import StageConfig, flag
+
+
+class SelectConfig(StageConfig):
+    """The command's flags, the pipeline's `select:` section and `okdpipe.api.select` compile into this."""
+
+    strategy: str = Field("auto", description="auto, best, leader, mean-teacher, hybrid, soup, student:N, or any "
+                                              "candidate name")
+    bn_batches: int = Field(50, ge=1, le=100_000, description="training batches used to recompute BatchNorm "
+                                                              "statistics of weight-averaged candidates")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when visible, else CPU")
+
+
+def select_command(
+    run_dir: Annotated[Path, typer.Argument(help="A finished distill run directory.")],
+    strategy: Annotated[Optional[str], flag(SelectConfig, "strategy")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Where to write the model (default RUN_DIR/model.pt).")] = None,
+    bn_batches: Annotated[Optional[int], flag(SelectConfig, "bn_batches")] = None,
+    device: Annotated[Optional[str], flag(SelectConfig, "device")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="YAML holding these options (as the pipeline's select: "
+                                                        "section); flags override it.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and exit.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print selection.json's content on stdout.")] = False,
+) -> None:
+    """Score every candidate on the validation split, pick the model to ship, write a self-describing MODEL.pt."""
+    from okdpipe.stage_config import dump, resolve
+
+    cfg = resolve(SelectConfig, config, dict(strategy=strategy, bn_batches=bn_batches, device=device))
+    if dry_run:
+        typer.echo(dump(cfg), nl=False)
+        return
+    from okdpipe.distill.methods import METHODS  # noqa: F401  (registers every method)
+    from okdpipe.distill.select import select
+
+    rows, ensemble, chosen, path = select(run_dir, cfg.strategy, out, cfg.bn_batches, cfg.device)
+    if json_output:
+        import json
+
+        from okdpipe.console import emit_json
+
+        emit_json(json.loads((Path(run_dir) / "selection.json").read_text()))
+        return
+    print_candidates(run_dir, rows, ensemble)
+    from okdpipe.console import say
+
+    say(f"chose {chosen.name} (val top-1 {chosen.top1:.2%}) -> {path}")
+    say(f"next: okdpipe export {path} --format onnx --out {path.parent / 'export'}")
+
+
+def print_candidates(run_dir: Path, rows: list[dict], ensemble: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from okdpipe.console import QUIET, verbosity
+
+    if verbosity() == QUIET:
+        return
+    table = Table(title=f"candidates of {run_dir} (validation split)")
+    for column in ("candidate", "val top-1", "no BN recal.", "params", "MMACs", ""):
+        table.add_column(column, justify="left" if column == "candidate" else "right")
+    for row in [*rows, ensemble]:
+        recal = row.get("val_top1_without_bn_recalibration")
+        table.add_row(row["candidate"], f"{row['val_top1']:.2%}", "" if recal is None else f"{recal:.2%}",
+                      f"{row['params']:,}", f"{row['macs'] / 1e6:.1f}",
+                      "chosen" if row.get("chosen") else ("reference" if row.get("reference") else ""))
+    Console().print(table)

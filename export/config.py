@@ -1,0 +1,29 @@
+"""ExportConfig: every option of `okdpipe export`, declared once. The command's flags, the pipeline's `export:`
+section, `--config FILE` and `okdpipe.api.export` all compile into it, and every value is checked here, before
+export touches its destination."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field
+
+from okdpipe.stage_config import StageConfig
+
+# Opsets 18+ come from torch's dynamo exporter, 13-17 from its TorchScript exporter (the dynamo exporter builds
+# nothing below 18 and its down-conversion fails on ordinary CNNs). Outside this range the export is refused.
+MIN_OPSET, DYNAMO_MIN_OPSET, MAX_OPSET = 13, 18, 23
+
+
+class ExportConfig(StageConfig):
+    format: Literal["onnx", "triton"] = Field("onnx", description="plain ONNX artifacts or a Triton model repository")
+    quantize: Literal["none", "fp16", "int8", "int8-dynamic"] = Field("none", description="extra precision beside fp32")
+    calib_size: int = Field(512, ge=1, le=1_000_000, description="training images used to calibrate int8 ranges")
+    calib_method: Literal["minmax", "entropy", "percentile"] = Field("minmax", description="int8 calibration method")
+    opset: int = Field(18, ge=MIN_OPSET, le=MAX_OPSET, description=f"ONNX opset version ({MIN_OPSET}-{MAX_OPSET})")
+    max_accuracy_drop: float = Field(1.0, ge=0, le=100,
+                                     description="fail if validation top-1 drops more (percentage points)")
+    data_dir: Optional[str] = Field(None, description="dataset directory, overriding the one the model file records")
+    parity_batch: int = Field(32, ge=2, le=4096, description="validation images in the parity check's batch")
+    triton_max_batch_size: int = Field(64, ge=1, le=1 << 16, description="Triton max_batch_size")
+    triton_instance: Literal["cpu", "gpu"] = Field("cpu", description="Triton instance_group kind")
