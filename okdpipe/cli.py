@@ -1,5 +1,9 @@
-"""The `okdpipe` command line. Each command lives in its stage's package; heavy imports happen inside them,
-so `okdpipe --help` stays instant."""
+"""The `okdpipe` command line (also `python -m okdpipe`). Each command lives with its stage; heavy imports
+happen inside them, so `okdpipe --help` stays instant.
+
+Exit codes, the same for every command: see okdpipe/errors.py (0 ok, 1 a check or gate failed, 2 bad input or
+usage, 130 interrupted).
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,12 @@ from typing import Optional
 import typer
 
 from okdpipe import __version__
+from okdpipe.bench.command import bench_command
 from okdpipe.cli_support import friendly_errors
-from okdpipe.distill.command import distill_command, select_command
-from okdpipe.export.bench_command import bench_command
+from okdpipe.console import NORMAL, QUIET, VERBOSE, set_verbosity
+from okdpipe.distill.command import distill_command
+from okdpipe.distill.select_command import select_command
+from okdpipe.env_command import env_command
 from okdpipe.export.command import export_command
 from okdpipe.pipeline_command import pipeline_command
 from okdpipe.serve.command import serve_command
@@ -20,6 +27,7 @@ app = typer.Typer(
     help="Train peer students together by online distillation, ship one, export, benchmark and serve it.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 
@@ -33,16 +41,18 @@ def _show_version(value: bool) -> None:
 def main(
     version: Optional[bool] = typer.Option(None, "--version", callback=_show_version, is_eager=True,
                                            help="Print the version and exit."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors and --json output."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show the libraries' warnings and logs."),
 ) -> None:
-    """okdpipe: online knowledge distillation to deployment."""
+    """okdpipe: online knowledge distillation to deployment. Exit codes: 0 ok, 1 a check or gate failed, 2 bad
+    input or usage."""
+    set_verbosity(QUIET if quiet else VERBOSE if verbose else NORMAL)
 
 
-app.command("distill")(friendly_errors(distill_command))
-app.command("select")(friendly_errors(select_command))
-app.command("export")(friendly_errors(export_command))
-app.command("bench")(friendly_errors(bench_command))
-app.command("serve")(friendly_errors(serve_command))
-app.command("pipeline")(friendly_errors(pipeline_command))
+for name, command in [("distill", distill_command), ("select", select_command), ("export", export_command),
+                      ("bench", bench_command), ("serve", serve_command), ("pipeline", pipeline_command),
+                      ("env", env_command)]:
+    app.command(name)(friendly_errors(command))
 
 if __name__ == "__main__":
     app()
