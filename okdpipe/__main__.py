@@ -1,5 +1,5 @@
 """`python -m okdpipe ...` runs the same CLI as the `okdpipe` command."""
 
-from okdpipe.cli import app
+from okdpipe.cli import main
 
-app(prog_name="okdpipe")
+main()

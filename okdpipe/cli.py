@@ -13,7 +13,7 @@ import typer
 
 from okdpipe import __version__
 from okdpipe.bench.command import bench_command
-from okdpipe.cli_support import friendly_errors
+from okdpipe.cli_support import friendly_errors, one_line
 from okdpipe.console import NORMAL, QUIET, VERBOSE, set_verbosity
 from okdpipe.distill.command import distill_command
 from okdpipe.distill.select_command import select_command
@@ -54,5 +54,32 @@ for name, command in [("distill", distill_command), ("select", select_command), 
                       ("env", env_command)]:
     app.command(name)(friendly_errors(command))
 
+
+
+def main() -> None:
+    """The console entry point: click's own parse errors (an unknown flag, `--threads abc`) become one `error:`
+    line with exit 2, like every other bad input, instead of a usage box."""
+    import sys
+
+    try:
+        from typer._click import exceptions as click_errors  # typer >= 0.25 vendors its own click
+    except ImportError:
+        from click import exceptions as click_errors
+
+    try:
+        code = app(standalone_mode=False)
+    except click_errors.NoArgsIsHelpError as exc:
+        typer.echo(exc.ctx.get_help() if exc.ctx else str(exc))
+        code = 0 if exc.ctx and exc.ctx.info_name == "okdpipe" else 2
+    except click_errors.UsageError as exc:
+        where = f"okdpipe {exc.ctx.info_name}" if exc.ctx and exc.ctx.info_name != "okdpipe" else "okdpipe"
+        typer.echo(f"error: {one_line(exc.format_message()).rstrip('.')}; see `{where} --help`", err=True)
+        code = 2
+    except typer.Abort:
+        typer.echo("interrupted", err=True)
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import time
 
 import pytest
 from typer.testing import CliRunner
@@ -33,12 +34,14 @@ def test_dry_run_prints_the_resolved_config(tmp_path):
     assert "epochs: 3\n" in result.output and "lr: 0.05\n" in result.output and "batch_size: 32\n" in result.output
 
 
-def one_line_error(args, fragment):
+def one_line_error(args, fragment, code=2):
+    """Exit `code`, and stderr is exactly one line: `error: ...` holding `fragment`; never a traceback."""
     result = runner.invoke(app, args)
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) <= 2 and lines[-1].startswith("error: ") and fragment in lines[-1], result.output
+    assert result.exit_code == code, result.output
+    assert result.stderr.splitlines() == [result.stderr.strip()], result.stderr
+    assert result.stderr.startswith("error: ") and fragment in result.stderr, result.stderr
     assert "Traceback" not in result.output
+    return result
 
 
 @pytest.mark.parametrize("args, fragment", [
@@ -48,8 +51,14 @@ def one_line_error(args, fragment):
     (["--method", "nosuchmethod", "--dataset", "synthetic"], "unknown method"),
     (["--epochs", "0", "--dataset", "synthetic"], "epochs"),
     (["--set", "vanilla.temperature=3", "--dataset", "synthetic"], "temperature"),
+    (["--lr", "nan", "--dataset", "synthetic"], "lr: Input should be a finite number"),
+    (["--lr", "inf", "--dataset", "synthetic"], "lr: Input should be a finite number"),
+    (["--val-split", "2", "--dataset", "synthetic"], "val_split: Input should be less than 1"),
+    (["--batch-size", "-1", "--dataset", "synthetic"], "batch_size: Input should be greater than or equal to 1"),
+    (["--set", "lr=[1", "--dataset", "synthetic"], "--set lr: not valid YAML"),
+    (["--set", "lr=0.1", "--set", "lr=0.2"], "lr is set twice"),
 ])
-def test_bad_input_is_one_line_and_exit_1(tmp_path, args, fragment):
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, fragment):
     one_line_error(["distill", *args, "--out", str(tmp_path / "r")], fragment)
 
 
@@ -64,3 +73,53 @@ def test_corrupt_fashion_mnist_names_the_file(tmp_path):
 
 def test_missing_config_file(tmp_path):
     one_line_error(["distill", "--config", str(tmp_path / "none.yaml")], "none.yaml")
+
+
+BOMB = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"{x}: &{x} [{', '.join(['*' + y] * 9)}]\n" for x, y in zip("bcdefghi", "abcdefgh"))
+
+
+@pytest.mark.parametrize("content, fragment", [
+    (BOMB.encode(), "aliases (*name) are not allowed"),
+    (b"\x89PNG\r\n\x1a\n", "not UTF-8 text"),
+    (b"- 1\n- 2\n", "must be a mapping"),
+])
+def test_hostile_config_files_are_refused_at_once(tmp_path, content, fragment):
+    (tmp_path / "c.yaml").write_bytes(content)
+    started = time.perf_counter()
+    one_line_error(["distill", "--config", str(tmp_path / "c.yaml"), "--dry-run"], fragment)
+    assert time.perf_counter() - started < 5
+
+
+def test_an_out_that_is_a_file(tmp_path):
+    (tmp_path / "f").write_text("x")
+    one_line_error(["distill", "--dataset", "synthetic", "--out", str(tmp_path / "f")], "is a file")
+
+
+def test_a_run_directory_in_use_is_refused_at_once_naming_the_holder(tmp_path):
+    code = ("import sys, time; from okdpipe.run import RunDir\n"
+            "with RunDir(sys.argv[1]).locked():\n    print('locked', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "r")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        one_line_error(["distill", "--dataset", "synthetic", "--out", str(tmp_path / "r")],
+                       f"is in use by another okdpipe run (pid {holder.pid} on ")
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_diverging_run_exits_1_naming_epoch_and_step_and_writes_no_checkpoint(tmp_path):
+    result = one_line_error(["distill", "--dataset", "synthetic", "--arch", "resnet8", "--epochs", "2", "--batch-size",
+                             "8", "--lr", "1e30", "--out", str(tmp_path / "r")], "training diverged: the loss became "
+                            "NaN or infinite at epoch 1, step ", code=1)
+    assert "no epoch had finished, so there is no checkpoint" in result.stderr
+    assert not (tmp_path / "r" / "checkpoints" / "last.pt").exists()
+
+
+def test_resume_of_a_damaged_run_directory_is_one_line(tmp_path):
+    (tmp_path / "r" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "r" / "checkpoints" / "last.pt").write_bytes(b"x")
+    (tmp_path / "r" / "manifest.json").write_text("[1]")
+    one_line_error(["distill", "--dataset", "synthetic", "--out", str(tmp_path / "r"), "--resume"],
+                   "corrupt manifest (a list, not an object)")
