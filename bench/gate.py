@@ -121,13 +121,13 @@ def _check_metric(text: str, metric: str, batch: int | None) -> None:
 
 def load_policy(path: Path) -> list[tuple[str, str | None]]:
     """(expression, name) pairs from a YAML policy file."""
-    import yaml
+    from okdpipe.config import parse_yaml
 
     text = _read_text(path, "--policy")
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise GateUsageError(f"--policy {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        data = parse_yaml(text, f"--policy {path}")
+    except OkdpipeError as exc:
+        raise GateUsageError(str(exc)) from None
     items = data.get("gates") if isinstance(data, dict) and set(data) == {"gates"} else data
     if not isinstance(items, list):
         raise GateUsageError(f"--policy {path}: expected a list of gates (or 'gates: [...]'), got {type(data).__name__}")

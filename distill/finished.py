@@ -17,7 +17,7 @@ from okdpipe.contracts.data import DataSource
 from okdpipe.distill.checkpoint import load_checkpoint
 from okdpipe.distill.models import count_macs
 from okdpipe.distill.trainer import autocast_for, build_models, resolve_device
-from okdpipe.errors import OkdpipeError
+from okdpipe.errors import GateFailed, OkdpipeError
 from okdpipe.run import RunDir
 
 
@@ -54,6 +54,9 @@ def check_run(run: RunDir) -> None:
     manifest = run.read_manifest()
     if manifest.get("stage") != "distill" or "config" not in manifest:
         raise OkdpipeError(f"{run.root}: not an okdpipe run directory (no distill manifest)")
+    if manifest.get("status") == "diverged":
+        raise GateFailed(f"{run.root}: training diverged ({str(manifest.get('error'))[:200]}); there is nothing to "
+                         "ship: train again with a lower --lr")
     if manifest.get("status") != "finished":
         raise OkdpipeError(f"{run.root}: training did not finish; continue it with "
                            f"`okdpipe distill --out {run.root} --resume`")

@@ -63,7 +63,7 @@ class PipelineConfig(Strict):
 def load_pipeline_config(path: str | Path) -> PipelineConfig:
     """Parse and check the whole config (names included) before any stage runs; errors are one line, exit 2."""
     try:
-        cfg = PipelineConfig(**read_yaml(path))
+        cfg = PipelineConfig.model_validate(read_yaml(path))
         check_names(cfg)
     except ValidationError as exc:
         raise OkdpipeError(f"{path}: {validation_message(exc)}") from None
