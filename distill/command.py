@@ -10,11 +10,25 @@ import typer
 DEVICE_HELP = "auto = CUDA when visible, else CPU."
 
 
+def complete(registry: str, incomplete: str) -> list[str]:
+    """Shell completion: the registered method, backbone or dataset names that start with what was typed."""
+    if registry == "datasets":
+        from okdpipe.datasets import DATASETS as names
+    elif registry == "methods":
+        from okdpipe.distill.methods import METHODS as names
+    else:
+        from okdpipe.distill.models import MODELS as names
+    return [name for name in names.names() if name.startswith(incomplete)]
+
+
 def distill_command(
-    method: Optional[str] = typer.Option(None, help="vanilla, dml, one, pcl, ffsd, okdph, mbde."),
-    arch: Optional[str] = typer.Option(None, help="Backbone name, e.g. resnet20 (see the README)."),
+    method: Optional[str] = typer.Option(None, help="vanilla, dml, one, pcl, ffsd, okdph, mbde.",
+                                         autocompletion=lambda incomplete: complete("methods", incomplete)),
+    arch: Optional[str] = typer.Option(None, help="Backbone name, e.g. resnet20 (see the README).",
+                                       autocompletion=lambda incomplete: complete("models", incomplete)),
     students: Optional[int] = typer.Option(None, help="Number of peer students (default: the method's)."),
-    dataset: Optional[str] = typer.Option(None, help="fashion-mnist, cifar10, cifar100, cinic10, imagefolder."),
+    dataset: Optional[str] = typer.Option(None, help="fashion-mnist, cifar10, cifar100, cinic10, imagefolder.",
+                                          autocompletion=lambda incomplete: complete("datasets", incomplete)),
     data_dir: Optional[str] = typer.Option(None, help="Where the dataset's files are."),
     epochs: Optional[int] = typer.Option(None, help="Training epochs."),
     batch_size: Optional[int] = typer.Option(None, help="Images per step."),
@@ -26,7 +40,7 @@ def distill_command(
     seed: Optional[int] = typer.Option(None, help="Seed for initialisation, split, order and augmentation."),
     fused: Optional[bool] = typer.Option(None, "--fused/--no-fused",
                                          help="Run same-architecture peers as one grouped network (vanilla, "
-                                              "DML; faster on GPU only)."),
+                                              "DML, OKDPH; faster on GPU only)."),
     nproc_per_node: Optional[int] = typer.Option(None, help="Data-parallel processes on this machine (one GPU "
                                                             "each on CUDA); --batch-size is the global batch. "
                                                             "Or launch with torchrun --nproc-per-node N."),
@@ -36,7 +50,10 @@ def distill_command(
     set_: list[str] = typer.Option([], "--set", help="Override any key, e.g. --set okdph.gamma=0.5."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and exit."),
 ) -> None:
-    """Train students together by online distillation (or vanilla) and record the run directory."""
+    """Train students together by online distillation (or vanilla) and record the run directory.
+
+    Exit code: 0 trained; 1 training diverged (a NaN/inf loss or weight; the last good checkpoint is kept);
+    2 bad input (flags, config, data, a damaged or busy run directory, an output that cannot be written)."""
     from okdpipe.config import build_config, dump_yaml, read_yaml
 
     flags = dict(method=method, arch=arch, students=students, dataset=dataset, data_dir=data_dir,
@@ -47,7 +64,9 @@ def distill_command(
         file_values = read_yaml(out / "config.yaml")
     cfg = build_config(file_values, flags, set_)
     if dry_run:
-        typer.echo(dump_yaml(cfg), nl=False)
+        from okdpipe.distill.trainer import with_method_defaults_of
+
+        typer.echo(dump_yaml(with_method_defaults_of(cfg)), nl=False)
         return
     run_dir = out or Path("runs") / f"{cfg.method}-{cfg.arch}-{cfg.dataset}-s{cfg.seed}"
     run(cfg, run_dir, resume)
@@ -64,8 +83,8 @@ def run(cfg, run_dir: Path, resume: bool) -> None:
     if not is_main_process():
         try:
             fit(cfg, RunDir(run_dir), resume=resume, echo=typer.echo)
-        except OkdpipeError:
-            raise typer.Exit(1) from None  # rank 0 reports the same error
+        except OkdpipeError as exc:
+            raise typer.Exit(exc.exit_code) from None  # rank 0 reports the same error
         return
     world_size = launched_world_size() or cfg.nproc_per_node
     processes = f" on {world_size} processes" if world_size > 1 else ""
@@ -77,33 +96,3 @@ def run(cfg, run_dir: Path, resume: bool) -> None:
                f"test (measured once, not used for choices): "
                f"{result['test'][best[1]]['top1']:.2%}; ensemble {result['test']['ensemble']['top1']:.2%}")
     typer.echo(f"next: okdpipe select {run_dir}")
-
-
-def select_command(
-    run_dir: Path = typer.Argument(..., help="A finished distill run directory."),
-    strategy: str = typer.Option("auto", help="auto, best, leader, mean-teacher, hybrid, soup, student:N, "
-                                              "or any candidate name."),
-    out: Optional[Path] = typer.Option(None, help="Where to write the model (default RUN_DIR/model.pt)."),
-    bn_batches: int = typer.Option(50, min=1, help="Training batches used to recompute BatchNorm statistics "
-                                                   "of weight-averaged candidates."),
-    device: str = typer.Option("auto", help=DEVICE_HELP),
-) -> None:
-    """Score every candidate on the validation split, pick the model to ship, write a self-describing MODEL.pt."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from okdpipe.distill.methods import METHODS  # noqa: F401  (registers every method)
-    from okdpipe.distill.select import select
-
-    rows, ensemble, chosen, path = select(run_dir, strategy, out, bn_batches, device)
-    table = Table(title=f"candidates of {run_dir} (validation split)")
-    for column in ("candidate", "val top-1", "no BN recal.", "params", "MMACs", ""):
-        table.add_column(column, justify="left" if column == "candidate" else "right")
-    for row in [*rows, ensemble]:
-        recal = row.get("val_top1_without_bn_recalibration")
-        table.add_row(row["candidate"], f"{row['val_top1']:.2%}", "" if recal is None else f"{recal:.2%}",
-                      f"{row['params']:,}", f"{row['macs'] / 1e6:.1f}",
-                      "chosen" if row.get("chosen") else ("reference" if row.get("reference") else ""))
-    Console().print(table)
-    typer.echo(f"chose {chosen.name} (val top-1 {chosen.top1:.2%}) -> {path}")
-    typer.echo(f"next: okdpipe export {path} --format onnx --out {path.parent / 'export'}")

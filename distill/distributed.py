@@ -44,6 +44,7 @@ LOOPBACK = "127.0.0.1"
 BUCKET_BYTES = 32 * 2**20  # gradients are all-reduced in flat buckets of at most this size (DDP uses 25 MiB)
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)  # other ranks wait this long while rank 0 evaluates or checkpoints
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+SPAWNED_BY_LAUNCH = "OKDPIPE_LAUNCHED_WORKER"  # set in workers `launch` starts: their launcher holds the run lock
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,12 @@ def launched_world_size() -> int | None:
     return None
 
 
+def holds_run_lock() -> bool:
+    """True in the one process that locks the run directory: a plain process, the process that launches
+    --nproc-per-node workers, or rank 0 under torchrun; not a worker `launch` started (its launcher holds it)."""
+    return is_main_process() and os.environ.get(SPAWNED_BY_LAUNCH) != "1"
+
+
 def needs_launch(nproc_per_node: int) -> bool:
     """True in the process the user started with --nproc-per-node N > 1: it must start the N workers."""
     return nproc_per_node > 1 and launched_world_size() is None
@@ -227,7 +234,8 @@ def drain(outbox, messages: dict[str, Any]) -> None:
 def worker(local_rank: int, world_size: int, port: int, outbox, target, args, kwargs) -> None:
     """One spawned process: torchrun's environment, then `target`; the result or a user error goes to `outbox`."""
     os.environ.update(MASTER_ADDR=LOOPBACK, MASTER_PORT=str(port), RANK=str(local_rank),
-                      LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
+                      LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
+                      **{SPAWNED_BY_LAUNCH: "1"})
     try:
         result = target(*args, **kwargs)
     except OkdpipeError as exc:

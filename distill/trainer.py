@@ -10,11 +10,17 @@ Data parallel (`nproc_per_node` > 1, or under torchrun): every process runs this
 global batch (`batch_size` stays the global batch), gradients and logged losses are averaged across processes,
 rank 0 alone evaluates (the numbers are exactly a single process's on the same weights) and writes the run
 directory. See distill/distributed.py for why gradients are averaged by hand and what BatchNorm does.
+
+Nothing non-finite is recorded: a NaN/inf loss (tracked on the device every step, read at each log point) or
+weight (checked at each epoch's end) stops the run with a one-line GateFailed naming the epoch and step, before
+the epoch's metrics or checkpoint are written, so the last good checkpoint stays as it was. The process writing
+the run directory holds its lock (RunDir.locked) for the whole run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import sys
 import time
@@ -23,7 +29,7 @@ from typing import Any, Optional
 
 import torch
 
-from okdpipe.config import DistillConfig, dump_yaml, validate_params
+from okdpipe.config import OPTIMIZER_KEYS, DistillConfig, dump_yaml, validate_params, with_method_defaults
 from okdpipe.datasets import load_dataset, make_loader
 from okdpipe.distill import distributed
 from okdpipe.distill.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
@@ -32,7 +38,7 @@ from okdpipe.distill.evaluate import evaluate_run, recalibrate_bn
 from okdpipe.distill.methods import METHODS, Method, StepContext
 from okdpipe.distill.fused import FusedStudents
 from okdpipe.distill.students import Students
-from okdpipe.errors import OkdpipeError
+from okdpipe.errors import GateFailed, OkdpipeError
 from okdpipe.files import atomic_write_text
 from okdpipe.run import RunDir, environment, now_iso
 
@@ -154,7 +160,72 @@ def build_session(cfg: DistillConfig, run: RunDir, group: Group = Group()) -> Se
     if len(session.train_loader) == 0 or (short and group.world_size > 1):
         raise OkdpipeError(f"the training split has fewer images ({len(bundle.train)}) than --batch-size "
                            f"{cfg.batch_size}; lower --batch-size")
+    check_memory(session)
     return session
+
+
+def check_memory(s: Session) -> None:
+    """Refuse a batch that cannot fit before training starts: an out-of-memory kill gives no message (and on
+    CPU can take the machine with it). Training keeps every layer's output for the backward pass, so a step
+    needs about (sum of the layer outputs of one image) x batch; measured within 25% on ResNet-8/20."""
+    per_image, largest = activation_floats(s)
+    width = 4 if s.autocast is contextlib.nullcontext else 2  # bytes per activation (fp32, or bf16 autocast)
+    batch = s.cfg.batch_size // (s.group.world_size if s.device.type == "cuda" else 1)  # CPU ranks share RAM
+    eval_batch = min(s.cfg.eval_batch_size, max(len(s.bundle.val), len(s.bundle.test)))
+    need = max(per_image * batch, 2 * largest * eval_batch) * width
+    free = available_bytes(s.device)
+    if free is not None and need > free:
+        raise OkdpipeError(f"--batch-size {s.cfg.batch_size} (--eval-batch-size {s.cfg.eval_batch_size}): a step "
+                           f"needs about {need / 2**30:.1f} GiB for activations, more than the "
+                           f"{free / 2**30:.1f} GiB available on {s.device}; lower the batch size")
+
+
+@torch.no_grad()
+def activation_floats(s: Session) -> tuple[int, int]:
+    """(sum, largest) of the output sizes of every leaf module of the students, for one image (every student's
+    activations: each sees its own view or the shared one)."""
+    sizes: list[int] = []
+    record = lambda module, inputs, output: sizes.append(output.numel() if torch.is_tensor(output) else 0)  # noqa: E731
+    leaves = [m for m in s.students.modules() if not list(m.children())]
+    hooks = [m.register_forward_hook(record) for m in leaves]
+    was_training = s.students.training
+    try:
+        s.students.eval()
+        count = s.method.num_views(s.students.count)
+        views = torch.zeros(count, 1, s.bundle.spec.in_channels, *s.bundle.spec.input_size, device=s.device)
+        s.students(views, features=s.method.needs_features, stages=s.method.needs_stages)
+    finally:
+        s.students.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    return sum(sizes), max(sizes, default=0)
+
+
+def available_bytes(device: torch.device) -> Optional[int]:
+    """Memory a new allocation can use: free GPU memory, or on CPU the least of MemAvailable and the cgroup's
+    (container's) remaining limit. None when unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    limits = [read_int("/proc/meminfo", "MemAvailable:", 1024)]
+    limit, used = read_int("/sys/fs/cgroup/memory.max"), read_int("/sys/fs/cgroup/memory.current")
+    if limit is not None and used is not None:
+        limits.append(limit - used)
+    known = [value for value in limits if value is not None]
+    return min(known) if known else None
+
+
+def read_int(path: str, label: str = "", unit: int = 1) -> Optional[int]:
+    """The integer after `label` in a small /proc or /sys file ("max" and absent files are None)."""
+    try:
+        with open(path) as handle:
+            text = handle.read()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(label):
+            value = line[len(label):].split()
+            return int(value[0]) * unit if value and value[0].isdigit() else None
+    return None
 
 
 def train_epoch(s: Session, epoch: int, stop_after_steps: Optional[int]) -> Optional[dict]:
@@ -165,6 +236,7 @@ def train_epoch(s: Session, epoch: int, stop_after_steps: Optional[int]) -> Opti
     s.students.train()
     s.method.train()
     sums: dict[str, torch.Tensor] = {}
+    first_bad = torch.tensor(-1, device=s.device)  # step of the first non-finite loss, kept without a sync
     seen, started = 0, time.perf_counter()
     with progress_bar(spe, f"epoch {epoch + 1}/{cfg.epochs}", s.group.is_main) as advance:
         for i, batch in enumerate(s.train_loader.epoch(epoch)):
@@ -173,14 +245,40 @@ def train_epoch(s: Session, epoch: int, stop_after_steps: Optional[int]) -> Opti
                 return None
             ctx = StepContext(epoch + i / spe, step, cfg.epochs, spe, generator)
             losses = train_step(s, batch, ctx)
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(losses["loss"].detach()), step, first_bad)
             for key, value in losses.items():
                 sums[key] = sums.get(key, 0) + value.detach().float()
             seen += batch.labels.numel() * s.group.world_size  # equal shards: the global batch
             if (i + 1) % LOG_EVERY_STEPS == 0 or i + 1 == spe:
+                stop_if_diverged(s, int(first_bad), "the loss")
                 log_step(s, advance, s.group.mean_of(losses), epoch, i, seen / (time.perf_counter() - started))
     seconds = time.perf_counter() - started
     return {"epoch": epoch + 1, "train": {k: float(v) / spe for k, v in s.group.mean_of(sums).items()},
             "seconds": seconds, "images_per_s": seen / seconds}
+
+
+def stop_if_diverged(s: Session, step: int, what: str) -> None:
+    """A non-finite loss or weight ends the run before anything of its epoch is recorded (exit 1)."""
+    if step < 0:
+        return
+    spe = len(s.train_loader)
+    kept = (f"the last good checkpoint (epoch {len(s.history)}) is kept" if s.history
+            else "no epoch had finished, so there is no checkpoint")
+    message = (f"training diverged: {what} became NaN or infinite at epoch {step // spe + 1}, step {step + 1} "
+               f"(of {s.cfg.epochs * spe}); {kept}; lower --lr (now {s.cfg.lr:g}) or set --set grad_clip=1.0")
+    if s.group.is_main:
+        s.run.update_manifest(status="diverged", error=message)
+    raise GateFailed(message)
+
+
+def first_nonfinite_tensor(modules) -> Optional[str]:
+    """The name of the first parameter or floating-point buffer holding a NaN or inf (one sync), else None."""
+    named = [(name, t) for m in modules for name, t in [*m.named_parameters(), *m.named_buffers()]
+             if t.is_floating_point()]
+    if not named:
+        return None
+    finite = torch.stack([torch.isfinite(t).all() for _, t in named])
+    return None if bool(finite.all()) else named[int((~finite).nonzero()[0])][0]
 
 
 def log_step(s: Session, advance, losses: dict[str, torch.Tensor], epoch: int, i: int, rate: float) -> None:
@@ -245,29 +343,53 @@ def restore(s: Session) -> int:
     """Load the last checkpoint into the session; returns the number of finished epochs."""
     state = load_checkpoint(s.run)
     saved = {k: v for k, v in state["config"].items() if k not in RESUME_MAY_CHANGE}
-    current = {k: v for k, v in s.cfg.model_dump(mode="json").items() if k in saved}
-    changed = sorted(k for k in saved if saved[k] != current[k])
+    current = s.cfg.model_dump(mode="json")
+    changed = sorted(k for k in saved if saved[k] != current.get(k))
     if changed:
-        raise OkdpipeError(f"--resume: the config differs from the checkpoint's in {', '.join(changed)}; "
+        raise OkdpipeError(f"--resume: the config differs from the checkpoint's in {', '.join(changed)[:200]}; "
                            "resume with the same settings or start a new --out")
-    s.students.load_state_dict(state["students"])
-    s.method.load_state_dict(state["method"])
-    s.optimizer.load_state_dict(state["optimizer"])
-    for optimizer, saved_state in zip(s.extra_optimizers, state["extra_optimizers"]):
-        optimizer.load_state_dict(saved_state)
+    load_states(s, state)
     s.history = list(state["history"])
     return int(state["epoch"])
 
 
+def load_states(s: Session, state: dict[str, Any]) -> None:
+    """Students, method and optimisers from a checkpoint; one that does not fit them is a one-line error."""
+    targets = [(s.students, state["students"]), (s.method, state["method"]), (s.optimizer, state["optimizer"]),
+               *zip(s.extra_optimizers, state["extra_optimizers"])]
+    if len(state["extra_optimizers"]) != len(s.extra_optimizers):
+        raise OkdpipeError(f"--resume: the checkpoint holds {len(state['extra_optimizers'])} extra optimisers, "
+                           f"the method has {len(s.extra_optimizers)}; it is damaged or from another method")
+    try:
+        for target, saved in targets:
+            target.load_state_dict(saved)
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise OkdpipeError(f"--resume: the checkpoint does not fit this run's models ({first_line}); it is damaged "
+                           "or from another version") from None
+
+
 def trim_metrics(run: RunDir, finished_epochs: int) -> None:
-    """Drop metric lines written after the last checkpoint (a killed epoch is replayed on resume)."""
+    """Drop metric lines written after the last checkpoint (a killed epoch is replayed on resume), and any torn
+    or foreign line (a kill or a full disk in the middle of a write)."""
     if not run.metrics_path.is_file():
         return
-    import json
-
-    lines = run.metrics_path.read_text().splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line)["epoch"] <= finished_epochs]
+    try:
+        lines = run.metrics_path.read_text(errors="replace").splitlines()
+    except OSError as exc:
+        raise OkdpipeError(f"{run.metrics_path}: cannot read ({exc.strerror})") from None
+    kept = [line for line in lines if metrics_epoch(line) <= finished_epochs]
     atomic_write_text(run.metrics_path, "".join(line + "\n" for line in kept))
+
+
+def metrics_epoch(line: str) -> float:
+    """The epoch of one metrics line; infinity (never kept) for a line that is not a metrics record."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return math.inf
+    epoch = record.get("epoch") if isinstance(record, dict) else None
+    return epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else math.inf
 
 
 def fit(cfg: DistillConfig, run: RunDir, *, resume: bool = False, stop_after_steps: Optional[int] = None,
@@ -275,17 +397,30 @@ def fit(cfg: DistillConfig, run: RunDir, *, resume: bool = False, stop_after_ste
     """Train `cfg` into `run`; returns the final summary (also written to the manifest).
 
     With nproc_per_node > 1 this process starts that many workers, each running `fit`, and returns rank 0's
-    summary; under torchrun (or inside a running process group) it is one of the workers."""
-    cfg = with_world_size(cfg)
-    if has_checkpoint(run) and not resume:
-        raise OkdpipeError(f"{run.root} already holds a run; pass --resume to continue it or choose another --out")
-    if resume and not has_checkpoint(run):
-        raise OkdpipeError(f"--resume: {run.root} has no checkpoint to resume from")
-    if distributed.needs_launch(cfg.nproc_per_node):
-        return distributed.launch(fit, cfg.nproc_per_node, cfg, run, resume=resume,
-                                  stop_after_steps=stop_after_steps, echo=distributed.picklable(echo, print))
-    with distributed.joined(resolve_device(cfg.device)) as group:
-        return train(cfg, run, group, resume, stop_after_steps, echo if group.is_main else quiet)[1]
+    summary; under torchrun (or inside a running process group) it is one of the workers. The process that
+    writes the run directory holds its lock throughout: a second run into the same directory fails at once."""
+    cfg = with_method_defaults_of(with_world_size(cfg))
+    with run.locked() if distributed.holds_run_lock() else contextlib.nullcontext():
+        if has_checkpoint(run) and not resume:
+            raise OkdpipeError(f"{run.root} already holds a run; pass --resume to continue it or choose another "
+                               "--out")
+        if resume and not has_checkpoint(run):
+            raise OkdpipeError(f"--resume: {run.root} has no checkpoint to resume from")
+        if distributed.needs_launch(cfg.nproc_per_node):
+            return distributed.launch(fit, cfg.nproc_per_node, cfg, run, resume=resume,
+                                      stop_after_steps=stop_after_steps, echo=distributed.picklable(echo, print))
+        with distributed.joined(resolve_device(cfg.device)) as group:
+            return train(cfg, run, group, resume, stop_after_steps, echo if group.is_main else quiet)[1]
+
+
+def with_method_defaults_of(cfg: DistillConfig) -> DistillConfig:
+    """`cfg` with its method's optimiser defaults (`Method.optimizer_defaults`, e.g. FFSD's Nesterov and weight
+    decay) wherever the config file, flags and --set left a key unset."""
+    return with_method_defaults(cfg, method_optimizer_defaults(cfg.method))
+
+
+def method_optimizer_defaults(method: str) -> dict[str, Any]:
+    return dict(getattr(METHODS.get(method), "optimizer_defaults", {}))
 
 
 def with_world_size(cfg: DistillConfig) -> DistillConfig:
@@ -325,6 +460,9 @@ def train(cfg: DistillConfig, run: RunDir, group: Group, resume: bool, stop_afte
         if summary is None:
             return s, {"stopped": True}
         group.average_buffers(s.students, s.method)
+        bad = first_nonfinite_tensor([s.students, s.method])
+        if bad is not None:
+            stop_if_diverged(s, (epoch + 1) * len(s.train_loader) - 1, f"the weight {bad}")
         summary["val"] = evaluate(s, s.val_loader)
         s.history.append(summary)
         if group.is_main:
@@ -369,6 +507,8 @@ def manifest_header(s: Session) -> dict[str, Any]:
         "device": str(s.device),
         "processes": s.group.world_size,
         "config": s.cfg.model_dump(mode="json"),
+        "optimizer": {**{k: getattr(s.cfg, k) for k in OPTIMIZER_KEYS},
+                      "method_defaults": method_optimizer_defaults(s.cfg.method)},
         "students": {"count": s.students.count, "layout": s.students.layout, "arch": s.cfg.arch,
                      "method_ships": s.method.ships},
         "dataset": {"name": spec.name, "source": s.bundle.source, "fingerprint": s.bundle.fingerprint,

@@ -1,22 +1,28 @@
 """The distillation config: one pydantic model that YAML files and CLI flags both compile into.
 
-Unknown keys are rejected everywhere (a typo must not silently fall back to a default). Method-specific
-hyperparameters live under `method_params` and are validated by the method's own `Hparams` model.
+Unknown keys are rejected everywhere (a typo must not silently fall back to a default); no float may be NaN or
+infinite and every number has its range. Method-specific hyperparameters live under `method_params` and are
+validated by the method's own `Hparams` model. YAML is read with aliases refused and a size cap, so a small
+hostile file cannot expand into gigabytes ("billion laughs").
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Mapping, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from okdpipe.errors import OkdpipeError
 
+MAX_CONFIG_BYTES = 1 << 20  # configs are a few hundred bytes; a bigger file is a mistake or an attack
+MAX_YAML_DEPTH = 32  # the deepest okdpipe config nests 3 levels
+OPTIMIZER_KEYS = ("optimizer", "momentum", "weight_decay")  # what a method may default (Method.optimizer_defaults)
+
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DistillConfig(Strict):
@@ -29,7 +35,7 @@ class DistillConfig(Strict):
     data_dir: Optional[str] = None
     val_split: float = Field(0.1, ge=0.0, lt=1.0, description="fraction of train held out for every choice")
     train_subset: Optional[int] = Field(None, ge=1, description="images per class kept for training")
-    epochs: int = Field(2, ge=1)
+    epochs: int = Field(2, ge=1, le=100_000)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(0.1, gt=0, description="peak learning rate (after warm-up), per batch of batch_size")
     optimizer: Literal["sgd", "nesterov", "adamw"] = "sgd"
@@ -44,12 +50,12 @@ class DistillConfig(Strict):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     channels_last: bool = False
     compile: bool = False
-    fused: bool = Field(False, description="same-architecture peers as one grouped network (vanilla, DML); "
+    fused: bool = Field(False, description="same-architecture peers as one grouped network (vanilla, DML, OKDPH); "
                                            "faster on GPU only, see BENCHMARKS.md")
-    seed: int = 0
-    workers: int = Field(0, ge=0, description="data-loading workers (image folders only)")
-    nproc_per_node: int = Field(1, ge=1, description="data-parallel processes, one GPU each on CUDA; batch_size "
-                                                     "is the global batch, split evenly between them")
+    seed: int = Field(0, ge=0, lt=2**31, description="seed for initialisation, split, order and augmentation")
+    workers: int = Field(0, ge=0, le=256, description="data-loading workers (image folders only)")
+    nproc_per_node: int = Field(1, ge=1, le=1024, description="data-parallel processes, one GPU each on CUDA; "
+                                                              "batch_size is the global batch, split evenly")
     eval_batch_size: int = Field(512, ge=1)
     method_params: dict[str, Any] = Field(default_factory=dict)
     data_options: dict[str, Any] = Field(default_factory=dict, description="extra dataset loader options")
@@ -64,35 +70,81 @@ class DistillConfig(Strict):
 def validation_message(error: ValidationError) -> str:
     """The first validation problem as `where: what`, for one-line errors."""
     first = error.errors()[0]
-    where = ".".join(str(part) for part in first["loc"]) or "config"
-    return f"{where}: {first['msg']}"
+    where = ".".join(str(part) for part in first["loc"])
+    return f"{where}: {first['msg']}" if where else first["msg"]
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """safe_load without aliases and with bounded nesting. An alias is a reference, so nine lines of them expand
+    to 9**9 items when the config is validated or printed ("billion laughs"); okdpipe's configs never need one,
+    nor more than a few levels of nesting (deep nesting exhausts the recursion of every later reader)."""
+
+    depth = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.YAMLError(f"aliases (*name) are not allowed, line {mark.line + 1}")
+        if self.depth >= MAX_YAML_DEPTH:
+            raise yaml.YAMLError(f"nested deeper than {MAX_YAML_DEPTH} levels")
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """YAML text -> Python values, or one line naming `where` and the problem (aliases refused)."""
+    try:
+        return yaml.load(text, Loader=_BoundedLoader)
+    except yaml.YAMLError as exc:
+        raise OkdpipeError(f"{where}: not valid YAML ({str(exc).splitlines()[0]})") from None
+
+
+def read_text_file(path: str | Path, what: str = "config file", limit: int = MAX_CONFIG_BYTES) -> str:
+    """A small UTF-8 text file's contents, or one line saying why not (missing, a folder, too big, binary)."""
+    path = Path(path)
+    if not path.is_file():
+        raise OkdpipeError(f"{path}: {what} not found" + (" (it is a folder)" if path.is_dir() else ""))
+    try:
+        if path.stat().st_size > limit:
+            raise OkdpipeError(f"{path}: {what} larger than {limit // 1024} KiB; is it the right file?")
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise OkdpipeError(f"{path}: {what} is not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise OkdpipeError(f"{path}: cannot read the {what} ({exc.strerror})") from None
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise OkdpipeError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise OkdpipeError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    """A YAML config file that must hold a mapping of keys to values."""
+    data = parse_yaml(read_text_file(path), str(path))
+    if data is None:
+        return {}
     if not isinstance(data, dict):
-        raise OkdpipeError(f"{path}: the config must be a mapping of keys to values")
+        raise OkdpipeError(f"{path}: the config must be a mapping of keys to values, not a {type(data).__name__}")
     return data
 
 
 def parse_set(assignments: list[str]) -> dict[str, Any]:
-    """Turn `--set okdph.gamma=0.5` into {"okdph": {"gamma": 0.5}}; values are parsed as YAML scalars."""
+    """Turn `--set okdph.gamma=0.5` into {"okdph": {"gamma": 0.5}}; values are parsed as YAML. A key given
+    twice, or both as a value and as a section (`a=1` and `a.b=2`), is an error: which one wins would be a guess."""
     nested: dict[str, Any] = {}
     for item in assignments:
         key, sep, raw = item.partition("=")
-        if not sep or not key:
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
             raise OkdpipeError(f"--set {item!r}: expected KEY=VALUE, e.g. --set okdph.gamma=0.5")
+        *parents, leaf = parts
         node = nested
-        *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(raw)
+            if not isinstance(node, dict):
+                raise OkdpipeError(f"--set {item!r}: {part} was already set to a value, not a section")
+        if leaf in node:
+            raise OkdpipeError(f"--set {item!r}: {key} is set twice; keep one --set {key}=...")
+        node[leaf] = parse_yaml(raw, f"--set {key}")
     return nested
 
 
@@ -100,7 +152,10 @@ def build_config(file_values: dict[str, Any], flag_values: dict[str, Any], sets:
     """Merge YAML < flags < --set; `--set METHOD.key=v` lands in method_params."""
     merged = {**file_values, **{k: v for k, v in flag_values.items() if v is not None}}
     method = merged.get("method", "vanilla")
-    params = dict(merged.get("method_params") or {})
+    params = merged.get("method_params") or {}
+    if not isinstance(params, Mapping):
+        raise OkdpipeError("bad config: method_params must be a mapping of hyperparameters to values")
+    params = dict(params)
     for section, values in parse_set(sets).items():
         if section == method and isinstance(values, dict):
             params.update(values)
@@ -109,10 +164,25 @@ def build_config(file_values: dict[str, Any], flag_values: dict[str, Any], sets:
         else:
             raise OkdpipeError(f"--set {section}...: use '{method}.<param>=value' or a top-level config key")
     merged["method_params"] = params
+    return validated(DistillConfig, merged, "bad config")
+
+
+def validated(model: type[BaseModel], values: Any, context: str) -> Any:
+    """`model` from `values`, or one line: `context: where: what`."""
     try:
-        return DistillConfig(**merged)
+        return model.model_validate(values)
     except ValidationError as exc:
-        raise OkdpipeError(f"bad config: {validation_message(exc)}") from None
+        raise OkdpipeError(f"{context}: {validation_message(exc)}") from None
+
+
+def with_method_defaults(cfg: DistillConfig, defaults: Mapping[str, Any]) -> DistillConfig:
+    """`cfg` with a method's optimiser defaults (Method.optimizer_defaults) for every key the user did not set:
+    config files, flags and --set override them. Idempotent: the result has every key set."""
+    unknown = set(defaults) - set(OPTIMIZER_KEYS)
+    if unknown:
+        raise ValueError(f"optimizer_defaults may set only {OPTIMIZER_KEYS}, not {sorted(unknown)}")
+    chosen = cfg.model_dump(exclude_unset=True)
+    return validated(DistillConfig, {**cfg.model_dump(), **defaults, **chosen}, f"{cfg.method} defaults")
 
 
 def validate_params(model: type[BaseModel], params: dict[str, Any], method: str) -> BaseModel:

@@ -1,7 +1,26 @@
-"""The one exception type the CLI turns into a one-line message and a non-zero exit."""
+"""The exceptions the CLI turns into one line on stderr (`error: ...`) and an exit code.
+
+Exit codes, the same for every command (`distill`, `select`, `export`, `bench`, `serve`, `pipeline`):
+
+    0    success
+    1    the input was fine but the result failed a check it must pass: a bench or pipeline gate, export's
+         parity or INT8 accuracy check, training that diverged (a non-finite loss or weight)   -> GateFailed
+    2    bad input or usage: a bad flag or config, missing or corrupt data, a damaged run directory, a file
+         that is not okdpipe's, an output that cannot be written (read-only, disk full), a run directory
+         another run holds                                                                     -> OkdpipeError
+    130  interrupted (Ctrl-C)
+
+A bug (any other exception) keeps its traceback and exits 1 through Python itself.
+"""
 
 
 class OkdpipeError(Exception):
     """A problem the user can fix: the message names the problem and the fix, in one line."""
+
+    exit_code = 2
+
+
+class GateFailed(OkdpipeError):
+    """A check on the result failed (a gate, a parity or accuracy check, a diverged run): exit code 1."""
 
     exit_code = 1

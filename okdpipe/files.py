@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
+from okdpipe.errors import OkdpipeError
+
 
 def _default_mode() -> int:
     """The mode open() would give a new file (0666 minus the umask); mkstemp's own 0600 would hide model
@@ -19,19 +21,26 @@ def _default_mode() -> int:
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
-    """Call `write` on a temp file in the same directory, fsync, then rename: never a half-written file."""
+    """Call `write` on a temp file in the same directory, fsync, then rename: never a half-written file. A
+    failure to write (disk full, read-only, permissions) is one OkdpipeError line, with the old file intact."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.chmod(tmp, _default_mode())
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise OkdpipeError(f"{path}: cannot write ({exc.strerror or exc})") from None
+    try:
+        os.chmod(tmp, _default_mode())
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            reason = exc.strerror or exc
+            raise OkdpipeError(f"{path}: cannot write ({reason}); the previous file is unchanged") from None
         raise
 
 

@@ -1,4 +1,5 @@
-"""A real `kill -9` in the middle of an epoch, then `--resume`: the same final weights as a straight run."""
+"""A real `kill -9` in the middle of an epoch, then `--resume`: the same final weights as a straight run; while the
+run lives its directory is locked, and its death leaves no lock behind."""
 
 import json
 import os
@@ -39,7 +40,11 @@ def test_kill_9_mid_epoch_then_resume(tmp_path):
         time.sleep(0.05)
     time.sleep(0.3)  # into the third epoch
     assert proc.poll() is None, "the run finished before it could be killed; make it longer"
-    os.kill(proc.pid, signal.SIGKILL)
+    os.kill(proc.pid, signal.SIGSTOP)  # frozen mid-epoch, holding the lock, while a second run tries
+    second = subprocess.run(distill("--out", str(killed), "--resume"), capture_output=True, text=True)
+    assert second.returncode == 2 and second.stderr.splitlines() == [second.stderr.strip()]
+    assert second.stderr.startswith(f"error: {killed} is in use by another okdpipe run (pid {proc.pid} on ")
+    os.kill(proc.pid, signal.SIGKILL)  # the lock file stays; the kernel drops the lock with the process
     proc.wait()
     result = subprocess.run(distill("--out", str(killed), "--resume"), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -68,7 +68,7 @@ def test_batch_size_not_divisible_by_the_processes_is_one_line(tmp_path):
     result = CliRunner().invoke(app, ["distill", "--dataset", "synthetic", "--batch-size", "9", "--nproc-per-node",
                                       "2", "--out", str(tmp_path / "c")])
     lines = [line for line in result.output.splitlines() if line.strip()]
-    assert result.exit_code == 1 and lines[-1].startswith("error: --batch-size 9 is not divisible by 2")
+    assert result.exit_code == 2 and lines[-1].startswith("error: --batch-size 9 is not divisible by 2")
     assert not (tmp_path / "c").exists()
 
 

@@ -82,3 +82,30 @@ def test_run_directory_contents(tmp_path):
     assert set(manifest["test"]) == {"student:0", "student:1", "ensemble"}
     assert "checkpoints/last.pt" in manifest["artifacts"]
     assert (tmp_path / "r" / "config.yaml").read_text().startswith("method: vanilla")
+
+
+def top1_by_hand(net, split, spec) -> float:
+    """Accuracy of `net` on `split`, from the raw uint8 images: scale to [0, 1], normalise, argmax."""
+    mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std).view(1, -1, 1, 1)
+    with torch.no_grad():
+        logits = net.eval()((split.images.float() / 255 - mean) / std)
+    return (logits.argmax(1) == split.labels).float().mean().item()
+
+
+def test_per_epoch_validation_is_measured_on_the_validation_split(tmp_path):
+    from okdpipe.datasets import load_dataset
+    from okdpipe.distill.students import Students
+
+    cfg = tiny(epochs=1, seed=1)
+    fit(cfg, RunDir(tmp_path / "r"), echo=lambda _: None)
+    state = load_checkpoint(RunDir(tmp_path / "r"))
+    bundle = load_dataset("synthetic", val_split=cfg.val_split, seed=cfg.seed)
+    students = Students(cfg.arch, 2, bundle.spec.num_classes, bundle.spec.in_channels)
+    students.load_state_dict(state["students"])
+    recorded = state["history"][0]["val"]
+    for i in range(2):
+        net = students.extract(i)
+        val, test = top1_by_hand(net, bundle.val, bundle.spec), top1_by_hand(net, bundle.test, bundle.spec)
+        assert recorded[f"student:{i}"]["top1"] == pytest.approx(val, abs=1e-9)
+        assert val != test  # the splits disagree on this model, so measuring the wrong one would show

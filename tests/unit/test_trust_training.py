@@ -1,0 +1,290 @@
+"""Issue 13 on the training side: nothing non-finite is recorded, a damaged or busy run directory and an
+unwritable output are one-line errors, a batch that cannot fit is refused before training."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from okdpipe.config import DistillConfig
+from okdpipe.distill import trainer
+from okdpipe.distill.checkpoint import load_checkpoint
+from okdpipe.distill.methods import METHODS
+from okdpipe.distill.methods.vanilla import Vanilla
+from okdpipe.distill.trainer import fit
+from okdpipe.errors import GateFailed, OkdpipeError
+from okdpipe.files import atomic_write_text, file_sha256
+from okdpipe.run import RunDir
+
+# synthetic: 64 training images, 48 after the 25% validation split -> 6 steps of 8 per epoch
+TINY = dict(method="vanilla", arch="resnet8", students=1, dataset="synthetic", epochs=2, batch_size=8, lr=0.05,
+            eval_batch_size=64, val_split=0.25)
+STEPS_PER_EPOCH = 6
+
+
+def tiny(**changes) -> DistillConfig:
+    return DistillConfig(**{**TINY, **changes})
+
+
+def quiet(_):
+    pass
+
+
+def poison_step(monkeypatch, at_step: int, poison) -> None:
+    """Make `poison(session, losses)` happen after the real training step number `at_step` (0-based)."""
+    real = trainer.train_step
+
+    def step(s, batch, ctx):
+        losses = real(s, batch, ctx)
+        if ctx.step == at_step:
+            poison(s, losses)
+        return losses
+
+    monkeypatch.setattr(trainer, "train_step", step)
+
+
+def nan_loss(s, losses):
+    losses["loss"] = losses["loss"] * float("nan")
+
+
+def inf_weight(s, losses):
+    with torch.no_grad():
+        next(s.students.parameters()).view(-1)[0] = float("inf")
+
+
+def test_a_nan_loss_stops_naming_epoch_and_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    run = RunDir(tmp_path / "r")
+    poison_step(monkeypatch, STEPS_PER_EPOCH + 2, nan_loss)  # epoch 2, step 9 (1-based)
+    saved, real_save = [], trainer.save_checkpoint
+    monkeypatch.setattr(trainer, "save_checkpoint", lambda run, state: saved.append(file_sha256(real_save(run, state))))
+    with pytest.raises(GateFailed) as err:
+        fit(tiny(), run, echo=quiet)
+    message = str(err.value)
+    assert "epoch 2, step 9 (of 12)" in message and "checkpoint (epoch 1) is kept" in message
+    assert "\n" not in message and err.value.exit_code == 1
+    assert len(saved) == 1 and file_sha256(run.checkpoints / "last.pt") == saved[0]  # epoch 1's, untouched
+    assert load_checkpoint(run)["epoch"] == 1
+    records = [json.loads(line) for line in run.metrics_path.read_text().splitlines()]  # strict JSON: no NaN
+    assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1]
+    manifest = json.loads(run.manifest_path.read_text())
+    assert manifest["status"] == "diverged" and manifest["error"] == message
+
+
+def test_non_finite_weights_at_the_end_of_an_epoch_stop_before_the_checkpoint(tmp_path, monkeypatch):
+    run = RunDir(tmp_path / "r")
+    poison_step(monkeypatch, STEPS_PER_EPOCH - 1, inf_weight)  # the loss of that step was still finite
+    with pytest.raises(GateFailed, match=r"the weight members\.0\.\S+ became NaN or infinite at epoch 1, step 6 .*"
+                                         r"no epoch had finished, so there is no checkpoint"):
+        fit(tiny(), run, echo=quiet)
+    assert not (run.checkpoints / "last.pt").exists()
+    records = [json.loads(line) for line in run.metrics_path.read_text().splitlines()]
+    assert [r["kind"] for r in records] == ["step"]  # the last step's (finite) loss, no epoch record
+
+
+def test_first_nonfinite_tensor_names_parameters_and_buffers():
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    assert trainer.first_nonfinite_tensor([net]) is None
+    net[1].running_var[1] = float("nan")
+    assert trainer.first_nonfinite_tensor([net]) == "1.running_var"
+    net[0].bias.data[0] = float("-inf")
+    assert trainer.first_nonfinite_tensor([net]) == "0.bias"
+
+
+def hold_lock_in_another_process(root):
+    """A process that takes the run's lock and sleeps; returns it once it holds the lock."""
+    code = ("import sys, time; from okdpipe.run import RunDir\n"
+            "with RunDir(sys.argv[1]).locked():\n    print('locked', flush=True); time.sleep(120)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(root)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_a_second_run_into_a_locked_directory_fails_at_once_and_a_dead_holder_does_not_block(tmp_path):
+    run = RunDir(tmp_path / "r")
+    holder = hold_lock_in_another_process(run.root)
+    try:
+        with pytest.raises(OkdpipeError, match=rf"is in use by another okdpipe run \(pid {holder.pid} on "):
+            fit(tiny(epochs=1), run, echo=quiet)
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)  # like kill -9: no cleanup runs, the lock file stays
+        holder.wait()
+    assert (run.root / ".lock").is_file()
+    fit(tiny(epochs=1), run, echo=quiet)
+    assert load_checkpoint(run)["epoch"] == 1
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory):
+    """A run stopped in its second epoch, with epoch 1's checkpoint (copied by each test that damages it)."""
+    root = tmp_path_factory.mktemp("killed") / "r"
+    fit(tiny(), RunDir(root), stop_after_steps=STEPS_PER_EPOCH + 2, echo=quiet)
+    return root
+
+
+@pytest.fixture
+def damaged(killed, tmp_path):
+    import shutil
+
+    shutil.copytree(killed, tmp_path / "r")
+    return RunDir(tmp_path / "r")
+
+
+def resave_checkpoint(run: RunDir, change) -> None:
+    """Rewrite last.pt with `change` applied and record its new hash, as a careless tool would."""
+    state = torch.load(run.checkpoints / "last.pt", weights_only=True)
+    change(state)
+    torch.save(state, run.checkpoints / "last.pt")
+    run.record_artifact(run.checkpoints / "last.pt", epoch=1)
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    (lambda run: run.manifest_path.write_text("[]"), "corrupt manifest (a list, not an object)"),
+    (lambda run: run.manifest_path.write_text('"x"'), "corrupt manifest (a str, not an object)"),
+    (lambda run: run.manifest_path.write_text(json.dumps({"manifest_version": 1, "artifacts": []})),
+     "corrupt manifest (artifacts: Input should be a valid dictionary"),
+    (lambda run: run.manifest_path.write_text(json.dumps(
+        {"manifest_version": 1, "artifacts": {"checkpoints/last.pt": {"bytes": 1}}})),
+     "corrupt manifest (artifacts.checkpoints/last.pt.sha256: Field required)"),
+    (lambda run: resave_checkpoint(run, lambda state: state.pop("students")),
+     "damaged checkpoint (students: Field required)"),
+    (lambda run: resave_checkpoint(run, lambda state: state.update(history=[])),
+     "damaged checkpoint (Value error, history must hold one summary"),
+    (lambda run: resave_checkpoint(run, lambda state: state["students"].pop(next(iter(state["students"])))),
+     "the checkpoint does not fit this run's models (Error(s) in loading state_dict"),
+    (lambda run: resave_checkpoint(run, lambda state: state.update(config=[1])),
+     "damaged checkpoint (config: Input should be a valid dictionary"),
+])
+def test_a_damaged_run_directory_is_one_line_on_resume(damaged, damage, fragment):
+    damage(damaged)
+    with pytest.raises(OkdpipeError) as err:
+        fit(tiny(), damaged, resume=True, echo=quiet)
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume(damaged):
+    with open(damaged.metrics_path, "a") as handle:
+        handle.write('{"kind": "step", "epoch": 2, "lo')  # a kill in the middle of a write
+    fit(tiny(), damaged, resume=True, echo=quiet)
+    records = [json.loads(line) for line in damaged.metrics_path.read_text().splitlines()]
+    assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1, 2]
+
+
+def raises(code: int):
+    """A stand-in for os/pathlib calls that fails as the system would with `code`."""
+
+    def fail(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+
+    return fail
+
+
+enospc = raises(errno.ENOSPC)
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_leaves_the_old_file(damaged, monkeypatch):
+    before = file_sha256(damaged.checkpoints / "last.pt")
+    def disk_fills_while_saving(obj, handle):
+        handle.write(b"PK\x03\x04")
+        enospc()
+
+    monkeypatch.setattr(torch, "save", disk_fills_while_saving)
+    with pytest.raises(OkdpipeError, match=r"last\.pt\.pending: cannot write \(No space left on device\)"):
+        fit(tiny(), damaged, resume=True, echo=quiet)
+    assert file_sha256(damaged.checkpoints / "last.pt") == before
+    assert sorted(p.name for p in damaged.checkpoints.iterdir()) == ["last.pt"]  # no temp or pending file
+
+
+def test_atomic_write_failing_mid_write_keeps_the_old_file_and_no_temp(tmp_path):
+    path = tmp_path / "card.json"
+    atomic_write_text(path, "old")
+
+    def half_then_full(handle):
+        handle.write(b"ha")
+        enospc()
+
+    from okdpipe.files import atomic_write
+
+    with pytest.raises(OkdpipeError, match="No space left on device"):
+        atomic_write(path, half_then_full)
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["card.json"]
+
+
+def test_a_read_only_or_file_out_is_one_line(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OkdpipeError, match="is a file, not a run directory"):
+        fit(tiny(), RunDir(tmp_path / "file"), echo=quiet)
+    monkeypatch.setattr("pathlib.Path.mkdir", raises(errno.EROFS))
+    with pytest.raises(OkdpipeError, match=r"cannot create the run directory \(Read-only file system\)"):
+        fit(tiny(), RunDir(tmp_path / "ro"), echo=quiet)
+
+
+def test_a_batch_that_cannot_fit_is_refused_with_an_estimate(tmp_path, monkeypatch):
+    session = trainer.build_session(tiny(), RunDir(tmp_path / "probe"))
+    per_image, largest = trainer.activation_floats(session)
+    need = per_image * 8 * 4  # fp32 on CPU, batch 8: every layer's output of every image is kept for backward
+    assert need > 2 * largest * 16 * 4  # (the evaluation pass of 16 images needs less)
+    monkeypatch.setattr(trainer, "available_bytes", lambda device: need - 1)
+    with pytest.raises(OkdpipeError, match=rf"--batch-size 8 \(--eval-batch-size 64\): a step needs about "
+                                           rf"{need / 2**30:.1f} GiB .* more than the"):
+        fit(tiny(), RunDir(tmp_path / "r"), echo=quiet)
+    monkeypatch.setattr(trainer, "available_bytes", lambda device: need)
+    trainer.check_memory(session)  # exactly enough passes
+
+
+class NesterovVanilla(Vanilla):
+    optimizer_defaults = {"optimizer": "nesterov", "weight_decay": 1e-4}
+
+
+def test_a_methods_optimizer_defaults_apply_unless_set_and_are_recorded(tmp_path, monkeypatch):
+    monkeypatch.setitem(METHODS._items, "nesterov-vanilla", NesterovVanilla)
+    from okdpipe.config import build_config
+
+    cfg = trainer.with_method_defaults_of(build_config({"method": "nesterov-vanilla"}, {}, []))
+    assert (cfg.optimizer, cfg.weight_decay, cfg.momentum) == ("nesterov", 1e-4, 0.9)
+    chosen = trainer.with_method_defaults_of(build_config({"method": "nesterov-vanilla", "weight_decay": 0.0}, {},
+                                                          ["optimizer=sgd"]))
+    assert (chosen.optimizer, chosen.weight_decay) == ("sgd", 0.0)
+    run = RunDir(tmp_path / "r")
+    fit(tiny(method="nesterov-vanilla"), run, stop_after_steps=STEPS_PER_EPOCH + 1, echo=quiet)
+    manifest = json.loads(run.manifest_path.read_text())
+    assert manifest["optimizer"] == {"optimizer": "nesterov", "momentum": 0.9, "weight_decay": 1e-4,
+                                     "method_defaults": {"optimizer": "nesterov", "weight_decay": 1e-4}}
+    assert manifest["config"]["optimizer"] == "nesterov"
+    groups = load_checkpoint(run)["optimizer"]["param_groups"]
+    assert groups[0]["nesterov"] is True and groups[0]["weight_decay"] == 1e-4
+    fit(tiny(method="nesterov-vanilla"), run, resume=True, echo=quiet)  # the resolved config resumes
+
+
+def test_a_full_disk_while_recording_the_checkpoint_keeps_the_old_one_resumable(damaged, monkeypatch):
+    before = file_sha256(damaged.checkpoints / "last.pt")
+    real_record = RunDir.record_artifact
+
+    def record_on_a_full_disk(self, path, **kw):  # the manifest's atomic write meets a full disk
+        with monkeypatch.context() as full:
+            full.setattr("okdpipe.files.os.fsync", enospc)
+            return real_record(self, path, **kw)
+
+    monkeypatch.setattr(RunDir, "record_artifact", record_on_a_full_disk)
+    with pytest.raises(OkdpipeError, match=r"manifest\.json: cannot write \(No space left on device\)"):
+        fit(tiny(), damaged, resume=True, echo=quiet)
+    monkeypatch.setattr(RunDir, "record_artifact", real_record)
+    assert sorted(p.name for p in damaged.checkpoints.iterdir()) == ["last.pt"]
+    assert file_sha256(damaged.checkpoints / "last.pt") == before and load_checkpoint(damaged)["epoch"] == 1
+
+
+def test_a_save_killed_between_recording_and_renaming_is_finished_on_load(damaged):
+    from okdpipe.distill.checkpoint import PENDING
+
+    state = load_checkpoint(damaged)
+    state["epoch"], state["history"] = 2, state["history"] * 2
+    torch.save(state, damaged.checkpoints / PENDING)  # as save_checkpoint leaves it, killed before its rename
+    damaged.record_artifact(damaged.checkpoints / PENDING, recorded_as=damaged.checkpoints / "last.pt", epoch=2)
+    assert load_checkpoint(damaged)["epoch"] == 2
+    assert sorted(p.name for p in damaged.checkpoints.iterdir()) == ["last.pt"]
+    torch.save({"not": "recorded"}, damaged.checkpoints / PENDING)  # killed before its hash was recorded
+    assert load_checkpoint(damaged)["epoch"] == 2 and not (damaged.checkpoints / PENDING).exists()
