@@ -32,7 +32,7 @@ from okdpipe.distill.fused import FusedStudents
 from okdpipe.distill.losses import kd
 from okdpipe.distill.methods import METHODS, StepContext
 from okdpipe.distill.models import create_model
-from okdpipe.distill.select import count_macs
+from okdpipe.distill.models import count_macs
 from okdpipe.distill.trainer import Session, build_optimizer, build_session, train_step
 from okdpipe.run import RunDir
 

@@ -26,6 +26,12 @@ an architecture has any, draws different masks).
 
 Checkpoints: `state_dict()` uses the loop container's keys (`members.<i>.<backbone key>`), and
 `load_state_dict` accepts them, so select, soups and a loop `Students` read a fused run's checkpoint as is.
+
+Weight averaging (OKDPH's hybrid and fusion): `stacked` views every fused tensor as [N, ...] (entry i is student
+i's), so a weighted average of the students is one multiply-and-sum per tensor (`blend`), and moving every student
+towards a target is one `torch._foreach_lerp_` over those views (`lerp_members_`); the averaged network runs
+through `torch.func.functional_call` on `skeleton`, a plain backbone on the meta device (no memory, no weights
+of its own).
 """
 
 from __future__ import annotations
@@ -145,9 +151,13 @@ class FusedStudents(nn.Module):
         first = self._new_backbone()
         members = [first, *(copy.deepcopy(first) if same_init else self._new_backbone() for _ in range(count - 1))]
         self.net = fused_skeleton(first, count).to_empty(device="cpu")
+        # Keys of the classifier's [N, ...] tensors; every other tensor stacks students along dim 0.
+        self._batched = frozenset(key for key in self.net.state_dict()
+                                  if isinstance(self.net.get_submodule(key.rpartition(".")[0]), BatchedLinear))
         self.register_state_dict_post_hook(_members_layout)
         self.register_load_state_dict_pre_hook(_fused_layout)
         self.load_member_states([m.state_dict() for m in members])
+        self._skeleton = [first.to("meta")]  # a list keeps it out of the module tree (state_dict, .to, optimiser)
 
     def _new_backbone(self) -> Backbone:
         return create_model(self.arch, num_classes=self.num_classes, in_channels=self.in_channels)
@@ -158,7 +168,7 @@ class FusedStudents(nn.Module):
                            "not have; train it with fused: false")
 
     @classmethod
-    def from_students(cls, students: Students) -> "FusedStudents":
+    def from_students(cls, students: Students) -> FusedStudents:
         """The same students (weights, BN statistics, device, mode, memory format) as one fused network."""
         if students.layout != "peers":
             raise OkdpipeError(f"fused students support the peers layout only, not {students.layout!r}; "
@@ -175,7 +185,7 @@ class FusedStudents(nn.Module):
         students.load_state_dict(self.state_dict())
         return self._match(students)
 
-    def _like(self, other: nn.Module) -> "FusedStudents":
+    def _like(self, other: nn.Module) -> FusedStudents:
         """Move self to `other`'s device, dtype, mode and memory format."""
         self.to(next(other.parameters()))
         self.channels_last = other.channels_last
@@ -233,7 +243,42 @@ class FusedStudents(nn.Module):
 
     def _is_batched(self, key: str) -> bool:
         """True for the classifier's [N, ...] tensors; False for channel-stacked conv/BN tensors."""
-        return isinstance(self.net.get_submodule(key.rpartition(".")[0]), BatchedLinear)
+        return key in self._batched
+
+    @property
+    def skeleton(self) -> Backbone:
+        """One student's module tree on the meta device: run it with `torch.func.functional_call` and a full
+        state (e.g. `blend`'s) to compute a network built from the students' weights; in the students' mode."""
+        return self._skeleton[0].train(self.training)
+
+    def stacked(self, key: str, value: torch.Tensor) -> torch.Tensor:
+        """[N, ...] view of the fused tensor `key` (entry i is student i's): in-place ops on it reach the students."""
+        return value if self._is_batched(key) else value.unflatten(0, (self.count, -1))
+
+    def blend(self, weights: torch.Tensor, grad: bool = False) -> dict[str, torch.Tensor]:
+        """sum_m w_m theta_m for every entry, under the plain backbone's keys, one multiply-and-sum per tensor.
+
+        Parameters keep their graph to the students when `grad` is set (OKDPH's paper mode sends r_m times the
+        hybrid's gradient into student m); buffers never do; integer ones (num_batches_tracked) are copied."""
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            params = {key: self._weighted_sum(key, value, weights) for key, value in self.net.named_parameters()}
+        with torch.no_grad():
+            buffers = {key: self._weighted_sum(key, value, weights) if value.dtype.is_floating_point
+                       else value.clone() for key, value in self.net.named_buffers()}
+        return {**params, **buffers}
+
+    def _weighted_sum(self, key: str, value: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        members = self.stacked(key, value)
+        return (members * weights.to(members.device, members.dtype).view(-1, *[1] * (members.dim() - 1))).sum(0)
+
+    @torch.no_grad()
+    def lerp_members_(self, target: dict[str, torch.Tensor], weight: float) -> None:
+        """theta_m <- theta_m + weight * (target - theta_m) for every student and floating-point entry of
+        `target` (plain backbone keys), as one fused `torch._foreach_lerp_`."""
+        state = self.net.state_dict()
+        keys = [key for key, value in target.items() if value.dtype.is_floating_point]
+        members = [self.stacked(key, state[key]) for key in keys]
+        torch._foreach_lerp_(members, [target[key].expand_as(m) for key, m in zip(keys, members)], weight)
 
     def _member_slice(self, key: str, value: torch.Tensor, i: int) -> torch.Tensor:
         if value.dim() == 0:  # BN's num_batches_tracked: every student has taken the same steps

@@ -1,5 +1,6 @@
 """Fused students are the loop's students computed as one grouped network: same logits, same training
-trajectory under DML, same checkpoints, and a clear refusal where an architecture cannot fuse."""
+trajectory under DML and OKDPH (hybrid, fusion, candidate), same checkpoints, and a clear refusal where an
+architecture cannot fuse."""
 
 import copy
 
@@ -7,11 +8,16 @@ import pytest
 import torch
 from torch import nn
 
+from okdpipe.config import DistillConfig
+from okdpipe.distill.checkpoint import load_checkpoint
 from okdpipe.distill.fused import BatchedLinear, FusedStudents
 from okdpipe.distill.methods import StepContext
 from okdpipe.distill.methods.dml import DML, DMLParams
+from okdpipe.distill.methods.okdph import OKDPH, OKDPHParams
 from okdpipe.distill.students import Students
+from okdpipe.distill.trainer import fit
 from okdpipe.errors import OkdpipeError
+from okdpipe.run import RunDir
 
 CLASSES, CHANNELS, SIZE, BATCH = 5, 1, 16, 8
 FP32_ROUNDING = dict(rtol=1e-5, atol=1e-5)  # grouped and single convs sum in different orders
@@ -51,22 +57,37 @@ def test_student_i_sees_view_i():
     assert not torch.allclose(swapped[0], logits[0], atol=1e-3)
 
 
-def train_dml(students: nn.Module, steps: int = 3) -> list[torch.Tensor]:
-    """SGD (momentum, weight decay) on the real DML loss, per-student views; returns each step's loss."""
-    method = DML(students, DMLParams(temperature=3.0), CLASSES)
+def train(method, steps: int = 3) -> list[torch.Tensor]:
+    """SGD (momentum, weight decay) on the method's real loss, its views, its after-step hook (as fit() runs them);
+    returns each step's loss."""
+    students = method.students
     optimizer = torch.optim.SGD(students.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     labels = torch.arange(BATCH) % CLASSES
     losses = []
     dtype = next(students.parameters()).dtype
     for step in range(steps):
-        batch = views(3, seed=10 + step, dtype=dtype)
+        batch = views(method.num_views(students.count), seed=10 + step, dtype=dtype)
         ctx = StepContext(step / steps, step, 1, steps, torch.Generator().manual_seed(step))
         loss = method.step(batch, labels, students(batch), ctx)["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        method.after_step(ctx)
         losses.append(loss.detach())
     return losses
+
+
+def train_dml(students: nn.Module, steps: int = 3) -> list[torch.Tensor]:
+    return train(DML(students, DMLParams(temperature=3.0), CLASSES), steps)
+
+
+def assert_same_students(got: nn.Module, expected: nn.Module, tolerance: float) -> None:
+    """Every weight and BN statistic under the loop's checkpoint keys."""
+    trained, wanted = got.state_dict(), expected.state_dict()
+    assert trained.keys() == wanted.keys()
+    assert any(key.endswith("running_var") for key in trained)
+    for key, value in wanted.items():
+        torch.testing.assert_close(trained[key], value, rtol=tolerance, atol=tolerance, msg=key)
 
 
 # In fp32 the two summation orders drift apart chaotically in deeper nets at batch 8 (resnet20: ~2e-4 after
@@ -78,12 +99,58 @@ def test_three_dml_steps_reach_the_loops_weights_and_bn_statistics(arch, dtype, 
     fused = FusedStudents.from_students(students)
     close = dict(rtol=tolerance, atol=tolerance)
     torch.testing.assert_close(torch.stack(train_dml(fused)), torch.stack(train_dml(students)), **close)
-    trained, expected = fused.state_dict(), students.state_dict()
-    assert trained.keys() == expected.keys()
-    assert any(key.endswith("running_var") for key in trained)
-    for key, value in expected.items():
-        torch.testing.assert_close(trained[key], value, **close, msg=key)
-    assert int(trained["members.2.stem.1.num_batches_tracked"]) == 3
+    assert_same_students(fused, students, tolerance)
+    assert int(fused.state_dict()["members.2.stem.1.num_batches_tracked"]) == 3
+
+
+def okdph_pair(hwm_grad: bool = True, **params) -> tuple[OKDPH, OKDPH]:
+    """OKDPH on 3 float64 loop students (different inits, so a swapped weight shows) and on the same fused."""
+    students = loop_students().double()
+    hp = OKDPHParams(hwm_grad=hwm_grad, **params)
+    return OKDPH(FusedStudents.from_students(students), hp, CLASSES), OKDPH(students, hp, CLASSES)
+
+
+# Fusion after step 1 of 3 (every 2 batches): the last step trains fused weights, so the hybrid, its gradient
+# into the students (paper mode) or its absence (code mode) and the lerp all enter the compared trajectory.
+@pytest.mark.parametrize("hwm_grad", [True, False])
+def test_okdph_steps_fused_reach_the_loops_losses_weights_and_hybrid(hwm_grad):
+    fused, loop = okdph_pair(hwm_grad, interval=2, interval_unit="batch")
+    torch.testing.assert_close(torch.stack(train(fused)), torch.stack(train(loop)), rtol=1e-10, atol=1e-10)
+    assert_same_students(fused.students, loop.students, 1e-10)
+    got, expected = (m.candidates()["hybrid"] for m in (fused, loop))
+    assert got.weight_averaged and type(got.model).__name__ == "Backbone"
+    assert_same_students(got.model, expected.model, 1e-10)
+
+
+def test_fused_hybrid_is_the_r_weighted_sum_of_the_students_and_its_gradient_is_r_scaled():
+    fused, _ = okdph_pair()
+    students = fused.students.train()
+    weights = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
+    plain = students.extract(0).train()
+    parts = [students.member_state(i) for i in range(3)]
+    plain.load_state_dict({key: sum(float(w) * p[key] for w, p in zip(weights, parts)) if value.is_floating_point()
+                           else value for key, value in parts[0].items()})
+    x = views(1, dtype=torch.float64)[0]
+    torch.testing.assert_close(fused.hybrid_logits(x, weights), plain(x), rtol=1e-12, atol=1e-12)
+    fused.hybrid_logits(x, weights).square().sum().backward()
+    plain(x).square().sum().backward()
+    stem = students.net.stem[0].weight.grad.chunk(3)
+    for r, grad in zip(weights, stem):
+        torch.testing.assert_close(grad, r * plain.stem[0].weight.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("gamma", [0.5, 0.25])
+def test_fused_fusion_moves_every_student_gamma_of_the_way_to_the_average(gamma):
+    fused, _ = okdph_pair(gamma=gamma)
+    before = [copy.deepcopy(fused.students.member_state(i)) for i in range(3)]
+    fused.fuse()
+    for i, old in enumerate(before):
+        for key, value in fused.students.member_state(i).items():
+            if value.is_floating_point():
+                average = (before[0][key] + before[1][key] + before[2][key]) / 3
+                torch.testing.assert_close(value, gamma * average + (1 - gamma) * old[key], rtol=1e-12, atol=1e-12)
+            else:
+                assert torch.equal(value, old[key])
 
 
 def test_extracted_student_equals_container_member_after_training():
@@ -199,19 +266,20 @@ def test_batched_linear_is_n_independent_linear_layers():
     torch.testing.assert_close(batched(x), torch.stack([layers[0](x[:, :4]), layers[1](x[:, 4:])]))
 
 
-def test_fused_flag_trains_through_fit_and_refuses_unfusable_methods(tmp_path):
-    from okdpipe.config import DistillConfig
-    from okdpipe.distill.checkpoint import load_checkpoint
-    from okdpipe.distill.trainer import fit
-    from okdpipe.errors import OkdpipeError
-    from okdpipe.run import RunDir
+FIT_BASE = dict(arch="resnet8", dataset="synthetic", epochs=1, batch_size=8, val_split=0.25, students=2)
 
-    base = dict(arch="resnet8", dataset="synthetic", epochs=1, batch_size=8, val_split=0.25, students=2)
-    fit(DistillConfig(method="dml", fused=True, **base), RunDir(tmp_path / "fused"), echo=lambda _: None)
-    fit(DistillConfig(method="dml", **base), RunDir(tmp_path / "loop"), echo=lambda _: None)
+
+@pytest.mark.parametrize("method", ["dml", "okdph"])
+def test_fused_flag_trains_through_fit_like_the_loop(tmp_path, method):
+    summaries = {p: fit(DistillConfig(method=method, fused=p == "fused", **FIT_BASE), RunDir(tmp_path / p),
+                        echo=lambda _: None) for p in ("fused", "loop")}
     fused, loop = (load_checkpoint(RunDir(tmp_path / p))["students"] for p in ("fused", "loop"))
     assert fused.keys() == loop.keys()
     for key in loop:
         torch.testing.assert_close(fused[key].double(), loop[key].double(), rtol=1e-3, atol=1e-3)
-    with pytest.raises(OkdpipeError, match="--fused"):
-        fit(DistillConfig(method="okdph", fused=True, **base), RunDir(tmp_path / "okdph"), echo=lambda _: None)
+    assert summaries["fused"]["val"].keys() == summaries["loop"]["val"].keys()
+
+
+def test_fused_flag_refuses_methods_that_read_member_modules(tmp_path):
+    with pytest.raises(OkdpipeError, match="--fused: method one"):
+        fit(DistillConfig(method="one", fused=True, **FIT_BASE), RunDir(tmp_path / "one"), echo=lambda _: None)
