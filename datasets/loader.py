@@ -13,6 +13,7 @@ from okdpipe.datasets.albument import AugmentedViews, collate_views
 from okdpipe.datasets.augment import augment_batch, draw_augment, normalise
 from okdpipe.datasets.rng import STREAM_EPOCH, STREAM_WORKERS, cpu_generator
 from okdpipe.datasets.spec import NO_AUGMENT, AugmentConfig, DatasetSpec
+from okdpipe.datasets.views import ViewAugment, augment_policy, draw_policy
 from okdpipe.datasets.splits import Split, TensorSplit
 from okdpipe.errors import OkdpipeError
 
@@ -28,17 +29,21 @@ class Batch:
 class TensorBatches:
     """In-memory split moved to the device once; each batch gathered by index and augmented there in one go."""
 
-    def __init__(self, split: TensorSplit, device: torch.device, config: AugmentConfig, views: int, spec: DatasetSpec):
-        self.images, self.labels = split.images.to(device), split.labels.to(device)
+    def __init__(self, split: TensorSplit, device: torch.device, config: AugmentConfig, views: int, spec: DatasetSpec,
+                 policy: tuple[ViewAugment, ...] | None = None):
+        self.images, self.labels, self.policy = split.images.to(device), split.labels.to(device), policy
         self.device, self.config, self.views, self.size = device, config, views, spec.input_size
         self.mean, self.std = spec_stats(spec, device)
 
     def batches(self, order: torch.Tensor, bounds: list[tuple[int, int]], epoch: int, generator) -> Iterator[Batch]:
         draws = draw_augment(generator, self.views, len(order), self.config, self.size).to(self.device)
+        extra = draw_policy(generator, self.policy, len(order)).to(self.device) if self.policy else None
         order = order.to(self.device)
         for start, stop in bounds:
-            index = order[start:stop]
-            views = augment_batch(self.images[index], draws.window(start, stop), self.config, self.mean, self.std)
+            index, window = order[start:stop], draws.window(start, stop)
+            views = (augment_policy(self.images[index], window, extra.window(start, stop), self.config, self.policy,
+                                    self.mean, self.std) if self.policy
+                     else augment_batch(self.images[index], window, self.config, self.mean, self.std))
             yield Batch(views, self.labels[index])
 
 
@@ -119,7 +124,7 @@ def shard_bounds(bounds: tuple[int, int], rank: int, world_size: int) -> tuple[i
 def make_loader(
     split: Split, spec: DatasetSpec, *, batch_size: int, train: bool, device: torch.device | str, seed: int = 0,
     views: int = 1, augment: AugmentConfig | None = None, drop_last: bool | None = None, num_workers: int = 0,
-    backend: str | None = None, shard: tuple[int, int] = (0, 1),
+    backend: str | None = None, shard: tuple[int, int] = (0, 1), policy: tuple[ViewAugment, ...] | None = None,
 ) -> Loader:
     """train=True: shuffled, spec.augment unless `augment` is given, drop_last unless that leaves no batch.
     train=False: in order, no augmentation unless `augment` is given, partial last batch kept.
@@ -128,25 +133,29 @@ def make_loader(
     backend: "tensor" (default for in-memory splits; augments batched on `device`) or "albumentations"
     (default for file splits; DataLoader with `num_workers`).
     shard: (rank, world_size), this process's part of every batch (see Loader).
+    policy: one ViewAugment per view (datasets/views.py), tensor backend only; None = the dataset's own.
     """
     if batch_size < 1 or views < 1:
         raise OkdpipeError(f"batch_size and views must be >= 1, got {batch_size} and {views}")
     config = augment if augment is not None else (spec.augment if train else NO_AUGMENT)
     device = torch.device(device)
-    source = batch_source(split, spec, device, config, views, seed, num_workers, backend)
+    source = batch_source(split, spec, device, config, views, seed, num_workers, backend, policy)
     keep_partial = not train if drop_last is None else not drop_last
     # A training split smaller than one batch still yields its one partial batch rather than none.
     drop = not keep_partial and len(split) >= batch_size
     return Loader(split, batch_size, shuffle=train, drop_last=drop, seed=seed, source=source, shard=shard)
 
 
-def batch_source(split, spec, device, config, views, seed, num_workers, backend):  # noqa: ANN001, ANN201
+def batch_source(split, spec, device, config, views, seed, num_workers, backend, policy=None):  # noqa: ANN001, ANN201
     """Pick the path: tensors on the device for in-memory splits unless told otherwise."""
     chosen = backend or ("tensor" if isinstance(split, TensorSplit) else "albumentations")
     if chosen not in BACKENDS:
         raise OkdpipeError(f"unknown loader backend {chosen!r}; choose one of: {', '.join(BACKENDS)}")
     if chosen == "albumentations":
+        if policy:
+            raise OkdpipeError("per-view augmentation policies run on the tensor path (in-memory datasets); "
+                               "for an image folder pass --set view_augment=same")
         return AlbumentationsBatches(split, device, config, views, spec, seed, num_workers)
     if not isinstance(split, TensorSplit):
         raise OkdpipeError("the tensor backend needs an in-memory split; use backend='albumentations' for files")
-    return TensorBatches(split, device, config, views, spec)
+    return TensorBatches(split, device, config, views, spec, policy)

@@ -1,12 +1,19 @@
-"""Accuracy of students, their ensemble and a method's extra candidates on one split."""
+"""Accuracy of students, their ensemble and a method's extra candidates on one split, and the BatchNorm
+recalibration of weight-averaged candidates on a representative sample of training images."""
 
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
+
+from okdpipe.datasets.rng import cpu_generator
+
+STREAM_BN_CALIBRATION = 100  # a stream tag of its own (datasets/rng.py's tags are 1-6): the sample never
+# shares draws with the hold-out, subset, epoch order or augmentation of the same seed
 
 
 class Accuracy:
@@ -33,10 +40,50 @@ class Accuracy:
         return {"top1": self.correct1 / n, "top5": self.correct5 / n, "loss": self.loss_sum / n}
 
 
+def calibration_indices(labels: torch.Tensor, count: int, num_classes: int, seed: int) -> torch.Tensor:
+    """`count` distinct indices (all, if fewer), class-balanced and shuffled, a pure function of `seed`.
+
+    Each class's members are shuffled and dealt round-robin (rank r of every class before rank r + 1, the
+    classes in a shuffled order), so the class counts differ by at most one until a class runs out; the drawn
+    sample is then shuffled, so every calibration batch mixes classes. Files listed class by class (image
+    folders, CINIC-10) would otherwise give BN the statistics of one or two classes (8-18 points, issue 14)."""
+    generator = cpu_generator(seed, STREAM_BN_CALIBRATION)
+    class_order = torch.randperm(num_classes, generator=generator)
+    keys, members = [], []
+    for position, c in enumerate(class_order.tolist()):
+        found = torch.nonzero(labels == c).flatten()
+        members.append(found[torch.randperm(len(found), generator=generator)])
+        keys.append(torch.arange(len(found)) * num_classes + position)
+    dealt = torch.cat(members)[torch.cat(keys).argsort()][:count]
+    return dealt[torch.randperm(len(dealt), generator=generator)]
+
+
+@dataclass
+class CalibrationSample:
+    """The training images BatchNorm statistics are recomputed on, and what selection.json records of them."""
+
+    split: Any
+    indices: torch.Tensor
+    seed: int
+
+    def record(self, num_classes: int) -> dict[str, Any]:
+        labels = self.split.labels
+        return {"seed": self.seed, "images": len(self.indices), "shuffled": True, "class_balanced": True,
+                "per_class": torch.bincount(labels, minlength=num_classes).tolist(),
+                "indices": self.indices.tolist()}
+
+
+def calibration_sample(split, count: int, num_classes: int, seed: int) -> CalibrationSample:
+    """The seeded, shuffled, class-balanced sample of `split` (see `calibration_indices`)."""
+    indices = calibration_indices(split.labels, count, num_classes, seed)
+    return CalibrationSample(split.subset(indices), indices, seed)
+
+
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, batches: Iterable, max_batches: int) -> nn.Module:
     """Recompute BatchNorm running statistics as a cumulative average over up to `max_batches` batches
-    (as SWA's bn_update does): weight averaging invalidates the averaged running statistics."""
+    (as SWA's bn_update does): weight averaging invalidates the averaged running statistics. `batches` should
+    come from a `calibration_sample`, not the training files in order."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return model

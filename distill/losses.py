@@ -36,17 +36,6 @@ def ramp(epoch: float, length: float) -> float:
     return math.exp(-5.0 * (1.0 - progress) ** 2)
 
 
-@torch.no_grad()
-def ema_update(target: torch.nn.Module, source: torch.nn.Module, decay: float) -> None:
-    """target <- decay * target + (1 - decay) * source, over parameters AND floating-point buffers (BN stats);
-    integer buffers (num_batches_tracked) are copied."""
-    for t, s in zip(target.state_dict().values(), source.state_dict().values()):
-        if t.dtype.is_floating_point:
-            t.mul_(decay).add_(s.detach(), alpha=1.0 - decay)
-        else:
-            t.copy_(s)
-
-
 def attention_map(feature: torch.Tensor) -> torch.Tensor:
     """A(F) = channel-mean of F^2, flattened per sample: [B, C, H, W] -> [B, H*W] (Zagoruyko & Komodakis 2017)."""
     return feature.float().pow(2).mean(dim=1).flatten(1)

@@ -3,9 +3,11 @@ write it as a self-describing MODEL.pt.
 
 Candidates: each student (extracted to a plain network), the method's extras (FFSD's leader, PCL's mean
 teachers, OKDPH's hybrid) and a uniform weight average of the students ("soup"). Weight-averaged candidates get
-their BatchNorm statistics recomputed on training images first (averaging weights invalidates them); their
-accuracy without recalibration is reported too. The ensemble of all students is scored as the reference the
-shipped model tries to approach. The test split is never read here.
+their BatchNorm statistics recomputed first (averaging weights invalidates them) on a seeded, shuffled,
+class-balanced sample of training images, recorded in selection.json; their accuracy without recalibration is
+reported too. A candidate whose weights or validation logits are not finite is refused: never scored as a
+number, never shipped (selection.json lists it under "refused"). The ensemble of all students is scored as the
+reference the shipped model tries to approach. The test split is never read here.
 """
 
 from __future__ import annotations
@@ -17,16 +19,15 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from okdpipe.config import DistillConfig
-from okdpipe.datasets import load_dataset, make_loader
-from okdpipe.distill.checkpoint import load_checkpoint
-from okdpipe.distill.evaluate import Accuracy, recalibrate_bn
+from okdpipe.datasets import make_loader
+from okdpipe.distill.evaluate import Accuracy, calibration_sample, recalibrate_bn
 from okdpipe.distill.methods import Candidate
-from okdpipe.distill.trainer import autocast_for, build_models, resolve_device
+from okdpipe.distill.finished import FinishedRun, load_run
+from okdpipe.distill.models import count_macs
 from okdpipe.errors import OkdpipeError
 from okdpipe.files import atomic_write_json, file_sha256
 from okdpipe.modelfile import ModelInfo, save_model_file
-from okdpipe.run import RunDir, now_iso
+from okdpipe.run import now_iso
 
 STRATEGIES = "auto, best, leader, mean-teacher, hybrid, soup, student:N, or a candidate's name"
 
@@ -42,6 +43,7 @@ class Scored:
     weight_averaged: bool = False
     top1_without_bn_recalibration: Optional[float] = None
     extra: dict[str, Any] = field(default_factory=dict)
+    refused: Optional[str] = None  # why the candidate can never ship (non-finite weights or logits)
 
     def row(self) -> dict[str, Any]:
         row = {"candidate": self.name, "val_top1": self.top1, "val_top5": self.top5, "params": self.params,
@@ -51,32 +53,9 @@ class Scored:
         return row
 
 
-def count_macs(model: nn.Module, example: torch.Tensor) -> int:
-    """Multiply-accumulates of one forward pass on `example` (batch 1), counting Conv2d and Linear layers."""
-    total = 0
-
-    def conv(module: nn.Conv2d, _inputs, output):
-        nonlocal total
-        kernel = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
-        total += output.numel() * kernel
-
-    def linear(module: nn.Linear, _inputs, output):
-        nonlocal total
-        total += output.numel() * module.in_features
-
-    hooks = [m.register_forward_hook(conv if isinstance(m, nn.Conv2d) else linear)
-             for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    try:
-        with torch.no_grad():
-            model.eval()(example)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return total
-
-
 def soup(students) -> nn.Module:
-    """Uniform average of every student's weights and float buffers, as a plain network."""
+    """Uniform average of every student's weights and float buffers, as a plain network (model soup,
+    Wortsman et al. 2022: the mean, not the sum)."""
     states = [students.member_state(i) for i in range(students.count)]
     model = students.extract(0)
     averaged = {k: torch.stack([s[k].float() for s in states]).mean(0).to(v.dtype) if v.is_floating_point() else v
@@ -85,25 +64,33 @@ def soup(students) -> nn.Module:
     return model
 
 
+def non_finite_weights(model: nn.Module) -> bool:
+    return any(not bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point())
+
+
+class NonFiniteLogits(Exception):
+    """A candidate answered NaN or inf on the validation split."""
+
+
 @torch.no_grad()
 def top_accuracy(model: nn.Module, loader) -> tuple[float, float]:
+    """(top-1, top-5) on the split; raises NonFiniteLogits rather than count a NaN answer as a class."""
     meter = Accuracy()
     model.eval()
     for batch in loader.epoch(0):
-        meter.update(model(batch.views[0]), batch.labels)
+        logits = model(batch.views[0])
+        if not bool(torch.isfinite(logits).all()):
+            raise NonFiniteLogits
+        meter.update(logits, batch.labels)
     result = meter.result()
     return result["top1"], result["top5"]
 
 
-@torch.no_grad()
-def ensemble_accuracy(students, method, loader, autocast) -> float:
+def ensemble_accuracy(finished: FinishedRun, loader) -> float:
+    """Validation top-1 of the method's ensemble (the reference the shipped student approaches)."""
     meter = Accuracy()
-    students.eval()
-    method.eval()
     for batch in loader.epoch(0):
-        with autocast():
-            out = students(batch.views, features=method.needs_features, stages=method.needs_stages)
-            meter.update(method.ensemble_logits(out), batch.labels)
+        meter.update(finished.ensemble_logits(batch.views), batch.labels)
     return meter.result()["top1"]
 
 
@@ -111,19 +98,15 @@ class Selection:
     """A finished run, rebuilt from its verified checkpoint, with its data splits."""
 
     def __init__(self, run_dir: Path, bn_batches: int, device: str = "auto"):
-        self.run = RunDir(run_dir)
-        check_run(self.run)
-        self.state = load_checkpoint(self.run)
-        self.cfg = DistillConfig(**{**self.state["config"], "device": device})
-        self.device = resolve_device(device)
-        self.bundle = load_dataset(self.cfg.dataset, self.cfg.data_dir, val_split=self.cfg.val_split,
-                                   seed=self.cfg.seed, train_subset=self.cfg.train_subset, **self.cfg.data_options)
-        self.students, self.method = build_models(self.cfg, self.bundle.spec, self.device)
-        self.students.load_state_dict(self.state["students"])
-        self.method.load_state_dict(self.state["method"])
+        self.finished = load_run(run_dir, device)
+        self.run, self.cfg, self.device, self.bundle = (self.finished.run, self.finished.cfg, self.finished.device,
+                                                        self.finished.bundle)
+        self.students, self.method = self.finished.students, self.finished.method
         make = lambda split: make_loader(split, self.bundle.spec, batch_size=self.cfg.eval_batch_size,  # noqa: E731
                                          train=False, device=self.device, seed=self.cfg.seed)
-        self.val_loader, self.calib_loader = make(self.bundle.val), make(self.bundle.train)
+        self.calibration = calibration_sample(self.bundle.train, bn_batches * self.cfg.eval_batch_size,
+                                              self.bundle.spec.num_classes, self.cfg.seed)
+        self.val_loader, self.calib_loader = make(self.bundle.val), make(self.calibration.split)
         self.bn_batches = bn_batches
         if len(self.bundle.val) == 0:
             raise OkdpipeError(f"{run_dir}: the run has no validation split (val_split=0); nothing to select on")
@@ -137,50 +120,48 @@ class Selection:
 
     def score(self, name: str, candidate: Candidate) -> Scored:
         model = candidate.model.to(self.device)
-        without = None
-        if candidate.weight_averaged:
-            without = top_accuracy(model, self.val_loader)[0]
-            recalibrate_bn(model, self.calib_loader.epoch(0), self.bn_batches)
-        top1, top5 = top_accuracy(model, self.val_loader)
         spec = self.bundle.spec
         example = torch.zeros(1, spec.in_channels, *spec.input_size, device=self.device)
-        return Scored(name, model, top1, top5, sum(p.numel() for p in model.parameters()),
-                      count_macs(model, example), candidate.weight_averaged, without)
+        scored = Scored(name, model, 0.0, 0.0, sum(p.numel() for p in model.parameters()),
+                        count_macs(model, example), candidate.weight_averaged)
+        try:
+            self.measure(scored)
+        except NonFiniteLogits:
+            scored.refused = "non-finite validation logits"
+        if non_finite_weights(model):  # after recalibration too: BN statistics are weights of the shipped file
+            scored.refused = "non-finite weights"
+        return scored
+
+    def measure(self, scored: Scored) -> None:
+        """Validation accuracy, after recomputing BN statistics on the calibration sample if weight-averaged."""
+        if scored.weight_averaged:
+            try:
+                scored.top1_without_bn_recalibration = top_accuracy(scored.model, self.val_loader)[0]
+            except NonFiniteLogits:
+                pass  # stale statistics may overflow; only the recalibrated model can ship
+            recalibrate_bn(scored.model, self.calib_loader.epoch(0), self.bn_batches)
+        scored.top1, scored.top5 = top_accuracy(scored.model, self.val_loader)
 
     def ensemble_row(self) -> dict[str, Any]:
-        spec = self.bundle.spec
-        example = torch.zeros(1, 1, spec.in_channels, *spec.input_size, device=self.device)
-        macs = count_macs(_LogitsOnly(self.students), example)
-        top1 = ensemble_accuracy(self.students, self.method, self.val_loader,
-                                 autocast_for(self.device, self.cfg.precision))
+        top1 = ensemble_accuracy(self.finished, self.val_loader)
         return {"candidate": "ensemble", "val_top1": top1, "params": sum(p.numel() for p in self.students.parameters()),
-                "macs": macs, "reference": True}
-
-
-class _LogitsOnly(nn.Module):
-    """Students as a plain module for MAC counting (their forward returns a dataclass)."""
-
-    def __init__(self, students):
-        super().__init__()
-        self.students = students
-
-    def forward(self, views):
-        return self.students(views).logits
-
-
-def check_run(run: RunDir) -> None:
-    if not run.root.is_dir():
-        raise OkdpipeError(f"{run.root}: no such run directory; train one with `okdpipe distill --out {run.root}`")
-    manifest = run.read_manifest()
-    if manifest.get("stage") != "distill" or "config" not in manifest:
-        raise OkdpipeError(f"{run.root}: not an okdpipe run directory (no distill manifest)")
-    if manifest.get("status") != "finished":
-        raise OkdpipeError(f"{run.root}: training did not finish; continue it with "
-                           f"`okdpipe distill --out {run.root} --resume`")
+                "macs": self.finished.ensemble_macs(), "reference": True}
 
 
 def choose(scored: list[Scored], strategy: str, method_ships: str) -> Scored:
-    """auto: the most accurate single model, ties to the smaller one, then to the name."""
+    """auto: the most accurate single model, ties to the smaller one, then to the name. Refused candidates
+    (non-finite) never ship: a strategy left with nothing else is an error naming them."""
+    pool = strategy_pool(scored, strategy, method_ships)
+    shippable = [s for s in pool if s.refused is None]
+    if not shippable:
+        refused = "; ".join(f"{s.name} has {s.refused}" for s in pool)
+        raise OkdpipeError(f"--strategy {strategy}: {refused}, so it is never shipped (the run diverged); "
+                           f"retrain it, e.g. with a lower --lr")
+    return min(shippable, key=lambda s: (-s.top1, s.params, s.name))
+
+
+def strategy_pool(scored: list[Scored], strategy: str, method_ships: str) -> list[Scored]:
+    """The candidates `strategy` chooses among."""
     by_name = {s.name: s for s in scored}
     students = [s for s in scored if s.name.startswith("student:")]
     pools = {
@@ -198,7 +179,7 @@ def choose(scored: list[Scored], strategy: str, method_ships: str) -> Scored:
     if not pool:
         raise OkdpipeError(f"--strategy {strategy}: this run ({method_ships} method) has no such candidate; "
                            f"it has: {', '.join(by_name)}")
-    return min(pool, key=lambda s: (-s.top1, s.params, s.name))
+    return pool
 
 
 def select(run_dir: Path, strategy: str, out: Optional[Path], bn_batches: int, device: str = "auto"):
@@ -209,10 +190,12 @@ def select(run_dir: Path, strategy: str, out: Optional[Path], bn_batches: int, d
     ensemble = session.ensemble_row()
     out = out or session.run.root / "model.pt"
     sha = save_model_file(chosen.model.cpu(), model_info(session, chosen), out)
-    rows = [dict(s.row(), chosen=s is chosen) for s in scored]
+    rows = [dict(s.row(), chosen=s is chosen) for s in scored if s.refused is None]
     atomic_write_json(session.run.root / "selection.json", {
         "created": now_iso(), "strategy": strategy, "split": "val", "bn_recalibration_batches": bn_batches,
+        "bn_recalibration_sample": session.calibration.record(session.bundle.spec.num_classes),
         "chosen": chosen.name, "model_file": str(out), "model_sha256": sha, "candidates": rows,
+        "refused": [{"candidate": s.name, "reason": s.refused} for s in scored if s.refused],
         "ensemble": ensemble})
     session.run.update_manifest(selection={"strategy": strategy, "chosen": chosen.name, "model_file": str(out),
                                            "model_sha256": sha, "val_top1": chosen.top1})
@@ -227,7 +210,6 @@ def model_info(session: Selection, chosen: Scored) -> ModelInfo:
         provenance={
             "run_dir": str(session.run.root.resolve()), "method": cfg.method, "candidate": chosen.name,
             "val_top1": chosen.top1, "checkpoint_sha256": file_sha256(session.run.checkpoints / "last.pt"),
-            "data": {"dataset": cfg.dataset, "data_dir": cfg.data_dir, "val_split": cfg.val_split,
-                     "seed": cfg.seed, "options": dict(cfg.data_options)},
+            "data": session.finished.data.as_record(),
         },
     )

@@ -30,11 +30,13 @@ from typing import Any, Optional
 import torch
 
 from okdpipe.config import OPTIMIZER_KEYS, DistillConfig, dump_yaml, validate_params, with_method_defaults
-from okdpipe.datasets import load_dataset, make_loader
+from okdpipe.contracts.data import DataSource
+from okdpipe.datasets import make_loader
 from okdpipe.distill import distributed
 from okdpipe.distill.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from okdpipe.distill.distributed import Group
-from okdpipe.distill.evaluate import evaluate_run, recalibrate_bn
+from okdpipe.datasets.views import view_policy
+from okdpipe.distill.evaluate import calibration_sample, evaluate_run, recalibrate_bn
 from okdpipe.distill.methods import METHODS, Method, StepContext
 from okdpipe.distill.fused import FusedStudents
 from okdpipe.distill.students import Students
@@ -141,19 +143,21 @@ def build_session(cfg: DistillConfig, run: RunDir, group: Group = Group()) -> Se
     """The session of this process; under data parallelism the training loader yields its share of each batch."""
     device = group.device(resolve_device(cfg.device))
     METHODS.get(cfg.method)  # an unknown method fails before the data is read
-    bundle = load_dataset(cfg.dataset, cfg.data_dir, val_split=cfg.val_split, seed=cfg.seed,
-                          train_subset=cfg.train_subset, **cfg.data_options)
+    bundle = DataSource.of_run(cfg).load()
     spec = bundle.spec
     students, method = build_models(cfg, spec, device)
     optimizer = build_optimizer(cfg, [{"params": list(students.parameters())}, *method.param_groups()])
     views = method.num_views(students.count)
+    policy = view_policy("same" if cfg.view_augment == "same" else method.augment_policy, views)
+    calibration = calibration_sample(bundle.train, BN_CALIBRATION_BATCHES * cfg.eval_batch_size, spec.num_classes,
+                                     cfg.seed)
     loader = lambda split, train, v: make_loader(  # noqa: E731
         split, spec, batch_size=cfg.batch_size if train else cfg.eval_batch_size, train=train, device=device,
-        seed=cfg.seed, views=v, num_workers=cfg.workers,
+        seed=cfg.seed, views=v, num_workers=cfg.workers, policy=policy if train else None,
         shard=(group.rank, group.world_size) if train else (0, 1))  # rank 0 evaluates whole splits
     session = Session(cfg, run, device, students, method, optimizer, method.extra_optimizers(),
                       loader(bundle.train, True, views), loader(bundle.val, False, 1),
-                      loader(bundle.test, False, 1), loader(bundle.train, False, 1), bundle,
+                      loader(bundle.test, False, 1), loader(calibration.split, False, 1), bundle,
                       autocast_for(device, cfg.precision), [], group=group)
     session.forward = torch.compile(students) if cfg.compile else students
     short = len(bundle.train) < cfg.batch_size

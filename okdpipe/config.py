@@ -52,6 +52,9 @@ class DistillConfig(Strict):
     compile: bool = False
     fused: bool = Field(False, description="same-architecture peers as one grouped network (vanilla, DML, OKDPH); "
                                            "faster on GPU only, see BENCHMARKS.md")
+    view_augment: Literal["method", "same"] = Field(
+        "method", description="per-view augmentation: the method's policy (OKDPH: flip+rotate, flip+cutout, "
+                              "RandAugment for the hybrid) or 'same' (every view a fresh draw of the dataset's own)")
     seed: int = Field(0, ge=0, lt=2**31, description="seed for initialisation, split, order and augmentation")
     workers: int = Field(0, ge=0, le=256, description="data-loading workers (image folders only)")
     nproc_per_node: int = Field(1, ge=1, le=1024, description="data-parallel processes, one GPU each on CUDA; "

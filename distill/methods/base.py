@@ -11,7 +11,7 @@ models (`candidates`) and name outputs that are only scored for reference (`refe
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -23,9 +23,9 @@ METHODS: Registry[type["Method"]] = Registry("method")
 
 
 class Hparams(BaseModel):
-    """Base for method hyperparameters: unknown keys are errors."""
+    """Base for method hyperparameters: unknown keys are errors, and so is a NaN or infinite value."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 @dataclass
@@ -58,9 +58,15 @@ class Method(nn.Module):
     needs_features: ClassVar[bool] = False
     needs_stages: ClassVar[bool] = False
     per_student_views: ClassVar[bool] = False
+    augment_policy: ClassVar[str] = "same"  # per-view augmentation kinds (datasets/views.py): "same" or "okdph"
     same_init: ClassVar[bool] = False
     fusable: ClassVar[bool] = False  # peers layout and never reads students.members (see distill/fused.py)
-    ships: ClassVar[str] = "best-student"  # the candidate `select --strategy auto` falls back to describing
+    # What the method's paper ships, named in messages and the README's method table; `select --strategy auto`
+    # still ships whichever candidate validates best.
+    ships: ClassVar[str] = "best-student"
+    # Optimiser settings the method's paper trains with, used wherever config, flags and --set leave the key unset
+    # (keys: okdpipe.config.OPTIMIZER_KEYS = optimizer, momentum, weight_decay); the manifest records the result.
+    optimizer_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, students, hp: Hparams, num_classes: int):
         super().__init__()

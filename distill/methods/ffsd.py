@@ -24,7 +24,8 @@ only, never shipped):
 Self-distillation decoders D_i (one per common student i >= 1, one for the leader): ConvTranspose 3x3 stride 2
 + BN + ReLU blocks from the last stage's width to each shallower stage's width (halving for ResNets), each
 block's output size taken from the actual stage map (`output_size`), trained by their own Adam (lr 1e-3,
-wd 1e-4) to rebuild the network's own shallow maps from its own detached last map:
+wd 1e-4; x0.1 at epochs 150 and 225 of 300 as the official code's MultiStepLR, i.e. at 1/2 and 3/4 of any run,
+as the main schedule's milestones scale) to rebuild the network's own shallow maps from its own detached last map:
     lambda_sd * sum_l [AttnMSE(D(F_last)_l, F_l) + AttnMSE(A(D(F_last)_l), A(F_l))].
 Warm-up: every lambda is multiplied by exp(-5 (1 - e/E)^2) for e <= E (E = 5), per epoch; the code counts
 epochs from 1, so e = epoch index + 1 (first epoch: exp(-3.2)).
@@ -59,6 +60,10 @@ class FFSDParams(Hparams):
     fusion_weight_decay: float = Field(1e-5, ge=0.0, description="SGD weight decay of the fusion module (paper: 1e-5)")
     decoder_lr: float = Field(1e-3, gt=0.0, description="Adam learning rate of the decoders (paper code: 1e-3)")
     decoder_weight_decay: float = Field(1e-4, ge=0.0, description="Adam weight decay of the decoders (paper: 1e-4)")
+    decoder_milestones: tuple[float, ...] = Field((0.5, 0.75), description="fractions of the run where the decoders' "
+                                                  "lr is multiplied by decoder_lr_decay (code: epochs 150, 225 of 300)")
+    decoder_lr_decay: float = Field(0.1, gt=0.0, le=1.0,
+                                    description="decoders' lr factor at each milestone (code: 0.1)")
 
 
 def diversity_target(attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -166,6 +171,7 @@ class FFSD(Method):
     """M common students + the leader (the last student); see the module docstring for every term."""
 
     Params = FFSDParams
+    optimizer_defaults = {"optimizer": "nesterov", "weight_decay": 1e-4}  # Li et al. 2022 (methods.md, Recipes)
     layout = "peers"
     default_students = 3
     min_students = 3
@@ -204,7 +210,16 @@ class FFSD(Method):
         return {"div": self.hp.lambda_div * factor, "fus": self.hp.lambda_fus * factor,
                 "sd": self.hp.lambda_sd * factor}
 
+    def decoder_lr(self, epoch: float, total_epochs: int) -> float:
+        """decoder_lr x decay^(milestones passed): the official MultiStepLR([150, 225], 0.1) scaled to the run."""
+        passed = sum(epoch >= m * total_epochs for m in self.hp.decoder_milestones)
+        return self.hp.decoder_lr * self.hp.decoder_lr_decay**passed
+
     def step(self, views, labels, out, ctx):
+        # The decoders' optimisers step right after this call: set this step's lr (exact on resume too).
+        for optimizer in self.extra_optimizers():
+            for group in optimizer.param_groups:
+                group["lr"] = self.decoder_lr(ctx.epoch, ctx.total_epochs)
         terms = self.loss_terms(out, labels, ctx.epoch)
         return {"loss": sum(terms.values()), **{key: value.detach() for key, value in terms.items()}}
 

@@ -110,6 +110,7 @@ class OKDPH(Method):
     min_students = 2
     per_student_views = True
     same_init = True
+    augment_policy = "okdph"  # each model its own augmentation kind, as the official code (datasets/views.py)
     fusable = True
     ships = "hybrid-or-best"
 

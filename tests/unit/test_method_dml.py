@@ -1,4 +1,5 @@
-"""DML: the mutual-KD average by hand, each peer learning only from its own loss, and a short run."""
+"""DML: the mutual-KD average by hand, step() by value at T != 1, each peer learning only from its own loss, the
+paper default and a short run."""
 
 import math
 
@@ -9,6 +10,7 @@ from okdpipe.distill.methods import METHODS
 from okdpipe.distill.methods.dml import DMLParams, mutual_kd, peer_terms
 from okdpipe.distill.students import StudentOutputs
 
+from paper_formulas import TEMPERATURE, assert_same_gradients, assert_terms, ce, kd
 from test_method_one import backward_of, grad_in_every_tensor, make_ctx, make_method, no_grad_in, short_fit
 
 # Three peers, one sample, two classes: softmax(z1) = (3/4, 1/4), z0 and z2 uniform.
@@ -35,6 +37,21 @@ def test_peer_terms_are_ce_and_mutual_kd():
     assert terms["kd/s1"].item() == pytest.approx(0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25))
 
 
+def test_step_by_value_with_three_peers_at_a_temperature():
+    """Eq. 10 for N = 3 at T = 2.5: L_i = CE_i + 1/2 sum_{j != i} KD(z_i <- z_j), teachers detached."""
+    method, students = make_method("dml", layout="peers", count=3, temperature=TEMPERATURE)
+    out = students(torch.randn(1, 6, 1, 28, 28, generator=torch.Generator().manual_seed(4)))
+    labels = torch.tensor([0, 1, 2, 3, 4, 0])
+    z = out.logits
+    expected = {}
+    for i in range(3):
+        expected[f"ce/s{i}"] = ce(z[i], labels)
+        expected[f"kd/s{i}"] = sum(kd(z[i], z[j], TEMPERATURE) for j in range(3) if j != i) / 2
+    losses = method.step(None, labels, out, make_ctx(20.0))
+    assert_terms(losses, expected)
+    assert_same_gradients(losses["loss"], sum(expected.values()), list(students.parameters()))
+
+
 def test_each_peer_updates_only_from_its_own_loss():
     method, students = make_method("dml", layout="peers", count=2)
     logits = students(torch.randn(1, 4, 1, 28, 28)).logits
@@ -54,6 +71,6 @@ def test_each_peer_updates_only_from_its_own_loss():
 def test_dml_defaults_and_short_run(tmp_path):
     cls = METHODS.get("dml")
     assert (cls.layout, cls.default_students, cls.min_students, cls.ships) == ("peers", 2, 2, "best-student")
-    assert DMLParams().temperature == 1.0
+    assert DMLParams().temperature == 1.0  # DML Sec. 4 (the comparison papers re-run it at T = 3)
     val = short_fit("dml", tmp_path)
     assert set(val) == {"student:0", "student:1", "ensemble"}

@@ -1,6 +1,8 @@
-"""FFSD: attention maps, AttnMSE, the diversity target and shifted map, warm-up, decoder shapes and the
-gradient isolation that lets one backward replace the original's sequential ones."""
+"""FFSD: attention maps, AttnMSE, the diversity target and shifted map, warm-up, decoder shapes, every term of
+step() by value during the warm-up (leader, fusion, decoders), the paper defaults, and the gradient isolation that
+lets one backward replace the original's sequential ones."""
 
+import copy
 import math
 
 import pytest
@@ -8,6 +10,7 @@ import torch
 
 from okdpipe.config import DistillConfig
 from okdpipe.distill.losses import attention_map, kd, normalized_mse
+from okdpipe.distill.methods import StepContext
 from okdpipe.distill.methods.ffsd import (FFSD, FFSDParams, StageDecoder, UpBlock, diversity_loss, diversity_target,
                                           map_sizes, shifted_map)
 from okdpipe.distill.models import create_model
@@ -15,6 +18,9 @@ from okdpipe.distill.students import Students
 from okdpipe.distill.trainer import fit
 from okdpipe.errors import OkdpipeError
 from okdpipe.run import RunDir
+
+from paper_formulas import TEMPERATURE, assert_terms, ce
+from paper_formulas import kd as paper_kd
 
 CLASSES = 5
 
@@ -142,6 +148,113 @@ def test_fusion_head_reference_is_the_fusion_classifier_on_the_common_students_m
     reference = method.reference_logits(None, out)
     assert set(reference) == {"fusion-head"}
     torch.testing.assert_close(reference["fusion-head"], expected)
+
+
+def attention(fmap: torch.Tensor) -> torch.Tensor:
+    """A(F): channel-mean of F^2, flattened per sample."""
+    return (fmap**2).mean(dim=1).flatten(1)
+
+
+def unit_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """mean((a/||a|| - b/||b||)^2), per-sample norms over the flattened entries (an all-zero map stays zero)."""
+    a, b = a.flatten(1), b.flatten(1)
+    return ((a / a.norm(dim=1, keepdim=True).clamp_min(1e-12) - b / b.norm(dim=1, keepdim=True).clamp_min(1e-12))
+            ** 2).mean()
+
+
+def attn_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return unit_mse(attention(a), attention(b))
+
+
+def shift_target(a: torch.Tensor) -> torch.Tensor:
+    """t: ||a|| - a_hat above tau (the floor(P/3)-th smallest a_hat), a_hat below it, ||a||/2 at it."""
+    norm, unit = a.norm(dim=1, keepdim=True), a / a.norm(dim=1, keepdim=True)
+    tau = unit.sort(dim=1).values[:, a.shape[1] // 3 - 1 : a.shape[1] // 3]
+    return torch.where(unit > tau, norm - unit, torch.where(unit < tau, unit, norm / 2))
+
+
+def shifted(fmap: torch.Tensor) -> torch.Tensor:
+    """S(F) = F + (t - a_hat) ||a|| / C, the same shift in every channel."""
+    a = attention(fmap)
+    norm = a.norm(dim=1, keepdim=True)
+    shift = (shift_target(a) - a / norm) * norm / fmap.shape[1]
+    return fmap + shift.view(fmap.shape[0], 1, *fmap.shape[2:])
+
+
+def decoded(decoder, deepest, maps, train: bool):
+    """The decoder's maps for the shallower stages of `maps`, in train mode (its loss) or eval mode (targets)."""
+    decoder.train(train)
+    try:
+        return decoder(deepest, [tuple(m.shape[-2:]) for m in maps[:-1]])
+    finally:
+        decoder.train(True)
+
+
+def expected_ffsd_terms(method: FFSD, out, labels, factor: float, lambdas: dict) -> dict[str, torch.Tensor]:
+    """Every term of FFSD with M = 2 common students (0, 1) and the leader 2, from the paper's formulas."""
+    T, z, maps = TEMPERATURE, out.logits, out.stages
+    div, fus, sd = (factor * lambdas[k] for k in ("div", "fus", "sd"))
+    targets = {name: copy.deepcopy(d).eval() for name, d in zip(("s1", "leader"), method.decoders)}
+    with torch.no_grad():
+        student_targets = targets["s1"](shifted(maps[0][-1]), [tuple(m.shape[-2:]) for m in maps[1][:-1]])
+    concat = torch.cat([maps[0][-1].detach(), maps[1][-1].detach()], dim=1)
+    fused, z_fus = method.fusion(concat)
+    with torch.no_grad():
+        leader_targets = targets["leader"](fused, [tuple(m.shape[-2:]) for m in maps[2][:-1]])
+    terms = {"ce/s0": ce(z[0], labels), "kd/s0": paper_kd(z[0], z[1], T),
+             "ce/s1": ce(z[1], labels), "kd/s1": paper_kd(z[1], z[0], T),
+             "div/s1": div * ((attention(maps[1][-1]) / attention(maps[1][-1]).norm(dim=1, keepdim=True)
+                               - shift_target(attention(maps[0][-1]).detach())) ** 2).mean(),
+             "sd/s1": div * sum(attn_mse(m, t) for m, t in zip(maps[1], student_targets)),
+             "ce/fusion": ce(z_fus, labels), "kd/fusion": paper_kd(z_fus, (z[0] + z[1]) / 2, T),
+             "ce/s2": ce(z[2], labels), "kd/s2": paper_kd(z[2], z_fus, T),
+             "fus/s2": fus * attn_mse(maps[2][-1], fused.detach()),
+             "trans/s2": fus * attn_mse(method.trans_fusion(maps[2][-1]), concat),
+             "sd/s2": fus * sum(attn_mse(m, t) for m, t in zip(maps[2], leader_targets))}
+    for name, decoder, owner in (("decoder/s1", method.decoders[0], 1), ("decoder/s2", method.decoders[1], 2)):
+        own = [m.detach() for m in maps[owner]]
+        rebuilt = decoded(copy.deepcopy(decoder), own[-1], own, train=True)
+        terms[name] = sd * sum(unit_mse(r, m) + attn_mse(r, m) for r, m in zip(rebuilt, own))
+    return terms
+
+
+def test_step_by_value_during_the_warm_up():
+    """Every term at epoch 1.5 (the second epoch counted from 1: warm-up factor exp(-5 (1 - 2/5)^2)), T = 2.5 and
+    lambdas that differ from each other, so a term weighted by the wrong lambda, the wrong warm-up, a constant
+    temperature or a decoder target taken in train mode each change a value."""
+    lambdas = {"div": 0.3, "fus": 0.7, "sd": 0.11}
+    method = make_method(temperature=TEMPERATURE, lambda_div=0.3, lambda_fus=0.7, lambda_sd=0.11)
+    out, labels = outputs_and_labels(method)
+    for decoder in method.decoders:  # running statistics far from the batch's: eval-mode targets differ
+        for module in decoder.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.3, 0.3), module.running_var.uniform_(2.0, 3.0)
+    expected = expected_ffsd_terms(method, out, labels, math.exp(-5 * (1 - 2 / 5) ** 2), lambdas)
+    losses = method.step(None, labels, out, StepContext(1.5, 15, 300, 10, torch.Generator()))
+    assert set(losses) == {"loss", *expected}
+    assert_terms(losses, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_decoder_optimisers_follow_the_official_schedule_scaled_to_the_run():
+    """Adam lr 1e-3, x0.1 at epochs 150 and 225 of 300: at 1/2 and 3/4 of a 20-epoch run, epochs 10 and 15."""
+    method = make_method()
+    out, labels = outputs_and_labels(method)
+    rates = {}
+    for epoch in (0.0, 9.9, 10.0, 14.5, 15.0, 19.9):
+        method.step(None, labels, out, StepContext(epoch, int(epoch * 10), 20, 10, torch.Generator()))
+        rates[epoch] = [group["lr"] for o in method.extra_optimizers() for group in o.param_groups]
+    expected = {0.0: 1e-3, 9.9: 1e-3, 10.0: 1e-4, 14.5: 1e-4, 15.0: 1e-5, 19.9: 1e-5}
+    for epoch, lr in expected.items():
+        assert rates[epoch] == pytest.approx([lr, lr], rel=1e-9), epoch
+
+
+def test_ffsd_defaults_are_the_papers():
+    defaults = FFSDParams()  # FFSD Sec. IV-A and its code: T = 2, lambdas 1e-5 / 10 / 1000, 5 warm-up epochs
+    assert (defaults.temperature, defaults.lambda_div, defaults.lambda_fus, defaults.lambda_sd) == (2.0, 1e-5, 10, 1000)
+    assert (defaults.warmup_epochs, defaults.fusion_weight_decay) == (5.0, 1e-5)
+    assert (defaults.decoder_lr, defaults.decoder_weight_decay) == (1e-3, 1e-4)
+    assert (defaults.decoder_milestones, defaults.decoder_lr_decay) == ((0.5, 0.75), 0.1)
+    assert (FFSD.layout, FFSD.default_students, FFSD.min_students, FFSD.ships) == ("peers", 3, 3, "leader")
 
 
 def test_short_fit_reports_the_leader_and_the_fusion_head(tmp_path):

@@ -1,14 +1,17 @@
-"""MBDE (our reading): L_cd on hand-made matrices, the FFM's attention and gradient path, and a short run."""
+"""MBDE (our reading): L_cd on hand-made matrices, the FFM's attention and gradient path, step() by value below the
+ramp's end, the defaults and a short run."""
 
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from okdpipe.distill.methods import METHODS
 from okdpipe.distill.methods.mbde import FeatureFusion, MBDEParams, classifier_similarity
 from okdpipe.distill.methods.one import ensemble_kd_terms
 
+from paper_formulas import EPOCH, TEMPERATURE, TOTAL_EPOCHS, assert_step, batch_norm_train, gated_ensemble_terms
 from test_method_one import backward_of, grad_in_every_tensor, make_ctx, make_method, no_grad_in, short_fit
 
 LABELS = torch.tensor([0, 1, 2, 3])
@@ -67,9 +70,33 @@ def test_step_terms_and_what_the_kd_does_not_train():
     assert no_grad_in(method.fusion)  # the teacher is detached inside the KD
 
 
+def similarity_by_hand(weights) -> torch.Tensor:
+    """mean over pairs i < j of ||W_i W_j^T||_F^2 / classes, rows unit-normalised."""
+    rows = [w / w.norm(dim=1, keepdim=True) for w in weights]
+    pairs = [((rows[i] @ rows[j].T) ** 2).sum() for i in range(len(rows)) for j in range(i + 1, len(rows))]
+    return sum(pairs) / len(pairs) / rows[0].shape[0]
+
+
+def test_step_by_value_below_the_ramp_end():
+    """Every term at epoch 5 of 60 (w ~ 0.09), T = 2.5, lambda_cd = 0.7, the FFM's BN in train mode; and the
+    gradient of the whole loss equals the gradient of the terms with the teacher detached inside the KD."""
+    method, students = make_method("mbde", temperature=TEMPERATURE, lambda_cd=0.7)
+    students.train(), method.train()
+    out = students(torch.randn(1, 6, 1, 28, 28, generator=torch.Generator().manual_seed(5)), stages=True)
+    labels = torch.tensor([0, 1, 2, 3, 4, 0])
+    conv, norm, head = method.fusion.fuse[0], method.fusion.fuse[1], method.fusion.attention
+    fused = torch.relu(batch_norm_train(F.conv2d(torch.cat([m[-1] for m in out.stages], 1), conv.weight), norm))
+    g = torch.softmax(fused.mean(dim=(2, 3)) @ head.weight.T + head.bias, dim=1)
+    expected = {**gated_ensemble_terms(out.logits, g, labels),
+                "cd": 0.7 * similarity_by_hand([b["classifier"].weight for b in students.branches])}
+    losses = method.step(None, labels, out, make_ctx(EPOCH, TOTAL_EPOCHS))
+    assert_step(losses, expected, [*students.parameters(), *method.parameters()])
+
+
 def test_mbde_defaults_and_short_run(tmp_path):
     cls = METHODS.get("mbde")
     assert (cls.layout, cls.default_students, cls.ships, cls.needs_stages) == ("branches", 3, "student:0", True)
-    assert MBDEParams().lambda_cd == 1.0 and MBDEParams().temperature == 3.0
+    defaults = MBDEParams()  # T and ramp as ONE (T = 3, 80 of 300 epochs); lambda_cd = 1.0 is ours (unknown)
+    assert (defaults.lambda_cd, defaults.temperature, defaults.ramp_fraction) == (1.0, 3.0, 80 / 300)
     val = short_fit("mbde", tmp_path)
     assert set(val) == {"student:0", "student:1", "student:2", "ensemble"}

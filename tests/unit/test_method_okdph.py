@@ -1,4 +1,5 @@
-"""OKDPH: Dirichlet draws, the hybrid's exact weights, its gradient in paper and code mode, fusion, candidates."""
+"""OKDPH: Dirichlet draws, the hybrid's exact weights, its gradient in paper and code mode, step() by value at
+non-default hyperparameters, fusion, candidates, same initialisation and the paper defaults."""
 
 import copy
 import math
@@ -14,6 +15,8 @@ from okdpipe.distill.students import Students
 from okdpipe.distill.trainer import fit
 from okdpipe.errors import OkdpipeError
 from okdpipe.run import RunDir
+
+from paper_formulas import TEMPERATURE, assert_same_gradients, assert_terms, ce, kd
 
 CLASSES = 5
 
@@ -120,6 +123,52 @@ def test_step_loss_matches_the_objective_by_hand():
                                                           reduction="batchmean") for z in out.logits)
     assert result["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
     assert [float(result[f"r/s{i}"]) for i in range(2)] == pytest.approx(r.tolist())
+
+
+def live_hybrid_logits(method: OKDPH, weights, view) -> torch.Tensor:
+    """z_h through student 0's graph with theta_h = sum_m r_m theta_m of the LIVE parameters (paper mode:
+    CE(z_h) trains the students) and the same weighted sum of the BN buffers, in train mode."""
+    members = method.students.members
+    params = {k: sum(w * dict(m.named_parameters())[k] for w, m in zip(weights, members))
+              for k, _ in members[0].named_parameters()}
+    buffers = {k: (sum(w * dict(m.named_buffers())[k] for w, m in zip(weights, members)).detach()
+                   if v.dtype.is_floating_point else v.clone()) for k, v in members[0].named_buffers()}
+    return torch.func.functional_call(members[0], {**params, **buffers}, (view,))
+
+
+def test_step_by_value_at_non_default_hyperparameters():
+    """L = sum_m [omega CE_m + beta KD(z_m <- z_en)] + (1 - omega) CE_h at omega 0.7, beta 0.6, T = 2.5, three
+    students, the hybrid on its own view (views[3]); z_en detached (checked through the gradient)."""
+    method = make_method(count=3, same_init=True, omega=0.7, beta=0.6, temperature=TEMPERATURE)
+    method.students.train()
+    x, y = images(6)
+    views = torch.stack([x, x.flip(-1), x.flip(-2), x.transpose(-1, -2)])
+    out = method.students(views)
+    r = dirichlet_ones(3, torch.Generator().manual_seed(3))
+    z_h = live_hybrid_logits(method, r, views[3])
+    z_en = (out.logits.sum(0) + z_h) / 4
+    expected = {"ce/hybrid": 0.3 * ce(z_h, y)}
+    for i, z in enumerate(out.logits):
+        expected[f"ce/s{i}"] = 0.7 * ce(z, y)
+        expected[f"kd/s{i}"] = 0.6 * kd(z, z_en, TEMPERATURE)
+    losses = method.step(views, y, out, StepContext(0.5, 0, 2, 1, torch.Generator().manual_seed(3)))
+    assert_terms(losses, expected)
+    assert_same_gradients(losses["loss"], sum(expected.values()), list(method.students.parameters()))
+
+
+def test_okdph_defaults_are_the_papers_and_students_start_identical():
+    defaults = OKDPHParams()  # OKDPH Sec. 4 (CIFAR-10/100 recipe): omega 0.8, beta 0.8, gamma 0.5 every epoch, T 4
+    assert (defaults.omega, defaults.beta, defaults.gamma, defaults.temperature) == (0.8, 0.8, 0.5, 4.0)
+    assert (defaults.interval, defaults.interval_unit) == (1, "epoch")
+    assert (defaults.hwm_grad, defaults.dirichlet) == (True, True)
+    assert (OKDPH.layout, OKDPH.default_students, OKDPH.per_student_views, OKDPH.same_init) == ("peers", 2, True, True)
+    from okdpipe.datasets import load_dataset
+    from okdpipe.distill.trainer import build_models
+
+    cfg = DistillConfig(method="okdph", arch="resnet8", dataset="synthetic", students=3)
+    students, _ = build_models(cfg, load_dataset("synthetic", val_split=0.25).spec, torch.device("cpu"))
+    states = [m.state_dict() for m in students.members]
+    assert all(torch.equal(states[0][k], s[k]) for s in states[1:] for k in states[0])
 
 
 @pytest.mark.parametrize("gamma", [0.5, 0.25])

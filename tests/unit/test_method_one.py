@@ -1,4 +1,5 @@
-"""ONE: the gate's formula, the gated teacher, Eq. 5's terms, what is detached, and a short run.
+"""ONE: the gate's formula (BN with real statistics), the gated teacher, step() by value below the ramp's end,
+what is detached, the paper defaults and a short run.
 
 Also holds the small helpers the other method tests import (`from test_method_one import ...`)."""
 
@@ -14,6 +15,8 @@ from okdpipe.distill.methods.one import (BranchGate, EnsembleKDParams, ensemble_
 from okdpipe.distill.students import Students
 from okdpipe.distill.trainer import fit
 from okdpipe.run import RunDir
+
+from paper_formulas import EPOCH, TEMPERATURE, TOTAL_EPOCHS, assert_step, batch_norm_train, gated_ensemble_terms
 
 
 def make_ctx(epoch: float = 0.0, total_epochs: int = 300, step: int = 0) -> StepContext:
@@ -50,14 +53,31 @@ def short_fit(method: str, tmp_path) -> dict:
     return result["val"]
 
 
-def test_gate_is_linear_bn_relu_softmax():
-    gate = BranchGate(4, 3).eval()
-    gate.norm.eps = 0.0  # running stats 0 / 1: BN is the identity in eval mode
+def gate_with_statistics(gate: BranchGate | None = None) -> BranchGate:
+    """A 3-branch gate whose BatchNorm is far from the identity: affine and running statistics non-trivial."""
+    gate = gate or BranchGate(4, 3)
     with torch.no_grad():
-        gate.linear.weight.zero_()
-        gate.linear.bias.copy_(torch.tensor([0.0, math.log(2.0), -1.0]))  # ReLU zeroes the -1
-    g = gate(torch.randn(2, 4, 5, 5))
-    torch.testing.assert_close(g, torch.tensor([[0.25, 0.5, 0.25]] * 2))
+        gate.norm.weight.copy_(torch.tensor([0.5, 2.0, 1.5]))
+        gate.norm.bias.copy_(torch.tensor([0.3, -0.2, 0.1]))
+        gate.norm.running_mean.copy_(torch.tensor([0.4, -0.6, 0.2]))
+        gate.norm.running_var.copy_(torch.tensor([2.0, 0.5, 3.0]))
+    return gate
+
+
+def test_gate_is_linear_bn_relu_softmax_in_eval_mode():
+    gate = gate_with_statistics().eval()
+    trunk = torch.randn(2, 4, 5, 5)
+    h = trunk.mean(dim=(2, 3)) @ gate.linear.weight.T + gate.linear.bias
+    norm = gate.norm
+    normalised = (h - norm.running_mean) / torch.sqrt(norm.running_var + norm.eps) * norm.weight + norm.bias
+    torch.testing.assert_close(gate(trunk), torch.softmax(torch.relu(normalised), dim=1))
+
+
+def test_gate_uses_batch_statistics_in_train_mode():
+    gate = gate_with_statistics().train()
+    trunk = torch.randn(6, 4, 5, 5)
+    h = trunk.mean(dim=(2, 3)) @ gate.linear.weight.T + gate.linear.bias
+    torch.testing.assert_close(gate(trunk), torch.softmax(torch.relu(batch_norm_train(h, gate.norm)), dim=1))
 
 
 def test_gate_reads_the_trunk_width():
@@ -106,9 +126,28 @@ def test_kd_sends_no_gradient_to_the_gate_but_ce_of_the_ensemble_trains_everythi
     assert losses["loss"].item() == pytest.approx(sum(terms.values()).item(), rel=1e-6)
 
 
+LABELS6 = torch.tensor([0, 1, 2, 3, 4, 0])
+
+
+def test_step_by_value_below_the_ramp_end():
+    """Eq. 5 term by term at epoch 5 of 60 (w ~ 0.09), T = 2.5, the gate in train mode with a non-identity
+    BN; and the gradient of the whole loss equals the gradient of the terms with the teacher detached in KD."""
+    method, students = make_method("one", temperature=TEMPERATURE)
+    gate_with_statistics(method.gate)
+    students.train(), method.train()
+    views = torch.randn(1, 6, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    out = students(views)
+    gate = method.gate
+    h = out.trunk[0].mean(dim=(2, 3)) @ gate.linear.weight.T + gate.linear.bias
+    g = torch.softmax(torch.relu(batch_norm_train(h, gate.norm)), dim=1)
+    losses = method.step(views, LABELS6, out, make_ctx(EPOCH, TOTAL_EPOCHS))
+    assert_step(losses, gated_ensemble_terms(out.logits, g, LABELS6), [*students.parameters(), *method.parameters()])
+
+
 def test_one_defaults_and_short_run(tmp_path):
     cls = METHODS.get("one")
     assert (cls.layout, cls.default_students, cls.min_students, cls.ships) == ("branches", 3, 2, "student:0")
-    assert EnsembleKDParams().temperature == 3.0
+    defaults = EnsembleKDParams()  # ONE Sec. 4: T = 3, KD ramped up over the first 80 of 300 epochs
+    assert (defaults.temperature, defaults.ramp_fraction) == (3.0, 80 / 300)
     val = short_fit("one", tmp_path)
     assert set(val) == {"student:0", "student:1", "student:2", "ensemble"}

@@ -1,4 +1,6 @@
-"""`okdpipe select`: candidates, BN recalibration, validation-only choice, a self-describing MODEL.pt."""
+"""`okdpipe select`: candidates, BN recalibration on a seeded class-balanced sample (exact statistics on an image
+folder sorted by class), the soup as a mean, non-finite candidates refused, validation-only choice, a
+self-describing MODEL.pt."""
 
 import json
 import shutil
@@ -10,10 +12,15 @@ import torch
 from torch import nn
 
 from okdpipe.config import DistillConfig
+from okdpipe.datasets import load_dataset
+from okdpipe.distill.checkpoint import load_checkpoint, save_checkpoint
+from okdpipe.distill.evaluate import calibration_indices
 from okdpipe.distill.select import Scored, choose, count_macs, select
 from okdpipe.distill.trainer import fit
 from okdpipe.errors import OkdpipeError
 from okdpipe.run import RunDir
+
+from datafixtures import write_image_folder
 
 CFG = dict(arch="resnet8", dataset="synthetic", epochs=2, batch_size=8, lr=0.05, val_split=0.25)
 
@@ -45,7 +52,7 @@ def test_model_file_reloads_in_a_fresh_process_without_the_run(vanilla_run, tmp_
     try:
         code = (
             "import sys, torch\n"
-            "from okdpipe.modelfile import load_model_file\n"
+            "from okdpipe.distill.models import load_model_file\n"
             "from okdpipe.datasets import load_dataset, make_loader\n"
             "model, info = load_model_file(sys.argv[1])\n"
             "d = info.provenance['data']\n"
@@ -97,3 +104,69 @@ def test_bad_run_directories(vanilla_run, tmp_path):
         handle.write(b"\0" * 8)
     with pytest.raises(OkdpipeError, match="sha256"):
         select(tampered, "auto", None, 4)
+
+
+def test_calibration_indices_are_seeded_shuffled_and_class_balanced():
+    labels = torch.arange(40) // 10  # sorted by class, as image folders and CINIC-10 list their files
+    drawn = calibration_indices(labels, 12, 4, seed=3)
+    assert len(set(drawn.tolist())) == 12 and torch.bincount(labels[drawn], minlength=4).tolist() == [3, 3, 3, 3]
+    assert drawn.tolist() != sorted(drawn.tolist())  # shuffled: every batch mixes classes
+    assert torch.equal(drawn, calibration_indices(labels, 12, 4, seed=3))
+    assert not torch.equal(drawn, calibration_indices(labels, 12, 4, seed=4))
+    assert sorted(calibration_indices(labels, 100, 4, seed=3).tolist()) == list(range(40))  # all, if fewer
+    small = torch.tensor([0] * 2 + [1] * 20 + [2] * 20)
+    assert torch.bincount(small[calibration_indices(small, 12, 3, seed=0)]).tolist() == [2, 5, 5]
+
+
+@pytest.fixture(scope="module")
+def folder_run(tmp_path_factory):
+    """Two vanilla students, one epoch, on an image folder whose training files are sorted by class."""
+    root = tmp_path_factory.mktemp("folder")
+    write_image_folder(root / "data", {"train": 48}, ["a", "b", "c", "d"], size=8)
+    cfg = DistillConfig(method="vanilla", students=2, arch="resnet8", dataset="imagefolder",
+                        data_dir=str(root / "data"), data_options={"image_size": 8}, epochs=1, batch_size=12,
+                        eval_batch_size=6, val_split=0.25, seed=5)
+    fit(cfg, RunDir(root / "run"), echo=lambda _: None)
+    return root
+
+
+def test_soup_statistics_are_exactly_those_of_the_drawn_class_balanced_sample(folder_run):
+    """2 batches of 6 drawn from 36 training images sorted by class: the soup's first BN holds the mean over the
+    batches of each batch's mean and unbiased variance (cumulative average), computed here on the recorded
+    sample; and its weights are the mean, not the sum, of the students'."""
+    _, _, chosen, _ = select(folder_run / "run", "soup", folder_run / "soup.pt", bn_batches=2)
+    sample = json.loads((folder_run / "run" / "selection.json").read_text())["bn_recalibration_sample"]
+    bundle = load_dataset("imagefolder", folder_run / "data", val_split=0.25, seed=5, image_size=8)
+    indices = torch.tensor(sample["indices"])
+    assert sample["seed"] == 5 and len(indices) == 12
+    assert torch.bincount(bundle.train.labels[indices], minlength=4).tolist() == [3, 3, 3, 3]
+    pixels = torch.stack([torch.from_numpy(bundle.train.read(i)).permute(2, 0, 1) for i in indices.tolist()])
+    mean, std = torch.tensor(bundle.spec.mean).view(1, 3, 1, 1), torch.tensor(bundle.spec.std).view(1, 3, 1, 1)
+    students = load_checkpoint(RunDir(folder_run / "run"))["students"]
+    conv = (students["members.0.stem.0.weight"] + students["members.1.stem.0.weight"]) / 2
+    model = chosen.model.cpu()
+    torch.testing.assert_close(model.stem[0].weight, conv)
+    with torch.no_grad():
+        maps = torch.nn.functional.conv2d((pixels.float() / 255 - mean) / std, conv, padding=1)
+    batches = maps.split(6)
+    expected_mean = sum(b.mean(dim=(0, 2, 3)) for b in batches) / 2
+    expected_var = sum(b.transpose(0, 1).flatten(1).var(dim=1, unbiased=True) for b in batches) / 2
+    torch.testing.assert_close(model.stem[1].running_mean, expected_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model.stem[1].running_var, expected_var, rtol=1e-5, atol=1e-6)
+
+
+def test_a_non_finite_candidate_is_refused_and_never_shipped(vanilla_run, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(vanilla_run, broken)
+    run = RunDir(broken)
+    state = load_checkpoint(run)
+    state["students"]["members.0.classifier.bias"][0] = float("nan")
+    save_checkpoint(run, state)
+    rows, _, chosen, _ = select(broken, "auto", None, bn_batches=4)
+    assert chosen.name == "student:1" and [r["candidate"] for r in rows] == ["student:1"]
+    refused = json.loads((broken / "selection.json").read_text())["refused"]
+    assert refused == [{"candidate": "student:0", "reason": "non-finite weights"},
+                       {"candidate": "soup", "reason": "non-finite weights"}]
+    with pytest.raises(OkdpipeError, match="student:0 has non-finite weights") as error:
+        select(broken, "student:0", tmp_path / "m.pt", bn_batches=4)
+    assert "\n" not in str(error.value) and not (tmp_path / "m.pt").exists()
