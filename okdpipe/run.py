@@ -23,10 +23,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from okdpipe import __version__
 from okdpipe.config import validation_message
+from okdpipe.contracts.versioned import FileFormat
 from okdpipe.errors import GateFailed, OkdpipeError
 from okdpipe.files import atomic_write_json, file_sha256
 
 MANIFEST_VERSION = 1
+# Manifests keep their `manifest_version` key (written since version 1); the check is the common one.
+MANIFEST = FileFormat("okdpipe-manifest", MANIFEST_VERSION, "run manifest",
+                      "re-run the stage into a new directory", legacy_key="manifest_version")
 LOCK_FILE = ".lock"
 
 
@@ -162,11 +166,7 @@ def check_manifest(manifest: Any, path: Path) -> None:
     """Refuse a manifest of the wrong shape or version in one line (it is read before any file it lists)."""
     if not isinstance(manifest, dict):
         raise OkdpipeError(f"{path}: corrupt manifest (a {type(manifest).__name__}, not an object)")
-    if manifest.get("manifest_version") != MANIFEST_VERSION:
-        raise OkdpipeError(
-            f"{path}: manifest version {str(manifest.get('manifest_version'))[:20]} is not supported by okdpipe "
-            f"{__version__}; re-run the stage into a new directory"
-        )
+    MANIFEST.check(manifest, path)
     try:
         core = ManifestCore.model_validate(manifest)
     except ValidationError as exc:
