@@ -25,7 +25,8 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import onnxruntime as ort
+
+from okdpipe.ortsession import create_session
 
 READY_TIMEOUT_S = 60.0
 
@@ -53,8 +54,17 @@ def _free_port() -> int:
 def started_server(artifact_dir: Path, threads: int | None, extra: str):
     """`python -m okdpipe.serve` on a free loopback port, stopped with SIGTERM afterwards."""
     port = _free_port()
-    command = [sys.executable, "-m", "okdpipe.serve", str(artifact_dir), "--port", str(port),
-               "--log-level", "warning", *extra.split()]
+    command = [
+        sys.executable,
+        "-m",
+        "okdpipe.serve",
+        str(artifact_dir),
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        *extra.split(),
+    ]
     if threads:
         command += ["--threads", str(threads)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -80,9 +90,19 @@ def _wait_ready(url: str, process: subprocess.Popen) -> None:
 
 
 def binary_request(image: np.ndarray) -> tuple[bytes, dict[str, str]]:
-    header = json.dumps({"inputs": [{"name": "input", "shape": list(image.shape), "datatype": "FP32",
-                                     "parameters": {"binary_data_size": image.nbytes}}],
-                         "outputs": [{"name": "logits", "parameters": {"binary_data": True}}]})
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": list(image.shape),
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": image.nbytes},
+                }
+            ],
+            "outputs": [{"name": "logits", "parameters": {"binary_data": True}}],
+        }
+    )
     return header.encode() + image.tobytes(), {"Inference-Header-Content-Length": str(len(header))}
 
 
@@ -94,7 +114,7 @@ class KeepAliveConnection:
         self.reader, self.writer = reader, writer
 
     @classmethod
-    async def open(cls, url: str) -> "KeepAliveConnection":
+    async def open(cls, url: str) -> KeepAliveConnection:
         host, port = re.match(r"https?://([^:/]+):(\d+)", url).groups()
         return cls(*await asyncio.open_connection(host.strip("[]"), int(port)))
 
@@ -115,8 +135,12 @@ class KeepAliveConnection:
 
 
 def raw_post(path: str, body: bytes, headers: dict[str, str]) -> bytes:
-    lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", f"Content-Length: {len(body)}",
-             *(f"{name}: {value}" for name, value in headers.items())]
+    lines = [
+        f"POST {path} HTTP/1.1",
+        "Host: 127.0.0.1",
+        f"Content-Length: {len(body)}",
+        *(f"{name}: {value}" for name, value in headers.items()),
+    ]
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
@@ -140,27 +164,32 @@ async def run_level(url: str, raw_request: bytes, clients: int, total: int) -> d
     failures = await asyncio.gather(*(_client(url, raw_request, share, latencies) for share in shares))
     elapsed = time.perf_counter() - started
     latencies_ms = sorted(1000 * value for value in latencies)
-    return {"clients": clients, "requests": total, "failures": sum(failures), "seconds": round(elapsed, 3),
-            "requests_per_s": round(total / elapsed, 1),
-            "p50_ms": round(statistics.median(latencies_ms), 2),
-            "p99_ms": round(latencies_ms[min(len(latencies_ms) - 1, int(0.99 * len(latencies_ms)))], 2)}
+    return {
+        "clients": clients,
+        "requests": total,
+        "failures": sum(failures),
+        "seconds": round(elapsed, 3),
+        "requests_per_s": round(total / elapsed, 1),
+        "p50_ms": round(statistics.median(latencies_ms), 2),
+        "p99_ms": round(latencies_ms[min(len(latencies_ms) - 1, int(0.99 * len(latencies_ms)))], 2),
+    }
 
 
 def batch_totals(url: str, auth: dict) -> tuple[float, float]:
     """(images run, model calls) so far, from the server's batch-size histogram."""
     text = httpx.get(url + "/metrics", headers=auth).text
-    values = [float(re.search(rf"^okdpipe_batch_size_{kind} (\S+)$", text, re.MULTILINE).group(1))
-              for kind in ("sum", "count")]
+    values = [
+        float(re.search(rf"^okdpipe_batch_size_{kind} (\S+)$", text, re.MULTILINE).group(1))
+        for kind in ("sum", "count")
+    ]
     return values[0], values[1]
 
 
-def raw_images_per_s(model_path: Path, input_name: str, shape: tuple, batch: int, threads: int | None,
-                     seconds: float) -> float:
-    """Plain onnxruntime, same model, same thread setting, same batch size, no HTTP."""
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+def raw_images_per_s(
+    model_path: Path, input_name: str, shape: tuple, batch: int, threads: int | None, seconds: float
+) -> float:
+    """Plain onnxruntime, same model, same session options as the server (one factory), same batch size, no HTTP."""
+    session, _ = create_session(model_path, threads=threads)
     feed = {input_name: np.random.default_rng(0).normal(size=(batch, *shape)).astype(np.float32)}
     session.run(None, feed)
     runs, started = 0, time.perf_counter()
@@ -182,19 +211,27 @@ def measure(url: str, args: argparse.Namespace, card: dict) -> list[dict]:
         images_after, calls_after = batch_totals(url, auth)
         row["mean_batch"] = round((images_after - images_before) / max(calls_after - calls_before, 1), 2)
         batch = max(1, round(row["mean_batch"]))
-        row["raw_ort_images_per_s"] = round(raw_images_per_s(
-            args.artifact_dir / card["file"], card["input"]["name"], shape, batch, args.threads,
-            args.raw_seconds), 1)
+        row["raw_ort_images_per_s"] = round(
+            raw_images_per_s(
+                args.artifact_dir / card["file"], card["input"]["name"], shape, batch, args.threads, args.raw_seconds
+            ),
+            1,
+        )
         row["server_vs_raw"] = round(row["requests_per_s"] / row["raw_ort_images_per_s"], 3)
         rows.append(row)
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| clients | requests/s | p50 ms | p99 ms | mean batch | raw ORT img/s at that batch | server/raw |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['clients']} | {r['requests_per_s']} | {r['p50_ms']} | {r['p99_ms']} | {r['mean_batch']} | "
-              f"{r['raw_ort_images_per_s']} | {r['server_vs_raw']} |" for r in rows]
+    lines = [
+        "| clients | requests/s | p50 ms | p99 ms | mean batch | raw ORT img/s at that batch | server/raw |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['clients']} | {r['requests_per_s']} | {r['p50_ms']} | {r['p99_ms']} | {r['mean_batch']} | "
+        f"{r['raw_ort_images_per_s']} | {r['server_vs_raw']} |"
+        for r in rows
+    ]
     return "\n".join(lines)
 
 
@@ -208,8 +245,11 @@ def main() -> None:
     else:
         with started_server(args.artifact_dir, args.threads, args.server_args) as url:
             rows = measure(url, args, card)
-    print(json.dumps({"model": card["name"], "threads": args.threads, "server_args": args.server_args,
-                      "results": rows}, indent=1))
+    print(
+        json.dumps(
+            {"model": card["name"], "threads": args.threads, "server_args": args.server_args, "results": rows}, indent=1
+        )
+    )
     print(markdown(rows))
 
 

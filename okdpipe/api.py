@@ -23,8 +23,9 @@ from okdpipe.bench.config import BenchConfig
 from okdpipe.config import DistillConfig
 from okdpipe.distill.select_command import SelectConfig
 from okdpipe.export.config import ExportConfig
+from okdpipe.serve.config import ServeConfig
 
-__all__ = ["BenchConfig", "DistillConfig", "ExportConfig", "SelectConfig", "Selected", "bench", "export", "fit",
+__all__ = ["BenchConfig", "DistillConfig", "ExportConfig", "SelectConfig", "Selected", "ServeConfig", "bench", "export", "fit",
            "load_model", "load_run", "select", "serve_app"]
 
 PathLike = str | os.PathLike
@@ -84,11 +85,15 @@ def bench(artifacts: list[PathLike], config: BenchConfig | None = None, *, polic
     return result
 
 
-def serve_app(artifact_dir: PathLike, **settings: Any):
-    """`okdpipe serve`'s FastAPI app for one artifact directory (settings: okdpipe.serve.app.ServeSettings)."""
-    from okdpipe.serve.app import ServeSettings, create_app
+def serve_app(artifact_dir: PathLike, config: ServeConfig | None = None):
+    """`okdpipe serve`'s FastAPI app for one artifact directory (host, port and log level are the ASGI server's:
+    run it with e.g. `uvicorn.run(app)`). The API key comes from `config.api_key_file` or OKDPIPE_API_KEY."""
+    from okdpipe.serve.app import create_app
+    from okdpipe.serve.server import read_api_key
 
-    return create_app(ServeSettings(artifact_dir=Path(artifact_dir), **settings))
+    cfg = config or ServeConfig()
+    key = read_api_key(None if cfg.api_key_file is None else Path(cfg.api_key_file))
+    return create_app(cfg.settings(Path(artifact_dir), key))
 
 
 def load_model(model_file: PathLike):

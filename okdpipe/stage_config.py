@@ -41,10 +41,11 @@ def problem_source(error: ValidationError, flags: dict[str, Any], config_file: P
     """`--opset 5: Input should be ...` for a flag, `FILE: opset: ...` for a config file's key."""
     first = error.errors()[0]
     field = str(first["loc"][0]) if first["loc"] else ""
+    message = first["msg"].removeprefix("Value error, ")
     if field in flags:
-        return f"--{field.replace('_', '-')} {flags[field]!r}: {first['msg']}"
-    where = f"{config_file}: {field}" if config_file is not None else field or "config"
-    return f"{where}: {first['msg']}"
+        return f"--{field.replace('_', '-')} {flags[field]}: {message}"
+    where = ": ".join(str(part) for part in (config_file, field) if part) or "options"
+    return f"{where}: {message}"
 
 
 def build(cls: type[C], values: dict[str, Any], where: str) -> C:

@@ -5,10 +5,16 @@ No torch anywhere: the card, onnxruntime, numpy and Pillow are all a served mode
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import logging
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 from fastapi import FastAPI, Request, Response
@@ -17,8 +23,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from okdpipe import __version__
+from okdpipe.serve.admission import RETRY_AFTER_S, Admission
 from okdpipe.serve.batching import BatchStats, MicroBatcher, QueueFull
-from okdpipe.serve.card import ServingCard, read_serving_card
+from okdpipe.contracts.card import ModelCard, read_card
 from okdpipe.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from okdpipe.serve.metrics import ServerMetrics
 from okdpipe.serve.middleware import ServingMiddleware
@@ -28,26 +35,34 @@ from okdpipe.serve.preprocess import image_to_tensor, multipart_file
 from okdpipe.serve.protocol import (
     HEADER_LENGTH,
     ClientError,
+    InferRequest,
     ModelSpec,
     encode_infer_response,
     parse_infer_request,
+    plain_int,
 )
 
 logger = logging.getLogger("okdpipe.serve")
 MODEL_VERSION = "1"
 SERVER_EXTENSIONS = ["binary_tensor_data", "parameters"]
-RETRY_AFTER_S = "1"
+# Threads that decode images, parse JSON and split multipart bodies, off the event loop: a few are enough to
+# keep the cores busy, one core is left to the event loop, and each thread holds one parsed body at a time.
+PARSE_THREADS = max(1, min(4, (os.cpu_count() or 1) - 1))
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class ServeSettings:
-    """Everything `okdpipe serve` takes besides host/port/workers/log level (those belong to uvicorn)."""
+    """Everything `okdpipe serve` takes besides host, port and log level."""
 
     artifact_dir: Path
     max_batch: int = 32
     max_delay_ms: float = 2.0
     max_queue: int = 256
     max_body_bytes: int = 16 * 1024 * 1024
+    max_inflight_bytes: int = 64 * 1024 * 1024
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
     intra_op_threads: int | None = None
     api_key: str | None = None
 
@@ -57,22 +72,36 @@ class ServingState:
 
     def __init__(self, settings: ServeSettings, classifier: OnnxClassifier):
         self.settings = settings
-        self.card: ServingCard = classifier.card
+        self.card: ModelCard = classifier.card
         self.classifier = classifier
-        max_batch = min(settings.max_batch, classifier.max_batch_limit or settings.max_batch)
-        self.spec = ModelSpec(self.card.input_name, (self.card.channels, self.card.height, self.card.width),
-                              max_batch, self.card.num_classes)
-        self.metrics = ServerMetrics(queue_depth=self._queue_depth, ready=lambda: float(self.ready))
+        self.spec = ModelSpec(
+            self.card.input_name,
+            (self.card.channels, self.card.height, self.card.width),
+            classifier.batch_limit(settings.max_batch),
+            self.card.num_classes,
+        )
+        self.admission = Admission(settings.max_body_bytes, settings.max_inflight_bytes, settings.body_timeout_s)
+        self.metrics = ServerMetrics(
+            queue_depth=self._queue_depth,
+            ready=lambda: float(self.ready),
+            inflight_bytes=lambda: float(self.admission.held_bytes),
+        )
         self.batcher: MicroBatcher | None = None
+        self._parsers: ThreadPoolExecutor | None = None
         self.ready = False
 
     def _queue_depth(self) -> float:
         return float(self.batcher.waiting_images) if self.batcher else 0.0
 
     async def start(self) -> None:
-        self.classifier.warm_up(tuple(sorted({1, self.spec.max_batch})))
-        self.batcher = MicroBatcher(self.classifier.run, self.spec.max_batch, self.settings.max_delay_ms / 1000,
-                                    self.settings.max_queue, self._record_batch)
+        self._parsers = ThreadPoolExecutor(PARSE_THREADS, thread_name_prefix="okdpipe-parse")
+        self.batcher = MicroBatcher(
+            self.classifier.run,
+            self.spec.max_batch,
+            self.settings.max_delay_ms / 1000,
+            self.settings.max_queue,
+            self._record_batch,
+        )
         self.batcher.start()
         self.ready = True
         logger.info("model %s warmed up and ready (max batch %d)", self.card.name, self.spec.max_batch)
@@ -84,20 +113,44 @@ class ServingState:
         self.ready = False
         if self.batcher is not None:
             await self.batcher.stop()
+        if self._parsers is not None:
+            self._parsers.shutdown(wait=True)
+
+    async def off_loop(self, function: Callable[..., T], *args: Any) -> T:
+        """`function(*args)` on a parse thread: CPU work on request bytes never blocks the event loop, so health
+        checks and other clients are answered while a large body is decoded."""
+        return await asyncio.get_running_loop().run_in_executor(self._parsers, functools.partial(function, *args))
 
     async def logits(self, images: np.ndarray) -> np.ndarray:
         if not self.ready or self.batcher is None:
             raise ClientError(503, "model is not ready yet", {"retry-after": RETRY_AFTER_S})
         try:
-            return await self.batcher.submit(images)
+            return finite_logits(await self.batcher.submit(images))
         except QueueFull as full:
-            raise ClientError(503, f"server is at capacity ({full}); retry shortly",
-                              {"retry-after": RETRY_AFTER_S}) from None
+            raise ClientError(
+                503, f"server is at capacity ({full}); retry shortly", {"retry-after": RETRY_AFTER_S}
+            ) from None
+
+
+def finite_logits(logits: np.ndarray) -> np.ndarray:
+    """The model's logits, or a 422 when an input drove them to inf/NaN: JSON has no NaN, and a NaN answer is
+    never a classification."""
+    bad_rows = np.flatnonzero(~np.isfinite(logits).all(axis=-1))
+    if bad_rows.size:
+        raise ClientError(
+            422,
+            f"the model's outputs are not finite for image {int(bad_rows[0])} of the request "
+            "(values far outside the training range?); send images preprocessed as the card says",
+        )
+    return logits
 
 
 def load_classifier(settings: ServeSettings) -> OnnxClassifier:
-    """Card + onnxruntime session; every artifact problem surfaces here as an OkdpipeError, before binding."""
-    return OnnxClassifier(read_serving_card(settings.artifact_dir), settings.intra_op_threads)
+    """Card + onnxruntime session, warmed up; every artifact problem (including a graph that disagrees with its
+    card) surfaces here as an OkdpipeError, before the port is bound."""
+    classifier = OnnxClassifier(read_card(settings.artifact_dir), settings.intra_op_threads)
+    classifier.warm_up(tuple(sorted({1, classifier.batch_limit(settings.max_batch)})))
+    return classifier
 
 
 def create_app(settings: ServeSettings, classifier: OnnxClassifier | None = None) -> FastAPI:
@@ -110,8 +163,9 @@ def create_app(settings: ServeSettings, classifier: OnnxClassifier | None = None
         yield
         await state.stop()
 
-    app = FastAPI(title="okdpipe serve", version=__version__, lifespan=lifespan, docs_url=None,
-                  redoc_url=None, openapi_url=None)
+    app = FastAPI(
+        title="okdpipe serve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+    )
     app.state.serving = state
     _add_error_handlers(app)
     _add_health_routes(app, state)
@@ -182,20 +236,6 @@ def _model_metadata(state: ServingState) -> dict:
     }
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it is known to exceed `limit` (declared or streamed)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise ClientError(413, f"request body of {declared} bytes exceeds the {limit}-byte limit (--max-body-mb)")
-    chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise ClientError(413, f"request body exceeds the {limit}-byte limit (--max-body-mb)")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 def _add_model_routes(app: FastAPI, state: ServingState) -> None:
     for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
         _add_model_routes_under(app, state, prefix)
@@ -215,27 +255,37 @@ def _add_model_routes_under(app: FastAPI, state: ServingState, prefix: str) -> N
     @app.post(prefix + "/infer")
     async def infer(request: Request, name: str, version: str | None = None) -> Response:
         _checked_model(state, name, version)
-        body = await read_body(request, state.settings.max_body_bytes)
-        parsed = parse_infer_request(body, request.headers.get(HEADER_LENGTH), state.spec)
-        logits = await state.logits(parsed.images)
-        header = {"model_name": state.card.name, "model_version": MODEL_VERSION}
-        if parsed.request_id is not None:
-            header["id"] = parsed.request_id
-        content, headers = encode_infer_response(header, infer_outputs(logits, parsed, state.card.labels))
+        async with state.admission.body(request) as body:
+            parsed = await state.off_loop(parse_infer_request, body, request.headers.get(HEADER_LENGTH), state.spec)
+            logits = await state.logits(parsed.images)
+            content, headers = await state.off_loop(_infer_response, state.card, parsed, logits)
         return Response(content, headers=headers)
 
     @app.post(prefix + "/classify")
     async def classify(request: Request, name: str, version: str | None = None) -> dict:
         _checked_model(state, name, version)
-        body = await read_body(request, state.settings.max_body_bytes)
-        content_type = request.headers.get("content-type", "")
-        image = multipart_file(body, content_type) if content_type.startswith("multipart/") else body
         top_k = _query_top_k(request.query_params.get("top_k", "1"), state.card.num_classes)
-        logits = await state.logits(image_to_tensor(image, state.card.preprocess))
+        async with state.admission.body(request) as body:
+            images = await state.off_loop(_image_batch, body, request.headers.get("content-type", ""), state.card)
+            logits = await state.logits(images)
         return classify_response(logits[0], top_k, state.card.labels)
 
 
+def _infer_response(card: ModelCard, parsed: InferRequest, logits: np.ndarray) -> tuple[bytes, dict[str, str]]:
+    header = {"model_name": card.name, "model_version": MODEL_VERSION}
+    if parsed.request_id is not None:
+        header["id"] = parsed.request_id
+    return encode_infer_response(header, infer_outputs(logits, parsed, card.labels))
+
+
+def _image_batch(body: bytes, content_type: str, card: ModelCard) -> np.ndarray:
+    """[1, C, H, W] from a raw image body or the file part of a multipart form."""
+    image = multipart_file(body, content_type) if content_type.startswith("multipart/") else body
+    return image_to_tensor(image, card.preprocess)
+
+
 def _query_top_k(text: str, num_classes: int) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= num_classes:
-        raise ClientError(400, f"top_k must be an integer between 1 and {num_classes}, got {text!r}")
-    return int(text)
+    value = plain_int(text, max_digits=6)
+    if value is None or not 1 <= value <= num_classes:
+        raise ClientError(400, f"top_k must be an integer between 1 and {num_classes}, got {text[:40]!r}")
+    return value

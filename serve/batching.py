@@ -5,17 +5,18 @@ A collector task takes the first waiting request, then keeps adding requests unt
 worker thread. While that call runs, new requests queue up, so under load the next batch fills at once and
 the delay is only paid when the server is idle. The delay is spent only when the previous batch held more
 than one image, i.e. when there is concurrency to gain from: a lone client never waits for company that is
-not coming. A request never gets split across batches: one that does not fit waits for the next. Admission is bounded by `max_queue` images waiting (not yet handed to the model):
-beyond it `submit` raises QueueFull at once instead of letting memory grow.
+not coming. A request never gets split across batches: one that does not fit waits for the next. Admission
+is bounded by `max_queue` images waiting (not yet handed to the model): beyond it `submit` raises QueueFull
+at once instead of letting memory grow.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 

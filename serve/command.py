@@ -1,44 +1,55 @@
-"""`okdpipe serve ARTIFACT_DIR`: the typer command. Only typer/pathlib/typing at module level, so that
+"""`okdpipe serve ARTIFACT_DIR`: the typer command. Only typer, pydantic and the config at module level, so that
 `okdpipe --help` never pays for onnxruntime or FastAPI."""
+
+from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+from okdpipe.serve.config import ServeConfig
+from okdpipe.stage_config import flag
 
 
 def serve_command(
     artifact_dir: Annotated[Path, typer.Argument(help="Folder written by `okdpipe export` (model.json + .onnx).")],
-    host: Annotated[str, typer.Option(help="Interface to bind; loopback unless you mean to expose it.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port.")] = 8000,
-    workers: Annotated[int, typer.Option(min=1, help="Server processes, each with its own model copy.")] = 1,
-    max_batch: Annotated[int, typer.Option(min=1, help="Most images per onnxruntime call.")] = 32,
-    max_delay_ms: Annotated[float, typer.Option(min=0.0, help="Longest wait for a batch to fill, in ms.")] = 2.0,
-    max_queue: Annotated[int, typer.Option(min=1, help="Most images waiting; beyond it 503 + Retry-After.")] = 256,
-    max_body_mb: Annotated[float, typer.Option(min=0.001, help="Largest request body in MiB (else 413).")] = 16.0,
-    threads: Annotated[Optional[int], typer.Option(min=1, help="onnxruntime intra-op threads (default: all cores).")] = None,
-    api_key_file: Annotated[Optional[Path], typer.Option(help="File holding a bearer token required on every "
-                                                          "route except /v2/health/*.")] = None,
-    log_level: Annotated[str, typer.Option(help="critical, error, warning, info or debug.")] = "info",
+    host: Annotated[Optional[str], flag(ServeConfig, "host")] = None,
+    port: Annotated[Optional[int], flag(ServeConfig, "port")] = None,
+    max_batch: Annotated[Optional[int], flag(ServeConfig, "max_batch")] = None,
+    max_delay_ms: Annotated[Optional[float], flag(ServeConfig, "max_delay_ms")] = None,
+    max_queue: Annotated[Optional[int], flag(ServeConfig, "max_queue")] = None,
+    max_body_mb: Annotated[Optional[float], flag(ServeConfig, "max_body_mb")] = None,
+    max_inflight_mb: Annotated[Optional[float], flag(ServeConfig, "max_inflight_mb")] = None,
+    header_timeout_s: Annotated[Optional[float], flag(ServeConfig, "header_timeout_s")] = None,
+    body_timeout_s: Annotated[Optional[float], flag(ServeConfig, "body_timeout_s")] = None,
+    threads: Annotated[Optional[int], flag(ServeConfig, "threads")] = None,
+    api_key_file: Annotated[Optional[str], flag(ServeConfig, "api_key_file")] = None,
+    log_level: Annotated[Optional[str], flag(ServeConfig, "log_level")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="YAML holding these options; flags override it.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and exit.")] = False,
 ) -> None:
-    """Serve an exported model over the Open Inference Protocol v2 (KServe/Triton REST) with micro-batching."""
-    from okdpipe.errors import OkdpipeError
-    from okdpipe.serve.app import ServeSettings
+    """Serve an exported model over the Open Inference Protocol v2 (KServe/Triton REST) with micro-batching.
+
+    One process serves one model on every core and batches concurrent requests together.
+
+    To scale out, run several `okdpipe serve` processes behind a load balancer,
+    one per machine, container or NUMA node (see --threads),
+    and scrape each one's /metrics as its own Prometheus target.
+
+    The API key comes from --api-key-file or the OKDPIPE_API_KEY environment variable.
+    """
+    from okdpipe.stage_config import dump, resolve
+
+    flags = dict(host=host, port=port, max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue,
+                 max_body_mb=max_body_mb, max_inflight_mb=max_inflight_mb, header_timeout_s=header_timeout_s,
+                 body_timeout_s=body_timeout_s, threads=threads, api_key_file=api_key_file, log_level=log_level)
+    cfg = resolve(ServeConfig, config, flags)
+    if dry_run:
+        typer.echo(dump(cfg), nl=False)
+        return
     from okdpipe.serve.server import read_api_key, run_server
 
-    if log_level.lower() not in LOG_LEVELS:
-        raise OkdpipeError(f"--log-level {log_level!r} is not one of {', '.join(LOG_LEVELS)}")
-    if max_batch > max_queue:
-        raise OkdpipeError(f"--max-batch {max_batch} exceeds --max-queue {max_queue}; raise --max-queue")
-    settings = ServeSettings(
-        artifact_dir=artifact_dir,
-        max_batch=max_batch,
-        max_delay_ms=max_delay_ms,
-        max_queue=max_queue,
-        max_body_bytes=int(max_body_mb * 1024 * 1024),
-        intra_op_threads=threads,
-        api_key=read_api_key(api_key_file),
-    )
-    raise typer.Exit(run_server(settings, host, port, workers, log_level, api_key_file))
+    key_file = None if cfg.api_key_file is None else Path(cfg.api_key_file)
+    settings = cfg.settings(artifact_dir, read_api_key(key_file))
+    raise typer.Exit(run_server(settings, cfg.host, cfg.port, cfg.log_level))

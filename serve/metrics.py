@@ -7,13 +7,16 @@ server needs, and they are only touched from the event loop thread, so no locks 
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 LabelValues = tuple[str, ...]
+# Label values come only from the server's own vocabulary: any other method a client sends counts as "other",
+# so no client can create new series (the route label is the matched route template, never the raw path).
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
 
 
 def _escape(value: str) -> str:
@@ -110,23 +113,41 @@ class Histogram(Metric):
 class ServerMetrics:
     """Every metric `okdpipe serve` exports, under the `okdpipe_` prefix."""
 
-    def __init__(self, queue_depth: Callable[[], float], ready: Callable[[], float]):
-        self.requests = Counter("okdpipe_requests_total", "HTTP requests by route, method and status.",
-                                ("route", "method", "status"))
-        self.errors = Counter("okdpipe_request_errors_total", "Requests answered 4xx (client) or 5xx (server).",
-                              ("route", "kind"))
-        self.latency = Histogram("okdpipe_request_duration_seconds", "Request latency, first byte in to "
-                                 "response sent.", LATENCY_BUCKETS_S, ("route",))
-        self.batch_size = Histogram("okdpipe_batch_size", "Images per onnxruntime call (micro-batch size).",
-                                    BATCH_SIZE_BUCKETS)
-        self.inference = Histogram("okdpipe_inference_duration_seconds", "Seconds per onnxruntime call.",
-                                   LATENCY_BUCKETS_S)
+    def __init__(
+        self,
+        queue_depth: Callable[[], float],
+        ready: Callable[[], float],
+        inflight_bytes: Callable[[], float] = lambda: 0.0,
+    ):
+        self.requests = Counter(
+            "okdpipe_requests_total", "HTTP requests by route, method and status.", ("route", "method", "status")
+        )
+        self.errors = Counter(
+            "okdpipe_request_errors_total", "Requests answered 4xx (client) or 5xx (server).", ("route", "kind")
+        )
+        self.latency = Histogram(
+            "okdpipe_request_duration_seconds",
+            "Request latency, first byte in to response sent.",
+            LATENCY_BUCKETS_S,
+            ("route",),
+        )
+        self.batch_size = Histogram(
+            "okdpipe_batch_size", "Images per onnxruntime call (micro-batch size).", BATCH_SIZE_BUCKETS
+        )
+        self.inference = Histogram(
+            "okdpipe_inference_duration_seconds", "Seconds per onnxruntime call.", LATENCY_BUCKETS_S
+        )
         self.images = Counter("okdpipe_images_total", "Images run through the model.")
         self.queue_depth = Gauge("okdpipe_queue_depth", "Images waiting for the model.", queue_depth)
         self.ready = Gauge("okdpipe_model_ready", "1 once the model is loaded and warmed up.", ready)
+        self.inflight_bytes = Gauge(
+            "okdpipe_inflight_body_bytes",
+            "Request-body bytes admitted and not yet answered (bounded by --max-inflight-mb).",
+            inflight_bytes,
+        )
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
-        self.requests.inc(route, method, str(status))
+        self.requests.inc(route, method if method in KNOWN_METHODS else "other", str(status))
         self.latency.observe(seconds, route)
         if status >= 400:
             self.errors.inc(route, "client" if status < 500 else "server")
@@ -137,6 +158,15 @@ class ServerMetrics:
         self.images.inc(amount=size)
 
     def render(self) -> str:
-        metrics = (self.requests, self.errors, self.latency, self.batch_size, self.inference, self.images,
-                   self.queue_depth, self.ready)
+        metrics = (
+            self.requests,
+            self.errors,
+            self.latency,
+            self.batch_size,
+            self.inference,
+            self.images,
+            self.queue_depth,
+            self.ready,
+            self.inflight_bytes,
+        )
         return "\n".join(metric.render() for metric in metrics) + "\n"

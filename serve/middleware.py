@@ -12,10 +12,14 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
-from typing import Any, Awaitable, Callable
+from typing import Any
+
+from starlette.requests import ClientDisconnect
 
 from okdpipe.serve.metrics import ServerMetrics
+from okdpipe.serve.protocol import plain_int
 
 access_logger = logging.getLogger("okdpipe.serve.access")
 error_logger = logging.getLogger("okdpipe.serve")
@@ -55,8 +59,13 @@ class ServingMiddleware:
             if self._authorised(scope["path"], exchange.headers.get("authorization", "")):
                 await self.app(scope, receive, tracked_send)
             else:
-                await send_json_error(tracked_send, 401, "missing or wrong bearer token",
-                                      {"www-authenticate": "Bearer"})
+                await send_json_error(
+                    tracked_send, 401, "missing or wrong bearer token", {"www-authenticate": "Bearer"}
+                )
+        except ClientDisconnect:  # the client went away mid-upload: nothing to answer, nothing went wrong here
+            error_logger.info(
+                "client disconnected before sending its whole request (%s %s)", scope["method"], scope["path"]
+            )
         except Exception:
             error_logger.exception("unhandled error on %s %s", scope["method"], scope["path"])
             if exchange.status == 0:
@@ -89,23 +98,26 @@ class ServingMiddleware:
         status = exchange.status or 499  # no response started: the client went away first
         self.metrics.observe_request(route, scope["method"], status, seconds)
         client = scope.get("client") or ("", 0)
-        access_logger.info(json.dumps({
-            "ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-            "request_id": exchange.request_id,
-            "client": f"{client[0]}:{client[1]}",
-            "method": scope["method"],
-            "path": scope["path"],
-            "route": route,
-            "status": status,
-            "duration_ms": round(seconds * 1000, 3),
-            "request_bytes": _declared_length(exchange.headers),
-            "response_bytes": exchange.response_bytes,
-        }))
+        access_logger.info(
+            json.dumps(
+                {
+                    "ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+                    "request_id": exchange.request_id,
+                    "client": f"{client[0]}:{client[1]}",
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "route": route,
+                    "status": status,
+                    "duration_ms": round(seconds * 1000, 3),
+                    "request_bytes": _declared_length(exchange.headers),
+                    "response_bytes": exchange.response_bytes,
+                }
+            )
+        )
 
 
 def _declared_length(headers: dict[str, str]) -> int:
-    value = headers.get("content-length", "")
-    return int(value) if value.isdigit() else 0
+    return plain_int(headers.get("content-length")) or 0
 
 
 async def send_json_error(send: Send, status: int, message: str, headers: dict[str, str] | None = None) -> None:

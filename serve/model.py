@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-import onnxruntime as ort
 
 from okdpipe.errors import OkdpipeError
-from okdpipe.serve.card import ServingCard
+from okdpipe.ortsession import create_session
+from okdpipe.contracts.card import ModelCard
 
 logger = logging.getLogger("okdpipe.serve")
 
@@ -20,11 +20,15 @@ class OnnxClassifier:
     onnxruntime releases the GIL while it computes, which keeps the event loop answering requests.
     """
 
-    def __init__(self, card: ServingCard, intra_op_threads: int | None = None):
+    def __init__(self, card: ModelCard, intra_op_threads: int | None = None):
         self.card = card
-        self.session = _open_session(card, intra_op_threads)
+        self.session, self.session_options = create_session(card.model_path, threads=intra_op_threads)
         self.max_batch_limit = _check_session_matches_card(self.session, card)
         self._model_dtype = np.float16 if card.input_dtype == "float16" else np.float32
+
+    def batch_limit(self, requested: int) -> int:
+        """The largest batch to form: `requested`, unless the graph has a fixed batch size."""
+        return min(requested, self.max_batch_limit or requested)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Logits for a [B, C, H, W] batch (float32 in, float32 out whatever the model's precision)."""
@@ -34,10 +38,18 @@ class OnnxClassifier:
 
     def warm_up(self, batch_sizes: tuple[int, ...]) -> None:
         """One run per batch size: onnxruntime allocates its arenas and picks kernels on the first call,
-        which would otherwise land on the first user's latency."""
+        which would otherwise land on the first user's latency. A graph that cannot run the card's input shape
+        fails here, at start-up, as a one-line OkdpipeError."""
         for size in batch_sizes:
             zeros = np.zeros((size, self.card.channels, self.card.height, self.card.width), np.float32)
-            logits = self.run(zeros)
+            try:
+                logits = self.run(zeros)
+            except Exception as error:  # onnxruntime's private exception types for a shape or type mismatch
+                first_line = (str(error).splitlines() or [type(error).__name__])[0]
+                raise OkdpipeError(
+                    f"the model cannot run the card's input [{size}, {self.card.channels}, "
+                    f"{self.card.height}, {self.card.width}] ({first_line}); re-export it"
+                ) from None
             if logits.shape != (size, self.card.num_classes):
                 raise OkdpipeError(
                     f"model output shape {list(logits.shape)} is not [{size}, {self.card.num_classes}] as the card "
@@ -45,24 +57,7 @@ class OnnxClassifier:
                 )
 
 
-def _open_session(card: ServingCard, intra_op_threads: int | None) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    if intra_op_threads:
-        options.intra_op_num_threads = intra_op_threads
-    options.inter_op_num_threads = 1
-    # Idle onnxruntime workers spin for a while by default; on a small machine that steals the cores the event
-    # loop needs to parse the next requests, which then shrinks the batches. Sleeping idle threads avoid it.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    try:
-        return ort.InferenceSession(str(card.model_path), options, providers=["CPUExecutionProvider"])
-    except Exception as error:  # onnxruntime raises several private exception types for a bad file
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise OkdpipeError(
-            f"onnxruntime cannot load {card.model_path.name}: {message}; re-export the model"
-        ) from error
-
-
-def _check_session_matches_card(session: ort.InferenceSession, card: ServingCard) -> int | None:
+def _check_session_matches_card(session, card: ModelCard) -> int | None:
     """The card and the graph must agree on names; returns a fixed batch size if the graph has one."""
     inputs = {tensor.name: tensor for tensor in session.get_inputs()}
     outputs = [tensor.name for tensor in session.get_outputs()]

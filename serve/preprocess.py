@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from okdpipe.serve.card import Preprocess
+from okdpipe.contracts.card import Preprocess
 from okdpipe.serve.protocol import ClientError
 
 # Far above any classifier input, far below what could exhaust memory (a "decompression bomb" PNG).
@@ -23,15 +23,12 @@ _BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
 
 
 def image_to_tensor(data: bytes, recipe: Preprocess) -> np.ndarray:
-    """Decode, convert to the card's channels, resize to (H, W), x = (pixel * scale - mean) / std -> [1,C,H,W]."""
+    """Decode, convert to the card's channels, resize to (H, W), then the card's one normalisation -> [1,C,H,W]."""
     image = _decode_image(data, _PIL_MODES[recipe.channels])
     if image.size != (recipe.width, recipe.height):
         image = image.resize((recipe.width, recipe.height), Image.Resampling.BILINEAR)
-    pixels = np.asarray(image, dtype=np.float32).reshape(recipe.height, recipe.width, recipe.channels)
-    mean = np.asarray(recipe.mean, np.float32)
-    std = np.asarray(recipe.std, np.float32)
-    normalised = (pixels * np.float32(recipe.scale) - mean) / std
-    return np.ascontiguousarray(normalised.transpose(2, 0, 1)[None])
+    pixels = np.asarray(image, dtype=np.uint8).reshape(recipe.height, recipe.width, recipe.channels)
+    return np.ascontiguousarray(recipe.normalise(pixels.transpose(2, 0, 1)[None]))
 
 
 def _decode_image(data: bytes, mode: str) -> Image.Image:

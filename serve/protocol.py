@@ -63,6 +63,14 @@ class InferRequest:
     parameters: dict[str, Any] = field(default_factory=dict)
 
 
+def plain_int(text: str | None, max_digits: int = 18) -> int | None:
+    """`text` as a non-negative integer if it is 1 to `max_digits` ASCII digits, else None. Python's int() also
+    takes '²'-style Unicode digits, signs, underscores and spaces, none of which a client should rely on."""
+    if text is None or not (0 < len(text) <= max_digits and text.isascii() and text.isdigit()):
+        return None
+    return int(text)
+
+
 def parse_infer_request(body: bytes, header_length: str | None, spec: ModelSpec) -> InferRequest:
     """Split the body (JSON or JSON + binary), then validate the one input tensor against the model."""
     header_bytes, binary = _split_body(body, header_length)
@@ -84,10 +92,9 @@ def parse_infer_request(body: bytes, header_length: str | None, spec: ModelSpec)
 def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     if header_length is None:
         return body, b""
-    try:
-        length = int(header_length)
-    except ValueError:
-        raise ClientError(400, f"{HEADER_LENGTH} must be an integer, got {header_length!r}") from None
+    length = plain_int(header_length)
+    if length is None:
+        raise ClientError(400, f"{HEADER_LENGTH} must be an integer, got {header_length[:40]!r}")
     if not 0 < length <= len(body):
         raise ClientError(400, f"{HEADER_LENGTH} {length} is outside the body's {len(body)} bytes")
     return body[:length], body[length:]
@@ -214,7 +221,7 @@ def encode_infer_response(header: dict[str, Any], outputs: list[OutputTensor]) -
     """JSON body, or JSON header + binary outputs in order with `Inference-Header-Content-Length` set."""
     chunks: list[bytes] = []
     header["outputs"] = [_output_json(tensor, chunks) for tensor in outputs]
-    json_bytes = json.dumps(header, separators=(",", ":")).encode()
+    json_bytes = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()  # never a bare NaN
     if not chunks:
         return json_bytes, {"content-type": "application/json"}
     headers = {"content-type": "application/octet-stream", HEADER_LENGTH.lower(): str(len(json_bytes))}

@@ -1,4 +1,10 @@
-"""Running the app under uvicorn: logging, graceful shutdown with exit status 0, and multi-process workers.
+"""Running the app under uvicorn: JSON logging, the API key, binding, connection deadlines, and graceful shutdown
+with exit status 0.
+
+One process per server: onnxruntime already spreads one model call over every core, and the micro-batcher
+only batches requests that reach the same process. To scale out, run several `okdpipe serve` processes (one
+per machine or container, or per NUMA node with --threads) behind a load balancer and scrape each one's
+/metrics as its own Prometheus target.
 
 Shutdown: on SIGTERM/SIGINT uvicorn stops accepting connections, lets in-flight requests finish (each
 connection closes after its current response), then runs the lifespan shutdown that stops the batcher.
@@ -11,18 +17,22 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
-from dataclasses import asdict
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 
 import uvicorn
 
 from okdpipe.errors import OkdpipeError
-from okdpipe.serve.app import ServeSettings, ServingState, create_app, load_classifier
+from okdpipe.serve.app import ServeSettings, ServingState, create_app
+from okdpipe.serve.connections import guarded_h11_protocol
 
-SETTINGS_ENV = "OKDPIPE_SERVE_SETTINGS"
+API_KEY_ENV = "OKDPIPE_API_KEY"
+MAX_API_KEY_BYTES = 4096
 GRACEFUL_SHUTDOWN_S = 30
+BACKLOG = 2048
 _SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -34,14 +44,20 @@ class JsonLogFormatter(logging.Formatter):
         if record.name == "okdpipe.serve.access":
             return record.getMessage()
         timestamp = datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds")
-        entry = {"ts": timestamp, "level": record.levelname.lower(), "logger": record.name,
-                 "message": record.getMessage()}
+        entry = {
+            "ts": timestamp,
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)
 
 
 def configure_logging(level: str) -> None:
+    """Every log line is one JSON object: okdpipe's and uvicorn's loggers at `level`, and the root logger (asyncio,
+    warnings, any library) at warning, so nothing reaches stderr as a bare traceback."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonLogFormatter())
     for name in ("okdpipe.serve", "uvicorn.error"):
@@ -49,17 +65,41 @@ def configure_logging(level: str) -> None:
         named.handlers = [handler]
         named.setLevel(level.upper())
         named.propagate = False
+    logging.getLogger().handlers = [handler]
+    logging.getLogger().setLevel(max(logging.WARNING, logging.getLevelName(level.upper())))
+    logging.captureWarnings(True)
 
 
-def read_api_key(path: Path | None) -> str | None:
-    if path is None:
-        return None
+def read_api_key(path: Path | None, environment: Mapping[str, str] = os.environ) -> str | None:
+    """The bearer token from `--api-key-file` or the OKDPIPE_API_KEY variable (not both); None when neither."""
+    from_environment = environment.get(API_KEY_ENV)
+    if path is not None and from_environment is not None:
+        raise OkdpipeError(f"both --api-key-file and {API_KEY_ENV} are set; keep one")
+    if path is not None:
+        return _checked_key(_read_key_file(Path(path)), f"--api-key-file {path}")
+    if from_environment is not None:
+        return _checked_key(from_environment, API_KEY_ENV)
+    return None
+
+
+def _read_key_file(path: Path) -> str:
     try:
-        key = Path(path).read_text(encoding="utf-8").strip()
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_API_KEY_BYTES + 1)  # bounded: a key "file" may be /dev/zero
     except OSError as error:
         raise OkdpipeError(f"cannot read --api-key-file {path} ({error.strerror}); pass a readable file") from None
-    if not key or len(key.split()) != 1:
-        raise OkdpipeError(f"--api-key-file {path} must hold one non-empty token without spaces")
+    if len(raw) > MAX_API_KEY_BYTES:
+        raise OkdpipeError(f"--api-key-file {path} is larger than {MAX_API_KEY_BYTES} bytes; it must hold one token")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise OkdpipeError(f"--api-key-file {path} is not UTF-8 text; it must hold one token") from None
+
+
+def _checked_key(text: str, source: str) -> str:
+    key = text.strip()
+    if not key or not key.isascii() or not key.isprintable() or len(key.split()) != 1:
+        raise OkdpipeError(f"{source} must hold one non-empty token of printable ASCII without spaces")
     return key
 
 
@@ -75,61 +115,55 @@ class _DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def run_server(settings: ServeSettings, host: str, port: int, workers: int, log_level: str,
-               api_key_file: Path | None = None) -> int:
-    """Serve until SIGTERM/SIGINT; returns 0 after a graceful shutdown. Artifact problems raise OkdpipeError
-    before the port is bound."""
+def run_server(settings: ServeSettings, host: str, port: int, log_level: str) -> int:
+    """Serve until SIGTERM/SIGINT; returns 0 after a graceful shutdown. Artifact problems and a port that cannot
+    be bound raise OkdpipeError before anything is served."""
     configure_logging(log_level)
     _warn_if_exposed(host, settings.api_key)
-    if workers > 1:
-        return _run_workers(settings, host, port, workers, log_level, api_key_file)
     app = create_app(settings)
-    config = uvicorn.Config(app, host=host, port=port, log_config=None, log_level=log_level.lower(),
-                            access_log=False, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, server_header=False)
+    listener = bind_listener(host, port)
+    config = uvicorn.Config(
+        app,
+        log_config=None,
+        log_level=log_level.lower(),
+        access_log=False,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        server_header=False,
+        http=guarded_h11_protocol(settings.header_timeout_s),
+    )
     server = _DrainingServer(config, app.state.serving)
-    _run_with_quiet_signals(server)
+    with listener:
+        _run_with_quiet_signals(server, listener)
     if not server.started:
-        raise OkdpipeError(f"could not start serving on {host}:{port} (see the log above); pick a free --port")
+        raise OkdpipeError(f"could not start serving on {host}:{port} (see the log above)")
     return 0
+
+
+def bind_listener(host: str, port: int) -> socket.socket:
+    """The listening socket, bound here so that a port in use is a one-line error, not uvicorn's exit."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=BACKLOG)
+    except OSError as error:
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        raise OkdpipeError(f"cannot listen on {host}:{port} ({reason}); pick a free --port or another --host") from None
 
 
 def _warn_if_exposed(host: str, api_key: str | None) -> None:
     if host in LOOPBACK_HOSTS:
         return
-    exposure = "with bearer-token auth" if api_key else "WITHOUT authentication (see --api-key-file)"
+    exposure = "with bearer-token auth" if api_key else f"WITHOUT authentication (see --api-key-file, {API_KEY_ENV})"
     logging.getLogger("okdpipe.serve").warning(
-        "binding %s: reachable from other machines, %s, over plain HTTP (put TLS in front)", host, exposure)
+        "binding %s: reachable from other machines, %s, over plain HTTP (put TLS in front)", host, exposure
+    )
 
 
-def _run_with_quiet_signals(server: uvicorn.Server) -> None:
+def _run_with_quiet_signals(server: uvicorn.Server, listener: socket.socket) -> None:
     """uvicorn re-raises the shutdown signal after draining so the default handler would kill us with it
     (exit 143/130); installing no-op handlers first makes a graceful stop exit 0."""
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in _SHUTDOWN_SIGNALS}
     try:
-        server.run()
+        server.run(sockets=[listener])
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def _run_workers(settings: ServeSettings, host: str, port: int, workers: int, log_level: str,
-                 api_key_file: Path | None) -> int:
-    """N processes, each with its own model and batcher (and its own /metrics, per process)."""
-    load_classifier(settings)  # fail fast with a clean OkdpipeError before any worker starts
-    environment = {**asdict(settings), "artifact_dir": str(settings.artifact_dir), "api_key": None,
-                   "api_key_file": str(api_key_file) if api_key_file else None, "log_level": log_level}
-    os.environ[SETTINGS_ENV] = json.dumps(environment)
-    uvicorn.run("okdpipe.serve.server:app_from_environment", factory=True, host=host, port=port,
-                workers=workers, log_config=None, log_level=log_level.lower(), access_log=False,
-                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, server_header=False)
-    return 0
-
-
-def app_from_environment():
-    """uvicorn worker factory: rebuilds the settings `_run_workers` left in the environment."""
-    values = json.loads(os.environ[SETTINGS_ENV])
-    configure_logging(values.pop("log_level"))
-    api_key_file = values.pop("api_key_file")
-    values["artifact_dir"] = Path(values["artifact_dir"])
-    values["api_key"] = read_api_key(Path(api_key_file) if api_key_file else None)
-    return create_app(ServeSettings(**values))

@@ -1,27 +1,50 @@
 """Fixtures for `okdpipe serve`: a real exported artifact (tiny torch CNN -> ONNX via the dynamo exporter + card)
-and the real server started as a subprocess on a free loopback port."""
+and the real server started as a subprocess on a free loopback port.
+
+Every test here has a time limit (pytest-timeout): a server bug that drops a request must fail the suite,
+never hang it.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
+import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import numpy as np
 import pytest
 
-FASHION_LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                  "Ankle boot"]
+FASHION_LABELS = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 MODEL_NAME = "tiny-cnn"
 STARTUP_TIMEOUT_S = 30.0
+TEST_TIMEOUT_S = 120  # per test; the slowest (fuzz, graceful shutdown under load) take about 15 s
+SERVE_TESTS = Path(__file__).parent
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        if SERVE_TESTS in Path(item.fspath).parents and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(TEST_TIMEOUT_S))
 
 
 def build_tiny_cnn():
@@ -30,22 +53,39 @@ def build_tiny_cnn():
 
     torch.manual_seed(0)
     return torch.nn.Sequential(
-        torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(4),
-        torch.nn.Flatten(), torch.nn.Linear(64, 10),
+        torch.nn.Conv2d(1, 4, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(4),
+        torch.nn.Flatten(),
+        torch.nn.Linear(64, 10),
     ).eval()
 
 
 def write_card(directory: Path, onnx_name: str = "model.onnx", name: str = MODEL_NAME, **overrides) -> dict:
     """A card in the export engineer's schema, hashing the ONNX file that is there now."""
-    hashes = {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(directory.iterdir())
-              if path.name.startswith(onnx_name)}  # the .onnx and its external-data file, if any
+    hashes = {
+        path.name: hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(directory.iterdir())
+        if path.name.startswith(onnx_name)
+    }  # the .onnx and its external-data file, if any
     card = {
-        "format": "okdpipe-card", "format_version": 1, "name": name, "file": onnx_name, "precision": "fp32",
+        "format": "okdpipe-card",
+        "format_version": 1,
+        "name": name,
+        "file": onnx_name,
+        "precision": "fp32",
         "input": {"name": "input", "shape": [None, 1, 28, 28], "dtype": "float32", "layout": "NCHW"},
         "output": {"name": "logits", "shape": [None, 10], "dtype": "float32"},
         "preprocess": {"size": [28, 28], "channels": 1, "scale": 1 / 255, "mean": [0.286], "std": [0.353]},
-        "labels": FASHION_LABELS, "dataset": "fashion-mnist", "opset": 18, "parity": {}, "quantization": None,
-        "accuracy": {}, "runtime": {}, "provenance": {"test": True}, "sha256": hashes,
+        "labels": FASHION_LABELS,
+        "dataset": "fashion-mnist",
+        "opset": 18,
+        "parity": {},
+        "quantization": None,
+        "accuracy": {},
+        "runtime": {},
+        "provenance": {"test": True},
+        "sha256": hashes,
     }
     card.update(overrides)
     (directory / "model.json").write_text(json.dumps(card, indent=1))
@@ -58,9 +98,16 @@ def export_artifact(model, directory: Path, name: str = MODEL_NAME) -> Path:
 
     directory.mkdir(parents=True, exist_ok=True)
     batch = torch.export.Dim("batch", min=1, max=4096)
-    torch.onnx.export(model, (torch.zeros(2, 1, 28, 28),), str(directory / "model.onnx"), dynamo=True,
-                      input_names=["input"], output_names=["logits"], dynamic_shapes=({0: batch},),
-                      verbose=False)
+    torch.onnx.export(
+        model,
+        (torch.zeros(2, 1, 28, 28),),
+        str(directory / "model.onnx"),
+        dynamo=True,
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_shapes=({0: batch},),
+        verbose=False,
+    )
     write_card(directory, name=name)
     return directory
 
@@ -98,13 +145,16 @@ def free_port() -> int:
 class ServerProcess:
     """`python -m okdpipe.serve` in a subprocess; stderr (the JSON logs) goes to a file for inspection."""
 
-    def __init__(self, artifact: Path, log_path: Path, *options: str):
+    def __init__(self, artifact: Path, log_path: Path, *options: str, env: dict[str, str] | None = None):
+        self.artifact = artifact
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         command = [sys.executable, "-m", "okdpipe.serve", str(artifact), "--port", str(self.port), *options]
         with open(log_path, "wb") as log:
-            self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
+            self.process = subprocess.Popen(
+                command, stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, **(env or {})}
+            )
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -127,8 +177,10 @@ class ServerProcess:
 
 
 @contextlib.contextmanager
-def running_server(artifact: Path, log_path: Path, *options: str) -> Iterator[ServerProcess]:
-    server = ServerProcess(artifact, log_path, *options)
+def running_server(
+    artifact: Path, log_path: Path, *options: str, env: dict[str, str] | None = None
+) -> Iterator[ServerProcess]:
+    server = ServerProcess(artifact, log_path, *options, env=env)
     try:
         server.wait_ready()
         yield server
@@ -144,9 +196,9 @@ def running_server(artifact: Path, log_path: Path, *options: str) -> Iterator[Se
 def start_server(artifact_dir, tmp_path_factory):
     """A factory: `with start_server(*options) as server:` runs a dedicated server for one test."""
 
-    def start(*options: str, artifact: Path | None = None):
+    def start(*options: str, artifact: Path | None = None, env: dict[str, str] | None = None):
         log_path = tmp_path_factory.mktemp("logs") / "server.log"
-        return running_server(artifact or artifact_dir, log_path, *options)
+        return running_server(artifact or artifact_dir, log_path, *options, env=env)
 
     return start
 
@@ -155,8 +207,7 @@ def start_server(artifact_dir, tmp_path_factory):
 def server(artifact_dir, tmp_path_factory) -> Iterator[ServerProcess]:
     """The main server: small batch delay so concurrent tests form batches; 1 MiB body limit; queue of 64."""
     log_path = tmp_path_factory.mktemp("logs") / "server.log"
-    options = ("--max-batch", "16", "--max-delay-ms", "20", "--max-queue", "64", "--max-body-mb", "1",
-               "--threads", "1")
+    options = ("--max-batch", "16", "--max-delay-ms", "20", "--max-queue", "64", "--max-body-mb", "1", "--threads", "1")
     with running_server(artifact_dir, log_path, *options) as process:
         yield process
 

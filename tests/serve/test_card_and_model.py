@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 
 from okdpipe.errors import OkdpipeError
 from okdpipe.serve.app import ServeSettings, load_classifier
-from okdpipe.serve.card import read_serving_card
+from okdpipe.contracts.card import read_card
 
 
 @pytest.fixture()
@@ -29,7 +30,7 @@ def _edit_card(directory, **changes):
 
 
 def test_card_reads_what_serving_needs(artifact_dir):
-    card = read_serving_card(artifact_dir)
+    card = read_card(artifact_dir)
     assert (card.name, card.input_name, card.output_name) == ("tiny-cnn", "input", "logits")
     assert (card.channels, card.height, card.width, card.num_classes) == (1, 28, 28, 10)
     assert card.labels == tuple(json.loads((artifact_dir / "model.json").read_text())["labels"])
@@ -43,37 +44,40 @@ def test_card_reads_what_serving_needs(artifact_dir):
     [
         (lambda d: (d / "model.json").unlink(), "no model.json"),
         (lambda d: (d / "model.json").write_text("{not json"), "not valid JSON"),
-        (lambda d: _edit_card(d, format="other"), "format is 'other'"),
+        (lambda d: _edit_card(d, format="other"), "no 'format: okdpipe-card' header"),
         (lambda d: _edit_card(d, format_version=2), "format_version 2 is not supported"),
         (lambda d: _edit_card(d, file="missing.onnx"), "'missing.onnx' named by the card is not in"),
         (lambda d: _edit_card(d, file="../model.onnx"), "is not in"),
         (lambda d: _edit_card(d, sha256={}), "no sha256 for 'model.onnx'"),
-        (lambda d: _edit_card(d, input={"name": "input", "shape": [None, 1, 28], "dtype": "float32"}),
-         "is not [null, C, H, W] NCHW"),
+        (
+            lambda d: _edit_card(d, input={"name": "input", "shape": [None, 1, 28], "dtype": "float32"}),
+            "is not [null, C, H, W] NCHW",
+        ),
         (lambda d: _edit_card(d, labels=["a", "b"]), "labels must be 10 strings"),
-        (lambda d: _edit_card(d, preprocess={"size": [32, 32], "channels": 1, "mean": [0], "std": [1]}),
-         "disagree with input"),
-        (lambda d: _edit_card(d, preprocess={"size": [28, 28], "channels": 1, "mean": [0], "std": [0]}),
-         "std > 0"),
+        (
+            lambda d: _edit_card(d, preprocess={"size": [32, 32], "channels": 1, "mean": [0], "std": [1]}),
+            "disagree with input",
+        ),
+        (lambda d: _edit_card(d, preprocess={"size": [28, 28], "channels": 1, "mean": [0], "std": [0]}), "std > 0"),
     ],
 )
 def test_bad_card_is_one_line_okdpipe_error(artifact_copy, damage, message):
     damage(artifact_copy)
     with pytest.raises(OkdpipeError) as raised:
-        read_serving_card(artifact_copy)
+        read_card(artifact_copy)
     assert message in str(raised.value) and "\n" not in str(raised.value)
 
 
 def test_missing_directory_is_okdpipe_error(tmp_path):
     with pytest.raises(OkdpipeError, match="does not exist; pass the folder `okdpipe export` wrote"):
-        read_serving_card(tmp_path / "nowhere")
+        read_card(tmp_path / "nowhere")
 
 
 def test_sha256_mismatch_is_detected(artifact_copy):
     with open(artifact_copy / "model.onnx", "ab") as handle:
         handle.write(b"\0")
     with pytest.raises(OkdpipeError, match=r"model.onnx sha256 is .* the card says .* \(file changed\)"):
-        read_serving_card(artifact_copy)
+        read_card(artifact_copy)
 
 
 def test_unloadable_onnx_is_okdpipe_error(artifact_copy, card_writer):
@@ -95,10 +99,51 @@ def test_classifier_matches_direct_onnxruntime_and_warms_up(artifact_dir, refere
     np.testing.assert_array_equal(classifier.run(images), reference_logits(images))
 
 
-def test_cli_reports_bad_artifact_in_one_line_and_exits_1(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "okdpipe.serve", str(tmp_path), "--port", "0"],
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 1
+def test_cli_reports_bad_artifact_in_one_line_and_exits_with_the_input_error_code(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "okdpipe.serve", str(tmp_path), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == OkdpipeError.exit_code == 2
     assert result.stderr.strip().splitlines() == [
         f"error: no model.json in {tmp_path}; pass the folder `okdpipe export` wrote"
     ]
+
+
+def test_served_session_is_built_by_the_shared_factory_as_described(artifact_dir):
+    from okdpipe.ortsession import session_options
+
+    classifier = load_classifier(ServeSettings(artifact_dir=artifact_dir, intra_op_threads=2))
+    assert (
+        classifier.session_options
+        == session_options(2)
+        == {
+            "providers": ["CPUExecutionProvider"],
+            "intra_op_num_threads": 2,
+            "inter_op_num_threads": 1,
+            "execution_mode": "sequential",
+            "graph_optimization_level": "all",
+            "config_entries": {"session.intra_op.allow_spinning": "0"},
+        }
+    )
+    applied = classifier.session.get_session_options()
+    assert (applied.intra_op_num_threads, applied.inter_op_num_threads) == (2, 1)
+    assert applied.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert classifier.session.get_providers() == ["CPUExecutionProvider"]
+
+
+@pytest.mark.parametrize(
+    ("threads", "provider", "message"),
+    [
+        (-1, "cpu", "threads must be a positive integer or unset, got -1"),
+        (True, "cpu", "got True"),
+        (None, "tpu", "unknown provider 'tpu'; choose one of: cpu, cuda"),
+    ],
+)
+def test_session_options_refuse_bad_settings(threads, provider, message):
+    from okdpipe.ortsession import session_options
+
+    with pytest.raises(OkdpipeError, match=re.escape(message)):
+        session_options(threads, provider)

@@ -21,8 +21,16 @@ INFER = f"/v2/models/{MODEL}/infer"
 def triton_request(images: np.ndarray, outputs: list[str] | None = None, **parameters) -> tuple[bytes, dict]:
     """Body + headers byte-for-byte as tritonclient.http builds them with its defaults (binary inputs; binary
     outputs, either per requested output or via binary_data_output when none are named)."""
-    request: dict = {"inputs": [{"name": "input", "shape": list(images.shape), "datatype": "FP32",
-                                 "parameters": {"binary_data_size": images.nbytes}}]}
+    request: dict = {
+        "inputs": [
+            {
+                "name": "input",
+                "shape": list(images.shape),
+                "datatype": "FP32",
+                "parameters": {"binary_data_size": images.nbytes},
+            }
+        ]
+    }
     if outputs:
         request["outputs"] = [{"name": name, "parameters": {"binary_data": True}} for name in outputs]
     else:
@@ -36,7 +44,7 @@ def _bytes_elements(raw: bytes) -> list[str]:
     elements, offset = [], 0
     while offset < len(raw):
         (length,) = struct.unpack_from("<I", raw, offset)
-        elements.append(raw[offset + 4:offset + 4 + length].decode())
+        elements.append(raw[offset + 4 : offset + 4 + length].decode())
         offset += 4 + length
     return elements
 
@@ -48,21 +56,25 @@ def triton_outputs(response: httpx.Response) -> dict[str, np.ndarray]:
     for output in header["outputs"]:
         size = output.get("parameters", {}).get("binary_data_size")
         if size is None:
-            arrays[output["name"]] = np.array(output["data"], dtype=object if output["datatype"] == "BYTES"
-                                              else np.float32).reshape(output["shape"])
+            arrays[output["name"]] = np.array(
+                output["data"], dtype=object if output["datatype"] == "BYTES" else np.float32
+            ).reshape(output["shape"])
             continue
-        raw = response.content[offset:offset + size]
+        raw = response.content[offset : offset + size]
         offset += size
         values = _bytes_elements(raw) if output["datatype"] == "BYTES" else np.frombuffer(raw, "<f4")
-        arrays[output["name"]] = np.array(values, dtype=object if output["datatype"] == "BYTES" else np.float32
-                                          ).reshape(output["shape"])
+        arrays[output["name"]] = np.array(
+            values, dtype=object if output["datatype"] == "BYTES" else np.float32
+        ).reshape(output["shape"])
     assert offset == len(response.content)
     return arrays
 
 
 def json_request(images: np.ndarray, datatype: str = "FP32", **extra) -> dict:
-    return {"inputs": [{"name": "input", "shape": list(images.shape), "datatype": datatype,
-                        "data": images.tolist()}], **extra}
+    return {
+        "inputs": [{"name": "input", "shape": list(images.shape), "datatype": datatype, "data": images.tolist()}],
+        **extra,
+    }
 
 
 def png_bytes(pixels: np.ndarray, image_format: str = "PNG") -> bytes:
@@ -81,8 +93,11 @@ def test_health_and_server_metadata(client):
     assert client.get("/v2/health/live").status_code == 200
     ready = client.get("/v2/health/ready")
     assert ready.status_code == 200 and ready.content == b""
-    assert client.get("/v2").json() == {"name": "okdpipe", "version": "0.1.0",
-                                        "extensions": ["binary_tensor_data", "parameters"]}
+    assert client.get("/v2").json() == {
+        "name": "okdpipe",
+        "version": "0.1.0",
+        "extensions": ["binary_tensor_data", "parameters"],
+    }
 
 
 @pytest.mark.parametrize("prefix", [f"/v2/models/{MODEL}", f"/v2/models/{MODEL}/versions/1"])
@@ -96,8 +111,9 @@ def test_model_metadata_and_ready(client, prefix):
 
 
 def test_json_infer_matches_onnxruntime(client, images, reference_logits):
-    body = json_request(images[:3], id="req-7", parameters={"top_k": 2},
-                        outputs=[{"name": "logits"}, {"name": "labels"}])
+    body = json_request(
+        images[:3], id="req-7", parameters={"top_k": 2}, outputs=[{"name": "logits"}, {"name": "labels"}]
+    )
     response = client.post(INFER, json=body)
     assert response.status_code == 200 and response.headers["content-type"] == "application/json"
     result = response.json()
@@ -108,8 +124,12 @@ def test_json_infer_matches_onnxruntime(client, images, reference_logits):
     np.testing.assert_allclose(np.array(logits["data"]).reshape(3, 10), expected, rtol=1e-5, atol=1e-6)
     labels = client.get(f"/v2/models/{MODEL}").json()["parameters"]["labels"]
     top2 = np.argsort(-expected, axis=1, kind="stable")[:, :2]
-    assert result["outputs"][1] == {"name": "labels", "datatype": "BYTES", "shape": [3, 2],
-                                    "data": [labels[index] for index in top2.reshape(-1)]}
+    assert result["outputs"][1] == {
+        "name": "labels",
+        "datatype": "BYTES",
+        "shape": [3, 2],
+        "data": [labels[index] for index in top2.reshape(-1)],
+    }
 
 
 def test_binary_infer_as_tritonclient_sends_it(client, images, reference_logits):
@@ -129,8 +149,9 @@ def test_binary_input_with_json_output_when_not_requested_binary(client, images,
     request["parameters"] = {"top_k": 3}
     request["outputs"] = [{"name": "probabilities"}, {"name": "labels", "parameters": {"binary_data": True}}]
     header = json.dumps(request).encode()
-    response = client.post(INFER, content=header + body[header_length:],
-                           headers={"Inference-Header-Content-Length": str(len(header))})
+    response = client.post(
+        INFER, content=header + body[header_length:], headers={"Inference-Header-Content-Length": str(len(header))}
+    )
     outputs = triton_outputs(response)
     probabilities = np.exp(reference_logits(images[:1])) / np.exp(reference_logits(images[:1])).sum()
     np.testing.assert_allclose(outputs["probabilities"], probabilities, rtol=1e-5)
@@ -138,22 +159,26 @@ def test_binary_input_with_json_output_when_not_requested_binary(client, images,
 
 
 def test_fp64_json_input_is_converted(client, images, reference_logits):
-    response = client.post(INFER, json=json_request(images[:1].astype(np.float64), datatype="FP64",
-                                                    outputs=[{"name": "logits"}]))
+    response = client.post(
+        INFER, json=json_request(images[:1].astype(np.float64), datatype="FP64", outputs=[{"name": "logits"}])
+    )
     data = np.array(response.json()["outputs"][0]["data"]).reshape(1, 10)
     np.testing.assert_allclose(data, reference_logits(images[:1]), rtol=1e-5, atol=1e-6)
 
 
 def test_classify_raw_png_multipart_and_jpeg_agree_with_preprocessed_infer(client):
     pixels = np.random.default_rng(1).integers(0, 256, (28, 28), dtype=np.uint8)
-    raw = client.post(f"/v2/models/{MODEL}/classify?top_k=3", content=png_bytes(pixels),
-                      headers={"content-type": "image/png"})
+    raw = client.post(
+        f"/v2/models/{MODEL}/classify?top_k=3", content=png_bytes(pixels), headers={"content-type": "image/png"}
+    )
     form = client.post(f"/v2/models/{MODEL}/classify?top_k=3", files={"file": ("x.png", png_bytes(pixels))})
     assert raw.status_code == form.status_code == 200
     assert raw.json() == form.json() and raw.json()["top_k"] == 3 and len(raw.json()["labels"]) == 3
     tensor = ((pixels.astype(np.float32) / 255 - 0.286) / 0.353)[None, None]
-    infer = client.post(INFER, json=json_request(tensor, parameters={"top_k": 3},
-                                                 outputs=[{"name": "probabilities"}, {"name": "labels"}]))
+    infer = client.post(
+        INFER,
+        json=json_request(tensor, parameters={"top_k": 3}, outputs=[{"name": "probabilities"}, {"name": "labels"}]),
+    )
     probabilities, labels = infer.json()["outputs"]
     assert raw.json()["labels"] == labels["data"]
     np.testing.assert_allclose(raw.json()["scores"], sorted(probabilities["data"], reverse=True)[:3], rtol=1e-5)
@@ -177,18 +202,30 @@ def _with_first_value(images: np.ndarray, literal: str) -> dict:
     [
         ("bad json", lambda im: {"content": b"{not json"}, "not valid JSON"),
         ("wrong shape", lambda im: {"json": json_request(im[:1, :, :27, :27])}, "does not match [B, 1, 28, 28]"),
-        ("wrong datatype", lambda im: {"json": json_request(im[:1].astype(np.int32), datatype="INT32")},
-         "datatype 'INT32' is not accepted"),
+        (
+            "wrong datatype",
+            lambda im: {"json": json_request(im[:1].astype(np.int32), datatype="INT32")},
+            "datatype 'INT32' is not accepted",
+        ),
         ("byte count", lambda im: _truncated_binary(im[:1]), "bytes of binary tensor data, expected 3136"),
-        ("unknown input", lambda im: {"json": {"inputs": [{"name": "x", "shape": [1], "datatype": "FP32",
-                                                           "data": [1]}]}}, "unknown input 'x'"),
+        (
+            "unknown input",
+            lambda im: {"json": {"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}},
+            "unknown input 'x'",
+        ),
         ("nan", lambda im: _with_first_value(im[:1], "NaN"), "NaN or infinite"),
         ("infinity", lambda im: _with_first_value(im[:1], "-Infinity"), "NaN or infinite"),
-        ("too big batch", lambda im: {"json": json_request(np.zeros((17, 1, 28, 28), np.float32))},
-         "batch of 17 images is larger than the allowed 16"),
+        (
+            "too big batch",
+            lambda im: {"json": json_request(np.zeros((17, 1, 28, 28), np.float32))},
+            "batch of 17 images is larger than the allowed 16",
+        ),
         ("bad top_k", lambda im: {"json": json_request(im[:1], parameters={"top_k": 0})}, "top_k must be"),
-        ("no data", lambda im: {"json": {"inputs": [{"name": "input", "shape": [1, 1, 28, 28],
-                                                     "datatype": "FP32"}]}}, "needs 'data'"),
+        (
+            "no data",
+            lambda im: {"json": {"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32"}]}},
+            "needs 'data'",
+        ),
     ],
 )
 def test_malformed_infer_is_400_json_and_server_keeps_serving(client, images, case, make_kwargs, message):
@@ -215,8 +252,11 @@ def test_unknown_routes_and_models_are_json_errors(client, method, path, status,
 
 @pytest.mark.parametrize(
     ("body", "query", "message"),
-    [(b"GIF89a-not-really", "", "not a decodable image"), (b"", "", "body is empty"),
-     (png_bytes(np.zeros((28, 28), np.uint8)), "?top_k=11", "top_k must be an integer between 1 and 10")],
+    [
+        (b"GIF89a-not-really", "", "not a decodable image"),
+        (b"", "", "body is empty"),
+        (png_bytes(np.zeros((28, 28), np.uint8)), "?top_k=11", "top_k must be an integer between 1 and 10"),
+    ],
 )
 def test_bad_classify_requests_are_400(client, body, query, message):
     response = client.post(f"/v2/models/{MODEL}/classify{query}", content=body)
@@ -252,12 +292,14 @@ def test_concurrent_clients_each_get_their_own_logits_from_shared_batches(server
         thread.join(timeout=30)
     for images_sent, response in zip(requests, results):
         assert response.status_code == 200
-        np.testing.assert_allclose(triton_outputs(response)["logits"], reference_logits(images_sent),
-                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            triton_outputs(response)["logits"], reference_logits(images_sent), rtol=1e-5, atol=1e-6
+        )
     after = httpx.get(server.url + "/metrics").text
     batches = metric_value(after, "okdpipe_batch_size_count") - metric_value(before, "okdpipe_batch_size_count")
-    singles = (metric_value(after, 'okdpipe_batch_size_bucket{le="1"}')
-               - metric_value(before, 'okdpipe_batch_size_bucket{le="1"}'))
+    singles = metric_value(after, 'okdpipe_batch_size_bucket{le="1"}') - metric_value(
+        before, 'okdpipe_batch_size_bucket{le="1"}'
+    )
     images_run = metric_value(after, "okdpipe_images_total") - metric_value(before, "okdpipe_images_total")
     assert images_run == sum(len(sent) for sent in requests) == 24
     assert batches < clients and batches - singles >= 1  # at least one batch of more than one image
@@ -268,8 +310,7 @@ def test_metrics_and_access_log_record_requests(client, server):
     metrics = client.get("/metrics")
     assert metrics.headers["content-type"].startswith("text/plain; version=0.0.4")
     text = metrics.text
-    assert metric_value(text, f'okdpipe_requests_total{{route="/v2/models/{{name}}/infer",method="POST",'
-                              f'status="400"}}') >= 1
+    assert metric_value(text, 'okdpipe_requests_total{route="/v2/models/{name}/infer",method="POST",status="400"}') >= 1
     assert metric_value(text, 'okdpipe_request_errors_total{route="/v2/models/{name}/infer",kind="client"}') >= 1
     assert metric_value(text, "okdpipe_model_ready") == 1 and metric_value(text, "okdpipe_queue_depth") == 0
     assert 'okdpipe_request_duration_seconds_bucket{route="/v2/models/{name}/infer",le="+Inf"}' in text

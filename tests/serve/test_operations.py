@@ -20,8 +20,10 @@ TOKEN = "s3cret-token"
 
 def infer_body(batch: int, seed: int = 0) -> dict:
     images = np.random.default_rng(seed).normal(size=(batch, 1, 28, 28)).astype(np.float32)
-    return {"inputs": [{"name": "input", "shape": list(images.shape), "datatype": "FP32", "data": images.tolist()}],
-            "outputs": [{"name": "logits"}]}
+    return {
+        "inputs": [{"name": "input", "shape": list(images.shape), "datatype": "FP32", "data": images.tolist()}],
+        "outputs": [{"name": "logits"}],
+    }
 
 
 def wait_for_queue_depth(url: str, depth: int, headers: dict | None = None, timeout: float = 5.0) -> None:
@@ -71,8 +73,11 @@ def test_full_queue_answers_503_with_retry_after_then_recovers(strict_server):
     # a 2-image batch shows the batcher there is concurrency, so the next request waits for company
     assert httpx.post(strict_server.url + INFER, json=infer_body(2), headers=auth, timeout=10).status_code == 200
     first: dict = {}
-    waiting = threading.Thread(target=lambda: first.update(
-        response=httpx.post(strict_server.url + INFER, json=infer_body(3), headers=auth, timeout=10)))
+    waiting = threading.Thread(
+        target=lambda: first.update(
+            response=httpx.post(strict_server.url + INFER, json=infer_body(3), headers=auth, timeout=10)
+        )
+    )
     waiting.start()
     wait_for_queue_depth(strict_server.url, 3, auth)
     refused = httpx.post(strict_server.url + INFER, json=infer_body(3), headers=auth, timeout=10)
@@ -108,8 +113,10 @@ def test_sigterm_mid_load_finishes_accepted_requests_and_exits_0(start_server, r
             thread.start()
         wait_for_queue_depth(server.url, 8)
         background: list = []
-        loaders = [threading.Thread(target=_load_until_refused, args=(server.url, background,
-                                                                      time.monotonic() + 15)) for _ in range(3)]
+        loaders = [
+            threading.Thread(target=_load_until_refused, args=(server.url, background, time.monotonic() + 15))
+            for _ in range(3)
+        ]
         for thread in loaders:
             thread.start()
         exit_code = server.stop()
@@ -120,8 +127,9 @@ def test_sigterm_mid_load_finishes_accepted_requests_and_exits_0(start_server, r
     for body, response in zip(bodies, pending):
         assert response.status_code == 200
         expected = reference_logits(np.array(body["inputs"][0]["data"], np.float32))
-        np.testing.assert_allclose(np.array(response.json()["outputs"][0]["data"]).reshape(1, 10), expected,
-                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            np.array(response.json()["outputs"][0]["data"]).reshape(1, 10), expected, rtol=1e-5, atol=1e-6
+        )
     # late arrivals: served, refused while draining or at capacity (503 + Retry-After), or the socket is closed
     assert set(background) <= {200, 503, "ConnectError", "RemoteProtocolError", "ReadError"}
     served_ok = [json.loads(line) for line in log.splitlines() if '"route": "/v2/models/{name}/infer"' in line]
@@ -146,16 +154,26 @@ print("torch" in sys.modules, sorted(name for name in sys.modules if name.starts
 
 
 def test_serving_never_imports_torch(artifact_dir):
-    result = subprocess.run([sys.executable, "-c", NO_TORCH_SCRIPT, str(artifact_dir)], capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", NO_TORCH_SCRIPT, str(artifact_dir)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False []"
 
 
 def test_command_module_imports_only_typer_at_top_level():
-    result = subprocess.run([sys.executable, "-c", "import sys, okdpipe.serve.command as c; "
-                             "print(sorted(m for m in ('onnxruntime', 'fastapi', 'uvicorn', 'numpy', 'torch') "
-                             "if m in sys.modules))"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, okdpipe.serve.command as c; "
+            "print(sorted(m for m in ('onnxruntime', 'fastapi', 'uvicorn', 'numpy', 'torch') "
+            "if m in sys.modules))",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.stdout.strip() == "[]", result.stderr
 
 
@@ -164,7 +182,7 @@ def test_model_failure_is_a_json_500_and_the_server_keeps_serving(artifact_dir, 
     from starlette.testclient import TestClient
 
     from okdpipe.serve.app import ServeSettings, create_app
-    from okdpipe.serve.card import read_serving_card
+    from okdpipe.contracts.card import read_card
     from okdpipe.serve.model import OnnxClassifier
 
     class FailsOnLargeInputs(OnnxClassifier):
@@ -173,7 +191,7 @@ def test_model_failure_is_a_json_500_and_the_server_keeps_serving(artifact_dir, 
                 raise RuntimeError("simulated onnxruntime failure")
             return super().run(batch)
 
-    app = create_app(ServeSettings(artifact_dir=artifact_dir), FailsOnLargeInputs(read_serving_card(artifact_dir)))
+    app = create_app(ServeSettings(artifact_dir=artifact_dir), FailsOnLargeInputs(read_card(artifact_dir)))
     body = {"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [5000.0] * 784}]}
     with TestClient(app) as client:
         failed = client.post(INFER, json=body)

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from okdpipe.serve.batching import MicroBatcher, QueueFull
-from okdpipe.serve.card import Preprocess
+from okdpipe.contracts.card import Preprocess
 from okdpipe.serve.metrics import Histogram, ServerMetrics
 from okdpipe.serve.outputs import classify_response, softmax
 from okdpipe.serve.preprocess import image_to_tensor, multipart_file
@@ -38,8 +38,18 @@ def _json_request(data, shape=(1, 1, 2, 2), datatype="FP32", **extra) -> bytes:
 
 def _binary_request(array: np.ndarray, datatype: str, declared: int | None = None) -> tuple[bytes, str]:
     size = array.nbytes if declared is None else declared
-    header = json.dumps({"inputs": [{"name": "input", "shape": list(array.shape), "datatype": datatype,
-                                     "parameters": {"binary_data_size": size}}]}).encode()
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": list(array.shape),
+                    "datatype": datatype,
+                    "parameters": {"binary_data_size": size},
+                }
+            ]
+        }
+    ).encode()
     return header + array.tobytes(), str(len(header))
 
 
@@ -76,8 +86,11 @@ def test_binary_input_is_read_in_its_datatype_and_served_as_fp32(datatype):
         (_json_request([1, 2, 3, 1e300], datatype="FP64"), None, "NaN or infinite"),
         (_json_request([1, 2, 3, 4], parameters={"top_k": 4}), None, "top_k must be an integer"),
         (_json_request([1, 2, 3, 4], outputs=[{"name": "features"}]), None, "unknown output 'features'"),
-        (json.dumps({"inputs": [{"name": "x", "shape": [1, 1, 2, 2], "datatype": "FP32"}]}).encode(), None,
-         "unknown input 'x'"),
+        (
+            json.dumps({"inputs": [{"name": "x", "shape": [1, 1, 2, 2], "datatype": "FP32"}]}).encode(),
+            None,
+            "unknown input 'x'",
+        ),
         (json.dumps({"inputs": []}).encode(), None, "exactly one tensor named 'input'"),
         (_json_request([1, 2, 3, 4]), "abc", "must be an integer"),
         (b"[" * 100_000 + b"]" * 100_000, None, "nested too deeply"),
@@ -109,16 +122,15 @@ def test_binary_response_layout_follows_the_extension():
     header = json.loads(body[:json_length])
     sizes = [output["parameters"]["binary_data_size"] for output in header["outputs"]]
     assert sizes == [8, 4 + 3 + 4 + 4] and len(body) == json_length + sum(sizes)
-    np.testing.assert_array_equal(np.frombuffer(body[json_length:json_length + 8], "<f4"), [1.0, 2.0])
-    assert body[json_length + 8:] == struct.pack("<I", 3) + b"cat" + struct.pack("<I", 4) + "dög".encode()
+    np.testing.assert_array_equal(np.frombuffer(body[json_length : json_length + 8], "<f4"), [1.0, 2.0])
+    assert body[json_length + 8 :] == struct.pack("<I", 3) + b"cat" + struct.pack("<I", 4) + "dög".encode()
     assert serialize_bytes(np.array([b"\x00"], dtype=object)) == b"\x01\x00\x00\x00\x00"
 
 
 def test_json_response_has_no_binary_header():
     body, headers = encode_infer_response({}, [OutputTensor("logits", "FP32", np.ones((1, 2), np.float32), False)])
     assert headers == {"content-type": "application/json"}
-    assert json.loads(body)["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [1, 2],
-                                            "data": [1.0, 1.0]}]
+    assert json.loads(body)["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [1, 2], "data": [1.0, 1.0]}]
 
 
 def test_softmax_and_classify_response_are_exact():
@@ -127,6 +139,14 @@ def test_softmax_and_classify_response_are_exact():
     response = classify_response(logits, 2, ("a", "b", "c"))
     assert response["labels"] == ["b", "c"] and response["top_k"] == 2
     np.testing.assert_allclose(response["scores"], [0.5, 0.3], rtol=1e-6)
+
+
+def test_softmax_is_exact_for_logits_whose_exp_overflows():
+    logits = np.array([[1000.0, 1000.0 - np.log(3.0), -1e30], [-1e30, 0.0, -1e30]], np.float32)
+    probabilities = softmax(logits)
+    np.testing.assert_allclose(probabilities, [[0.75, 0.25, 0.0], [0.0, 1.0, 0.0]], rtol=1e-3, atol=0)
+    response = classify_response(logits[0], 3, ("a", "b", "c"))
+    assert response["labels"] == ["a", "b", "c"] and response["scores"][2] == 0.0
 
 
 def _png(pixels: np.ndarray, mode: str) -> bytes:
@@ -161,9 +181,12 @@ def _huge_png_header() -> bytes:
 
 @pytest.mark.parametrize(
     ("data", "message"),
-    [(b"", "body is empty"), (b"not an image", "unknown format"),
-     (_png(np.zeros((4, 4), np.uint8), "L")[:30], "not a decodable image"),
-     (_huge_png_header(), "image of 5000x5000 pixels is too large")],
+    [
+        (b"", "body is empty"),
+        (b"not an image", "unknown format"),
+        (_png(np.zeros((4, 4), np.uint8), "L")[:30], "not a decodable image"),
+        (_huge_png_header(), "image of 5000x5000 pixels is too large"),
+    ],
 )
 def test_undecodable_image_is_400(data, message):
     with pytest.raises(ClientError) as raised:
@@ -173,9 +196,11 @@ def test_undecodable_image_is_400(data, message):
 
 def test_multipart_file_part_is_extracted_byte_exact():
     payload = b"\x89PNG\r\n\x1a\n\r\n--not-the-boundary\r\n"
-    body = (b"--XyZ\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nhello\r\n"
-            b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n"
-            b"Content-Type: image/png\r\n\r\n" + payload + b"\r\n--XyZ--\r\n")
+    body = (
+        b'--XyZ\r\nContent-Disposition: form-data; name="note"\r\n\r\nhello\r\n'
+        b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n'
+        b"Content-Type: image/png\r\n\r\n" + payload + b"\r\n--XyZ--\r\n"
+    )
     assert multipart_file(body, "multipart/form-data; boundary=XyZ") == payload
     with pytest.raises(ClientError, match="without a boundary"):
         multipart_file(body, "multipart/form-data")
@@ -186,7 +211,11 @@ def test_histogram_renders_cumulative_buckets():
     for value in (1, 2, 2, 5):
         histogram.observe(value)
     assert histogram.render().splitlines()[2:] == [
-        'h_bucket{le="1"} 1', 'h_bucket{le="2"} 3', 'h_bucket{le="+Inf"} 4', "h_sum 10", "h_count 4",
+        'h_bucket{le="1"} 1',
+        'h_bucket{le="2"} 3',
+        'h_bucket{le="+Inf"} 4',
+        "h_sum 10",
+        "h_count 4",
     ]
 
 
@@ -200,6 +229,11 @@ def test_server_metrics_count_errors_by_kind():
     assert 'okdpipe_request_errors_total{route="/r",kind="client"} 1' in text
     assert 'okdpipe_request_errors_total{route="/r",kind="server"} 1' in text
     assert "okdpipe_queue_depth 3" in text and "okdpipe_model_ready 1" in text
+
+
+def run_bounded(scenario, timeout_s: float = 10.0):
+    """A batcher that drops a request must fail the test, not hang it."""
+    return asyncio.run(asyncio.wait_for(scenario, timeout_s))
 
 
 def _batcher_run(calls: list, release: threading.Event | None = None):
@@ -225,7 +259,7 @@ def test_batcher_gathers_concurrent_requests_and_splits_in_order():
         await batcher.stop()
         return requests, results
 
-    requests, results = asyncio.run(scenario())
+    requests, results = run_bounded(scenario())
     assert calls == [7]
     for images, logits in zip(requests, results):
         np.testing.assert_array_equal(logits, images)
@@ -240,7 +274,7 @@ def test_batcher_never_splits_a_request_and_carries_it_to_the_next_batch():
         await asyncio.gather(*(batcher.submit(np.ones((size, 1))) for size in (3, 2, 2)))
         await batcher.stop()
 
-    asyncio.run(scenario())
+    run_bounded(scenario())
     assert calls == [3, 4]
 
 
@@ -262,7 +296,7 @@ def test_batcher_refuses_beyond_max_queue_without_growing():
         await batcher.stop()
         return depth
 
-    assert asyncio.run(scenario()) == 0
+    assert run_bounded(scenario()) == 0
 
 
 def test_batcher_spends_the_delay_only_after_seeing_concurrency():
@@ -279,5 +313,5 @@ def test_batcher_spends_the_delay_only_after_seeing_concurrency():
         await batcher.stop()
         return lone, waited
 
-    lone, waited = asyncio.run(scenario())
+    lone, waited = run_bounded(scenario())
     assert lone < 0.1 and waited >= 0.29

@@ -1,0 +1,263 @@
+"""Hostile clients against the real server: slow and idle sockets, uploads that stop halfway, bodies that exhaust
+the byte budget, client-chosen metric labels, inputs that make the model's outputs non-finite, odd query
+strings, and images that are expensive to decode. The server must stay reachable, answer every request with
+one JSON line, and log only JSON."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import socket
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+MODEL = "tiny-cnn"
+INFER = f"/v2/models/{MODEL}/infer"
+CLASSIFY = f"/v2/models/{MODEL}/classify"
+MIB = 1024 * 1024
+
+
+def strict_json(text: str):
+    """json.loads that refuses NaN/Infinity, which Python's json would otherwise accept and no other parser does."""
+    return json.loads(text, parse_constant=lambda name: pytest.fail(f"non-JSON constant {name} in {text[:200]}"))
+
+
+def one_line_error(response: httpx.Response, status: int, fragment: str) -> str:
+    assert response.status_code == status, response.text
+    message = strict_json(response.text)["error"]
+    assert fragment in message and "\n" not in message
+    return message
+
+
+def json_infer(images: np.ndarray) -> dict:
+    return {
+        "inputs": [{"name": "input", "shape": list(images.shape), "datatype": "FP32", "data": images.tolist()}],
+        "outputs": [{"name": "logits"}, {"name": "probabilities"}],
+    }
+
+
+def open_request(port: int, head: bytes, body_part: bytes = b"") -> socket.socket:
+    """A connection that has sent `head` (and maybe part of a body) and then goes quiet."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(head + body_part)
+    return sock
+
+
+def upload_head(path: str, length: int) -> bytes:
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+    ).encode()
+
+
+def read_until_closed(sock: socket.socket, timeout: float = 5.0) -> str:
+    sock.settimeout(timeout)
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks).decode()
+
+
+def closed_by_server(sock: socket.socket, within: float) -> bool:
+    sock.settimeout(within)
+    try:
+        return sock.recv(1024) == b""
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def metric(url: str, sample: str) -> float:
+    text = httpx.get(url + "/metrics", timeout=5).text
+    match = re.search(rf"^{re.escape(sample)} (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+def wait_for(condition, timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{what} not reached within {timeout} s")
+
+
+def assert_log_is_json_without_errors(log: str) -> None:
+    for line in log.splitlines():
+        entry = json.loads(line)  # every line is one JSON object: no bare tracebacks
+        assert entry.get("level") not in ("error", "critical") and "exception" not in entry, line
+
+
+@pytest.fixture(scope="module")
+def guarded_server(start_server):
+    """Short connection deadlines and a 2 MiB byte budget (1 MiB bodies), so attacks resolve in about a second."""
+    options = (
+        "--header-timeout-s",
+        "1",
+        "--body-timeout-s",
+        "1",
+        "--max-body-mb",
+        "1",
+        "--max-inflight-mb",
+        "2",
+        "--max-batch",
+        "8",
+        "--threads",
+        "1",
+    )
+    with start_server(*options) as server:
+        yield server
+
+
+@pytest.mark.parametrize("top_k", ["²", "1e3", "-1", "+1", " 1", "1.0", "0x1", "١", "9" * 5000, ""])
+def test_top_k_that_is_not_a_plain_ascii_integer_is_one_line_400(client, top_k):
+    png = io.BytesIO()
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(png, format="PNG")
+    response = client.post(CLASSIFY, params={"top_k": top_k}, content=png.getvalue())
+    one_line_error(response, 400, "top_k must be an integer between 1 and 10")
+
+
+@pytest.mark.parametrize("header_length", ["²", "-5", "1e2", "9" * 5000])
+def test_binary_header_length_that_is_not_a_plain_integer_is_400(client, header_length):
+    response = client.post(INFER, content=b"{}", headers={"Inference-Header-Content-Length": header_length.encode()})
+    one_line_error(response, 400, "Inference-Header-Content-Length must be an integer")
+
+
+def test_non_finite_outputs_are_a_clear_422_never_bare_nan(client):
+    huge = np.full((2, 1, 28, 28), 3e38, np.float32)  # finite input; the convolution overflows to inf - inf = NaN
+    huge[0] = 0.0
+    message = one_line_error(client.post(INFER, json=json_infer(huge)), 422, "outputs are not finite for image 1")
+    assert "preprocessed as the card says" in message
+
+
+def test_huge_but_finite_logits_give_exact_probabilities(client, reference_logits):
+    """Softmax must subtract the row maximum: these logits are around 1e29, and exp() of them overflows."""
+    images = np.full((1, 1, 28, 28), 1e30, np.float32)
+    logits = reference_logits(images)
+    assert np.isfinite(logits).all() and np.abs(logits).max() > 1e28
+    response = client.post(INFER, json=json_infer(images))
+    assert response.status_code == 200, response.text
+    probabilities = np.array(strict_json(response.text)["outputs"][1]["data"])
+    expected = np.zeros(10)
+    expected[np.argmax(logits)] = 1.0
+    np.testing.assert_array_equal(probabilities, expected)
+
+
+def test_client_chosen_methods_paths_and_model_names_create_no_metric_series(client, server):
+    def hostile_round(tag: str) -> None:
+        for index in range(10):
+            client.request(f"X{tag}{index}", "/v2/health/live")
+            client.get(f"/v2/models/{tag}-model-{index}")
+            client.post(f"/v2/models/{tag}-model-{index}/infer", json={})
+            client.get(f"/{tag}/path/{index}")
+
+    hostile_round("zqa")  # may create the fixed "other"/"unmatched" series once
+    client.get("/metrics")  # and the scrape's own series
+    before = client.get("/metrics").text
+    hostile_round("zqb")
+    after = client.get("/metrics").text
+    assert [line.rsplit(" ", 1)[0] for line in after.splitlines()] == [
+        line.rsplit(" ", 1)[0] for line in before.splitlines()
+    ]
+    assert "zqa" not in after and "zqb" not in after and 'method="other"' in after
+
+
+def test_idle_and_slowloris_sockets_are_closed_and_the_server_stays_reachable(guarded_server):
+    port = guarded_server.port
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(40)]
+    dribbling = [open_request(port, b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Slow: ") for _ in range(10)]
+    with httpx.Client(base_url=guarded_server.url, timeout=5) as http:
+        started = time.monotonic()
+        assert http.get("/v2/health/live").status_code == 200
+        assert time.monotonic() - started < 1.0
+    for sock in dribbling:
+        sock.sendall(b"a")  # a byte now and then does not extend the header deadline
+    assert all(closed_by_server(sock, within=3.0) for sock in idle + dribbling)
+    assert_log_is_json_without_errors(guarded_server.log())
+
+
+def test_slow_body_is_408_and_its_bytes_are_released(guarded_server):
+    sock = open_request(guarded_server.port, upload_head(INFER, 1000), b'{"inputs": ')
+    answer = read_until_closed(sock)
+    sock.close()
+    head, _, body = answer.partition("\r\n\r\n")
+    assert head.startswith("HTTP/1.1 408") and "connection: close" in head.lower()
+    assert "request body not received within 1 s (--body-timeout-s)" in strict_json(body)["error"]
+    wait_for(lambda: metric(guarded_server.url, "okdpipe_inflight_body_bytes") == 0, what="bytes released")
+
+
+def test_uploads_are_admitted_by_bytes_and_refused_with_503_beyond_the_budget(guarded_server):
+    url = guarded_server.url
+    holders = [open_request(guarded_server.port, upload_head(INFER, MIB), b"{") for _ in range(2)]
+    wait_for(lambda: metric(url, "okdpipe_inflight_body_bytes") == 2 * MIB, what="2 MiB held")
+    refused = httpx.post(url + INFER, content=b"x" * 1000, timeout=5)
+    one_line_error(refused, 503, "request bytes in flight, limit 2097152, --max-inflight-mb")
+    assert refused.headers["retry-after"] == "1"
+    for sock in holders:
+        sock.close()
+    wait_for(lambda: metric(url, "okdpipe_inflight_body_bytes") == 0, what="bytes released")
+    images = np.zeros((1, 1, 28, 28), np.float32)
+    assert httpx.post(url + INFER, json=json_infer(images), timeout=5).status_code == 200
+
+
+def test_client_gone_mid_upload_is_neither_a_500_nor_an_error_log(guarded_server):
+    url = guarded_server.url
+    served_500 = metric(url, 'okdpipe_request_errors_total{route="/v2/models/{name}/infer",kind="server"}')
+    disconnects = guarded_server.log().count("client disconnected before sending its whole request")
+    for _ in range(3):
+        sock = open_request(guarded_server.port, upload_head(INFER, 100_000), b'{"inputs": [' + b"0," * 500)
+        time.sleep(0.05)
+        sock.close()
+    wait_for(
+        lambda: guarded_server.log().count("client disconnected before sending its whole request") == disconnects + 3,
+        what="three disconnects logged",
+    )
+    assert metric(url, 'okdpipe_request_errors_total{route="/v2/models/{name}/infer",kind="server"}') == served_500
+    assert_log_is_json_without_errors(guarded_server.log())
+    assert httpx.get(url + "/v2/health/ready", timeout=5).status_code == 200
+
+
+def _expensive_png() -> bytes:
+    """48 KB that decode to 4096 x 4096 RGB pixels (about 0.4 s of decoding and resizing each)."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((4096, 4096, 3), np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_image_decoding_does_not_block_the_event_loop(server):
+    """Health checks stay fast while four clients post images that take a while to decode. "Fast" is relative to
+    one decode measured here and now, so a loaded machine slows both sides alike: decoding on the event loop
+    makes a health check wait for the decodes queued before it (about four), decoding off it much less."""
+    from okdpipe.contracts.card import read_card
+    from okdpipe.serve.preprocess import image_to_tensor
+
+    png = _expensive_png()
+    recipe = read_card(server.artifact).preprocess
+    started = time.monotonic()
+    image_to_tensor(png, recipe)
+    decode_s = time.monotonic() - started
+    statuses: list[int] = []
+
+    def post_images() -> None:
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            statuses.extend(http.post(CLASSIFY, content=png).status_code for _ in range(2))
+
+    posters = [threading.Thread(target=post_images) for _ in range(4)]
+    for thread in posters:
+        thread.start()
+    latencies = []
+    while any(thread.is_alive() for thread in posters):
+        started = time.monotonic()
+        assert httpx.get(server.url + "/v2/health/live", timeout=10).status_code == 200  # a new connection each
+        latencies.append(time.monotonic() - started)
+        time.sleep(0.02)
+    for thread in posters:
+        thread.join()
+    assert statuses == [200] * 8
+    assert len(latencies) > 5 and max(latencies) < 2 * decode_s, (decode_s, sorted(latencies))
