@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 STAMP := $(VENV)/.okdpipe-installed
 
-.PHONY: setup data demo test bench clean
+.PHONY: setup data demo lint test bench clean
 
 setup: $(STAMP)
 
@@ -31,7 +31,12 @@ data:
 demo: setup data
 	$(BIN)/okdpipe distill --method vanilla --arch resnet20 --dataset fashion-mnist --epochs 2 --out runs/demo
 
-test: setup data
+# Lint (ruff check + format check) then the whole suite: what CI runs.
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: setup data lint
 	$(BIN)/python -m pytest -q
 
 bench: setup data

@@ -8,7 +8,7 @@ written before the exit, so CI can upload them whatever the verdict.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, List, Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -17,7 +17,7 @@ from okdpipe.stage_config import flag
 
 
 def bench_command(
-    artifacts: Annotated[List[Path], typer.Argument(help="Artifact directories (model.json + model.onnx).")],
+    artifacts: Annotated[list[Path], typer.Argument(help="Artifact directories (model.json + model.onnx).")],
     dataset: Annotated[Optional[str], flag(BenchConfig, "dataset")] = None,
     data_dir: Annotated[Optional[str], flag(BenchConfig, "data_dir")] = None,
     batch_sizes: Annotated[Optional[str], flag(BenchConfig, "batch_sizes")] = None,
@@ -28,25 +28,39 @@ def bench_command(
     ensemble: Annotated[Optional[bool], flag(BenchConfig, "compare_ensemble", "--ensemble/--no-ensemble")] = None,
     warmup: Annotated[Optional[int], flag(BenchConfig, "warmup")] = None,
     min_seconds: Annotated[Optional[float], flag(BenchConfig, "min_seconds")] = None,
-    gate: Annotated[Optional[List[str]], flag(BenchConfig, "gates", "--gate")] = None,
+    gate: Annotated[Optional[list[str]], flag(BenchConfig, "gates", "--gate")] = None,
     policy: Annotated[Optional[Path], typer.Option(help="YAML list of gates (added to --gate).")] = None,
     baseline: Annotated[Optional[Path], typer.Option(help="An earlier report.json for relative gates.")] = None,
     report: Annotated[Path, typer.Option(help="report.json path; .md and .png are written beside it.")] = Path(
-        "report.json"),
+        "report.json"
+    ),
     junit: Annotated[Optional[Path], typer.Option(help="Write gate results as JUnit XML here.")] = None,
-    config: Annotated[Optional[Path], typer.Option(help="YAML holding these options (as the pipeline's bench: "
-                                                        "section); flags override it.")] = None,
+    config: Annotated[
+        Optional[Path],
+        typer.Option(help="YAML holding these options (as the pipeline's bench: section); flags override it."),
+    ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and exit.")] = False,
-    json_output: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout (tables "
-                                                             "go to stderr).")] = False,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print the report as JSON on stdout (tables go to stderr).")
+    ] = False,
 ) -> None:
     """Benchmark exported models (latency, throughput, memory, test accuracy) against PyTorch and the
     ensemble, write report.json/.md/.png, and fail (exit 1) when a deployment gate fails."""
     from okdpipe.stage_config import dump, resolve
 
-    flags = dict(dataset=dataset, data_dir=data_dir, batch_sizes=batch_sizes, threads=threads, provider=provider,
-                 max_samples=max_samples, compare_pytorch=pytorch, compare_ensemble=ensemble, warmup=warmup,
-                 min_seconds=min_seconds, gates=gate or None)
+    flags = dict(
+        dataset=dataset,
+        data_dir=data_dir,
+        batch_sizes=batch_sizes,
+        threads=threads,
+        provider=provider,
+        max_samples=max_samples,
+        compare_pytorch=pytorch,
+        compare_ensemble=ensemble,
+        warmup=warmup,
+        min_seconds=min_seconds,
+        gates=gate or None,
+    )
     cfg = resolve(BenchConfig, config, flags)
     if dry_run:
         typer.echo(dump(cfg), nl=False)
@@ -54,8 +68,16 @@ def bench_command(
     run(artifacts, cfg, policy=policy, baseline=baseline, report=report, junit=junit, json_output=json_output)
 
 
-def run(artifacts: list[Path], cfg: BenchConfig, *, policy: Path | None, baseline: Path | None, report: Path,
-        junit: Path | None, json_output: bool) -> None:
+def run(
+    artifacts: list[Path],
+    cfg: BenchConfig,
+    *,
+    policy: Path | None,
+    baseline: Path | None,
+    report: Path,
+    junit: Path | None,
+    json_output: bool,
+) -> None:
     from okdpipe.bench.report import print_summary, write_reports
     from okdpipe.bench.run import bench
     from okdpipe.console import emit_json, say

@@ -16,8 +16,9 @@ PROVIDER_NAMES = ("cpu", "cuda")
 
 class BenchConfig(StageConfig):
     batch_sizes: list[int] = Field([1, 8, 64], min_length=1, description="comma-separated batch sizes to time")
-    threads: Optional[int] = Field(None, ge=1, le=1024,
-                                   description="intra-op threads (ORT and torch); default: the runtime's")
+    threads: Optional[int] = Field(
+        None, ge=1, le=1024, description="intra-op threads (ORT and torch); default: the runtime's"
+    )
     provider: Literal["cpu", "cuda"] = Field("cpu", description="ONNX Runtime execution provider")
     dataset: Optional[str] = Field(None, description="dataset for accuracy; default: the card's")
     data_dir: Optional[str] = Field(None, description="dataset directory; default: the model file's record")
@@ -26,16 +27,16 @@ class BenchConfig(StageConfig):
     compare_ensemble: bool = Field(True, description="time the peer ensemble beside the ONNX artifacts")
     warmup: int = Field(10, ge=0, le=100_000, description="untimed runs before timing each batch size")
     min_seconds: float = Field(1.0, gt=0, le=3600, description="time each batch size at least this long (s)")
-    gates: list[str] = Field(default_factory=list,
-                             description="gates such as 'top1>=0.90', 'p99_ms@1<=baseline*1.1'")
+    gates: list[str] = Field(default_factory=list, description="gates such as 'top1>=0.90', 'p99_ms@1<=baseline*1.1'")
 
     @field_validator("provider", mode="before")
     @classmethod
     def _known_provider(cls, value: Any) -> Any:
         """One line naming the bad value and the choices (pydantic's Literal message names neither clearly)."""
         if value not in PROVIDER_NAMES:
-            raise PydanticCustomError("unknown_provider", f"unknown provider {value!r}; choose one of: "
-                                      f"{', '.join(PROVIDER_NAMES)}")
+            raise PydanticCustomError(
+                "unknown_provider", f"unknown provider {value!r}; choose one of: {', '.join(PROVIDER_NAMES)}"
+            )
         return value
 
     @field_validator("batch_sizes", mode="before")

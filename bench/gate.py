@@ -37,19 +37,28 @@ import json
 import math
 import operator
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from okdpipe.contracts.report import BenchReport, Entry, GateResult, is_finite
 from okdpipe.errors import OkdpipeError
 
 OPERATORS: dict[str, Callable[[float, float], bool]] = {
-    ">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq,
+    ">=": operator.ge,
+    "<=": operator.le,
+    ">": operator.gt,
+    "<": operator.lt,
+    "==": operator.eq,
 }
 SCALAR_METRICS = {
-    "top1": ("accuracy", "top1"), "top5": ("accuracy", "top5"), "samples": ("accuracy", "samples"),
-    "params": ("params",), "macs": ("macs",), "start_ms": ("start_ms",),
+    "top1": ("accuracy", "top1"),
+    "top5": ("accuracy", "top5"),
+    "samples": ("accuracy", "samples"),
+    "params": ("params",),
+    "macs": ("macs",),
+    "start_ms": ("start_ms",),
     "peak_rss_mb": ("memory", "peak_rss_delta_mb"),
 }
 BATCH_METRICS = ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms", "images_per_s", "gflops_per_s", "peak_fraction")
@@ -88,8 +97,12 @@ class Gate:
         if self.relation is None:
             return self.amount
         assert baseline_value is not None
-        return {"=": baseline_value, "+": baseline_value + self.amount, "-": baseline_value - self.amount,
-                "*": baseline_value * self.amount}[self.relation]
+        return {
+            "=": baseline_value,
+            "+": baseline_value + self.amount,
+            "-": baseline_value - self.amount,
+            "*": baseline_value * self.amount,
+        }[self.relation]
 
 
 def parse_gate(text: str, name: str | None = None) -> Gate:
@@ -97,8 +110,10 @@ def parse_gate(text: str, name: str | None = None) -> Gate:
     match = GATE_PATTERN.match(text or "")
     rhs = RHS_PATTERN.match(match["rhs"]) if match else None
     if not match or not rhs:
-        raise GateUsageError(f"cannot parse gate {text!r}; expected [ARTIFACT:]METRIC[@BATCH] OP NUMBER or "
-                             "OP baseline[+-*]NUMBER, e.g. 'top1>=0.90', 'p99_ms@1<=baseline*1.10'")
+        raise GateUsageError(
+            f"cannot parse gate {text!r}; expected [ARTIFACT:]METRIC[@BATCH] OP NUMBER or "
+            "OP baseline[+-*]NUMBER, e.g. 'top1>=0.90', 'p99_ms@1<=baseline*1.10'"
+        )
     metric, batch = match["metric"], int(match["batch"]) if match["batch"] else None
     _check_metric(text, metric, batch)
     if rhs["number"] is not None:
@@ -130,7 +145,9 @@ def load_policy(path: Path) -> list[tuple[str, str | None]]:
         raise GateUsageError(str(exc)) from None
     items = data.get("gates") if isinstance(data, dict) and set(data) == {"gates"} else data
     if not isinstance(items, list):
-        raise GateUsageError(f"--policy {path}: expected a list of gates (or 'gates: [...]'), got {type(data).__name__}")
+        raise GateUsageError(
+            f"--policy {path}: expected a list of gates (or 'gates: [...]'), got {type(data).__name__}"
+        )
     return [_policy_item(path, item) for item in items]
 
 
@@ -170,14 +187,17 @@ def load_baseline(path: Path | None) -> BenchReport | None:
         raise GateUsageError(str(exc)) from None
 
 
-def validate_gates(gates: list[str], policy: Path | None, baseline: BenchReport | None,
-                   batch_sizes: tuple[int, ...]) -> list[Gate]:
+def validate_gates(
+    gates: list[str], policy: Path | None, baseline: BenchReport | None, batch_sizes: tuple[int, ...]
+) -> list[Gate]:
     """Everything that can be checked before benchmarking: syntax, metrics, batch sizes, baseline presence."""
     parsed = parse_gates(gates, policy)
     for gate in parsed:
         if gate.batch is not None and gate.batch not in batch_sizes:
-            raise GateUsageError(f"gate {gate.expression!r}: batch size {gate.batch} is not benchmarked; add it to "
-                                 f"--batch-sizes (now {','.join(map(str, batch_sizes))})")
+            raise GateUsageError(
+                f"gate {gate.expression!r}: batch size {gate.batch} is not benchmarked; add it to "
+                f"--batch-sizes (now {','.join(map(str, batch_sizes))})"
+            )
         _require_baseline(gate, baseline)
     return parsed
 
@@ -187,8 +207,9 @@ def _require_baseline(gate: Gate, baseline: BenchReport | None) -> None:
         raise GateUsageError(f"gate {gate.expression!r} compares with a baseline; pass --baseline OLD_REPORT.json")
 
 
-def evaluate_gates(report: BenchReport, gates: list[str], policy: Path | None = None,
-                   baseline: BenchReport | None = None) -> list[GateResult]:
+def evaluate_gates(
+    report: BenchReport, gates: list[str], policy: Path | None = None, baseline: BenchReport | None = None
+) -> list[GateResult]:
     """Every gate on every entry it selects; raises GateUsageError for gates that cannot be evaluated."""
     results = []
     for gate in parse_gates(gates, policy):
@@ -206,8 +227,16 @@ def evaluate_one(gate: Gate, target: Entry, baseline: BenchReport | None) -> Gat
         detail = f"{gate.label} is {fmt(value)} against {fmt(threshold)}: not a finite number, so it fails"
         return GateResult(gate.expression, gate.label, value, threshold, False, detail, target.name, gate.name)
     passed = OPERATORS[gate.op](value, threshold)
-    return GateResult(gate.expression, gate.label, value, threshold, passed,
-                      describe(gate, value, threshold, reference, passed), target.name, gate.name)
+    return GateResult(
+        gate.expression,
+        gate.label,
+        value,
+        threshold,
+        passed,
+        describe(gate, value, threshold, reference, passed),
+        target.name,
+        gate.name,
+    )
 
 
 def describe(gate: Gate, value: float, threshold: float, reference: float | None, passed: bool) -> str:
@@ -235,8 +264,10 @@ def select_entries(report: BenchReport, gate: Gate) -> list[Entry]:
         chosen = [e for e in report.entries() if gate.selector in e.labels()]
     if not chosen:
         names = ", ".join(e.name for e in report.entries()) or "none"
-        raise GateUsageError(f"gate {gate.expression!r} selects no report entry (entries: {names}); use a name, "
-                             "precision (fp32/int8/fp16), kind (onnx/pytorch/ensemble) or directory name")
+        raise GateUsageError(
+            f"gate {gate.expression!r} selects no report entry (entries: {names}); use a name, "
+            "precision (fp32/int8/fp16), kind (onnx/pytorch/ensemble) or directory name"
+        )
     return chosen
 
 
@@ -251,8 +282,10 @@ def metric_value(entry: Entry, gate: Gate, where: str) -> float:
             value = getattr(value, attribute, None)
         path = ".".join(SCALAR_METRICS[gate.metric])
     if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise GateUsageError(f"gate {gate.expression!r}: the {where} has no {gate.label} for {entry.name!r} "
-                             f"(path {path}); benchmark it or drop the gate")
+        raise GateUsageError(
+            f"gate {gate.expression!r}: the {where} has no {gate.label} for {entry.name!r} "
+            f"(path {path}); benchmark it or drop the gate"
+        )
     return float(value)
 
 
@@ -264,8 +297,10 @@ def baseline_entry(baseline: BenchReport | None, target: Entry, gate: Gate) -> E
     found = same_name or (same_precision if len(same_precision) == 1 else [])
     if not found:
         names = ", ".join(e.name for e in candidates) or "none"
-        raise GateUsageError(f"gate {gate.expression!r}: the baseline has no entry matching {target.name!r} "
-                             f"(it has: {names}); gate it with a selector or refresh the baseline")
+        raise GateUsageError(
+            f"gate {gate.expression!r}: the baseline has no entry matching {target.name!r} "
+            f"(it has: {names}); gate it with a selector or refresh the baseline"
+        )
     return found[0]
 
 

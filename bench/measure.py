@@ -18,8 +18,8 @@ import contextlib
 import os
 import platform
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 
@@ -46,19 +46,29 @@ def time_calls(call: Callable[[], object], warmup: int, min_seconds: float, min_
         times.append((ended - began) * 1000.0)
         elapsed = ended - start
         if (len(times) >= min_runs and elapsed >= min_seconds) or (
-                elapsed >= MAX_SECONDS_PER_POINT and len(times) >= MIN_RUNS_SLOW):
+            elapsed >= MAX_SECONDS_PER_POINT and len(times) >= MIN_RUNS_SLOW
+        ):
             return times
 
 
-def latency_point(times_ms: list[float], batch_size: int, macs: int | None, peak_gflops: float | None
-                  ) -> LatencyPoint:
+def latency_point(times_ms: list[float], batch_size: int, macs: int | None, peak_gflops: float | None) -> LatencyPoint:
     """Percentiles (numpy linear interpolation) and throughput of one batch size; GFLOP/s where MACs are known."""
     p50, p90, p99 = (float(v) for v in np.percentile(times_ms, [50, 90, 99]))
     mean = float(np.mean(times_ms))
     images_per_s = batch_size * 1000.0 / mean
     gflops = 2.0 * macs * images_per_s / 1e9 if macs else None
-    return LatencyPoint(batch_size, len(times_ms), p50, p90, p99, mean, float(min(times_ms)), images_per_s,
-                        gflops, gflops / peak_gflops if gflops and peak_gflops else None)
+    return LatencyPoint(
+        batch_size,
+        len(times_ms),
+        p50,
+        p90,
+        p99,
+        mean,
+        float(min(times_ms)),
+        images_per_s,
+        gflops,
+        gflops / peak_gflops if gflops and peak_gflops else None,
+    )
 
 
 def status_kib(field: str, status_path: str = STATUS_PATH) -> int | None:
@@ -76,7 +86,7 @@ def status_kib(field: str, status_path: str = STATUS_PATH) -> int | None:
 class PeakMemory:
     """Peak-RSS growth of this process inside a `with` block (see the module docstring for the method)."""
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         self.start_kib = status_kib("VmRSS")
         self.peak_reset = _reset_peak_rss()
         self.result = Memory()
@@ -86,8 +96,10 @@ class PeakMemory:
         field = "VmHWM" if self.peak_reset else "VmRSS"
         end_kib = status_kib(field)
         if self.start_kib is not None and end_kib is not None:
-            self.result = Memory(max(end_kib - self.start_kib, 0) / 1024.0,
-                                 "VmHWM growth after clear_refs reset" if self.peak_reset else "VmRSS growth")
+            self.result = Memory(
+                max(end_kib - self.start_kib, 0) / 1024.0,
+                "VmHWM growth after clear_refs reset" if self.peak_reset else "VmRSS growth",
+            )
 
 
 def _reset_peak_rss() -> bool:
@@ -126,12 +138,18 @@ def measure_peak_gflops(seconds: float, threads: int | None, device: str = "cpu"
     with torch_threads(threads) as used, torch.inference_mode():
         for size in PEAK_MATMUL_SIZES:
             a, b = (torch.randn(size, size, device=device) for _ in range(2))
-            times = time_calls(lambda: (torch.mm(a, b), sync()), warmup=2,
-                               min_seconds=seconds / len(PEAK_MATMUL_SIZES), min_runs=5)
+            times = time_calls(
+                lambda: (torch.mm(a, b), sync()), warmup=2, min_seconds=seconds / len(PEAK_MATMUL_SIZES), min_runs=5
+            )
             by_size[str(size)] = 2.0 * size**3 / (min(times) / 1000.0) / 1e9
     best = max(by_size, key=by_size.get)
-    return {"gflops": by_size[best], "by_size": by_size, "device": device, "threads": used,
-            "method": f"torch fp32 square matmul, best of sizes {'/'.join(by_size)} (best {best}) over {seconds:g} s"}
+    return {
+        "gflops": by_size[best],
+        "by_size": by_size,
+        "device": device,
+        "threads": used,
+        "method": f"torch fp32 square matmul, best of sizes {'/'.join(by_size)} (best {best}) over {seconds:g} s",
+    }
 
 
 def machine_info(provider: str, threads: int | None, peak: dict) -> dict:
@@ -140,9 +158,18 @@ def machine_info(provider: str, threads: int | None, peak: dict) -> dict:
     from okdpipe.cpu import cpu_features, cpu_model
 
     gpu = torch.cuda.get_device_name(0) if provider == "cuda" and torch.cuda.is_available() else None
-    return {"cpu_model": cpu_model(), "cpu_features": cpu_features(), "logical_cpus": os.cpu_count(),
-            "machine": platform.machine(), "platform": platform.platform(), "provider": provider,
-            "threads": threads, "torch_threads": threads or torch.get_num_threads(), "peak_gflops": peak, "gpu": gpu}
+    return {
+        "cpu_model": cpu_model(),
+        "cpu_features": cpu_features(),
+        "logical_cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "platform": platform.platform(),
+        "provider": provider,
+        "threads": threads,
+        "torch_threads": threads or torch.get_num_threads(),
+        "peak_gflops": peak,
+        "gpu": gpu,
+    }
 
 
 def runtime_versions() -> dict:
@@ -153,5 +180,11 @@ def runtime_versions() -> dict:
 
     from okdpipe import __version__
 
-    return {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__,
-            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "okdpipe": __version__}
+    return {
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "okdpipe": __version__,
+    }

@@ -10,8 +10,8 @@ when its source is missing.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -52,11 +52,22 @@ class References:
         with torch_threads(bench.config.threads), PeakMemory() as memory:
             latency = bench.latency(predict, split, card.preprocess, origin["macs"])
         path = card.provenance["model_file"]
-        return Entry(f"{card.name.removesuffix('-' + card.precision)} (pytorch)", "pytorch", "fp32", path,
-                     source.dataset, of=[c.name for c in cards], provenance={"model_file": path},
-                     device=f"torch:{bench.torch_device}", params=origin["params"], macs=origin["macs"],
-                     start_ms=origin["load_ms"], memory=memory.result,
-                     accuracy=test_accuracy(predict, split, card.preprocess, f"{path} (pytorch)"), latency=latency)
+        return Entry(
+            f"{card.name.removesuffix('-' + card.precision)} (pytorch)",
+            "pytorch",
+            "fp32",
+            path,
+            source.dataset,
+            of=[c.name for c in cards],
+            provenance={"model_file": path},
+            device=f"torch:{bench.torch_device}",
+            params=origin["params"],
+            macs=origin["macs"],
+            start_ms=origin["load_ms"],
+            memory=memory.result,
+            accuracy=test_accuracy(predict, split, card.preprocess, f"{path} (pytorch)"),
+            latency=latency,
+        )
 
     def ensemble_entry(self, run_dir: Path, of: list[str]) -> Entry | None:
         """All students of the run, combined by the method; None (with a note) when the run cannot be rebuilt."""
@@ -91,8 +102,13 @@ def load_origin(path: Path) -> dict:
     example = torch.zeros(1, info.in_channels, *info.input_size)
     recorded = info.provenance.get("data")
     data = DataSource.from_record(recorded, path) if recorded else DataSource(info.dataset)
-    return {"model": model, "params": sum(p.numel() for p in model.parameters()), "macs": count_macs(model, example),
-            "load_ms": load_ms, "data": data}
+    return {
+        "model": model,
+        "params": sum(p.numel() for p in model.parameters()),
+        "macs": count_macs(model, example),
+        "load_ms": load_ms,
+        "data": data,
+    }
 
 
 def eager_predict(model, device: str) -> Callable[[np.ndarray], np.ndarray]:
@@ -125,9 +141,18 @@ def ensemble_entry(bench: Bench, run_dir: Path, of: list[str]) -> Entry:
     with torch_threads(bench.config.threads), PeakMemory() as memory:
         latency = bench.latency(predict, test, preprocess, macs)
     students = run.students.count
-    return Entry(f"ensemble ({students} x {cfg.arch}, {cfg.method})", "ensemble", "fp32", str(run_dir),
-                 cfg.dataset, of=of, provenance={"run_dir": str(run_dir), "method": cfg.method,
-                                                 "students": students, "arch": cfg.arch},
-                 device=f"torch:{bench.torch_device}", params=sum(p.numel() for p in run.students.parameters()),
-                 macs=macs, memory=memory.result,
-                 accuracy=test_accuracy(predict, test, preprocess, f"the ensemble of {run_dir}"), latency=latency)
+    return Entry(
+        f"ensemble ({students} x {cfg.arch}, {cfg.method})",
+        "ensemble",
+        "fp32",
+        str(run_dir),
+        cfg.dataset,
+        of=of,
+        provenance={"run_dir": str(run_dir), "method": cfg.method, "students": students, "arch": cfg.arch},
+        device=f"torch:{bench.torch_device}",
+        params=sum(p.numel() for p in run.students.parameters()),
+        macs=macs,
+        memory=memory.result,
+        accuracy=test_accuracy(predict, test, preprocess, f"the ensemble of {run_dir}"),
+        latency=latency,
+    )

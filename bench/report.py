@@ -14,8 +14,7 @@ from okdpipe.bench.gate import failed, fmt
 from okdpipe.contracts.report import BenchReport, Entry, GateResult
 from okdpipe.files import atomic_write, atomic_write_json, atomic_write_text
 
-SUMMARY_HEADERS = ("model", "kind", "precision", "top-1", "top-5", "params", "MACs/image", "start ms",
-                   "peak RSS MB")
+SUMMARY_HEADERS = ("model", "kind", "precision", "top-1", "top-5", "params", "MACs/image", "start ms", "peak RSS MB")
 LATENCY_HEADERS = ("model", "batch", "p50 ms", "p90 ms", "p99 ms", "mean ms", "images/s", "GFLOP/s", "% of peak")
 GATE_HEADERS = ("gate", "entry", "value", "threshold", "result", "detail")
 KIND_MARKERS = {"onnx": "o", "pytorch": "s", "ensemble": "*"}
@@ -46,8 +45,19 @@ def summary_rows(report: BenchReport) -> list[list[str]]:
     rows = []
     for e in report.entries():
         top1, top5 = (e.accuracy.top1, e.accuracy.top5) if e.accuracy else (None, None)
-        rows.append([e.name, e.kind, str(e.precision), _percent(top1), _percent(top5), fmt(e.params), fmt(e.macs),
-                     fmt(e.start_ms), fmt(e.memory.peak_rss_delta_mb)])
+        rows.append(
+            [
+                e.name,
+                e.kind,
+                str(e.precision),
+                _percent(top1),
+                _percent(top5),
+                fmt(e.params),
+                fmt(e.macs),
+                fmt(e.start_ms),
+                fmt(e.memory.peak_rss_delta_mb),
+            ]
+        )
     return rows
 
 
@@ -59,15 +69,27 @@ def latency_rows(report: BenchReport) -> list[list[str]]:
     rows = []
     for e in report.entries():
         for batch, point in e.latency.items():
-            rows.append([e.name, str(batch), fmt(point.p50_ms), fmt(point.p90_ms), fmt(point.p99_ms),
-                         fmt(point.mean_ms), fmt(point.images_per_s), fmt(point.gflops_per_s),
-                         _percent(point.peak_fraction)])
+            rows.append(
+                [
+                    e.name,
+                    str(batch),
+                    fmt(point.p50_ms),
+                    fmt(point.p90_ms),
+                    fmt(point.p99_ms),
+                    fmt(point.mean_ms),
+                    fmt(point.images_per_s),
+                    fmt(point.gflops_per_s),
+                    _percent(point.peak_fraction),
+                ]
+            )
     return rows
 
 
 def gate_rows(results: list[GateResult]) -> list[list[str]]:
-    return [[r.name or r.expression, r.artifact, fmt(r.value), fmt(r.threshold), "pass" if r.passed else "FAIL",
-             r.detail] for r in results]
+    return [
+        [r.name or r.expression, r.artifact, fmt(r.value), fmt(r.threshold), "pass" if r.passed else "FAIL", r.detail]
+        for r in results
+    ]
 
 
 def savings_lines(report: BenchReport) -> list[str]:
@@ -90,8 +112,7 @@ def _saving(artifact: Entry, ensemble: Entry) -> str:
         parts.append(f"{speedup:.2f}x lower p50 latency at batch {batch}")
     if artifact.accuracy and ensemble.accuracy:
         drop = 100 * (ensemble.accuracy.top1 - artifact.accuracy.top1)
-        parts.append(f"top-1 {drop:.2f} points below the ensemble" if drop >= 0
-                     else f"top-1 {-drop:.2f} points above")
+        parts.append(f"top-1 {drop:.2f} points below the ensemble" if drop >= 0 else f"top-1 {-drop:.2f} points above")
     return ", ".join(parts)
 
 
@@ -99,24 +120,35 @@ def machine_line(report: BenchReport) -> str:
     machine, runtime = report.machine, report.runtime
     features = ", ".join(flag for flag, present in machine["cpu_features"].items() if present) or "none detected"
     peak = machine["peak_gflops"]
-    return (f"{machine['cpu_model']} ({machine['logical_cpus']} logical CPUs; {features}); provider "
-            f"{machine['provider']}, threads {machine['threads'] or 'runtime default'}; onnxruntime "
-            f"{runtime.get('onnxruntime')}, torch {runtime.get('torch')}; measured peak {fmt(peak['gflops'])} "
-            f"GFLOP/s ({peak['method']})")
+    return (
+        f"{machine['cpu_model']} ({machine['logical_cpus']} logical CPUs; {features}); provider "
+        f"{machine['provider']}, threads {machine['threads'] or 'runtime default'}; onnxruntime "
+        f"{runtime.get('onnxruntime')}, torch {runtime.get('torch')}; measured peak {fmt(peak['gflops'])} "
+        f"GFLOP/s ({peak['method']})"
+    )
 
 
 # ---------------------------------------------------------------- Markdown
 
 
 def markdown(report: BenchReport, gate_results: list[GateResult]) -> str:
-    lines = ["## okdpipe bench", "", machine_line(report), "", _md_table(SUMMARY_HEADERS, summary_rows(report)), "",
-             _md_table(LATENCY_HEADERS, latency_rows(report))]
+    lines = [
+        "## okdpipe bench",
+        "",
+        machine_line(report),
+        "",
+        _md_table(SUMMARY_HEADERS, summary_rows(report)),
+        "",
+        _md_table(LATENCY_HEADERS, latency_rows(report)),
+    ]
     savings = savings_lines(report)
     if savings:
         lines += ["", "### What the student saves", "", *(f"- {line}" for line in savings)]
     if gate_results:
         bad = failed(gate_results)
-        verdict = f"**{len(bad)} of {len(gate_results)} gates failed**" if bad else f"all {len(gate_results)} gates pass"
+        verdict = (
+            f"**{len(bad)} of {len(gate_results)} gates failed**" if bad else f"all {len(gate_results)} gates pass"
+        )
         lines += ["", f"### Gates: {verdict}", "", _md_table(GATE_HEADERS, gate_rows(gate_results))]
     if report.notes:
         lines += ["", "### Notes", "", *(f"- {note}" for note in report.notes)]
@@ -164,8 +196,15 @@ def _plot_entry(axes: Any, e: Entry) -> None:
     latency = [e.latency[b].p50_ms for b in batches]
     size = 160 if e.kind == "ensemble" else 50
     [line] = axes.plot(latency, [top1] * len(batches), linestyle="-", alpha=0.4)
-    axes.scatter(latency, [top1] * len(batches), marker=KIND_MARKERS.get(e.kind, "o"), s=size,
-                 color=line.get_color(), label=f"{e.name} [{e.kind}]", zorder=3)
+    axes.scatter(
+        latency,
+        [top1] * len(batches),
+        marker=KIND_MARKERS.get(e.kind, "o"),
+        s=size,
+        color=line.get_color(),
+        label=f"{e.name} [{e.kind}]",
+        zorder=3,
+    )
     for batch, x in zip(batches, latency):
         axes.annotate(str(batch), (x, top1), textcoords="offset points", xytext=(3, 5), fontsize=7)
 
@@ -177,11 +216,24 @@ def junit_xml(results: list[GateResult]) -> str:
     """JUnit XML (the Jenkins/GitLab/GitHub-reporter dialect): one testsuite, one testcase per gate result."""
     bad = len(failed(results))
     suites = ET.Element("testsuites", name="okdpipe bench", tests=str(len(results)), failures=str(bad), errors="0")
-    suite = ET.SubElement(suites, "testsuite", name="okdpipe.gates", tests=str(len(results)), failures=str(bad),
-                          errors="0", skipped="0", time="0")
+    suite = ET.SubElement(
+        suites,
+        "testsuite",
+        name="okdpipe.gates",
+        tests=str(len(results)),
+        failures=str(bad),
+        errors="0",
+        skipped="0",
+        time="0",
+    )
     for result in results:
-        case = ET.SubElement(suite, "testcase", classname=f"okdpipe.gates.{result.artifact or 'report'}",
-                             name=result.name or result.expression, time="0")
+        case = ET.SubElement(
+            suite,
+            "testcase",
+            classname=f"okdpipe.gates.{result.artifact or 'report'}",
+            name=result.name or result.expression,
+            time="0",
+        )
         if not result.passed:
             failure = ET.SubElement(case, "failure", message=result.detail, type="GateFailed")
             failure.text = f"{result.expression} on {result.artifact}: {result.detail}"

@@ -12,14 +12,20 @@ figure is taken and `references` for the PyTorch and ensemble rows; the report s
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from okdpipe.bench.config import BenchConfig
-from okdpipe.bench.measure import (PeakMemory, latency_point, machine_info, measure_peak_gflops,
-                                   runtime_versions, time_calls)
+from okdpipe.bench.measure import (
+    PeakMemory,
+    latency_point,
+    machine_info,
+    measure_peak_gflops,
+    runtime_versions,
+    time_calls,
+)
 from okdpipe.contracts.card import ModelCard, Preprocess, read_card
 from okdpipe.contracts.data import DataSource
 from okdpipe.contracts.report import Accuracy, BenchReport, Entry, LatencyPoint
@@ -40,9 +46,15 @@ def run_bench(artifact_dirs: list[Path], config: BenchConfig) -> BenchReport:
     bench = Bench(config)
     artifacts = [bench.artifact_entry(card) for card in cards]
     references = References(bench).entries(cards)
-    return BenchReport(created=now_iso(), options=config.model_dump(mode="json"),
-                       machine=machine_info(config.provider, config.threads, bench.peak),
-                       runtime=runtime_versions(), artifacts=artifacts, references=references, notes=bench.notes)
+    return BenchReport(
+        created=now_iso(),
+        options=config.model_dump(mode="json"),
+        machine=machine_info(config.provider, config.threads, bench.peak),
+        runtime=runtime_versions(),
+        artifacts=artifacts,
+        references=references,
+        notes=bench.notes,
+    )
 
 
 class Bench:
@@ -67,19 +79,32 @@ class Bench:
         macs = origin["macs"] if origin else None
         with PeakMemory() as memory:
             began = time.perf_counter()
-            session, options = create_session(card.model_path, provider=self.config.provider,
-                                              threads=self.config.threads)
+            session, options = create_session(
+                card.model_path, provider=self.config.provider, threads=self.config.threads
+            )
             start_ms = (time.perf_counter() - began) * 1000.0
             predict = session_predict(session, card)
             latency = self.latency(predict, split, card.preprocess, macs)
-        return Entry(card.name, "onnx", card.precision, str(card.directory), source.dataset,
-                     provenance=card.provenance, device=session.get_providers()[0], session=options,
-                     params=origin["params"] if origin else None, macs=macs, start_ms=start_ms,
-                     memory=memory.result, accuracy=test_accuracy(predict, split, card.preprocess, card.name),
-                     latency=latency)
+        return Entry(
+            card.name,
+            "onnx",
+            card.precision,
+            str(card.directory),
+            source.dataset,
+            provenance=card.provenance,
+            device=session.get_providers()[0],
+            session=options,
+            params=origin["params"] if origin else None,
+            macs=macs,
+            start_ms=start_ms,
+            memory=memory.result,
+            accuracy=test_accuracy(predict, split, card.preprocess, card.name),
+            latency=latency,
+        )
 
-    def latency(self, predict: Callable[[np.ndarray], object], split, preprocess: Preprocess,
-                macs: int | None) -> dict[int, LatencyPoint]:
+    def latency(
+        self, predict: Callable[[np.ndarray], object], split, preprocess: Preprocess, macs: int | None
+    ) -> dict[int, LatencyPoint]:
         points = {}
         for batch_size in self.config.batch_sizes:
             inputs = timing_inputs(split, preprocess, batch_size)
@@ -137,8 +162,10 @@ def capped_test_split(source: DataSource, max_samples: int | None):
 
     test = source.load().test
     if len(test) == 0:
-        raise OkdpipeError(f"dataset {source.dataset!r} has an empty test split; bench measures accuracy on "
-                           "test (image folders need a test/ folder)")
+        raise OkdpipeError(
+            f"dataset {source.dataset!r} has an empty test split; bench measures accuracy on "
+            "test (image folders need a test/ folder)"
+        )
     return test.subset(torch.arange(max_samples)) if max_samples and max_samples < len(test) else test
 
 
@@ -158,12 +185,15 @@ def check_input_shape(card: ModelCard, split, dataset: str) -> None:
     expected = (card.channels, card.height, card.width)
     actual = tuple(int(s) for s in next(split.iter_batches(1))[0].shape[1:])
     if actual != expected:
-        raise OkdpipeError(f"{card.name}: dataset {dataset!r} gives {actual} images but the model takes "
-                           f"{expected}; pass the dataset it was trained on with --dataset/--data-dir")
+        raise OkdpipeError(
+            f"{card.name}: dataset {dataset!r} gives {actual} images but the model takes "
+            f"{expected}; pass the dataset it was trained on with --dataset/--data-dir"
+        )
 
 
-def bench(artifacts: list[Path], config: BenchConfig, *, policy: Path | None = None,
-          baseline: Path | None = None) -> BenchReport:
+def bench(
+    artifacts: list[Path], config: BenchConfig, *, policy: Path | None = None, baseline: Path | None = None
+) -> BenchReport:
     """Measure, then evaluate the config's gates (and a policy file's) into `report.gates`. Everything wrong
     with the gates (syntax, metric, batch size, baseline) is raised before minutes of timing."""
     from dataclasses import replace

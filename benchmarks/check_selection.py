@@ -21,8 +21,9 @@ from compare_methods import chosen_val_top1, model_file_accuracy
 
 def fresh_val_accuracy(model_file: Path) -> float:
     """model_file_accuracy(model_file, "val") in a new interpreter, so nothing from this process leaks in."""
-    result = subprocess.run([sys.executable, __file__, "--val-of", str(model_file)], capture_output=True, text=True,
-                            check=True)
+    result = subprocess.run(
+        [sys.executable, __file__, "--val-of", str(model_file)], capture_output=True, text=True, check=True
+    )
     return float(result.stdout)
 
 
@@ -36,8 +37,11 @@ def check(runs: list[Path]) -> bool:
             shutil.copy(selection["model_file"], copy)
             measured = fresh_val_accuracy(copy)
             agree &= measured == recorded
-            print(f"{run.name}: {selection['chosen']} recorded {recorded:.4f}, model file {measured:.4f}"
-                  f"{'' if measured == recorded else '  DIFFERENT'}", flush=True)
+            print(
+                f"{run.name}: {selection['chosen']} recorded {recorded:.4f}, model file {measured:.4f}"
+                f"{'' if measured == recorded else '  DIFFERENT'}",
+                flush=True,
+            )
     print(f"{len(runs)} runs, {'all equal' if agree else 'some differ'}")
     return agree
 

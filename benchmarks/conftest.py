@@ -41,10 +41,17 @@ def export_untrained(arch: str, spec, work: Path) -> dict[str, Path]:
     from okdpipe.modelfile import ModelInfo, save_model_file
 
     torch.manual_seed(0)
-    info = ModelInfo(arch=arch, num_classes=spec.num_classes, in_channels=spec.in_channels,
-                     input_size=spec.input_size, mean=spec.mean, std=spec.std, labels=spec.labels, dataset="synthetic",
-                     provenance={"data": {"dataset": "synthetic", "val_split": VAL_SPLIT, "seed": 0,
-                                          "options": FMNIST_SHAPED}})
+    info = ModelInfo(
+        arch=arch,
+        num_classes=spec.num_classes,
+        in_channels=spec.in_channels,
+        input_size=spec.input_size,
+        mean=spec.mean,
+        std=spec.std,
+        labels=spec.labels,
+        dataset="synthetic",
+        provenance={"data": {"dataset": "synthetic", "val_split": VAL_SPLIT, "seed": 0, "options": FMNIST_SHAPED}},
+    )
     model_path = work / f"{arch}.pt"
     save_model_file(create_model(arch, spec.num_classes, spec.in_channels), info, model_path)
     # Untrained weights make accuracy noise; the drop limit is off because only speed is measured here.
@@ -73,8 +80,16 @@ def train_session(tmp_path_factory):
     from okdpipe.run import RunDir
 
     def build(method: str, batch_size: int):
-        cfg = DistillConfig(method=method, arch="resnet8", dataset="synthetic", data_options=FMNIST_SHAPED,
-                            val_split=VAL_SPLIT, batch_size=batch_size, epochs=1, device="cpu")
+        cfg = DistillConfig(
+            method=method,
+            arch="resnet8",
+            dataset="synthetic",
+            data_options=FMNIST_SHAPED,
+            val_split=VAL_SPLIT,
+            batch_size=batch_size,
+            epochs=1,
+            device="cpu",
+        )
         return build_session(cfg, RunDir(tmp_path_factory.mktemp(method)))
 
     return build

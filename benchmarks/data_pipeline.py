@@ -53,15 +53,34 @@ def main() -> None:
     device = torch.device(args.device)
     rates = {}
     for backend in ("tensor", "albumentations"):
-        loader = make_loader(split, bundle.spec, batch_size=args.batch_size, train=True, device=device,
-                             views=args.views, augment=config, backend=backend, num_workers=args.workers)
+        loader = make_loader(
+            split,
+            bundle.spec,
+            batch_size=args.batch_size,
+            train=True,
+            device=device,
+            views=args.views,
+            augment=config,
+            backend=backend,
+            num_workers=args.workers,
+        )
         rates[backend] = images_per_second(loader, args.iters, device)
-    print(json.dumps({
-        "dataset": args.dataset, "device": str(device), "batch_size": args.batch_size, "views": args.views,
-        "augment": dataclasses.asdict(config), "workers": args.workers,
-        "tensor_images_per_s": round(rates["tensor"]), "albumentations_images_per_s": round(rates["albumentations"]),
-        "speedup": round(rates["tensor"] / rates["albumentations"], 2), "torch_threads": torch.get_num_threads(),
-    }))
+    print(
+        json.dumps(
+            {
+                "dataset": args.dataset,
+                "device": str(device),
+                "batch_size": args.batch_size,
+                "views": args.views,
+                "augment": dataclasses.asdict(config),
+                "workers": args.workers,
+                "tensor_images_per_s": round(rates["tensor"]),
+                "albumentations_images_per_s": round(rates["albumentations"]),
+                "speedup": round(rates["tensor"] / rates["albumentations"], 2),
+                "torch_threads": torch.get_num_threads(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

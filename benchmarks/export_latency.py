@@ -14,8 +14,8 @@ import json
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -55,12 +55,18 @@ def bench_model(name: str, shape, batches, threads: int, warmup: int, runs: int)
     rows = []
     with tempfile.TemporaryDirectory() as work:
         fp32, int8 = build_onnx(model, shape, Path(work))
-        sessions = {"ort_fp32": create_session(fp32, threads=threads)[0],
-                    "ort_int8": create_session(int8, threads=threads)[0]}
+        sessions = {
+            "ort_fp32": create_session(fp32, threads=threads)[0],
+            "ort_int8": create_session(int8, threads=threads)[0],
+        }
         for batch in batches:
             inputs = np.random.default_rng(1).standard_normal((batch, *shape)).astype(np.float32)
-            row = {"model": name, "batch": batch, "threads": threads,
-                   "torch_ms": median_ms(lambda: onnx_export.torch_logits(model, inputs), warmup, runs)}
+            row = {
+                "model": name,
+                "batch": batch,
+                "threads": threads,
+                "torch_ms": median_ms(lambda: onnx_export.torch_logits(model, inputs), warmup, runs),
+            }
             for key, session in sessions.items():
                 row[f"{key}_ms"] = median_ms(lambda s=session: onnx_export.run_session(s, inputs), warmup, runs)
             row["speedup_fp32"] = row["torch_ms"] / row["ort_fp32_ms"]
@@ -71,12 +77,16 @@ def bench_model(name: str, shape, batches, threads: int, warmup: int, runs: int)
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model | batch | PyTorch ms | ORT fp32 ms | ORT int8 ms | fp32 speed-up | int8 speed-up | int8 vs fp32 |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| model | batch | PyTorch ms | ORT fp32 ms | ORT int8 ms | fp32 speed-up | int8 speed-up | int8 vs fp32 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['batch']} | {r['torch_ms']:.2f} | {r['ort_fp32_ms']:.2f} | "
-                     f"{r['ort_int8_ms']:.2f} | {r['speedup_fp32']:.2f}x | {r['speedup_int8']:.2f}x | "
-                     f"{r['int8_vs_fp32']:.2f}x |")
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {r['torch_ms']:.2f} | {r['ort_fp32_ms']:.2f} | "
+            f"{r['ort_int8_ms']:.2f} | {r['speedup_fp32']:.2f}x | {r['speedup_int8']:.2f}x | "
+            f"{r['int8_vs_fp32']:.2f}x |"
+        )
     return "\n".join(lines)
 
 

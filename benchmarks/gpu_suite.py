@@ -46,8 +46,12 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: its sibling benchmark modules
 
-FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
-                 "t10k-labels-idx1-ubyte.gz")
+FASHION_FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
 # (method, students), most important first: the issue's goal is stated for 4 x ResNet-32 + the OKDPH hybrid.
 CONFIGS = (("okdph", 4), ("dml", 4), ("dml", 3), ("dml", 2), ("vanilla", 1))
 COMPARE_METHODS = ("vanilla", "dml", "pcl", "okdph")
@@ -77,8 +81,17 @@ GPU = Size("resnet32", 128, "32x32x3", 100, 5, 15, 30, 3, "inductor", "resnet20"
 SMOKE = Size("resnet8", 8, "8x8x3", 10, 1, 1, 1, 1, "eager", "resnet8", 1, (0,), 16, 2)
 
 # Step name -> share of --budget-s; compare also gets whatever earlier steps left unused.
-SHARES = {"peak": 0.03, "reference": 0.07, "loop-eager": 0.05, "fused-eager": 0.05, "loop-compile": 0.09,
-          "fused-compile": 0.09, "loop-cudagraphs": 0.09, "fused-cudagraphs": 0.09, "compare": 0.44}
+SHARES = {
+    "peak": 0.03,
+    "reference": 0.07,
+    "loop-eager": 0.05,
+    "fused-eager": 0.05,
+    "loop-compile": 0.09,
+    "fused-compile": 0.09,
+    "loop-cudagraphs": 0.09,
+    "fused-cudagraphs": 0.09,
+    "compare": 0.44,
+}
 MIN_BOX_S = 30.0  # a child's imports alone take seconds (more on a busy CI machine)
 
 
@@ -87,11 +100,16 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True, help="output folder (results.json, summary.md, rows/)")
     parser.add_argument("--smoke", action="store_true", help="toy sizes on CPU: checks the code, not the speed")
     parser.add_argument("--budget-s", type=float, default=540.0, help="wall-clock budget of all steps together")
-    parser.add_argument("--data-dir", type=Path, default=Path("/usr/share/datasets/fashion-mnist"),
-                        help="Fashion-MNIST IDX .gz files (smoke uses synthetic images of that shape)")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path("/usr/share/datasets/fashion-mnist"),
+        help="Fashion-MNIST IDX .gz files (smoke uses synthetic images of that shape)",
+    )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--only", help="comma-separated steps to run (default: all); finished rows of the others "
-                                       "stay in the summary")
+    parser.add_argument(
+        "--only", help="comma-separated steps to run (default: all); finished rows of the others stay in the summary"
+    )
     parser.add_argument("--compare-epochs", type=int, help="override the comparison's epochs per run")
     parser.add_argument("--summary-only", action="store_true", help="only rewrite results.json and summary.md")
     parser.add_argument("--step", help=argparse.SUPPRESS)  # internal: run one step in this (child) process
@@ -130,19 +148,24 @@ def preflight(args: argparse.Namespace) -> None:
         for module in ("okdpipe.cli", "okdpipe.distill.trainer"):  # the steps import okdpipe and run its CLI
             importlib.import_module(module)
     except ImportError as error:
-        fail(f"okdpipe is not importable ({error}); from the repository root run "
-             "pip install --no-deps --no-build-isolation -e .")
+        fail(
+            f"okdpipe is not importable ({error}); from the repository root run "
+            "pip install --no-deps --no-build-isolation -e ."
+        )
     if device_of(args) == "cuda" and not torch.cuda.is_available():
         fail("no CUDA device is visible; run on the GPU machine, or pass --smoke (or --device cpu) for a CPU check")
     if not args.smoke and not has_fashion_mnist(args.data_dir):
-        fail(f"--data-dir {args.data_dir}: the Fashion-MNIST IDX files ({', '.join(FASHION_FILES)}) are not all "
-             "there; carry them along and pass their folder")
+        fail(
+            f"--data-dir {args.data_dir}: the Fashion-MNIST IDX files ({', '.join(FASHION_FILES)}) are not all "
+            "there; carry them along and pass their folder"
+        )
     unknown = set((args.only or "").split(",")) - set(SHARES) - {""}
     if unknown:
         fail(f"--only: unknown steps {', '.join(sorted(unknown))}; the steps are {', '.join(SHARES)}")
 
 
 # ---------------------------------------------------------------------------------------------- rows on disk
+
 
 def rows_path(out: Path, step: str) -> Path:
     return out / "rows" / f"{step}.jsonl"
@@ -182,12 +205,24 @@ def read_rows(out: Path, step: str) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------- throughput
 
+
 def throughput_args(size: Size, device: str, compile_: bool = False):
     """The namespace train_throughput.py's functions read."""
-    return argparse.Namespace(arch=size.arch, batch_size=size.batch_size, input=size.input, classes=size.classes,
-                              warmup=size.warmup, steps=size.steps, repeats=size.repeats, device=device,
-                              precision="auto", channels_last=device == "cuda", compile=compile_, clock="wall",
-                              deterministic=False)
+    return argparse.Namespace(
+        arch=size.arch,
+        batch_size=size.batch_size,
+        input=size.input,
+        classes=size.classes,
+        warmup=size.warmup,
+        steps=size.steps,
+        repeats=size.repeats,
+        device=device,
+        precision="auto",
+        channels_last=device == "cuda",
+        compile=compile_,
+        clock="wall",
+        deterministic=False,
+    )
 
 
 def run_peak(args: argparse.Namespace, size: Size) -> None:
@@ -218,16 +253,20 @@ def reference_okdph_seconds(targs: argparse.Namespace, students: int) -> float:
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4) for m in models]
     pixels = torch.randint(0, 256, (targs.batch_size * timer.batches, channels, size, size), dtype=torch.uint8)
     labels = torch.randint(0, targs.classes, (len(pixels),))
-    batches = iter(torch.utils.data.DataLoader(torch.utils.data.TensorDataset(pixels, labels),
-                                               batch_size=targs.batch_size, shuffle=True, drop_last=True))
+    batches = iter(
+        torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(pixels, labels), batch_size=targs.batch_size, shuffle=True, drop_last=True
+        )
+    )
 
     def step() -> None:
         images, target = next(batches)
         x, target = ((images.float() / 255 - 0.5) / 0.25).to(device), target.to(device)
         with torch.no_grad():
             states = [m.state_dict() for m in models[:-1]]
-            models[-1].load_state_dict({k: sum(s[k] for s in states) / students if v.is_floating_point() else v
-                                        for k, v in states[0].items()})
+            models[-1].load_state_dict(
+                {k: sum(s[k] for s in states) / students if v.is_floating_point() else v for k, v in states[0].items()}
+            )
         logits = [model(x) for model in models]
         ensemble = (sum(logits) / len(logits)).detach()
         losses = [0.8 * F.cross_entropy(z, target) + 0.8 * kd(z, ensemble, 4.0) for z in logits[:-1]]
@@ -248,11 +287,21 @@ def throughput_row(size: Size, path: str, mode: str, method: str, students: int,
 
     side, channels = tt.parse_input(size.input)
     macs = tt.count_macs(create_model(size.arch, size.classes, channels), torch.zeros(1, channels, side, side))
-    return {"kind": "throughput", "path": path, "mode": mode, "method": method, "students": students,
-            "networks": students + (method == "okdph"), "arch": size.arch, "batch_size": size.batch_size,
-            "input": size.input, "precision": "fp32" if path == "reference" or not torch.cuda.is_available()
-            else "bf16", "step_ms": 1000 * seconds, "images_per_s": size.batch_size / seconds,
-            "macs_per_image": macs}
+    return {
+        "kind": "throughput",
+        "path": path,
+        "mode": mode,
+        "method": method,
+        "students": students,
+        "networks": students + (method == "okdph"),
+        "arch": size.arch,
+        "batch_size": size.batch_size,
+        "input": size.input,
+        "precision": "fp32" if path == "reference" or not torch.cuda.is_available() else "bf16",
+        "step_ms": 1000 * seconds,
+        "images_per_s": size.batch_size / seconds,
+        "macs_per_image": macs,
+    }
 
 
 def run_reference(args: argparse.Namespace, size: Size) -> None:
@@ -306,25 +355,42 @@ def run_trainer_path(args: argparse.Namespace, size: Size, step: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- comparison
 
+
 def compare_data(args: argparse.Namespace) -> dict:
     """Full Fashion-MNIST; smoke uses synthetic images of its shape (its 6,000 validation and 10,000 test images,
     scored several times per run, would take minutes on a CPU)."""
     if not args.smoke:
         return {"dataset": "fashion-mnist", "data_dir": str(args.data_dir.resolve()), "val_split": 0.1}
-    return {"dataset": "synthetic", "val_split": 0.25,
-            "data_options": {"num_classes": 10, "size": 28, "channels": 1, "n_train": 64, "n_test": 32}}
+    return {
+        "dataset": "synthetic",
+        "val_split": 0.25,
+        "data_options": {"num_classes": 10, "size": 28, "channels": 1, "n_train": 64, "n_test": 32},
+    }
 
 
 def compare_protocol(args: argparse.Namespace, size: Size) -> dict:
     """compare_methods.py's protocol: the runs' folders and records live under --out, named by the epoch count
     (compare_methods skips a finished run, so another --compare-epochs must not find the old ones)."""
-    base = {"arch": size.compare_arch, **compare_data(args), "epochs": size.compare_epochs,
-            "batch_size": size.compare_batch, "lr": 0.1, "schedule": "cosine", "warmup_epochs": 0,
-            "weight_decay": 5.0e-4, "device": device_of(args)}
+    base = {
+        "arch": size.compare_arch,
+        **compare_data(args),
+        "epochs": size.compare_epochs,
+        "batch_size": size.compare_batch,
+        "lr": 0.1,
+        "schedule": "cosine",
+        "warmup_epochs": 0,
+        "weight_decay": 5.0e-4,
+        "device": device_of(args),
+    }
     tag = f"e{size.compare_epochs}"
-    return {"out": str(args.out / f"compare-runs-{tag}"), "records": str(args.out / f"compare-records-{tag}"),
-            "methods": list(COMPARE_METHODS), "seeds": list(size.compare_seeds), "base": base,
-            "method_overrides": {"pcl": {"optimizer": "nesterov"}}}
+    return {
+        "out": str(args.out / f"compare-runs-{tag}"),
+        "records": str(args.out / f"compare-records-{tag}"),
+        "methods": list(COMPARE_METHODS),
+        "seeds": list(size.compare_seeds),
+        "base": base,
+        "method_overrides": {"pcl": {"optimizer": "nesterov"}},
+    }
 
 
 def run_compare(args: argparse.Namespace, size: Size) -> None:
@@ -334,21 +400,30 @@ def run_compare(args: argparse.Namespace, size: Size) -> None:
     protocol = compare_protocol(args, size)
     out, records = Path(protocol["out"]), Path(protocol["records"])
     plan = cm.schedule(protocol, None, None)
-    append_row(args.out, "compare", {"kind": "plan", "runs": [f"{m}-s{s}" for m, s in plan],
-                                     "config": protocol["base"]})
+    append_row(
+        args.out, "compare", {"kind": "plan", "runs": [f"{m}-s{s}" for m, s in plan], "config": protocol["base"]}
+    )
 
     def measure(name: str, seed: int) -> dict:
         started = time.time()
         cm.train(protocol, out, name, seed)
         record = cm.select_and_measure(out, records, name, seed)
-        return {"kind": "run", "method": name, "seed": seed, "shipped": record["shipped"],
-                "shipped_test_top1": record["shipped_test_top1"], "shipped_val_top1": record["shipped_val_top1"],
-                "ensemble_test_top1": record["ensemble_test_top1"], "train_seconds": record["train_seconds"],
-                "wall_seconds": time.time() - started}
+        return {
+            "kind": "run",
+            "method": name,
+            "seed": seed,
+            "shipped": record["shipped"],
+            "shipped_test_top1": record["shipped_test_top1"],
+            "shipped_val_top1": record["shipped_val_top1"],
+            "ensemble_test_top1": record["ensemble_test_top1"],
+            "train_seconds": record["train_seconds"],
+            "wall_seconds": time.time() - started,
+        }
 
     with ThreadPoolExecutor(size.compare_parallel) as pool:
-        outcomes = pool.map(lambda run: attempt(args.out, "compare", f"{run[0]}-s{run[1]}", partial(measure, *run)),
-                            plan)
+        outcomes = pool.map(
+            lambda run: attempt(args.out, "compare", f"{run[0]}-s{run[1]}", partial(measure, *run)), plan
+        )
         end_step("compare", list(outcomes))
 
 
@@ -363,6 +438,7 @@ def run_step(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------------------------------- orchestration
 
+
 def skip_reason(step: str, device: str) -> Optional[str]:
     if step.endswith("cudagraphs") and device != "cuda":
         return "CUDA graphs need a CUDA device"
@@ -370,8 +446,18 @@ def skip_reason(step: str, device: str) -> Optional[str]:
 
 
 def child_command(args: argparse.Namespace, step: str) -> list[str]:
-    command = [sys.executable, str(Path(__file__).resolve()), "--out", str(args.out), "--data-dir",
-               str(args.data_dir), "--device", device_of(args), "--step", step]
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--out",
+        str(args.out),
+        "--data-dir",
+        str(args.data_dir),
+        "--device",
+        device_of(args),
+        "--step",
+        step,
+    ]
     if args.compare_epochs:
         command += ["--compare-epochs", str(args.compare_epochs)]
     return command + (["--smoke"] if args.smoke else [])
@@ -383,8 +469,9 @@ def run_child(args: argparse.Namespace, step: str, box_s: float) -> dict:
     log = (args.out / "logs" / f"{step}.log").open("w")
     # Smoke: one thread per process (CI machines are small and shared; oversubscribed threads crawl).
     env = {**os.environ, "OMP_NUM_THREADS": "1"} if args.smoke else None
-    child = subprocess.Popen(child_command(args, step), stdout=log, stderr=subprocess.STDOUT, env=env,
-                             start_new_session=True)  # its own group: a kill also ends the okdpipe runs it started
+    child = subprocess.Popen(
+        child_command(args, step), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )  # its own group: a kill also ends the okdpipe runs it started
     signal.signal(signal.SIGTERM, partial(end_with_child, child))  # an outer `timeout` must not orphan the group
     try:
         rc = child.wait(timeout=box_s)
@@ -454,34 +541,51 @@ def environment(args: argparse.Namespace) -> dict:
     except ImportError:
         ort = None
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "onnxruntime": ort, "cuda": torch.version.cuda, "gpu": gpu, "cpu_count": os.cpu_count(),
-            "machine": platform.machine(), "device": device_of(args), "smoke": args.smoke,
-            "budget_s": args.budget_s, "data_dir": str(args.data_dir),
-            "dataset": "synthetic (smoke)" if args.smoke else "fashion-mnist",
-            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "onnxruntime": ort,
+        "cuda": torch.version.cuda,
+        "gpu": gpu,
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "device": device_of(args),
+        "smoke": args.smoke,
+        "budget_s": args.budget_s,
+        "data_dir": str(args.data_dir),
+        "dataset": "synthetic (smoke)" if args.smoke else "fashion-mnist",
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+    }
 
 
 # ---------------------------------------------------------------------------------------------- results
 
+
 def with_mfu(rows: list[dict], peak: Optional[dict]) -> list[dict]:
     """MFU = 6 * MACs * networks * images/s / measured peak; None (with the reason in the summary) without one."""
     tflops = peak["tflops"] if peak else None
-    return [{**r, "mfu": 6 * r["macs_per_image"] * r["networks"] * r["images_per_s"] / (tflops * 1e12)
-             if tflops else None} for r in rows]
+    return [
+        {**r, "mfu": 6 * r["macs_per_image"] * r["networks"] * r["images_per_s"] / (tflops * 1e12) if tflops else None}
+        for r in rows
+    ]
 
 
 def collect(out: Path) -> dict:
     rows = [{"step": step, **row} for step in SHARES for row in read_rows(out, step)]
     kind = lambda name: [r for r in rows if r["kind"] == name]  # noqa: E731
     peak = kind("peak")[-1] if kind("peak") else None
-    return {"peak": peak, "throughput": with_mfu(kind("throughput"), peak),
-            "compare_plan": next(iter(kind("plan")), None), "compare": kind("run"), "errors": kind("error")}
+    return {
+        "peak": peak,
+        "throughput": with_mfu(kind("throughput"), peak),
+        "compare_plan": next(iter(kind("plan")), None),
+        "compare": kind("run"),
+        "errors": kind("error"),
+    }
 
 
 def write_results(args: argparse.Namespace, statuses: dict) -> None:
-    results = {"environment": environment(args),
-               "steps": statuses, **collect(args.out)}
+    results = {"environment": environment(args), "steps": statuses, **collect(args.out)}
     write_atomic(args.out / "results.json", json.dumps(results, indent=2) + "\n")
     write_atomic(args.out / "summary.md", markdown(results) + "\n")
 
@@ -494,38 +598,60 @@ def write_atomic(path: Path, text: str) -> None:
 
 def markdown(results: dict) -> str:
     env = results["environment"]
-    lines = [f"# GPU suite: {env['gpu'] or 'CPU'}{' (smoke: toy sizes, not figures)' if env['smoke'] else ''}", "",
-             f"`{env['command']}` - Python {env['python']}, torch {env['torch']}, torchvision {env['torchvision']}, "
-             f"CUDA {env['cuda']}, {env['cpu_count']} CPUs, data: {env['dataset']}", "",
-             "| step | status | seconds | note |", "|---|---|---:|---|"]
+    lines = [
+        f"# GPU suite: {env['gpu'] or 'CPU'}{' (smoke: toy sizes, not figures)' if env['smoke'] else ''}",
+        "",
+        f"`{env['command']}` - Python {env['python']}, torch {env['torch']}, torchvision {env['torchvision']}, "
+        f"CUDA {env['cuda']}, {env['cpu_count']} CPUs, data: {env['dataset']}",
+        "",
+        "| step | status | seconds | note |",
+        "|---|---|---:|---|",
+    ]
     for step, status in results["steps"].items():
         note = status.get("reason") or status.get("error") or (f"box {status['box_s']} s" if "box_s" in status else "")
         lines.append(f"| {step} | {status['status']} | {status.get('seconds', '')} | {note} |")
     errors = [f"- {r['step']}, {r['what']}: {r['error']}" for r in results["errors"]]
-    return "\n".join(lines + ["", throughput_table(results), "", compare_table(results),
-                              *(["", "Failed configurations:", *errors] if errors else [])])
+    return "\n".join(
+        lines
+        + [
+            "",
+            throughput_table(results),
+            "",
+            compare_table(results),
+            *(["", "Failed configurations:", *errors] if errors else []),
+        ]
+    )
 
 
 def throughput_table(results: dict) -> str:
     peak = results["peak"]
-    head = (f"Peak: {peak['tflops']:.3g} TFLOP/s ({peak['dtype']} matmul)" if peak else
-            "Peak: not measured (MFU left out)")
+    head = (
+        f"Peak: {peak['tflops']:.3g} TFLOP/s ({peak['dtype']} matmul)" if peak else "Peak: not measured (MFU left out)"
+    )
     reference = {(r["method"], r["students"]): r["step_ms"] for r in results["throughput"] if r["path"] == "reference"}
-    lines = [head, "", "| path | mode | method | N | precision | step ms | dataset img/s | MFU | vs reference |",
-             "|---|---|---|---:|---|---:|---:|---:|---:|"]
+    lines = [
+        head,
+        "",
+        "| path | mode | method | N | precision | step ms | dataset img/s | MFU | vs reference |",
+        "|---|---|---|---:|---|---:|---:|---:|---:|",
+    ]
     for r in results["throughput"]:
         base = reference.get((r["method"], r["students"]))
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
         speedup = f"{base / r['step_ms']:.2f}x" if base else "-"
-        lines.append(f"| {r['path']} | {r['mode']} | {r['method']} | {r['students']} | {r['precision']} | "
-                     f"{r['step_ms']:.2f} | {r['images_per_s']:,.0f} | {mfu} | {speedup} |")
+        lines.append(
+            f"| {r['path']} | {r['mode']} | {r['method']} | {r['students']} | {r['precision']} | "
+            f"{r['step_ms']:.2f} | {r['images_per_s']:,.0f} | {mfu} | {speedup} |"
+        )
     return "\n".join(lines)
 
 
 def compare_table(results: dict) -> str:
     runs, plan = results["compare"], results["compare_plan"]
-    lines = ["| method | seeds finished | shipped test top-1 % per seed | mean ± std | wall s per run |",
-             "|---|---:|---|---|---:|"]
+    lines = [
+        "| method | seeds finished | shipped test top-1 % per seed | mean ± std | wall s per run |",
+        "|---|---:|---|---|---:|",
+    ]
     for method in COMPARE_METHODS:
         mine = sorted((r for r in runs if r["method"] == method), key=lambda r: r["seed"])
         tops = [100 * r["shipped_test_top1"] for r in mine]
@@ -536,8 +662,11 @@ def compare_table(results: dict) -> str:
     if plan:
         done = {f"{r['method']}-s{r['seed']}" for r in runs}
         missing = [name for name in plan["runs"] if name not in done]
-        lines += ["", f"Comparison config: {json.dumps(plan['config'])}",
-                  f"Not finished: {', '.join(missing) if missing else 'none'}"]
+        lines += [
+            "",
+            f"Comparison config: {json.dumps(plan['config'])}",
+            f"Not finished: {', '.join(missing) if missing else 'none'}",
+        ]
     return "\n".join(lines)
 
 

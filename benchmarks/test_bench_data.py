@@ -21,8 +21,15 @@ def test_augmented_batch(benchmark, fmnist_shaped, backend):
     from okdpipe.datasets import AugmentConfig, make_loader
 
     augment = AugmentConfig(crop_padding=fmnist_shaped.spec.augment.crop_padding, hflip=True, cutout=CUTOUT)
-    loader = make_loader(fmnist_shaped.train, fmnist_shaped.spec, batch_size=BATCH_SIZE, train=True,
-                         device="cpu", augment=augment, backend=backend)
+    loader = make_loader(
+        fmnist_shaped.train,
+        fmnist_shaped.spec,
+        batch_size=BATCH_SIZE,
+        train=True,
+        device="cpu",
+        augment=augment,
+        backend=backend,
+    )
     batches = endless_batches(loader)
     benchmark.extra_info.update(images=BATCH_SIZE, backend=backend)
     batch = benchmark(next, batches)

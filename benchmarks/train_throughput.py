@@ -21,8 +21,8 @@ import argparse
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +31,7 @@ from okdpipe.config import DistillConfig
 from okdpipe.distill.fused import FusedStudents
 from okdpipe.distill.losses import kd
 from okdpipe.distill.methods import METHODS, StepContext
-from okdpipe.distill.models import create_model
-from okdpipe.distill.models import count_macs
+from okdpipe.distill.models import count_macs, create_model
 from okdpipe.distill.trainer import Session, build_optimizer, build_session, train_step
 from okdpipe.run import RunDir
 
@@ -48,19 +47,34 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per path (after --warmup steps)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="timed blocks of --steps per path; the fastest counts (shared machines are noisy)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="timed blocks of --steps per path; the fastest counts (shared machines are noisy)",
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--input", default="32x32x3", help="HxWxC of the (synthetic) images; H = W")
     parser.add_argument("--classes", type=int, default=100)
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                        help="loop/fused paths: auto = bf16 autocast on cuda, fp32 on cpu")
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="loop/fused paths: auto = bf16 autocast on cuda, fp32 on cpu",
+    )
     parser.add_argument("--channels-last", action="store_true", help="loop/fused paths")
     parser.add_argument("--compile", action="store_true", help="torch.compile the loop/fused students")
-    parser.add_argument("--deterministic", action="store_true",
-                        help="loop/fused paths: deterministic algorithms, no cudnn.benchmark, as fit() sets them")
-    parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
-                        help="process: CPU time of this process (use with --threads 1 on a shared CPU)")
+    parser.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="loop/fused paths: deterministic algorithms, no cudnn.benchmark, as fit() sets them",
+    )
+    parser.add_argument(
+        "--clock",
+        choices=tuple(CLOCKS),
+        default="wall",
+        help="process: CPU time of this process (use with --threads 1 on a shared CPU)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
     parser.add_argument("--method-steps", type=int, default=3, help="CPU only: timed steps per method; 0 = skip")
@@ -121,12 +135,26 @@ def path_timer(args: argparse.Namespace) -> Timer:
 def distill_config(args: argparse.Namespace, method: str, students: int, arch: str, steps: int) -> DistillConfig:
     """One epoch of synthetic data exactly long enough for `steps` batches."""
     size, channels = parse_input(args.input)
-    options = dict(num_classes=args.classes, size=size, channels=channels, n_train=args.batch_size * steps,
-                   n_test=args.batch_size)
-    return DistillConfig(method=method, arch=arch, students=students, dataset="synthetic", data_options=options,
-                         val_split=0.0, epochs=1, batch_size=args.batch_size, eval_batch_size=args.batch_size,
-                         schedule="constant", lr=0.05, device=args.device, precision=args.precision,
-                         channels_last=args.channels_last, compile=args.compile)
+    options = dict(
+        num_classes=args.classes, size=size, channels=channels, n_train=args.batch_size * steps, n_test=args.batch_size
+    )
+    return DistillConfig(
+        method=method,
+        arch=arch,
+        students=students,
+        dataset="synthetic",
+        data_options=options,
+        val_split=0.0,
+        epochs=1,
+        batch_size=args.batch_size,
+        eval_batch_size=args.batch_size,
+        schedule="constant",
+        lr=0.05,
+        device=args.device,
+        precision=args.precision,
+        channels_last=args.channels_last,
+        compile=args.compile,
+    )
 
 
 def use_fused(session: Session) -> None:
@@ -173,8 +201,9 @@ def reference_step_seconds(args: argparse.Namespace, students: int) -> float:
     count = args.batch_size * timer.batches
     images = torch.randint(0, 256, (count, channels, size, size), dtype=torch.uint8)
     labels = torch.randint(0, args.classes, (count,))
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels),
-                                         batch_size=args.batch_size, shuffle=True, drop_last=True)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(images, labels), batch_size=args.batch_size, shuffle=True, drop_last=True
+    )
     models = [create_model(args.arch, args.classes, channels).to(device).train() for _ in range(students)]
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4) for m in models]
     batches = iter(loader)
@@ -224,23 +253,39 @@ def path_seconds(args: argparse.Namespace, path: str, students: int) -> float:
 def throughput_rows(args: argparse.Namespace) -> list[dict]:
     size, channels = parse_input(args.input)
     macs = count_macs(create_model(args.arch, args.classes, channels), torch.zeros(1, channels, size, size))
-    peaks = {dtype: matmul_peak_flops(args, dtype) for dtype in (torch.float32, torch.bfloat16)
-             if dtype == torch.float32 or args.device == "cuda"}
+    peaks = {
+        dtype: matmul_peak_flops(args, dtype)
+        for dtype in (torch.float32, torch.bfloat16)
+        if dtype == torch.float32 or args.device == "cuda"
+    }
     rows = []
     for students in args.students:
         for path in args.paths:
             seconds = path_seconds(args, path, students)
             images_per_s = args.batch_size / seconds
             peak = peaks[step_precision(args, path)]
-            rows.append({"kind": "throughput", "path": path, "students": students, "arch": args.arch,
-                         "device": args.device, "batch_size": args.batch_size, "input": args.input,
-                         "clock": args.clock, "threads": torch.get_num_threads(), "compile": args.compile,
-                         "channels_last": args.channels_last and path != "reference",
-                         "precision": str(step_precision(args, path)).removeprefix("torch."),
-                         "step_ms": round(1000 * seconds, 2), "images_per_s": round(images_per_s, 1),
-                         "student_images_per_s": round(students * images_per_s, 1),
-                         "mfu": round(6 * macs * students * images_per_s / peak, 4),
-                         "macs_per_image": macs, "peak_tflops": round(peak / 1e12, 3)})
+            rows.append(
+                {
+                    "kind": "throughput",
+                    "path": path,
+                    "students": students,
+                    "arch": args.arch,
+                    "device": args.device,
+                    "batch_size": args.batch_size,
+                    "input": args.input,
+                    "clock": args.clock,
+                    "threads": torch.get_num_threads(),
+                    "compile": args.compile,
+                    "channels_last": args.channels_last and path != "reference",
+                    "precision": str(step_precision(args, path)).removeprefix("torch."),
+                    "step_ms": round(1000 * seconds, 2),
+                    "images_per_s": round(images_per_s, 1),
+                    "student_images_per_s": round(students * images_per_s, 1),
+                    "mfu": round(6 * macs * students * images_per_s / peak, 4),
+                    "macs_per_image": macs,
+                    "peak_tflops": round(peak / 1e12, 3),
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -252,21 +297,32 @@ def method_rows(args: argparse.Namespace) -> list[dict]:
         timer = Timer(torch.device(args.device), 1, args.method_steps, args.repeats, CLOCKS[args.clock])
         cfg = distill_config(args, name, METHOD_STUDENTS, "resnet8", timer.batches)
         seconds = trainer_step_seconds(cfg, False, timer)
-        rows.append({"kind": "method", "method": name, "students": METHOD_STUDENTS, "arch": "resnet8",
-                     "step_ms": round(1000 * seconds, 2),
-                     "vs_vanilla": round(seconds / (rows[0]["step_ms"] / 1000), 2) if rows else 1.0})
+        rows.append(
+            {
+                "kind": "method",
+                "method": name,
+                "students": METHOD_STUDENTS,
+                "arch": "resnet8",
+                "step_ms": round(1000 * seconds, 2),
+                "vs_vanilla": round(seconds / (rows[0]["step_ms"] / 1000), 2) if rows else 1.0,
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
 def markdown(throughput: list[dict], methods: list[dict]) -> str:
     reference = {r["students"]: r["step_ms"] for r in throughput if r["path"] == "reference"}
-    lines = ["| path | N | precision | step ms | dataset img/s | student img/s | MFU | speed-up vs reference |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| path | N | precision | step ms | dataset img/s | student img/s | MFU | speed-up vs reference |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in throughput:
         speedup = f"{reference[r['students']] / r['step_ms']:.2f}x" if r["students"] in reference else "-"
-        lines.append(f"| {r['path']} | {r['students']} | {r['precision']} | {r['step_ms']:.1f} | "
-                     f"{r['images_per_s']:,.0f} | {r['student_images_per_s']:,.0f} | {r['mfu']:.2%} | {speedup} |")
+        lines.append(
+            f"| {r['path']} | {r['students']} | {r['precision']} | {r['step_ms']:.1f} | "
+            f"{r['images_per_s']:,.0f} | {r['student_images_per_s']:,.0f} | {r['mfu']:.2%} | {speedup} |"
+        )
     if methods:
         lines += ["", f"| method ({METHOD_STUDENTS} x resnet8) | step ms | vs vanilla |", "|---|---|---|"]
         lines += [f"| {r['method']} | {r['step_ms']:.1f} | {r['vs_vanilla']:.2f}x |" for r in methods]

@@ -31,8 +31,12 @@ def cutout_transforms(side: int, size: tuple[int, int]) -> list[A.BasicTransform
     return [
         A.Pad(padding=(before, before, after, after), fill=0, fill_mask=1),  # (left, top, right, bottom)
         A.CoarseDropout(
-            num_holes_range=(1, 1), hole_height_range=(side, side), hole_width_range=(side, side), fill=0,
-            fill_mask=0, p=1.0,
+            num_holes_range=(1, 1),
+            hole_height_range=(side, side),
+            hole_width_range=(side, side),
+            fill=0,
+            fill_mask=0,
+            p=1.0,
         ),
         A.Crop(x_min=before, y_min=before, x_max=before + width, y_max=before + height),
     ]
@@ -46,8 +50,11 @@ def albumentations_pipeline(config: AugmentConfig, size: tuple[int, int]) -> A.C
     if padding:
         steps += [
             A.PadIfNeeded(
-                min_height=height + 2 * padding, min_width=width + 2 * padding, border_mode=cv2.BORDER_CONSTANT,
-                fill=0, fill_mask=1,
+                min_height=height + 2 * padding,
+                min_width=width + 2 * padding,
+                border_mode=cv2.BORDER_CONSTANT,
+                fill=0,
+                fill_mask=1,
             ),
             A.RandomCrop(height=height, width=width),
         ]
@@ -71,8 +78,10 @@ class AugmentedViews(Dataset):
     def __getitem__(self, key: SampleKey) -> tuple[torch.Tensor, torch.Tensor | None, int]:
         epoch, index = key
         image = self.split.read(index)
-        drawn = [self.draw_view(image, derive_seed(self.seed, epoch, index, view, STREAM_SAMPLE))
-                 for view in range(self.views)]
+        drawn = [
+            self.draw_view(image, derive_seed(self.seed, epoch, index, view, STREAM_SAMPLE))
+            for view in range(self.views)
+        ]
         pixels = torch.stack([torch.from_numpy(p).permute(2, 0, 1) for p, _ in drawn])
         keep = torch.stack([torch.from_numpy(k) for _, k in drawn]) if self.config.cutout else None
         return pixels, keep, int(self.split.labels[index])

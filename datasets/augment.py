@@ -27,10 +27,10 @@ class AugmentDraws:
     flips: torch.Tensor
     centres: torch.Tensor
 
-    def to(self, device: torch.device) -> "AugmentDraws":
+    def to(self, device: torch.device) -> AugmentDraws:
         return AugmentDraws(self.offsets.to(device), self.flips.to(device), self.centres.to(device))
 
-    def window(self, start: int, stop: int) -> "AugmentDraws":
+    def window(self, start: int, stop: int) -> AugmentDraws:
         """Positions [start, stop) of every view, flattened view-major to [V * B, ...]."""
         return AugmentDraws(
             self.offsets[:, start:stop].reshape(-1, 2),

@@ -51,13 +51,18 @@ class CifarLayout:
 
 
 CIFAR10 = CifarLayout(
-    "cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta",
-    b"labels", b"label_names", 10,
+    "cifar-10-batches-py",
+    tuple(f"data_batch_{i}" for i in range(1, 6)),
+    "test_batch",
+    "batches.meta",
+    b"labels",
+    b"label_names",
+    10,
 )
 CIFAR100 = CifarLayout("cifar-100-python", ("train",), "test", "meta", b"fine_labels", b"fine_label_names", 100)
 
 
-def unpickle(path: Path, digest: "hashlib._Hash") -> dict:
+def unpickle(path: Path, digest: hashlib._Hash) -> dict:
     """A dict from an official pickle (Python 2 era, hence encoding="bytes"); any damage -> one line naming it."""
     try:
         raw = path.read_bytes()
@@ -78,7 +83,7 @@ def entry(content: dict, key: bytes, path: Path):  # noqa: ANN201 - whatever the
     return content[key]
 
 
-def read_batch(path: Path, layout: CifarLayout, digest: "hashlib._Hash") -> tuple[np.ndarray, np.ndarray]:
+def read_batch(path: Path, layout: CifarLayout, digest: hashlib._Hash) -> tuple[np.ndarray, np.ndarray]:
     """Images uint8 [N, 3, 32, 32] (the files store rows of 3072 = R plane, G plane, B plane) and labels."""
     content = unpickle(path, digest)
     data = np.asarray(entry(content, b"data", path))
@@ -91,14 +96,14 @@ def read_batch(path: Path, layout: CifarLayout, digest: "hashlib._Hash") -> tupl
     return data.reshape(-1, 3, 32, 32), labels
 
 
-def read_split(directory: Path, names: tuple[str, ...], layout: CifarLayout, digest: "hashlib._Hash") -> TensorSplit:
+def read_split(directory: Path, names: tuple[str, ...], layout: CifarLayout, digest: hashlib._Hash) -> TensorSplit:
     parts = [read_batch(directory / name, layout, digest) for name in names]
     images = np.concatenate([p[0] for p in parts])
     labels = np.concatenate([p[1] for p in parts])
     return TensorSplit(torch.from_numpy(images), torch.from_numpy(labels))
 
 
-def read_label_names(directory: Path, layout: CifarLayout, digest: "hashlib._Hash") -> tuple[str, ...]:
+def read_label_names(directory: Path, layout: CifarLayout, digest: hashlib._Hash) -> tuple[str, ...]:
     path = directory / layout.meta_file
     names = tuple(n.decode() for n in entry(unpickle(path, digest), layout.names_key, path))
     if len(names) != layout.num_classes:
@@ -128,7 +133,11 @@ def load_cifar(data_dir: Path | None, layout: CifarLayout, spec_fields: dict) ->
     train = read_split(directory, layout.train_files, layout, digest)
     test = read_split(directory, (layout.test_file,), layout, digest)
     spec = DatasetSpec(
-        num_classes=layout.num_classes, labels=names, in_channels=3, input_size=(32, 32), augment=CIFAR_AUGMENT,
+        num_classes=layout.num_classes,
+        labels=names,
+        in_channels=3,
+        input_size=(32, 32),
+        augment=CIFAR_AUGMENT,
         **spec_fields,
     )
     return RawDataset(spec, train, test, digest.hexdigest(), str(directory))

@@ -86,7 +86,7 @@ def locate(data_dir: Path | None) -> dict[str, Path]:
     )
 
 
-def load_pair(images_path: Path, labels_path: Path, digest: "hashlib._Hash") -> TensorSplit:
+def load_pair(images_path: Path, labels_path: Path, digest: hashlib._Hash) -> TensorSplit:
     """One split; the raw (decompressed) bytes join `digest` so the fingerprint covers exactly what was parsed."""
     images_raw, labels_raw = read_file_bytes(images_path), read_file_bytes(labels_path)
     digest.update(images_raw)

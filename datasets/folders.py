@@ -67,9 +67,7 @@ class ImageDecoder:
 
 def list_images(class_dir: Path) -> list[Path]:
     """Image files of one class folder (sorted; hidden and non-image files ignored); empty -> error naming it."""
-    files = sorted(
-        p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
-    )
+    files = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
     if not files:
         raise OkdpipeError(f"{class_dir}: class folder has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return files
@@ -107,7 +105,7 @@ def check_header(path: Path) -> None:
         raise OkdpipeError(f"{path}: cannot read image ({error}); replace or delete the file") from error
 
 
-def decode_into_memory(paths: list[Path], decoder: ImageDecoder, root: Path, digest: "hashlib._Hash") -> torch.Tensor:
+def decode_into_memory(paths: list[Path], decoder: ImageDecoder, root: Path, digest: hashlib._Hash) -> torch.Tensor:
     """Decode every file once (threads: PIL releases the GIL) into uint8 [N, C, H, W]; hash path + bytes."""
     raws = [p.read_bytes() for p in paths]
     for path, raw in zip(paths, raws):
@@ -144,12 +142,19 @@ def load_cinic10(data_dir: Path | None = None) -> RawDataset:
     decoder, digest = ImageDecoder((32, 32), 3, resize=False), hashlib.sha256()
     train_dir = require_subdir(data_dir, "train", layout)
     classes = class_names(train_dir)
-    splits = [memory_split(require_subdir(data_dir, n, layout), classes, decoder, data_dir, digest)
-              for n in ("train", "valid", "test")]
+    splits = [
+        memory_split(require_subdir(data_dir, n, layout), classes, decoder, data_dir, digest)
+        for n in ("train", "valid", "test")
+    ]
     spec = DatasetSpec(
-        name="cinic10", num_classes=len(classes), labels=classes, in_channels=3, input_size=(32, 32),
+        name="cinic10",
+        num_classes=len(classes),
+        labels=classes,
+        in_channels=3,
+        input_size=(32, 32),
         # Statistics published with CINIC-10 (train + valid).
-        mean=(0.47889522, 0.47227842, 0.43047404), std=(0.24205776, 0.23828046, 0.25874835),
+        mean=(0.47889522, 0.47227842, 0.43047404),
+        std=(0.24205776, 0.23828046, 0.25874835),
         augment=AugmentConfig(crop_padding=4, hflip=True),
     )
     return RawDataset(spec, splits[0], splits[2], digest.hexdigest(), str(data_dir), val=splits[1])
@@ -184,9 +189,13 @@ def folder_spec(classes: tuple[str, ...], channels: int, image_size: int) -> Dat
         raise OkdpipeError(f"image_size must be a positive number of pixels, got {image_size}")
     rgb = channels == 3
     return DatasetSpec(
-        name="imagefolder", num_classes=len(classes), labels=classes, in_channels=channels,
+        name="imagefolder",
+        num_classes=len(classes),
+        labels=classes,
+        in_channels=channels,
         input_size=(image_size, image_size),
-        mean=IMAGENET_MEAN if rgb else IMAGENET_GRAY_MEAN, std=IMAGENET_STD if rgb else IMAGENET_GRAY_STD,
+        mean=IMAGENET_MEAN if rgb else IMAGENET_GRAY_MEAN,
+        std=IMAGENET_STD if rgb else IMAGENET_GRAY_STD,
         # CIFAR's recipe (pad 4 of 32) scaled to the image size.
         augment=AugmentConfig(crop_padding=max(1, image_size // 8), hflip=True),
     )

@@ -21,8 +21,13 @@ def check_options(name: str, loader, options: dict) -> None:  # noqa: ANN001 - a
 
 
 def load_dataset(
-    name: str, data_dir: str | Path | None = None, *, val_split: float = 0.1, seed: int = 0,
-    train_subset: int | None = None, **options,
+    name: str,
+    data_dir: str | Path | None = None,
+    *,
+    val_split: float = 0.1,
+    seed: int = 0,
+    train_subset: int | None = None,
+    **options,
 ) -> DataBundle:
     """Train/val/test of a registered dataset.
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -13,8 +13,8 @@ from okdpipe.datasets.albument import AugmentedViews, collate_views
 from okdpipe.datasets.augment import augment_batch, draw_augment, normalise
 from okdpipe.datasets.rng import STREAM_EPOCH, STREAM_WORKERS, cpu_generator
 from okdpipe.datasets.spec import NO_AUGMENT, AugmentConfig, DatasetSpec
-from okdpipe.datasets.views import ViewAugment, augment_policy, draw_policy
 from okdpipe.datasets.splits import Split, TensorSplit
+from okdpipe.datasets.views import ViewAugment, augment_policy, draw_policy
 from okdpipe.errors import OkdpipeError
 
 BACKENDS = ("tensor", "albumentations")
@@ -29,8 +29,15 @@ class Batch:
 class TensorBatches:
     """In-memory split moved to the device once; each batch gathered by index and augmented there in one go."""
 
-    def __init__(self, split: TensorSplit, device: torch.device, config: AugmentConfig, views: int, spec: DatasetSpec,
-                 policy: tuple[ViewAugment, ...] | None = None):
+    def __init__(
+        self,
+        split: TensorSplit,
+        device: torch.device,
+        config: AugmentConfig,
+        views: int,
+        spec: DatasetSpec,
+        policy: tuple[ViewAugment, ...] | None = None,
+    ):
         self.images, self.labels, self.policy = split.images.to(device), split.labels.to(device), policy
         self.device, self.config, self.views, self.size = device, config, views, spec.input_size
         self.mean, self.std = spec_stats(spec, device)
@@ -41,17 +48,29 @@ class TensorBatches:
         order = order.to(self.device)
         for start, stop in bounds:
             index, window = order[start:stop], draws.window(start, stop)
-            views = (augment_policy(self.images[index], window, extra.window(start, stop), self.config, self.policy,
-                                    self.mean, self.std) if self.policy
-                     else augment_batch(self.images[index], window, self.config, self.mean, self.std))
+            views = (
+                augment_policy(
+                    self.images[index], window, extra.window(start, stop), self.config, self.policy, self.mean, self.std
+                )
+                if self.policy
+                else augment_batch(self.images[index], window, self.config, self.mean, self.std)
+            )
             yield Batch(views, self.labels[index])
 
 
 class AlbumentationsBatches:
     """A torch DataLoader over AugmentedViews; normalisation (and cutout's zeroing) happens on the device."""
 
-    def __init__(self, split: Split, device: torch.device, config: AugmentConfig, views: int, spec: DatasetSpec,
-                 seed: int, num_workers: int):
+    def __init__(
+        self,
+        split: Split,
+        device: torch.device,
+        config: AugmentConfig,
+        views: int,
+        spec: DatasetSpec,
+        seed: int,
+        num_workers: int,
+    ):
         self.dataset = AugmentedViews(split, config, views, seed, spec.input_size)
         self.device, self.seed, self.num_workers = device, seed, num_workers
         self.mean, self.std = spec_stats(spec, device)
@@ -59,8 +78,12 @@ class AlbumentationsBatches:
     def batches(self, order: torch.Tensor, bounds: list[tuple[int, int]], epoch: int, generator) -> Iterator[Batch]:
         keys = [[(epoch, int(i)) for i in order[start:stop]] for start, stop in bounds]
         loader = DataLoader(
-            self.dataset, batch_sampler=keys, num_workers=self.num_workers, collate_fn=collate_views,
-            pin_memory=self.device.type == "cuda", worker_init_fn=seed_worker,
+            self.dataset,
+            batch_sampler=keys,
+            num_workers=self.num_workers,
+            collate_fn=collate_views,
+            pin_memory=self.device.type == "cuda",
+            worker_init_fn=seed_worker,
             # Workers' base seed (torch, numpy, random) follows (seed, epoch) too, for any randomness outside
             # albumentations; the augmentation itself is seeded per sample.
             generator=cpu_generator(self.seed, epoch, STREAM_WORKERS),
@@ -76,8 +99,10 @@ def seed_worker(worker_id: int) -> None:
 
 
 def spec_stats(spec: DatasetSpec, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    return (torch.tensor(spec.mean, dtype=torch.float32, device=device),
-            torch.tensor(spec.std, dtype=torch.float32, device=device))
+    return (
+        torch.tensor(spec.mean, dtype=torch.float32, device=device),
+        torch.tensor(spec.std, dtype=torch.float32, device=device),
+    )
 
 
 class Loader:
@@ -88,8 +113,16 @@ class Loader:
     position in that order) as one process, shared out, so N processes see exactly one process's global batch.
     """
 
-    def __init__(self, split: Split, batch_size: int, shuffle: bool, drop_last: bool, seed: int, source,
-                 shard: tuple[int, int] = (0, 1)):
+    def __init__(
+        self,
+        split: Split,
+        batch_size: int,
+        shuffle: bool,
+        drop_last: bool,
+        seed: int,
+        source,
+        shard: tuple[int, int] = (0, 1),
+    ):
         self.split, self.batch_size, self.shuffle, self.seed, self.source = split, batch_size, shuffle, seed, source
         self.drop_last = drop_last
         rank, world_size = shard
@@ -122,9 +155,20 @@ def shard_bounds(bounds: tuple[int, int], rank: int, world_size: int) -> tuple[i
 
 
 def make_loader(
-    split: Split, spec: DatasetSpec, *, batch_size: int, train: bool, device: torch.device | str, seed: int = 0,
-    views: int = 1, augment: AugmentConfig | None = None, drop_last: bool | None = None, num_workers: int = 0,
-    backend: str | None = None, shard: tuple[int, int] = (0, 1), policy: tuple[ViewAugment, ...] | None = None,
+    split: Split,
+    spec: DatasetSpec,
+    *,
+    batch_size: int,
+    train: bool,
+    device: torch.device | str,
+    seed: int = 0,
+    views: int = 1,
+    augment: AugmentConfig | None = None,
+    drop_last: bool | None = None,
+    num_workers: int = 0,
+    backend: str | None = None,
+    shard: tuple[int, int] = (0, 1),
+    policy: tuple[ViewAugment, ...] | None = None,
 ) -> Loader:
     """train=True: shuffled, spec.augment unless `augment` is given, drop_last unless that leaves no batch.
     train=False: in order, no augmentation unless `augment` is given, partial last batch kept.
@@ -153,8 +197,10 @@ def batch_source(split, spec, device, config, views, seed, num_workers, backend,
         raise OkdpipeError(f"unknown loader backend {chosen!r}; choose one of: {', '.join(BACKENDS)}")
     if chosen == "albumentations":
         if policy:
-            raise OkdpipeError("per-view augmentation policies run on the tensor path (in-memory datasets); "
-                               "for an image folder pass --set view_augment=same")
+            raise OkdpipeError(
+                "per-view augmentation policies run on the tensor path (in-memory datasets); "
+                "for an image folder pass --set view_augment=same"
+            )
         return AlbumentationsBatches(split, device, config, views, spec, seed, num_workers)
     if not isinstance(split, TensorSplit):
         raise OkdpipeError("the tensor backend needs an in-memory split; use backend='albumentations' for files")

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ class Split(Protocol):
 
     def read(self, index: int) -> np.ndarray: ...
 
-    def subset(self, indices: torch.Tensor) -> "Split": ...
+    def subset(self, indices: torch.Tensor) -> Split: ...
 
 
 class TensorSplit:
@@ -51,7 +52,7 @@ class TensorSplit:
         """One image as HWC uint8, the layout albumentations and cv2 expect."""
         return np.ascontiguousarray(self.images[index].permute(1, 2, 0).numpy())
 
-    def subset(self, indices: torch.Tensor) -> "TensorSplit":
+    def subset(self, indices: torch.Tensor) -> TensorSplit:
         return TensorSplit(self.images[indices], self.labels[indices])
 
 
@@ -75,7 +76,7 @@ class FileSplit:
     def read(self, index: int) -> np.ndarray:
         return self.decode(self.paths[index])
 
-    def subset(self, indices: torch.Tensor) -> "FileSplit":
+    def subset(self, indices: torch.Tensor) -> FileSplit:
         return FileSplit([self.paths[i] for i in indices.tolist()], self.labels[indices], self.decode)
 
 

@@ -38,8 +38,14 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
 
 @DATASETS.register("synthetic")
 def load_synthetic(
-    data_dir: None = None, *, num_classes: int = 4, size: int = 16, channels: int = 3, n_train: int = 64,
-    n_test: int = 32, data_seed: int = 0,
+    data_dir: None = None,
+    *,
+    num_classes: int = 4,
+    size: int = 16,
+    channels: int = 3,
+    n_train: int = 64,
+    n_test: int = 32,
+    data_seed: int = 0,
 ) -> RawDataset:
     """Everything is a function of the options (data_seed picks the patterns and noise; data_dir is ignored).
     mean/std are measured on the generated training images. Fingerprint: sha256 of all images and labels."""
@@ -50,8 +56,13 @@ def load_synthetic(
     train, test = sample_split(patterns, n_train, generator), sample_split(patterns, n_test, generator)
     mean, std = channel_stats(train.images)
     spec = DatasetSpec(
-        name="synthetic", num_classes=num_classes, labels=tuple(f"class{c}" for c in range(num_classes)),
-        in_channels=channels, input_size=(size, size), mean=mean, std=std,
+        name="synthetic",
+        num_classes=num_classes,
+        labels=tuple(f"class{c}" for c in range(num_classes)),
+        in_channels=channels,
+        input_size=(size, size),
+        mean=mean,
+        std=std,
         augment=AugmentConfig(crop_padding=2, hflip=True),
     )
     digest = hashlib.sha256()

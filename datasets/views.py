@@ -128,8 +128,9 @@ def smooth(images: torch.Tensor) -> torch.Tensor:
 def equalize(images: torch.Tensor) -> torch.Tensor:
     """Per image and channel, grey levels mapped through their CDF: (cdf - cdf_min) / (total - cdf_min)."""
     levels = (images * 255).round().long().flatten(2)
-    hist = torch.zeros(*levels.shape[:2], 256, device=images.device).scatter_add_(2, levels, torch.ones_like(
-        levels, dtype=torch.float))
+    hist = torch.zeros(*levels.shape[:2], 256, device=images.device).scatter_add_(
+        2, levels, torch.ones_like(levels, dtype=torch.float)
+    )
     cdf = hist.cumsum(2)
     low = cdf.gather(2, levels.min(2, keepdim=True).values)
     lut = ((cdf - low) / (cdf[..., -1:] - low).clamp_min(1)).clamp(0, 1)
@@ -179,8 +180,15 @@ def randaugment(images: torch.Tensor, ops: torch.Tensor, signs: torch.Tensor, co
     return out
 
 
-def augment_policy(images: torch.Tensor, draws: AugmentDraws, extra: PolicyDraws, config: AugmentConfig,
-                   policy: tuple[ViewAugment, ...], mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+def augment_policy(
+    images: torch.Tensor,
+    draws: AugmentDraws,
+    extra: PolicyDraws,
+    config: AugmentConfig,
+    policy: tuple[ViewAugment, ...],
+    mean: torch.Tensor,
+    std: torch.Tensor,
+) -> torch.Tensor:
     """uint8 [B, C, H, W] -> normalised float32 [V, B, C, H, W]: the dataset's crop, then view v's flip,
     rotation, RandAugment and cutout (the `augment_batch` of per-view policies)."""
     count, size = len(images), tuple(images.shape[-2:])

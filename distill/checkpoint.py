@@ -22,8 +22,9 @@ from okdpipe.files import file_sha256
 from okdpipe.modelfile import atomic_torch_save
 from okdpipe.run import RunDir
 
-CHECKPOINT = FileFormat("okdpipe-checkpoint", 1, "training checkpoint",
-                        "re-run distill with this version of okdpipe into a new --out")
+CHECKPOINT = FileFormat(
+    "okdpipe-checkpoint", 1, "training checkpoint", "re-run distill with this version of okdpipe into a new --out"
+)
 LAST = "last.pt"
 PENDING = "last.pt.pending"  # a new checkpoint between being written and replacing last.pt
 
@@ -41,7 +42,7 @@ class CheckpointFields(BaseModel):
     history: list[dict[str, Any]]
 
     @model_validator(mode="after")
-    def _one_summary_per_epoch(self) -> "CheckpointFields":
+    def _one_summary_per_epoch(self) -> CheckpointFields:
         if len(self.history) != self.epoch or not all(isinstance(h.get("val"), dict) for h in self.history):
             raise ValueError(f"history must hold one summary with 'val' per finished epoch ({self.epoch})")
         return self

@@ -22,13 +22,22 @@ def complete(registry: str, incomplete: str) -> list[str]:
 
 
 def distill_command(
-    method: Optional[str] = typer.Option(None, help="vanilla, dml, one, pcl, ffsd, okdph, mbde.",
-                                         autocompletion=lambda incomplete: complete("methods", incomplete)),
-    arch: Optional[str] = typer.Option(None, help="Backbone name, e.g. resnet20 (see the README).",
-                                       autocompletion=lambda incomplete: complete("models", incomplete)),
+    method: Optional[str] = typer.Option(
+        None,
+        help="vanilla, dml, one, pcl, ffsd, okdph, mbde.",
+        autocompletion=lambda incomplete: complete("methods", incomplete),
+    ),
+    arch: Optional[str] = typer.Option(
+        None,
+        help="Backbone name, e.g. resnet20 (see the README).",
+        autocompletion=lambda incomplete: complete("models", incomplete),
+    ),
     students: Optional[int] = typer.Option(None, help="Number of peer students (default: the method's)."),
-    dataset: Optional[str] = typer.Option(None, help="fashion-mnist, cifar10, cifar100, cinic10, imagefolder.",
-                                          autocompletion=lambda incomplete: complete("datasets", incomplete)),
+    dataset: Optional[str] = typer.Option(
+        None,
+        help="fashion-mnist, cifar10, cifar100, cinic10, imagefolder.",
+        autocompletion=lambda incomplete: complete("datasets", incomplete),
+    ),
     data_dir: Optional[str] = typer.Option(None, help="Where the dataset's files are."),
     epochs: Optional[int] = typer.Option(None, help="Training epochs."),
     batch_size: Optional[int] = typer.Option(None, help="Images per step."),
@@ -38,12 +47,17 @@ def distill_command(
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     precision: Optional[str] = typer.Option(None, help="auto (bf16 on GPU), fp32 or bf16."),
     seed: Optional[int] = typer.Option(None, help="Seed for initialisation, split, order and augmentation."),
-    fused: Optional[bool] = typer.Option(None, "--fused/--no-fused",
-                                         help="Run same-architecture peers as one grouped network (vanilla, "
-                                              "DML, OKDPH; faster on GPU only)."),
-    nproc_per_node: Optional[int] = typer.Option(None, help="Data-parallel processes on this machine (one GPU "
-                                                            "each on CUDA); --batch-size is the global batch. "
-                                                            "Or launch with torchrun --nproc-per-node N."),
+    fused: Optional[bool] = typer.Option(
+        None,
+        "--fused/--no-fused",
+        help="Run same-architecture peers as one grouped network (vanilla, DML, OKDPH; faster on GPU only).",
+    ),
+    nproc_per_node: Optional[int] = typer.Option(
+        None,
+        help="Data-parallel processes on this machine (one GPU "
+        "each on CUDA); --batch-size is the global batch. "
+        "Or launch with torchrun --nproc-per-node N.",
+    ),
     out: Optional[Path] = typer.Option(None, help="Run directory (default runs/METHOD-ARCH-DATASET-sSEED)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     config: Optional[Path] = typer.Option(None, help="YAML config; flags override it."),
@@ -56,9 +70,23 @@ def distill_command(
     2 bad input (flags, config, data, a damaged or busy run directory, an output that cannot be written)."""
     from okdpipe.config import build_config, dump_yaml, read_yaml
 
-    flags = dict(method=method, arch=arch, students=students, dataset=dataset, data_dir=data_dir,
-                 epochs=epochs, batch_size=batch_size, lr=lr, val_split=val_split, train_subset=train_subset,
-                 device=device, precision=precision, seed=seed, fused=fused, nproc_per_node=nproc_per_node)
+    flags = dict(
+        method=method,
+        arch=arch,
+        students=students,
+        dataset=dataset,
+        data_dir=data_dir,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        val_split=val_split,
+        train_subset=train_subset,
+        device=device,
+        precision=precision,
+        seed=seed,
+        fused=fused,
+        nproc_per_node=nproc_per_node,
+    )
     file_values = read_yaml(config) if config else {}
     if resume and not config and out and (out / "config.yaml").is_file():
         file_values = read_yaml(out / "config.yaml")
@@ -88,11 +116,14 @@ def run(cfg, run_dir: Path, resume: bool) -> None:
         return
     world_size = launched_world_size() or cfg.nproc_per_node
     processes = f" on {world_size} processes" if world_size > 1 else ""
-    typer.echo(f"{'resuming' if resume else 'training'} {cfg.method} x {cfg.arch} on {cfg.dataset}{processes} "
-               f"-> {run_dir}")
+    typer.echo(
+        f"{'resuming' if resume else 'training'} {cfg.method} x {cfg.arch} on {cfg.dataset}{processes} -> {run_dir}"
+    )
     result = fit(cfg, RunDir(run_dir), resume=resume, echo=typer.echo)
     best = max((v["top1"], k) for k, v in result["val"].items() if k.startswith("student:"))
-    typer.echo(f"done: best student on validation {best[1]} {best[0]:.2%}; "
-               f"test (measured once, not used for choices): "
-               f"{result['test'][best[1]]['top1']:.2%}; ensemble {result['test']['ensemble']['top1']:.2%}")
+    typer.echo(
+        f"done: best student on validation {best[1]} {best[0]:.2%}; "
+        f"test (measured once, not used for choices): "
+        f"{result['test'][best[1]]['top1']:.2%}; ensemble {result['test']['ensemble']['top1']:.2%}"
+    )
     typer.echo(f"next: okdpipe select {run_dir}")

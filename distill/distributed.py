@@ -30,9 +30,10 @@ import os
 import pickle
 import queue
 import socket
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -183,14 +184,21 @@ def joined(device: torch.device) -> Iterator[Group]:
 def start_group(group: Group, device: torch.device) -> None:
     if device.type == "cuda":
         if torch.cuda.device_count() <= group.local_rank:
-            raise OkdpipeError(f"process {group.local_rank} needs cuda:{group.local_rank} but only "
-                               f"{torch.cuda.device_count()} GPUs are visible; lower --nproc-per-node")
+            raise OkdpipeError(
+                f"process {group.local_rank} needs cuda:{group.local_rank} but only "
+                f"{torch.cuda.device_count()} GPUs are visible; lower --nproc-per-node"
+            )
         torch.cuda.set_device(group.local_rank)
     elif "OMP_NUM_THREADS" not in os.environ:
         # N processes on the same cores: split the cores instead of oversubscribing them N times
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // group.world_size))
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://",
-                            rank=group.rank, world_size=group.world_size, timeout=COLLECTIVE_TIMEOUT)
+    dist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo",
+        init_method="env://",
+        rank=group.rank,
+        world_size=group.world_size,
+        timeout=COLLECTIVE_TIMEOUT,
+    )
 
 
 def free_port() -> int:
@@ -209,8 +217,13 @@ def launch(target: Callable[..., Any], world_size: int, *args: Any, **kwargs: An
 
     context = mp.get_context("spawn")
     outbox = context.SimpleQueue()
-    spawned = mp.start_processes(worker, (world_size, free_port(), outbox, target, args, kwargs),
-                                 nprocs=world_size, join=False, start_method="spawn")
+    spawned = mp.start_processes(
+        worker,
+        (world_size, free_port(), outbox, target, args, kwargs),
+        nprocs=world_size,
+        join=False,
+        start_method="spawn",
+    )
     messages: dict[str, Any] = {}
     try:
         while not spawned.join(timeout=0.2):
@@ -233,9 +246,15 @@ def drain(outbox, messages: dict[str, Any]) -> None:
 
 def worker(local_rank: int, world_size: int, port: int, outbox, target, args, kwargs) -> None:
     """One spawned process: torchrun's environment, then `target`; the result or a user error goes to `outbox`."""
-    os.environ.update(MASTER_ADDR=LOOPBACK, MASTER_PORT=str(port), RANK=str(local_rank),
-                      LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
-                      **{SPAWNED_BY_LAUNCH: "1"})
+    os.environ.update(
+        MASTER_ADDR=LOOPBACK,
+        MASTER_PORT=str(port),
+        RANK=str(local_rank),
+        LOCAL_RANK=str(local_rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        **{SPAWNED_BY_LAUNCH: "1"},
+    )
     try:
         result = target(*args, **kwargs)
     except OkdpipeError as exc:

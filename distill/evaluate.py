@@ -4,8 +4,9 @@ recalibration of weight-averaged candidates on a representative sample of traini
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -68,9 +69,14 @@ class CalibrationSample:
 
     def record(self, num_classes: int) -> dict[str, Any]:
         labels = self.split.labels
-        return {"seed": self.seed, "images": len(self.indices), "shuffled": True, "class_balanced": True,
-                "per_class": torch.bincount(labels, minlength=num_classes).tolist(),
-                "indices": self.indices.tolist()}
+        return {
+            "seed": self.seed,
+            "images": len(self.indices),
+            "shuffled": True,
+            "class_balanced": True,
+            "per_class": torch.bincount(labels, minlength=num_classes).tolist(),
+            "indices": self.indices.tolist(),
+        }
 
 
 def calibration_sample(split, count: int, num_classes: int, seed: int) -> CalibrationSample:
@@ -99,23 +105,28 @@ def recalibrate_bn(model: nn.Module, batches: Iterable, max_batches: int) -> nn.
 
 
 @torch.no_grad()
-def evaluate_run(students, method, batches: Iterable, autocast,
-                 calibrate: Callable[[nn.Module], nn.Module]) -> dict[str, dict[str, float]]:
+def evaluate_run(
+    students, method, batches: Iterable, autocast, calibrate: Callable[[nn.Module], nn.Module]
+) -> dict[str, dict[str, float]]:
     """Every student, the method's ensemble, its reference outputs and every extra candidate, in one pass over
     `batches`.
     Weight-averaged candidates get their BatchNorm statistics recomputed by `calibrate` first."""
     was_training = students.training
     students.eval()
     method.eval()
-    candidates = {name: calibrate(c.model) if c.weight_averaged else c.model.eval()
-                  for name, c in method.candidates().items()}
+    candidates = {
+        name: calibrate(c.model) if c.weight_averaged else c.model.eval() for name, c in method.candidates().items()
+    }
     meters: dict[str, Accuracy] = defaultdict(Accuracy)
     try:
         for batch in batches:
             with autocast():
                 out = students(batch.views, features=method.needs_features, stages=method.needs_stages)
-                extra = {"ensemble": method.ensemble_logits(out), **method.reference_logits(batch.views, out),
-                         **{name: model(batch.views[0]) for name, model in candidates.items()}}
+                extra = {
+                    "ensemble": method.ensemble_logits(out),
+                    **method.reference_logits(batch.views, out),
+                    **{name: model(batch.views[0]) for name, model in candidates.items()},
+                }
             for i, logits in enumerate(out.logits):
                 meters[f"student:{i}"].update(logits, batch.labels)
             for name, logits in extra.items():

@@ -55,11 +55,14 @@ def check_run(run: RunDir) -> None:
     if manifest.get("stage") != "distill" or "config" not in manifest:
         raise OkdpipeError(f"{run.root}: not an okdpipe run directory (no distill manifest)")
     if manifest.get("status") == "diverged":
-        raise GateFailed(f"{run.root}: training diverged ({str(manifest.get('error'))[:200]}); there is nothing to "
-                         "ship: train again with a lower --lr")
+        raise GateFailed(
+            f"{run.root}: training diverged ({str(manifest.get('error'))[:200]}); there is nothing to "
+            "ship: train again with a lower --lr"
+        )
     if manifest.get("status") != "finished":
-        raise OkdpipeError(f"{run.root}: training did not finish; continue it with "
-                           f"`okdpipe distill --out {run.root} --resume`")
+        raise OkdpipeError(
+            f"{run.root}: training did not finish; continue it with `okdpipe distill --out {run.root} --resume`"
+        )
 
 
 def load_run(run_dir: str | Path, device: str = "auto") -> FinishedRun:

@@ -58,8 +58,16 @@ NET_PREFIX = "net."
 CHANNELWISE = (nn.ReLU, nn.ReLU6, nn.Identity, nn.Dropout, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
 # Containers and blocks whose own forward only chains children and adds tensors of equal channel layout.
 # Exact types only: a subclass may override forward with something that mixes channels (DenseNet's concat).
-SEPARABLE_BLOCKS = (nn.Sequential, nn.ModuleList, Backbone, ResidualBlock, WideBlock, InvertedResidual,
-                    BasicBlock, Bottleneck)
+SEPARABLE_BLOCKS = (
+    nn.Sequential,
+    nn.ModuleList,
+    Backbone,
+    ResidualBlock,
+    WideBlock,
+    InvertedResidual,
+    BasicBlock,
+    Bottleneck,
+)
 
 
 class BatchedLinear(nn.Module):
@@ -67,8 +75,14 @@ class BatchedLinear(nn.Module):
 
     weight [N, out, in], bias [N, out]: entry i is student i's nn.Linear weight and bias."""
 
-    def __init__(self, count: int, in_features: int, out_features: int, bias: bool = True,
-                 device: Optional[torch.device | str] = None):
+    def __init__(
+        self,
+        count: int,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: Optional[torch.device | str] = None,
+    ):
         super().__init__()
         self.count, self.in_features, self.out_features = count, in_features, out_features
         self.weight = nn.Parameter(torch.empty(count, out_features, in_features, device=device))
@@ -91,14 +105,24 @@ class BatchedLinear(nn.Module):
 
 def grouped_conv(conv: nn.Conv2d, count: int) -> nn.Conv2d:
     """conv for N students: block i of the output reads only block i of the input (groups x N)."""
-    return nn.Conv2d(count * conv.in_channels, count * conv.out_channels, conv.kernel_size, conv.stride,
-                     conv.padding, conv.dilation, groups=count * conv.groups, bias=conv.bias is not None,
-                     padding_mode=conv.padding_mode, device="meta")
+    return nn.Conv2d(
+        count * conv.in_channels,
+        count * conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        groups=count * conv.groups,
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+        device="meta",
+    )
 
 
 def wide_batchnorm(norm: nn.BatchNorm2d, count: int) -> nn.BatchNorm2d:
-    return nn.BatchNorm2d(count * norm.num_features, norm.eps, norm.momentum, norm.affine,
-                          norm.track_running_stats, device="meta")
+    return nn.BatchNorm2d(
+        count * norm.num_features, norm.eps, norm.momentum, norm.affine, norm.track_running_stats, device="meta"
+    )
 
 
 def batched_classifier(linear: nn.Linear, count: int) -> BatchedLinear:
@@ -115,8 +139,10 @@ def check_fusable(template: Backbone) -> None:
         if name == "classifier" and kind is nn.Linear:
             continue
         if kind not in FUSERS and kind not in CHANNELWISE and kind not in SEPARABLE_BLOCKS:
-            raise OkdpipeError(f"fused students: {template.arch} has a {kind.__name__} layer ({name}) that may "
-                               f"mix channels across students; train {template.arch} with fused: false")
+            raise OkdpipeError(
+                f"fused students: {template.arch} has a {kind.__name__} layer ({name}) that may "
+                f"mix channels across students; train {template.arch} with fused: false"
+            )
 
 
 def fused_skeleton(template: Backbone, count: int) -> Backbone:
@@ -138,12 +164,14 @@ class FusedStudents(nn.Module):
 
     layout = "peers"
 
-    def __init__(self, arch: str, count: int, num_classes: int, in_channels: int,
-                 layout: str = "peers", same_init: bool = False):
+    def __init__(
+        self, arch: str, count: int, num_classes: int, in_channels: int, layout: str = "peers", same_init: bool = False
+    ):
         super().__init__()
         if layout != "peers":
-            raise OkdpipeError(f"fused students support the peers layout only, not {layout!r}; "
-                               "train this method with fused: false")
+            raise OkdpipeError(
+                f"fused students support the peers layout only, not {layout!r}; train this method with fused: false"
+            )
         self.arch, self.count = arch, count
         self.num_classes, self.in_channels = num_classes, in_channels
         self.channels_last = False
@@ -152,8 +180,11 @@ class FusedStudents(nn.Module):
         members = [first, *(copy.deepcopy(first) if same_init else self._new_backbone() for _ in range(count - 1))]
         self.net = fused_skeleton(first, count).to_empty(device="cpu")
         # Keys of the classifier's [N, ...] tensors; every other tensor stacks students along dim 0.
-        self._batched = frozenset(key for key in self.net.state_dict()
-                                  if isinstance(self.net.get_submodule(key.rpartition(".")[0]), BatchedLinear))
+        self._batched = frozenset(
+            key
+            for key in self.net.state_dict()
+            if isinstance(self.net.get_submodule(key.rpartition(".")[0]), BatchedLinear)
+        )
         self.register_state_dict_post_hook(_members_layout)
         self.register_load_state_dict_pre_hook(_fused_layout)
         self.load_member_states([m.state_dict() for m in members])
@@ -164,15 +195,19 @@ class FusedStudents(nn.Module):
 
     @property
     def members(self):
-        raise OkdpipeError("this method reads per-student modules (students.members), which fused students do "
-                           "not have; train it with fused: false")
+        raise OkdpipeError(
+            "this method reads per-student modules (students.members), which fused students do "
+            "not have; train it with fused: false"
+        )
 
     @classmethod
     def from_students(cls, students: Students) -> FusedStudents:
         """The same students (weights, BN statistics, device, mode, memory format) as one fused network."""
         if students.layout != "peers":
-            raise OkdpipeError(f"fused students support the peers layout only, not {students.layout!r}; "
-                               "train this method with fused: false")
+            raise OkdpipeError(
+                f"fused students support the peers layout only, not {students.layout!r}; "
+                "train this method with fused: false"
+            )
         with torch.random.fork_rng(devices=[]):
             fused = cls(students.arch, students.count, students.num_classes, students.in_channels)
         fused.load_state_dict(students.state_dict())
@@ -263,8 +298,10 @@ class FusedStudents(nn.Module):
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             params = {key: self._weighted_sum(key, value, weights) for key, value in self.net.named_parameters()}
         with torch.no_grad():
-            buffers = {key: self._weighted_sum(key, value, weights) if value.dtype.is_floating_point
-                       else value.clone() for key, value in self.net.named_buffers()}
+            buffers = {
+                key: self._weighted_sum(key, value, weights) if value.dtype.is_floating_point else value.clone()
+                for key, value in self.net.named_buffers()
+            }
         return {**params, **buffers}
 
     def _weighted_sum(self, key: str, value: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -300,8 +337,9 @@ class FusedStudents(nn.Module):
 
 def _members_layout(module: FusedStudents, state: dict, prefix: str, local_metadata) -> None:
     """state_dict post-hook: `net.<key>` (fused) -> `members.<i>.<key>` (the loop container's keys)."""
-    fused = {key[len(prefix + NET_PREFIX):]: state.pop(key) for key in list(state)
-             if key.startswith(prefix + NET_PREFIX)}
+    fused = {
+        key[len(prefix + NET_PREFIX) :]: state.pop(key) for key in list(state) if key.startswith(prefix + NET_PREFIX)
+    }
     for i in range(module.count):
         for key, value in fused.items():
             state[f"{prefix}{MEMBER_PREFIX}{i}.{key}"] = module._member_slice(key, value, i)
@@ -313,14 +351,16 @@ def _fused_layout(module: FusedStudents, state: dict, prefix: str, *_ignored) ->
     head = prefix + MEMBER_PREFIX
     per_member: list[dict[str, torch.Tensor]] = [{} for _ in range(module.count)]
     for key in [k for k in state if k.startswith(head)]:
-        index, _, rest = key[len(head):].partition(".")
+        index, _, rest = key[len(head) :].partition(".")
         if index.isdigit() and int(index) < module.count:
             per_member[int(index)][rest] = state.pop(key)
     keys = set(per_member[0])
     if not keys:
         return
     if any(set(member) != keys for member in per_member):
-        raise RuntimeError(f"{head}<i>: the checkpoint's students do not all hold the same backbone keys "
-                           f"(another student count or architecture?)")
+        raise RuntimeError(
+            f"{head}<i>: the checkpoint's students do not all hold the same backbone keys "
+            f"(another student count or architecture?)"
+        )
     for key, value in module._join(per_member).items():
         state[prefix + NET_PREFIX + key] = value

@@ -21,8 +21,8 @@ from torch import nn
 
 from okdpipe.datasets import make_loader
 from okdpipe.distill.evaluate import Accuracy, calibration_sample, recalibrate_bn
-from okdpipe.distill.methods import Candidate
 from okdpipe.distill.finished import FinishedRun, load_run
+from okdpipe.distill.methods import Candidate
 from okdpipe.distill.models import count_macs
 from okdpipe.errors import OkdpipeError
 from okdpipe.files import atomic_write_json, file_sha256
@@ -46,8 +46,14 @@ class Scored:
     refused: Optional[str] = None  # why the candidate can never ship (non-finite weights or logits)
 
     def row(self) -> dict[str, Any]:
-        row = {"candidate": self.name, "val_top1": self.top1, "val_top5": self.top5, "params": self.params,
-               "macs": self.macs, "weight_averaged": self.weight_averaged}
+        row = {
+            "candidate": self.name,
+            "val_top1": self.top1,
+            "val_top5": self.top5,
+            "params": self.params,
+            "macs": self.macs,
+            "weight_averaged": self.weight_averaged,
+        }
         if self.weight_averaged:
             row["val_top1_without_bn_recalibration"] = self.top1_without_bn_recalibration
         return row
@@ -58,8 +64,10 @@ def soup(students) -> nn.Module:
     Wortsman et al. 2022: the mean, not the sum)."""
     states = [students.member_state(i) for i in range(students.count)]
     model = students.extract(0)
-    averaged = {k: torch.stack([s[k].float() for s in states]).mean(0).to(v.dtype) if v.is_floating_point() else v
-                for k, v in states[0].items()}
+    averaged = {
+        k: torch.stack([s[k].float() for s in states]).mean(0).to(v.dtype) if v.is_floating_point() else v
+        for k, v in states[0].items()
+    }
     model.load_state_dict(averaged)
     return model
 
@@ -99,13 +107,24 @@ class Selection:
 
     def __init__(self, run_dir: Path, bn_batches: int, device: str = "auto"):
         self.finished = load_run(run_dir, device)
-        self.run, self.cfg, self.device, self.bundle = (self.finished.run, self.finished.cfg, self.finished.device,
-                                                        self.finished.bundle)
+        self.run, self.cfg, self.device, self.bundle = (
+            self.finished.run,
+            self.finished.cfg,
+            self.finished.device,
+            self.finished.bundle,
+        )
         self.students, self.method = self.finished.students, self.finished.method
-        make = lambda split: make_loader(split, self.bundle.spec, batch_size=self.cfg.eval_batch_size,  # noqa: E731
-                                         train=False, device=self.device, seed=self.cfg.seed)
-        self.calibration = calibration_sample(self.bundle.train, bn_batches * self.cfg.eval_batch_size,
-                                              self.bundle.spec.num_classes, self.cfg.seed)
+        make = lambda split: make_loader(
+            split,
+            self.bundle.spec,
+            batch_size=self.cfg.eval_batch_size,  # noqa: E731
+            train=False,
+            device=self.device,
+            seed=self.cfg.seed,
+        )
+        self.calibration = calibration_sample(
+            self.bundle.train, bn_batches * self.cfg.eval_batch_size, self.bundle.spec.num_classes, self.cfg.seed
+        )
         self.val_loader, self.calib_loader = make(self.bundle.val), make(self.calibration.split)
         self.bn_batches = bn_batches
         if len(self.bundle.val) == 0:
@@ -122,8 +141,15 @@ class Selection:
         model = candidate.model.to(self.device)
         spec = self.bundle.spec
         example = torch.zeros(1, spec.in_channels, *spec.input_size, device=self.device)
-        scored = Scored(name, model, 0.0, 0.0, sum(p.numel() for p in model.parameters()),
-                        count_macs(model, example), candidate.weight_averaged)
+        scored = Scored(
+            name,
+            model,
+            0.0,
+            0.0,
+            sum(p.numel() for p in model.parameters()),
+            count_macs(model, example),
+            candidate.weight_averaged,
+        )
         try:
             self.measure(scored)
         except NonFiniteLogits:
@@ -144,8 +170,13 @@ class Selection:
 
     def ensemble_row(self) -> dict[str, Any]:
         top1 = ensemble_accuracy(self.finished, self.val_loader)
-        return {"candidate": "ensemble", "val_top1": top1, "params": sum(p.numel() for p in self.students.parameters()),
-                "macs": self.finished.ensemble_macs(), "reference": True}
+        return {
+            "candidate": "ensemble",
+            "val_top1": top1,
+            "params": sum(p.numel() for p in self.students.parameters()),
+            "macs": self.finished.ensemble_macs(),
+            "reference": True,
+        }
 
 
 def choose(scored: list[Scored], strategy: str, method_ships: str) -> Scored:
@@ -155,8 +186,10 @@ def choose(scored: list[Scored], strategy: str, method_ships: str) -> Scored:
     shippable = [s for s in pool if s.refused is None]
     if not shippable:
         refused = "; ".join(f"{s.name} has {s.refused}" for s in pool)
-        raise OkdpipeError(f"--strategy {strategy}: {refused}, so it is never shipped (the run diverged); "
-                           f"retrain it, e.g. with a lower --lr")
+        raise OkdpipeError(
+            f"--strategy {strategy}: {refused}, so it is never shipped (the run diverged); "
+            f"retrain it, e.g. with a lower --lr"
+        )
     return min(shippable, key=lambda s: (-s.top1, s.params, s.name))
 
 
@@ -174,11 +207,12 @@ def strategy_pool(scored: list[Scored], strategy: str, method_ships: str) -> lis
     }
     pool = pools.get(strategy, [by_name[strategy]] if strategy in by_name else None)
     if pool is None:
-        raise OkdpipeError(f"unknown --strategy {strategy!r}; use {STRATEGIES} (this run has: "
-                           f"{', '.join(by_name)})")
+        raise OkdpipeError(f"unknown --strategy {strategy!r}; use {STRATEGIES} (this run has: {', '.join(by_name)})")
     if not pool:
-        raise OkdpipeError(f"--strategy {strategy}: this run ({method_ships} method) has no such candidate; "
-                           f"it has: {', '.join(by_name)}")
+        raise OkdpipeError(
+            f"--strategy {strategy}: this run ({method_ships} method) has no such candidate; "
+            f"it has: {', '.join(by_name)}"
+        )
     return pool
 
 
@@ -191,25 +225,51 @@ def select(run_dir: Path, strategy: str, out: Optional[Path], bn_batches: int, d
     out = out or session.run.root / "model.pt"
     sha = save_model_file(chosen.model.cpu(), model_info(session, chosen), out)
     rows = [dict(s.row(), chosen=s is chosen) for s in scored if s.refused is None]
-    atomic_write_json(session.run.root / "selection.json", {
-        "created": now_iso(), "strategy": strategy, "split": "val", "bn_recalibration_batches": bn_batches,
-        "bn_recalibration_sample": session.calibration.record(session.bundle.spec.num_classes),
-        "chosen": chosen.name, "model_file": str(out), "model_sha256": sha, "candidates": rows,
-        "refused": [{"candidate": s.name, "reason": s.refused} for s in scored if s.refused],
-        "ensemble": ensemble})
-    session.run.update_manifest(selection={"strategy": strategy, "chosen": chosen.name, "model_file": str(out),
-                                           "model_sha256": sha, "val_top1": chosen.top1})
+    atomic_write_json(
+        session.run.root / "selection.json",
+        {
+            "created": now_iso(),
+            "strategy": strategy,
+            "split": "val",
+            "bn_recalibration_batches": bn_batches,
+            "bn_recalibration_sample": session.calibration.record(session.bundle.spec.num_classes),
+            "chosen": chosen.name,
+            "model_file": str(out),
+            "model_sha256": sha,
+            "candidates": rows,
+            "refused": [{"candidate": s.name, "reason": s.refused} for s in scored if s.refused],
+            "ensemble": ensemble,
+        },
+    )
+    session.run.update_manifest(
+        selection={
+            "strategy": strategy,
+            "chosen": chosen.name,
+            "model_file": str(out),
+            "model_sha256": sha,
+            "val_top1": chosen.top1,
+        }
+    )
     return rows, ensemble, chosen, out
 
 
 def model_info(session: Selection, chosen: Scored) -> ModelInfo:
     spec, cfg = session.bundle.spec, session.cfg
     return ModelInfo(
-        arch=cfg.arch, num_classes=spec.num_classes, in_channels=spec.in_channels, input_size=spec.input_size,
-        mean=spec.mean, std=spec.std, labels=spec.labels, dataset=spec.name,
+        arch=cfg.arch,
+        num_classes=spec.num_classes,
+        in_channels=spec.in_channels,
+        input_size=spec.input_size,
+        mean=spec.mean,
+        std=spec.std,
+        labels=spec.labels,
+        dataset=spec.name,
         provenance={
-            "run_dir": str(session.run.root.resolve()), "method": cfg.method, "candidate": chosen.name,
-            "val_top1": chosen.top1, "checkpoint_sha256": file_sha256(session.run.checkpoints / "last.pt"),
+            "run_dir": str(session.run.root.resolve()),
+            "method": cfg.method,
+            "candidate": chosen.name,
+            "val_top1": chosen.top1,
+            "checkpoint_sha256": file_sha256(session.run.checkpoints / "last.pt"),
             "data": session.finished.data.as_record(),
         },
     )

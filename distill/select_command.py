@@ -14,10 +14,15 @@ from okdpipe.stage_config import StageConfig, flag
 class SelectConfig(StageConfig):
     """The command's flags, the pipeline's `select:` section and `okdpipe.api.select` compile into this."""
 
-    strategy: str = Field("auto", description="auto, best, leader, mean-teacher, hybrid, soup, student:N, or any "
-                                              "candidate name")
-    bn_batches: int = Field(50, ge=1, le=100_000, description="training batches used to recompute BatchNorm "
-                                                              "statistics of weight-averaged candidates")
+    strategy: str = Field(
+        "auto", description="auto, best, leader, mean-teacher, hybrid, soup, student:N, or any candidate name"
+    )
+    bn_batches: int = Field(
+        50,
+        ge=1,
+        le=100_000,
+        description="training batches used to recompute BatchNorm statistics of weight-averaged candidates",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when visible, else CPU")
 
 
@@ -27,8 +32,10 @@ def select_command(
     out: Annotated[Optional[Path], typer.Option(help="Where to write the model (default RUN_DIR/model.pt).")] = None,
     bn_batches: Annotated[Optional[int], flag(SelectConfig, "bn_batches")] = None,
     device: Annotated[Optional[str], flag(SelectConfig, "device")] = None,
-    config: Annotated[Optional[Path], typer.Option(help="YAML holding these options (as the pipeline's select: "
-                                                        "section); flags override it.")] = None,
+    config: Annotated[
+        Optional[Path],
+        typer.Option(help="YAML holding these options (as the pipeline's select: section); flags override it."),
+    ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and exit.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print selection.json's content on stdout.")] = False,
 ) -> None:
@@ -70,7 +77,12 @@ def print_candidates(run_dir: Path, rows: list[dict], ensemble: dict) -> None:
         table.add_column(column, justify="left" if column == "candidate" else "right")
     for row in [*rows, ensemble]:
         recal = row.get("val_top1_without_bn_recalibration")
-        table.add_row(row["candidate"], f"{row['val_top1']:.2%}", "" if recal is None else f"{recal:.2%}",
-                      f"{row['params']:,}", f"{row['macs'] / 1e6:.1f}",
-                      "chosen" if row.get("chosen") else ("reference" if row.get("reference") else ""))
+        table.add_row(
+            row["candidate"],
+            f"{row['val_top1']:.2%}",
+            "" if recal is None else f"{recal:.2%}",
+            f"{row['params']:,}",
+            f"{row['macs'] / 1e6:.1f}",
+            "chosen" if row.get("chosen") else ("reference" if row.get("reference") else ""),
+        )
     Console().print(table)

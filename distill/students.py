@@ -39,8 +39,9 @@ class StudentOutputs:
 class Students(nn.Module):
     """The students of one run. Parameters live in `members` (peers) or `trunk` + `branches`."""
 
-    def __init__(self, arch: str, count: int, num_classes: int, in_channels: int,
-                 layout: str = "peers", same_init: bool = False):
+    def __init__(
+        self, arch: str, count: int, num_classes: int, in_channels: int, layout: str = "peers", same_init: bool = False
+    ):
         super().__init__()
         if layout not in ("peers", "branches"):
             raise ValueError(f"unknown student layout {layout!r}")
@@ -103,8 +104,9 @@ class Students(nn.Module):
             logits.append(branch["classifier"](feat))
             pooled.append(feat)
             maps.append([*trunk_stages, fmap])
-        return StudentOutputs(torch.stack(logits), pooled if features else None,
-                              maps if stages else None, trunk=[t[0] for t in trunks])
+        return StudentOutputs(
+            torch.stack(logits), pooled if features else None, maps if stages else None, trunk=[t[0] for t in trunks]
+        )
 
     def extract(self, i: int) -> Backbone:
         """Student i as a standalone network of the base architecture (a copy: training is unaffected)."""

@@ -32,13 +32,13 @@ import torch
 from okdpipe.config import OPTIMIZER_KEYS, DistillConfig, dump_yaml, validate_params, with_method_defaults
 from okdpipe.contracts.data import DataSource
 from okdpipe.datasets import make_loader
+from okdpipe.datasets.views import view_policy
 from okdpipe.distill import distributed
 from okdpipe.distill.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from okdpipe.distill.distributed import Group
-from okdpipe.datasets.views import view_policy
 from okdpipe.distill.evaluate import calibration_sample, evaluate_run, recalibrate_bn
-from okdpipe.distill.methods import METHODS, Method, StepContext
 from okdpipe.distill.fused import FusedStudents
+from okdpipe.distill.methods import METHODS, Method, StepContext
 from okdpipe.distill.students import Students
 from okdpipe.errors import GateFailed, OkdpipeError
 from okdpipe.files import atomic_write_text
@@ -88,8 +88,9 @@ def build_optimizer(cfg: DistillConfig, groups: list[dict]) -> torch.optim.Optim
         group["base_lr"] = group["lr"]
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                           nesterov=cfg.optimizer == "nesterov")
+    return torch.optim.SGD(
+        groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.optimizer == "nesterov"
+    )
 
 
 @dataclass
@@ -130,8 +131,9 @@ def build_models(cfg: DistillConfig, spec, device: torch.device) -> tuple[Studen
         raise OkdpipeError(f"--fused: method {cfg.method} needs per-student modules; train it without --fused")
     container = FusedStudents if cfg.fused else Students
     torch.manual_seed(cfg.seed)
-    students = container(cfg.arch, count, spec.num_classes, spec.in_channels,
-                         layout=method_cls.layout, same_init=method_cls.same_init).to(device)
+    students = container(
+        cfg.arch, count, spec.num_classes, spec.in_channels, layout=method_cls.layout, same_init=method_cls.same_init
+    ).to(device)
     method = method_cls(students, hp, spec.num_classes).to(device)
     if cfg.channels_last:
         students.to(memory_format=torch.channels_last)
@@ -149,21 +151,45 @@ def build_session(cfg: DistillConfig, run: RunDir, group: Group = Group()) -> Se
     optimizer = build_optimizer(cfg, [{"params": list(students.parameters())}, *method.param_groups()])
     views = method.num_views(students.count)
     policy = view_policy("same" if cfg.view_augment == "same" else method.augment_policy, views)
-    calibration = calibration_sample(bundle.train, BN_CALIBRATION_BATCHES * cfg.eval_batch_size, spec.num_classes,
-                                     cfg.seed)
+    calibration = calibration_sample(
+        bundle.train, BN_CALIBRATION_BATCHES * cfg.eval_batch_size, spec.num_classes, cfg.seed
+    )
     loader = lambda split, train, v: make_loader(  # noqa: E731
-        split, spec, batch_size=cfg.batch_size if train else cfg.eval_batch_size, train=train, device=device,
-        seed=cfg.seed, views=v, num_workers=cfg.workers, policy=policy if train else None,
-        shard=(group.rank, group.world_size) if train else (0, 1))  # rank 0 evaluates whole splits
-    session = Session(cfg, run, device, students, method, optimizer, method.extra_optimizers(),
-                      loader(bundle.train, True, views), loader(bundle.val, False, 1),
-                      loader(bundle.test, False, 1), loader(calibration.split, False, 1), bundle,
-                      autocast_for(device, cfg.precision), [], group=group)
+        split,
+        spec,
+        batch_size=cfg.batch_size if train else cfg.eval_batch_size,
+        train=train,
+        device=device,
+        seed=cfg.seed,
+        views=v,
+        num_workers=cfg.workers,
+        policy=policy if train else None,
+        shard=(group.rank, group.world_size) if train else (0, 1),
+    )  # rank 0 evaluates whole splits
+    session = Session(
+        cfg,
+        run,
+        device,
+        students,
+        method,
+        optimizer,
+        method.extra_optimizers(),
+        loader(bundle.train, True, views),
+        loader(bundle.val, False, 1),
+        loader(bundle.test, False, 1),
+        loader(calibration.split, False, 1),
+        bundle,
+        autocast_for(device, cfg.precision),
+        [],
+        group=group,
+    )
     session.forward = torch.compile(students) if cfg.compile else students
     short = len(bundle.train) < cfg.batch_size
     if len(session.train_loader) == 0 or (short and group.world_size > 1):
-        raise OkdpipeError(f"the training split has fewer images ({len(bundle.train)}) than --batch-size "
-                           f"{cfg.batch_size}; lower --batch-size")
+        raise OkdpipeError(
+            f"the training split has fewer images ({len(bundle.train)}) than --batch-size "
+            f"{cfg.batch_size}; lower --batch-size"
+        )
     check_memory(session)
     return session
 
@@ -179,9 +205,11 @@ def check_memory(s: Session) -> None:
     need = max(per_image * batch, 2 * largest * eval_batch) * width
     free = available_bytes(s.device)
     if free is not None and need > free:
-        raise OkdpipeError(f"--batch-size {s.cfg.batch_size} (--eval-batch-size {s.cfg.eval_batch_size}): a step "
-                           f"needs about {need / 2**30:.1f} GiB for activations, more than the "
-                           f"{free / 2**30:.1f} GiB available on {s.device}; lower the batch size")
+        raise OkdpipeError(
+            f"--batch-size {s.cfg.batch_size} (--eval-batch-size {s.cfg.eval_batch_size}): a step "
+            f"needs about {need / 2**30:.1f} GiB for activations, more than the "
+            f"{free / 2**30:.1f} GiB available on {s.device}; lower the batch size"
+        )
 
 
 @torch.no_grad()
@@ -227,7 +255,7 @@ def read_int(path: str, label: str = "", unit: int = 1) -> Optional[int]:
         return None
     for line in text.splitlines():
         if line.startswith(label):
-            value = line[len(label):].split()
+            value = line[len(label) :].split()
             return int(value[0]) * unit if value and value[0].isdigit() else None
     return None
 
@@ -257,8 +285,12 @@ def train_epoch(s: Session, epoch: int, stop_after_steps: Optional[int]) -> Opti
                 stop_if_diverged(s, int(first_bad), "the loss")
                 log_step(s, advance, s.group.mean_of(losses), epoch, i, seen / (time.perf_counter() - started))
     seconds = time.perf_counter() - started
-    return {"epoch": epoch + 1, "train": {k: float(v) / spe for k, v in s.group.mean_of(sums).items()},
-            "seconds": seconds, "images_per_s": seen / seconds}
+    return {
+        "epoch": epoch + 1,
+        "train": {k: float(v) / spe for k, v in s.group.mean_of(sums).items()},
+        "seconds": seconds,
+        "images_per_s": seen / seconds,
+    }
 
 
 def stop_if_diverged(s: Session, step: int, what: str) -> None:
@@ -266,10 +298,15 @@ def stop_if_diverged(s: Session, step: int, what: str) -> None:
     if step < 0:
         return
     spe = len(s.train_loader)
-    kept = (f"the last good checkpoint (epoch {len(s.history)}) is kept" if s.history
-            else "no epoch had finished, so there is no checkpoint")
-    message = (f"training diverged: {what} became NaN or infinite at epoch {step // spe + 1}, step {step + 1} "
-               f"(of {s.cfg.epochs * spe}); {kept}; lower --lr (now {s.cfg.lr:g}) or set --set grad_clip=1.0")
+    kept = (
+        f"the last good checkpoint (epoch {len(s.history)}) is kept"
+        if s.history
+        else "no epoch had finished, so there is no checkpoint"
+    )
+    message = (
+        f"training diverged: {what} became NaN or infinite at epoch {step // spe + 1}, step {step + 1} "
+        f"(of {s.cfg.epochs * spe}); {kept}; lower --lr (now {s.cfg.lr:g}) or set --set grad_clip=1.0"
+    )
     if s.group.is_main:
         s.run.update_manifest(status="diverged", error=message)
     raise GateFailed(message)
@@ -277,8 +314,9 @@ def stop_if_diverged(s: Session, step: int, what: str) -> None:
 
 def first_nonfinite_tensor(modules) -> Optional[str]:
     """The name of the first parameter or floating-point buffer holding a NaN or inf (one sync), else None."""
-    named = [(name, t) for m in modules for name, t in [*m.named_parameters(), *m.named_buffers()]
-             if t.is_floating_point()]
+    named = [
+        (name, t) for m in modules for name, t in [*m.named_parameters(), *m.named_buffers()] if t.is_floating_point()
+    ]
     if not named:
         return None
     finite = torch.stack([torch.isfinite(t).all() for _, t in named])
@@ -290,9 +328,16 @@ def log_step(s: Session, advance, losses: dict[str, torch.Tensor], epoch: int, i
     if not s.group.is_main:
         return
     advance(i + 1, f"loss {float(losses['loss'].detach()):.4f}  {rate:,.0f} img/s")
-    s.run.append_metrics({"kind": "step", "epoch": epoch + 1, "step": epoch * len(s.train_loader) + i + 1,
-                          "lr": s.optimizer.param_groups[0]["lr"], "images_per_s": rate,
-                          **{k: float(v.detach()) for k, v in losses.items()}})
+    s.run.append_metrics(
+        {
+            "kind": "step",
+            "epoch": epoch + 1,
+            "step": epoch * len(s.train_loader) + i + 1,
+            "lr": s.optimizer.param_groups[0]["lr"],
+            "images_per_s": rate,
+            **{k: float(v.detach()) for k, v in losses.items()},
+        }
+    )
 
 
 def train_step(s: Session, batch, ctx: StepContext) -> dict[str, torch.Tensor]:
@@ -309,7 +354,8 @@ def train_step(s: Session, batch, ctx: StepContext) -> dict[str, torch.Tensor]:
     s.group.average_gradients(s.trained_parameters())  # before clipping: clip the global batch's gradient
     if s.cfg.grad_clip is not None:
         torch.nn.utils.clip_grad_norm_(
-            [p for group in s.optimizer.param_groups for p in group["params"]], s.cfg.grad_clip)
+            [p for group in s.optimizer.param_groups for p in group["params"]], s.cfg.grad_clip
+        )
     for optimizer in optimizers:
         optimizer.step()
     s.method.after_step(ctx)
@@ -324,8 +370,13 @@ def progress_bar(total: int, label: str, shown: bool = True):
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-               TextColumn("{task.fields[info]}"))
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+    )
     with Progress(*columns, transient=True) as bar:
         task = bar.add_task(label, total=total, info="")
         yield lambda done, text: bar.update(task, completed=done, info=text)
@@ -350,8 +401,10 @@ def restore(s: Session) -> int:
     current = s.cfg.model_dump(mode="json")
     changed = sorted(k for k in saved if saved[k] != current.get(k))
     if changed:
-        raise OkdpipeError(f"--resume: the config differs from the checkpoint's in {', '.join(changed)[:200]}; "
-                           "resume with the same settings or start a new --out")
+        raise OkdpipeError(
+            f"--resume: the config differs from the checkpoint's in {', '.join(changed)[:200]}; "
+            "resume with the same settings or start a new --out"
+        )
     load_states(s, state)
     s.history = list(state["history"])
     return int(state["epoch"])
@@ -359,18 +412,26 @@ def restore(s: Session) -> int:
 
 def load_states(s: Session, state: dict[str, Any]) -> None:
     """Students, method and optimisers from a checkpoint; one that does not fit them is a one-line error."""
-    targets = [(s.students, state["students"]), (s.method, state["method"]), (s.optimizer, state["optimizer"]),
-               *zip(s.extra_optimizers, state["extra_optimizers"])]
+    targets = [
+        (s.students, state["students"]),
+        (s.method, state["method"]),
+        (s.optimizer, state["optimizer"]),
+        *zip(s.extra_optimizers, state["extra_optimizers"]),
+    ]
     if len(state["extra_optimizers"]) != len(s.extra_optimizers):
-        raise OkdpipeError(f"--resume: the checkpoint holds {len(state['extra_optimizers'])} extra optimisers, "
-                           f"the method has {len(s.extra_optimizers)}; it is damaged or from another method")
+        raise OkdpipeError(
+            f"--resume: the checkpoint holds {len(state['extra_optimizers'])} extra optimisers, "
+            f"the method has {len(s.extra_optimizers)}; it is damaged or from another method"
+        )
     try:
         for target, saved in targets:
             target.load_state_dict(saved)
     except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise OkdpipeError(f"--resume: the checkpoint does not fit this run's models ({first_line}); it is damaged "
-                           "or from another version") from None
+        raise OkdpipeError(
+            f"--resume: the checkpoint does not fit this run's models ({first_line}); it is damaged "
+            "or from another version"
+        ) from None
 
 
 def trim_metrics(run: RunDir, finished_epochs: int) -> None:
@@ -396,8 +457,9 @@ def metrics_epoch(line: str) -> float:
     return epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else math.inf
 
 
-def fit(cfg: DistillConfig, run: RunDir, *, resume: bool = False, stop_after_steps: Optional[int] = None,
-        echo=print) -> dict[str, Any]:
+def fit(
+    cfg: DistillConfig, run: RunDir, *, resume: bool = False, stop_after_steps: Optional[int] = None, echo=print
+) -> dict[str, Any]:
     """Train `cfg` into `run`; returns the final summary (also written to the manifest).
 
     With nproc_per_node > 1 this process starts that many workers, each running `fit`, and returns rank 0's
@@ -406,13 +468,19 @@ def fit(cfg: DistillConfig, run: RunDir, *, resume: bool = False, stop_after_ste
     cfg = with_method_defaults_of(with_world_size(cfg))
     with run.locked() if distributed.holds_run_lock() else contextlib.nullcontext():
         if has_checkpoint(run) and not resume:
-            raise OkdpipeError(f"{run.root} already holds a run; pass --resume to continue it or choose another "
-                               "--out")
+            raise OkdpipeError(f"{run.root} already holds a run; pass --resume to continue it or choose another --out")
         if resume and not has_checkpoint(run):
             raise OkdpipeError(f"--resume: {run.root} has no checkpoint to resume from")
         if distributed.needs_launch(cfg.nproc_per_node):
-            return distributed.launch(fit, cfg.nproc_per_node, cfg, run, resume=resume,
-                                      stop_after_steps=stop_after_steps, echo=distributed.picklable(echo, print))
+            return distributed.launch(
+                fit,
+                cfg.nproc_per_node,
+                cfg,
+                run,
+                resume=resume,
+                stop_after_steps=stop_after_steps,
+                echo=distributed.picklable(echo, print),
+            )
         with distributed.joined(resolve_device(cfg.device)) as group:
             return train(cfg, run, group, resume, stop_after_steps, echo if group.is_main else quiet)[1]
 
@@ -432,12 +500,16 @@ def with_world_size(cfg: DistillConfig) -> DistillConfig:
     batch size: every process takes an equal share of each global batch."""
     launched = distributed.launched_world_size()
     if launched is not None and cfg.nproc_per_node not in (1, launched):
-        raise OkdpipeError(f"--nproc-per-node {cfg.nproc_per_node} disagrees with the launcher's WORLD_SIZE "
-                           f"{launched}; drop --nproc-per-node under torchrun")
+        raise OkdpipeError(
+            f"--nproc-per-node {cfg.nproc_per_node} disagrees with the launcher's WORLD_SIZE "
+            f"{launched}; drop --nproc-per-node under torchrun"
+        )
     world_size = launched or cfg.nproc_per_node
     if cfg.batch_size % world_size:
-        raise OkdpipeError(f"--batch-size {cfg.batch_size} is not divisible by {world_size} processes; "
-                           f"use a multiple of {world_size} (it is the global batch, split evenly)")
+        raise OkdpipeError(
+            f"--batch-size {cfg.batch_size} is not divisible by {world_size} processes; "
+            f"use a multiple of {world_size} (it is the global batch, split evenly)"
+        )
     return cfg if world_size == cfg.nproc_per_node else cfg.model_copy(update={"nproc_per_node": world_size})
 
 
@@ -445,8 +517,9 @@ def quiet(_: str) -> None:
     """The console of ranks other than 0."""
 
 
-def train(cfg: DistillConfig, run: RunDir, group: Group, resume: bool, stop_after_steps: Optional[int],
-          echo) -> tuple[Session, dict[str, Any]]:
+def train(
+    cfg: DistillConfig, run: RunDir, group: Group, resume: bool, stop_after_steps: Optional[int], echo
+) -> tuple[Session, dict[str, Any]]:
     """The loop of one process (of `group`); returns its session and the final summary."""
     if group.is_main:
         run.prepare()
@@ -511,15 +584,30 @@ def manifest_header(s: Session) -> dict[str, Any]:
         "device": str(s.device),
         "processes": s.group.world_size,
         "config": s.cfg.model_dump(mode="json"),
-        "optimizer": {**{k: getattr(s.cfg, k) for k in OPTIMIZER_KEYS},
-                      "method_defaults": method_optimizer_defaults(s.cfg.method)},
-        "students": {"count": s.students.count, "layout": s.students.layout, "arch": s.cfg.arch,
-                     "method_ships": s.method.ships},
-        "dataset": {"name": spec.name, "source": s.bundle.source, "fingerprint": s.bundle.fingerprint,
-                    "num_classes": spec.num_classes, "labels": list(spec.labels),
-                    "in_channels": spec.in_channels, "input_size": list(spec.input_size),
-                    "mean": list(spec.mean), "std": list(spec.std),
-                    "train": len(s.bundle.train), "val": len(s.bundle.val), "test": len(s.bundle.test)},
+        "optimizer": {
+            **{k: getattr(s.cfg, k) for k in OPTIMIZER_KEYS},
+            "method_defaults": method_optimizer_defaults(s.cfg.method),
+        },
+        "students": {
+            "count": s.students.count,
+            "layout": s.students.layout,
+            "arch": s.cfg.arch,
+            "method_ships": s.method.ships,
+        },
+        "dataset": {
+            "name": spec.name,
+            "source": s.bundle.source,
+            "fingerprint": s.bundle.fingerprint,
+            "num_classes": spec.num_classes,
+            "labels": list(spec.labels),
+            "in_channels": spec.in_channels,
+            "input_size": list(spec.input_size),
+            "mean": list(spec.mean),
+            "std": list(spec.std),
+            "train": len(s.bundle.train),
+            "val": len(s.bundle.val),
+            "test": len(s.bundle.test),
+        },
     }
 
 
@@ -527,5 +615,7 @@ def epoch_line(summary: dict, epochs: int) -> str:
     val = summary["val"]
     students = [v["top1"] for k, v in val.items() if k.startswith("student:")]
     extras = "  ".join(f"{k} {v['top1']:.2%}" for k, v in val.items() if not k.startswith("student:"))
-    return (f"epoch {summary['epoch']}/{epochs}  loss {summary['train']['loss']:.4f}  "
-            f"val best student {max(students):.2%}  {extras}  ({summary['images_per_s']:,.0f} img/s)")
+    return (
+        f"epoch {summary['epoch']}/{epochs}  loss {summary['train']['loss']:.4f}  "
+        f"val best student {max(students):.2%}  {extras}  ({summary['images_per_s']:,.0f} img/s)"
+    )

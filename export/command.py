@@ -17,7 +17,9 @@ from okdpipe.stage_config import flag
 
 def export_command(
     model_file: Annotated[Path, typer.Argument(help="MODEL.pt written by `okdpipe select`.")],
-    out: Annotated[Optional[Path], typer.Option("--out", help="Output directory: OUT/fp32 and OUT/<precision>.")] = None,
+    out: Annotated[
+        Optional[Path], typer.Option("--out", help="Output directory: OUT/fp32 and OUT/<precision>.")
+    ] = None,
     format: Annotated[Optional[str], flag(ExportConfig, "format")] = None,
     quantize: Annotated[Optional[str], flag(ExportConfig, "quantize")] = None,
     calib_size: Annotated[Optional[int], flag(ExportConfig, "calib_size")] = None,
@@ -27,20 +29,31 @@ def export_command(
     data_dir: Annotated[Optional[str], flag(ExportConfig, "data_dir")] = None,
     triton_max_batch_size: Annotated[Optional[int], flag(ExportConfig, "triton_max_batch_size")] = None,
     triton_instance: Annotated[Optional[str], flag(ExportConfig, "triton_instance")] = None,
-    config: Annotated[Optional[Path], typer.Option(help="YAML holding these options (as the pipeline's export: "
-                                                        "section); flags override it.")] = None,
+    config: Annotated[
+        Optional[Path],
+        typer.Option(help="YAML holding these options (as the pipeline's export: section); flags override it."),
+    ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and exit.")] = False,
-    json_output: Annotated[bool, typer.Option("--json", help="Print the written model cards as JSON on "
-                                                             "stdout.")] = False,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print the written model cards as JSON on stdout.")
+    ] = False,
 ) -> None:
     """Export a model file to ONNX, check parity and accuracy, and write model cards."""
     from okdpipe.console import emit_json, say
     from okdpipe.errors import OkdpipeError
     from okdpipe.stage_config import dump, resolve
 
-    flags = dict(format=format, quantize=quantize, calib_size=calib_size, calib_method=calib_method, opset=opset,
-                 max_accuracy_drop=max_accuracy_drop, data_dir=data_dir,
-                 triton_max_batch_size=triton_max_batch_size, triton_instance=triton_instance)
+    flags = dict(
+        format=format,
+        quantize=quantize,
+        calib_size=calib_size,
+        calib_method=calib_method,
+        opset=opset,
+        max_accuracy_drop=max_accuracy_drop,
+        data_dir=data_dir,
+        triton_max_batch_size=triton_max_batch_size,
+        triton_instance=triton_instance,
+    )
     cfg = resolve(ExportConfig, config, flags)
     if dry_run:
         typer.echo(dump(cfg), nl=False)

@@ -21,8 +21,9 @@ class ExportConfig(StageConfig):
     calib_size: int = Field(512, ge=1, le=1_000_000, description="training images used to calibrate int8 ranges")
     calib_method: Literal["minmax", "entropy", "percentile"] = Field("minmax", description="int8 calibration method")
     opset: int = Field(18, ge=MIN_OPSET, le=MAX_OPSET, description=f"ONNX opset version ({MIN_OPSET}-{MAX_OPSET})")
-    max_accuracy_drop: float = Field(1.0, ge=0, le=100,
-                                     description="fail if validation top-1 drops more (percentage points)")
+    max_accuracy_drop: float = Field(
+        1.0, ge=0, le=100, description="fail if validation top-1 drops more (percentage points)"
+    )
     data_dir: Optional[str] = Field(None, description="dataset directory, overriding the one the model file records")
     parity_batch: int = Field(32, ge=2, le=4096, description="validation images in the parity check's batch")
     triton_max_batch_size: int = Field(64, ge=1, le=1 << 16, description="Triton max_batch_size")

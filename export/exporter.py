@@ -11,9 +11,10 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -60,12 +61,23 @@ def export_model(model_path: str | os.PathLike, out_dir: str | os.PathLike, conf
     source = recorded_source(info, model_path).with_data_dir(config.data_dir)
     bundle = source.load()
     if len(bundle.val) == 0:
-        raise OkdpipeError(f"dataset {source.dataset!r} has an empty validation split; export needs one to check "
-                           "parity and accuracy (record val_split > 0 when training)")
+        raise OkdpipeError(
+            f"dataset {source.dataset!r} has an empty validation split; export needs one to check "
+            "parity and accuracy (record val_split > 0 when training)"
+        )
     preprocess = Preprocess(*info.input_size, info.in_channels, PIXEL_SCALE, info.mean, info.std)
     first = first_batch(bundle.val, config.parity_batch, preprocess)
-    ctx = ExportContext(model, info, Path(model_path), source, bundle.train, bundle.val, preprocess,
-                        onnx_export.parity_batches(first), config)
+    ctx = ExportContext(
+        model,
+        info,
+        Path(model_path),
+        source,
+        bundle.train,
+        bundle.val,
+        preprocess,
+        onnx_export.parity_batches(first),
+        config,
+    )
     out_dir = writable_dir(Path(out_dir))
     with exclusive_lock(out_dir / LOCK_FILE, f"another export is writing {out_dir}"):
         remove_stale_staging(out_dir)
@@ -77,16 +89,20 @@ def export_model(model_path: str | os.PathLike, out_dir: str | os.PathLike, conf
 def recorded_source(info: ModelInfo, where: object) -> DataSource:
     """The data the model was selected on, as the model file records it (older files: the dataset alone)."""
     record = info.provenance.get("data")
-    return DataSource.from_record(record, where) if record else DataSource.from_record({"dataset": info.dataset},
-                                                                                       where)
+    return DataSource.from_record(record, where) if record else DataSource.from_record({"dataset": info.dataset}, where)
 
 
 def check_finite_weights(model, where: object) -> None:
-    bad = [name for name, tensor in model.state_dict().items()
-           if tensor.is_floating_point() and not bool(tensor.isfinite().all())]
+    bad = [
+        name
+        for name, tensor in model.state_dict().items()
+        if tensor.is_floating_point() and not bool(tensor.isfinite().all())
+    ]
     if bad:
-        raise GateFailed(f"{where}: weight {bad[0]} (and {len(bad) - 1} more) holds NaN or inf; the model "
-                         "diverged and is not exported: retrain it with a lower --lr")
+        raise GateFailed(
+            f"{where}: weight {bad[0]} (and {len(bad) - 1} more) holds NaN or inf; the model "
+            "diverged and is not exported: retrain it with a lower --lr"
+        )
 
 
 def writable_dir(out_dir: Path) -> Path:
@@ -97,8 +113,9 @@ def writable_dir(out_dir: Path) -> Path:
         out_dir.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=out_dir).close()
     except OSError as exc:
-        raise OkdpipeError(f"--out {out_dir}: cannot write there ({exc.strerror or exc}); choose another "
-                           "directory") from None
+        raise OkdpipeError(
+            f"--out {out_dir}: cannot write there ({exc.strerror or exc}); choose another directory"
+        ) from None
     return out_dir
 
 
@@ -122,15 +139,21 @@ def build_artifacts(ctx: ExportContext, staging: Path) -> dict[str, ModelCard]:
 def build_fp32(ctx: ExportContext, directory: Path) -> ModelCard:
     directory.mkdir(parents=True)
     onnx_path = directory / ONNX_FILE
-    opset = onnx_export.export_onnx(ctx.model, (ctx.info.in_channels, *ctx.info.input_size), onnx_path,
-                                    ctx.config.opset)
+    opset = onnx_export.export_onnx(
+        ctx.model, (ctx.info.in_channels, *ctx.info.input_size), onnx_path, ctx.config.opset
+    )
     predict = ort_predict(onnx_path)
-    parity = onnx_export.parity_report(torch_predict(ctx.model), predict, ctx.parity_inputs,
-                                       onnx_export.FP32_TOLERANCE, "pytorch-fp32")
+    parity = onnx_export.parity_report(
+        torch_predict(ctx.model), predict, ctx.parity_inputs, onnx_export.FP32_TOLERANCE, "pytorch-fp32"
+    )
     result = score(predict, ctx.val, ctx.preprocess, what=f"{ctx.model_path} exported to fp32 ONNX")
     ctx.fp32_top1 = result.top1
-    accuracy = {"val_top1": result.top1, "val_samples": result.samples, "fp32_val_top1": result.top1,
-                "drop_points": 0.0}
+    accuracy = {
+        "val_top1": result.top1,
+        "val_samples": result.samples,
+        "fp32_val_top1": result.top1,
+        "drop_points": 0.0,
+    }
     return write_card(directory, card_fields(ctx, "fp32", opset, parity, None, accuracy))
 
 
@@ -140,8 +163,7 @@ def build_variant(ctx: ExportContext, fp32_path: Path, directory: Path, precisio
     quantization = convert(ctx, fp32_path, onnx_path, precision)
     predict = ort_predict(onnx_path)
     tolerance = onnx_export.FP16_TOLERANCE if precision == "fp16" else None
-    parity = onnx_export.parity_report(torch_predict(ctx.model), predict, ctx.parity_inputs, tolerance,
-                                       "pytorch-fp32")
+    parity = onnx_export.parity_report(torch_predict(ctx.model), predict, ctx.parity_inputs, tolerance, "pytorch-fp32")
     accuracy = accuracy_with_drop(ctx, predict, precision)
     opset = onnx_export.graph_opset(_load_graph(onnx_path))
     return write_card(directory, card_fields(ctx, precision, opset, parity, quantization, accuracy))
@@ -155,8 +177,9 @@ def convert(ctx: ExportContext, fp32_path: Path, onnx_path: Path, precision: str
         return quantize.quantize_int8_dynamic(fp32_path, onnx_path, settings)
     samples = min(ctx.config.calib_size, len(ctx.train))
     batches = normalised_batches(ctx.train, quantize.CALIB_BATCH, ctx.preprocess, limit=samples)
-    reader = quantize.BatchReader((inputs for inputs, _ in batches), -(-samples // quantize.CALIB_BATCH),
-                                  onnx_export.INPUT_NAME)
+    reader = quantize.BatchReader(
+        (inputs for inputs, _ in batches), -(-samples // quantize.CALIB_BATCH), onnx_export.INPUT_NAME
+    )
     return quantize.quantize_int8_static(fp32_path, onnx_path, reader, ctx.config.calib_method, settings)
 
 
@@ -170,8 +193,7 @@ def accuracy_with_drop(ctx: ExportContext, predict, precision: str) -> dict:
             f"over --max-accuracy-drop {ctx.config.max_accuracy_drop:g}; try --calib-method entropy/percentile, "
             "a larger --calib-size, or raise the limit"
         )
-    return {"val_top1": result.top1, "val_samples": result.samples, "fp32_val_top1": ctx.fp32_top1,
-            "drop_points": drop}
+    return {"val_top1": result.top1, "val_samples": result.samples, "fp32_val_top1": ctx.fp32_top1, "drop_points": drop}
 
 
 def torch_predict(model) -> Callable[[np.ndarray], np.ndarray]:
@@ -190,16 +212,21 @@ def _load_graph(path: Path):
     return onnx.load(str(path), load_external_data=False)
 
 
-def card_fields(ctx: ExportContext, precision: str, opset: int, parity: dict, quantization: dict | None,
-                accuracy: dict) -> dict:
+def card_fields(
+    ctx: ExportContext, precision: str, opset: int, parity: dict, quantization: dict | None, accuracy: dict
+) -> dict:
     info = ctx.info
     height, width = (int(s) for s in info.input_size)
     return {
         "name": model_name(info, precision),
         "file": ONNX_FILE,
         "precision": precision,
-        "input": {"name": onnx_export.INPUT_NAME, "shape": [None, info.in_channels, height, width],
-                  "dtype": "float32", "layout": "NCHW"},
+        "input": {
+            "name": onnx_export.INPUT_NAME,
+            "shape": [None, info.in_channels, height, width],
+            "dtype": "float32",
+            "layout": "NCHW",
+        },
         "output": {"name": onnx_export.OUTPUT_NAME, "shape": [None, info.num_classes], "dtype": "float32"},
         "preprocess": ctx.preprocess.as_dict(),
         "labels": list(info.labels),
@@ -224,15 +251,24 @@ def runtime_versions() -> dict[str, str]:
     import onnxruntime
     import torch
 
-    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
-            "okdpipe": __version__}
+    return {
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "okdpipe": __version__,
+    }
 
 
 def provenance(ctx: ExportContext) -> dict:
     recorded = ctx.info.provenance
-    return {"model_file": str(ctx.model_path.resolve()), "model_sha256": file_sha256(ctx.model_path),
-            "run_dir": recorded.get("run_dir"), "candidate": recorded.get("candidate"),
-            "method": recorded.get("method"), "data": ctx.source.as_record()}
+    return {
+        "model_file": str(ctx.model_path.resolve()),
+        "model_sha256": file_sha256(ctx.model_path),
+        "run_dir": recorded.get("run_dir"),
+        "candidate": recorded.get("candidate"),
+        "method": recorded.get("method"),
+        "data": ctx.source.as_record(),
+    }
 
 
 def publish(staged: dict[str, ModelCard], out_dir: Path, ctx: ExportContext, staging: Path) -> list[ModelCard]:
@@ -254,8 +290,9 @@ def publish(staged: dict[str, ModelCard], out_dir: Path, ctx: ExportContext, sta
         for old, place in moved:
             shutil.rmtree(place, ignore_errors=True)
             os.replace(old, place)
-        raise OkdpipeError(f"--out {out_dir}: could not publish the export ({exc.strerror or exc}); the earlier "
-                           "artifacts are kept") from None
+        raise OkdpipeError(
+            f"--out {out_dir}: could not publish the export ({exc.strerror or exc}); the earlier artifacts are kept"
+        ) from None
     from okdpipe.contracts.card import read_card
 
     return [read_card(out_dir / precision) for precision in staged]
@@ -268,7 +305,8 @@ def publish_triton(staged: dict[str, ModelCard], out_dir: Path, ctx: ExportConte
     written = []
     for card in staged.values():
         shutil.rmtree(out_dir / card.name, ignore_errors=True)
-        model_dir = write_triton_model(out_dir, card.name, card.directory, card.raw,
-                                       ctx.config.triton_max_batch_size, ctx.config.triton_instance)
+        model_dir = write_triton_model(
+            out_dir, card.name, card.directory, card.raw, ctx.config.triton_max_batch_size, ctx.config.triton_instance
+        )
         written.append(read_card(model_dir / "1"))
     return written

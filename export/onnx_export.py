@@ -12,7 +12,7 @@ gives the same ops but stamps eight ORT-private opset domains into the file, so 
 from __future__ import annotations
 
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -60,8 +60,15 @@ def _export_dynamo(model, input_shape: tuple[int, int, int], path, opset: int) -
     sample = torch.zeros(TRACE_BATCH, *input_shape)
     batch = torch.export.Dim("batch", min=1, max=65536)
     program = torch.onnx.export(
-        model, (sample,), dynamo=True, opset_version=opset, optimize=True, verbose=False,
-        input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},),
+        model,
+        (sample,),
+        dynamo=True,
+        opset_version=opset,
+        optimize=True,
+        verbose=False,
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        dynamic_shapes=({0: batch},),
     )
     program.save(str(path), external_data=False)
 
@@ -73,9 +80,16 @@ def _export_torchscript(model, input_shape: tuple[int, int, int], path, opset: i
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-        torch.onnx.export(model, (torch.zeros(TRACE_BATCH, *input_shape),), str(path), dynamo=False,
-                          opset_version=opset, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+        torch.onnx.export(
+            model,
+            (torch.zeros(TRACE_BATCH, *input_shape),),
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        )
 
 
 def run_session(session, batch: np.ndarray) -> np.ndarray:
@@ -109,8 +123,13 @@ def parity_report(
         scale = max(scale, float(np.max(np.abs(expected))))
         agree += int(np.sum(expected.argmax(1) == actual.argmax(1)))
         total, sizes = total + len(batch), sizes + [len(batch)]
-    report = {"max_abs_diff": worst, "top1_agreement": agree / max(total, 1), "batches": sizes,
-              "tolerance": tolerance, "reference": reference_name}
+    report = {
+        "max_abs_diff": worst,
+        "top1_agreement": agree / max(total, 1),
+        "batches": sizes,
+        "tolerance": tolerance,
+        "reference": reference_name,
+    }
     if tolerance is not None and not worst <= tolerance * scale:
         raise GateFailed(
             f"parity check failed: ONNX Runtime logits differ from {reference_name} by {worst:.3g} "
@@ -128,5 +147,7 @@ def check_finite(logits: np.ndarray, who: str) -> None:
     """A model answering NaN or inf never passes parity (max() would silently drop a NaN difference)."""
     bad = int((~np.isfinite(logits)).sum())
     if bad:
-        raise GateFailed(f"parity check failed: {who} gives {bad} non-finite logits (NaN or inf) on real validation "
-                         "images; the model's weights are damaged or diverged: retrain or re-select")
+        raise GateFailed(
+            f"parity check failed: {who} gives {bad} non-finite logits (NaN or inf) on real validation "
+            "images; the model's weights are damaged or diverged: retrain or re-select"
+        )

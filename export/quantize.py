@@ -8,11 +8,10 @@ int32 and needs no reduction. The choice and the detected features go into the c
 
 from __future__ import annotations
 
-import os
 import platform
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
@@ -36,8 +35,15 @@ def int8_settings(features: dict[str, bool], machine: str | None = None) -> dict
         reason = "x86 with VNNI: int32 accumulation, full 8-bit weights"
     else:
         reason = "x86 without VNNI: 7-bit weights avoid u8s8 saturation (ORT advice)"
-    return {"activation_type": "QUInt8", "weight_type": "QInt8", "per_channel": True,
-            "reduce_range": reduce_range, "reason": reason, "cpu_features": features, "machine": machine}
+    return {
+        "activation_type": "QUInt8",
+        "weight_type": "QInt8",
+        "per_channel": True,
+        "reduce_range": reduce_range,
+        "reason": reason,
+        "cpu_features": features,
+        "machine": machine,
+    }
 
 
 class BatchReader(CalibrationDataReader):
@@ -79,20 +85,32 @@ def quantize_int8_static(fp32_path, out_path, reader: BatchReader, method: str, 
 
     if method not in CALIB_METHODS:
         raise OkdpipeError(f"unknown calibration method {method!r}; choose one of: {', '.join(CALIB_METHODS)}")
-    calibrate = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                 "percentile": CalibrationMethod.Percentile}[method]
+    calibrate = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }[method]
     with tempfile.TemporaryDirectory(dir=Path(out_path).parent, prefix=".quant-") as work:
         prepared = Path(work) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared))
         quantize_static(
-            str(prepared), str(out_path), reader,
-            quant_format=QuantFormat.QDQ, per_channel=settings["per_channel"],
-            reduce_range=settings["reduce_range"], activation_type=getattr(QuantType, settings["activation_type"]),
-            weight_type=getattr(QuantType, settings["weight_type"]), calibrate_method=calibrate,
+            str(prepared),
+            str(out_path),
+            reader,
+            quant_format=QuantFormat.QDQ,
+            per_channel=settings["per_channel"],
+            reduce_range=settings["reduce_range"],
+            activation_type=getattr(QuantType, settings["activation_type"]),
+            weight_type=getattr(QuantType, settings["weight_type"]),
+            calibrate_method=calibrate,
             extra_options={"CalibStridedMinMax": 1},
         )
-    return {"method": "static", "format": "QDQ", "calibration": {"method": method, "samples": reader.samples,
-            "split": "train"}, **settings}
+    return {
+        "method": "static",
+        "format": "QDQ",
+        "calibration": {"method": method, "samples": reader.samples, "split": "train"},
+        **settings,
+    }
 
 
 def quantize_int8_dynamic(fp32_path, out_path, settings: dict) -> dict:
@@ -104,10 +122,20 @@ def quantize_int8_dynamic(fp32_path, out_path, settings: dict) -> dict:
         prepared = Path(work) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared))
         # ConvInteger in ORT's CPU provider only takes uint8 weights, so dynamic mode uses QUInt8 weights
-        quantize_dynamic(str(prepared), str(out_path), weight_type=QuantType.QInt8,
-                         per_channel=settings["per_channel"], reduce_range=settings["reduce_range"])
-    return {"method": "dynamic", "format": "QOperator", "calibration": None,
-            **settings, "activation_type": "QUInt8 (per batch)"}
+        quantize_dynamic(
+            str(prepared),
+            str(out_path),
+            weight_type=QuantType.QInt8,
+            per_channel=settings["per_channel"],
+            reduce_range=settings["reduce_range"],
+        )
+    return {
+        "method": "dynamic",
+        "format": "QOperator",
+        "calibration": None,
+        **settings,
+        "activation_type": "QUInt8 (per batch)",
+    }
 
 
 def convert_fp16(fp32_path, out_path) -> dict:

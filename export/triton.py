@@ -12,8 +12,8 @@ import os
 import shutil
 from pathlib import Path
 
-from okdpipe.errors import OkdpipeError
 from okdpipe.contracts.card import CARD_NAME
+from okdpipe.errors import OkdpipeError
 from okdpipe.files import atomic_write_text
 
 TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "uint8": "TYPE_UINT8", "int64": "TYPE_INT64"}
@@ -23,8 +23,10 @@ MODEL_VERSION = "1"
 
 def _tensor_entry(tensor: dict) -> str:
     dims = ", ".join(str(int(d)) for d in tensor["shape"][1:])  # drop the batch axis, Triton adds it
-    return (f'  {{\n    name: "{tensor["name"]}"\n    data_type: {TRITON_DTYPES[tensor["dtype"]]}\n'
-            f"    dims: [ {dims} ]\n  }}")
+    return (
+        f'  {{\n    name: "{tensor["name"]}"\n    data_type: {TRITON_DTYPES[tensor["dtype"]]}\n'
+        f"    dims: [ {dims} ]\n  }}"
+    )
 
 
 def triton_config(name: str, card: dict, max_batch_size: int = 64, instance: str = "cpu", count: int = 1) -> str:
@@ -42,8 +44,14 @@ def triton_config(name: str, card: dict, max_batch_size: int = 64, instance: str
     )
 
 
-def write_triton_model(repository: str | os.PathLike, name: str, artifact_dir: str | os.PathLike, card: dict,
-                       max_batch_size: int = 64, instance: str = "cpu") -> Path:
+def write_triton_model(
+    repository: str | os.PathLike,
+    name: str,
+    artifact_dir: str | os.PathLike,
+    card: dict,
+    max_batch_size: int = 64,
+    instance: str = "cpu",
+) -> Path:
     """Copy an artifact directory into REPO/<name>/1/ and write REPO/<name>/config.pbtxt; returns REPO/<name>."""
     model_dir = Path(repository) / name
     version_dir = model_dir / MODEL_VERSION

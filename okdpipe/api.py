@@ -25,8 +25,21 @@ from okdpipe.distill.select_command import SelectConfig
 from okdpipe.export.config import ExportConfig
 from okdpipe.serve.config import ServeConfig
 
-__all__ = ["BenchConfig", "DistillConfig", "ExportConfig", "SelectConfig", "Selected", "ServeConfig", "bench", "export", "fit",
-           "load_model", "load_run", "select", "serve_app"]
+__all__ = [
+    "BenchConfig",
+    "DistillConfig",
+    "ExportConfig",
+    "SelectConfig",
+    "Selected",
+    "ServeConfig",
+    "bench",
+    "export",
+    "fit",
+    "load_model",
+    "load_run",
+    "select",
+    "serve_app",
+]
 
 PathLike = str | os.PathLike
 
@@ -57,8 +70,9 @@ def select(run_dir: PathLike, config: SelectConfig | None = None, *, out: PathLi
     from okdpipe.distill.select import select as choose
 
     cfg = config or SelectConfig()
-    rows, ensemble, chosen, path = choose(Path(run_dir), cfg.strategy, None if out is None else Path(out),
-                                          cfg.bn_batches, cfg.device)
+    rows, ensemble, chosen, path = choose(
+        Path(run_dir), cfg.strategy, None if out is None else Path(out), cfg.bn_batches, cfg.device
+    )
     return Selected(Path(path), chosen.name, chosen.top1, rows, ensemble)
 
 
@@ -70,16 +84,25 @@ def export(model_file: PathLike, out: PathLike, config: ExportConfig | None = No
     return export_model(Path(model_file), Path(out), config or ExportConfig())
 
 
-def bench(artifacts: list[PathLike], config: BenchConfig | None = None, *, policy: PathLike | None = None,
-          baseline: PathLike | None = None, report: PathLike | None = None):
+def bench(
+    artifacts: list[PathLike],
+    config: BenchConfig | None = None,
+    *,
+    policy: PathLike | None = None,
+    baseline: PathLike | None = None,
+    report: PathLike | None = None,
+):
     """`okdpipe bench`: a `BenchReport` with the config's gates evaluated (`report.gates`; nothing is raised
     for a failed gate: check each `report.gates[i].passed`). Writes report.json/.md/.png when `report` is given."""
     from okdpipe.bench.report import write_reports
     from okdpipe.bench.run import bench as measure
 
-    result = measure([Path(a) for a in artifacts], config or BenchConfig(),
-                     policy=None if policy is None else Path(policy),
-                     baseline=None if baseline is None else Path(baseline))
+    result = measure(
+        [Path(a) for a in artifacts],
+        config or BenchConfig(),
+        policy=None if policy is None else Path(policy),
+        baseline=None if baseline is None else Path(baseline),
+    )
     if report is not None:
         write_reports(result, Path(report))
     return result

@@ -38,9 +38,10 @@ def _show_version(value: bool) -> None:
 
 
 @app.callback()
-def main(
-    version: Optional[bool] = typer.Option(None, "--version", callback=_show_version, is_eager=True,
-                                           help="Print the version and exit."),
+def root(
+    version: Optional[bool] = typer.Option(
+        None, "--version", callback=_show_version, is_eager=True, help="Print the version and exit."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors and --json output."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show the libraries' warnings and logs."),
 ) -> None:
@@ -49,11 +50,16 @@ def main(
     set_verbosity(QUIET if quiet else VERBOSE if verbose else NORMAL)
 
 
-for name, command in [("distill", distill_command), ("select", select_command), ("export", export_command),
-                      ("bench", bench_command), ("serve", serve_command), ("pipeline", pipeline_command),
-                      ("env", env_command)]:
+for name, command in [
+    ("distill", distill_command),
+    ("select", select_command),
+    ("export", export_command),
+    ("bench", bench_command),
+    ("serve", serve_command),
+    ("pipeline", pipeline_command),
+    ("env", env_command),
+]:
     app.command(name)(friendly_errors(command))
-
 
 
 def main() -> None:

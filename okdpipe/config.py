@@ -8,8 +8,9 @@ hostile file cannot expand into gigabytes ("billion laughs").
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -50,21 +51,30 @@ class DistillConfig(Strict):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     channels_last: bool = False
     compile: bool = False
-    fused: bool = Field(False, description="same-architecture peers as one grouped network (vanilla, DML, OKDPH); "
-                                           "faster on GPU only, see BENCHMARKS.md")
+    fused: bool = Field(
+        False,
+        description="same-architecture peers as one grouped network (vanilla, DML, OKDPH); "
+        "faster on GPU only, see BENCHMARKS.md",
+    )
     view_augment: Literal["method", "same"] = Field(
-        "method", description="per-view augmentation: the method's policy (OKDPH: flip+rotate, flip+cutout, "
-                              "RandAugment for the hybrid) or 'same' (every view a fresh draw of the dataset's own)")
+        "method",
+        description="per-view augmentation: the method's policy (OKDPH: flip+rotate, flip+cutout, "
+        "RandAugment for the hybrid) or 'same' (every view a fresh draw of the dataset's own)",
+    )
     seed: int = Field(0, ge=0, lt=2**31, description="seed for initialisation, split, order and augmentation")
     workers: int = Field(0, ge=0, le=256, description="data-loading workers (image folders only)")
-    nproc_per_node: int = Field(1, ge=1, le=1024, description="data-parallel processes, one GPU each on CUDA; "
-                                                              "batch_size is the global batch, split evenly")
+    nproc_per_node: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="data-parallel processes, one GPU each on CUDA; batch_size is the global batch, split evenly",
+    )
     eval_batch_size: int = Field(512, ge=1)
     method_params: dict[str, Any] = Field(default_factory=dict)
     data_options: dict[str, Any] = Field(default_factory=dict, description="extra dataset loader options")
 
     @model_validator(mode="after")
-    def _milestones_in_range(self) -> "DistillConfig":
+    def _milestones_in_range(self) -> DistillConfig:
         if any(not 0 < m < 1 for m in self.milestones):
             raise ValueError("milestones are fractions of the run, each strictly between 0 and 1")
         return self

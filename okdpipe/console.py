@@ -13,8 +13,17 @@ import warnings
 from typing import Any
 
 QUIET, NORMAL, VERBOSE = 0, 1, 2
-NOISY_LOGGERS = ("onnxruntime", "onnxscript", "torch", "torch.onnx", "matplotlib", "PIL", "albumentations",
-                 "uvicorn.error", "httpx")
+NOISY_LOGGERS = (
+    "onnxruntime",
+    "onnxscript",
+    "torch",
+    "torch.onnx",
+    "matplotlib",
+    "PIL",
+    "albumentations",
+    "uvicorn.error",
+    "httpx",
+)
 _level = NORMAL
 
 

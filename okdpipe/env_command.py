@@ -8,8 +8,20 @@ from typing import Annotated, Any
 
 import typer
 
-PACKAGES = ("torch", "torchvision", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu", "numpy", "typer",
-            "pydantic", "fastapi", "uvicorn", "albumentations")
+PACKAGES = (
+    "torch",
+    "torchvision",
+    "onnx",
+    "onnxscript",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "numpy",
+    "typer",
+    "pydantic",
+    "fastapi",
+    "uvicorn",
+    "albumentations",
+)
 
 
 def environment_report() -> dict[str, Any]:
@@ -17,10 +29,15 @@ def environment_report() -> dict[str, Any]:
     from okdpipe import __version__
     from okdpipe.cpu import cpu_features, cpu_model
 
-    return {"okdpipe": __version__, "python": platform.python_version(), "platform": platform.platform(),
-            "packages": {name: _version(name) for name in PACKAGES},
-            "onnxruntime_providers": _ort_providers(), "cpu": {"model": cpu_model(), "features": cpu_features()},
-            "cuda": _cuda_devices()}
+    return {
+        "okdpipe": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": {name: _version(name) for name in PACKAGES},
+        "onnxruntime_providers": _ort_providers(),
+        "cpu": {"model": cpu_model(), "features": cpu_features()},
+        "cuda": _cuda_devices(),
+    }
 
 
 def _version(package: str) -> str | None:
@@ -45,9 +62,14 @@ def _cuda_devices() -> dict[str, Any]:
         return {"available": False, "devices": [], "note": "torch is not installed"}
     if not torch.cuda.is_available():
         return {"available": False, "devices": [], "torch_cuda_build": torch.version.cuda}
-    devices = [{"index": i, "name": torch.cuda.get_device_name(i),
-                "memory_gib": round(torch.cuda.get_device_properties(i).total_memory / 2**30, 1)}
-               for i in range(torch.cuda.device_count())]
+    devices = [
+        {
+            "index": i,
+            "name": torch.cuda.get_device_name(i),
+            "memory_gib": round(torch.cuda.get_device_properties(i).total_memory / 2**30, 1),
+        }
+        for i in range(torch.cuda.device_count())
+    ]
     return {"available": True, "devices": devices, "torch_cuda_build": torch.version.cuda}
 
 

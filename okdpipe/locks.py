@@ -6,8 +6,8 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from okdpipe.errors import OkdpipeError
 

@@ -72,8 +72,10 @@ def save_model_file(model, info: ModelInfo, path: str | os.PathLike) -> str:
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     non_finite = [k for k, v in state.items() if v.is_floating_point() and not bool(v.isfinite().all())]
     if non_finite:
-        raise OkdpipeError(f"{path}: not written: weight {non_finite[0]} (and {len(non_finite) - 1} more) holds "
-                           "NaN or inf; the model diverged, retrain it with a lower --lr")
+        raise OkdpipeError(
+            f"{path}: not written: weight {non_finite[0]} (and {len(non_finite) - 1} more) holds "
+            "NaN or inf; the model diverged, retrain it with a lower --lr"
+        )
     payload = {
         **MODEL_FILE.header(),
         "okdpipe_version": __version__,
@@ -120,10 +122,16 @@ def info_from_payload(payload: dict, where: object) -> ModelInfo:
     """ModelInfo from a model file's fields, each checked (type, length, std > 0, one label per class)."""
     try:
         info = ModelInfo(
-            arch=payload["arch"], arch_kwargs=payload.get("arch_kwargs", {}), num_classes=payload["num_classes"],
-            in_channels=payload["in_channels"], input_size=tuple(payload["input_size"]),
-            mean=tuple(payload["mean"]), std=tuple(payload["std"]), labels=tuple(payload["labels"]),
-            dataset=payload.get("dataset", ""), provenance=payload.get("provenance", {}),
+            arch=payload["arch"],
+            arch_kwargs=payload.get("arch_kwargs", {}),
+            num_classes=payload["num_classes"],
+            in_channels=payload["in_channels"],
+            input_size=tuple(payload["input_size"]),
+            mean=tuple(payload["mean"]),
+            std=tuple(payload["std"]),
+            labels=tuple(payload["labels"]),
+            dataset=payload.get("dataset", ""),
+            provenance=payload.get("provenance", {}),
         )
     except (KeyError, TypeError) as exc:
         raise OkdpipeError(f"{where}: the model file lacks or mistypes field {exc}; {MODEL_FILE.fix}") from None
@@ -147,18 +155,28 @@ def _info_problem(info: ModelInfo) -> str | None:
 
     checks = [
         (isinstance(info.arch, str) and bool(info.arch), f"arch {info.arch!r} must be a non-empty string"),
-        (positive_int(info.num_classes) and info.num_classes >= 2,
-         f"num_classes {info.num_classes!r} must be an integer >= 2"),
+        (
+            positive_int(info.num_classes) and info.num_classes >= 2,
+            f"num_classes {info.num_classes!r} must be an integer >= 2",
+        ),
         (positive_int(info.in_channels), f"in_channels {info.in_channels!r} must be a positive integer"),
-        (len(info.input_size) == 2 and all(positive_int(s) for s in info.input_size),
-         f"input_size {list(info.input_size)} must be two positive integers"),
-        (len(info.mean) == len(info.std) == info.in_channels and finite((*info.mean, *info.std)),
-         f"mean/std must be {info.in_channels} finite numbers each"),
+        (
+            len(info.input_size) == 2 and all(positive_int(s) for s in info.input_size),
+            f"input_size {list(info.input_size)} must be two positive integers",
+        ),
+        (
+            len(info.mean) == len(info.std) == info.in_channels and finite((*info.mean, *info.std)),
+            f"mean/std must be {info.in_channels} finite numbers each",
+        ),
         (finite(info.std) and min(info.std, default=0) > 0, "std must be > 0 for every channel"),
-        (len(info.labels) == info.num_classes and all(isinstance(x, str) for x in info.labels),
-         f"labels must be {info.num_classes} strings, one per class (got {len(info.labels)})"),
+        (
+            len(info.labels) == info.num_classes and all(isinstance(x, str) for x in info.labels),
+            f"labels must be {info.num_classes} strings, one per class (got {len(info.labels)})",
+        ),
         (isinstance(info.dataset, str), "dataset must be a string"),
-        (isinstance(info.arch_kwargs, dict) and isinstance(info.provenance, dict),
-         "arch_kwargs and provenance must be mappings"),
+        (
+            isinstance(info.arch_kwargs, dict) and isinstance(info.provenance, dict),
+            "arch_kwargs and provenance must be mappings",
+        ),
     ]
     return next((problem for ok, problem in checks if not ok), None)

@@ -20,9 +20,10 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from pydantic import Field, ValidationError, model_validator
 
@@ -36,8 +37,14 @@ from okdpipe.files import atomic_write_json, file_sha256
 from okdpipe.run import RunDir, now_iso
 
 STATE_FILE = "pipeline.json"
-STATE = FileFormat("okdpipe-pipeline-state", 2, "pipeline state file", "re-run the pipeline with --force",
-                   also_reads=(1,), legacy_key="state_version")
+STATE = FileFormat(
+    "okdpipe-pipeline-state",
+    2,
+    "pipeline state file",
+    "re-run the pipeline with --force",
+    also_reads=(1,),
+    legacy_key="state_version",
+)
 
 
 class PipelineConfig(Strict):
@@ -51,10 +58,12 @@ class PipelineConfig(Strict):
     gate: list[str] = Field(default_factory=list, description='e.g. ["top1>=0.80", "p99_ms@1<=20"]')
 
     @model_validator(mode="after")
-    def _gates_in_one_place(self) -> "PipelineConfig":
+    def _gates_in_one_place(self) -> PipelineConfig:
         if self.bench.gates:
-            raise ValueError("put the pipeline's gates in its top-level `gate:` list, not bench.gates (a gate "
-                             "change then re-runs only the gate stage, not the benchmark)")
+            raise ValueError(
+                "put the pipeline's gates in its top-level `gate:` list, not bench.gates (a gate "
+                "change then re-runs only the gate stage, not the benchmark)"
+            )
         if self.export.format != "onnx":
             raise ValueError("the pipeline exports plain ONNX artifacts (its bench reads them); drop export.format")
         return self
@@ -175,8 +184,12 @@ class Pipeline:
 
     def record(self, state: dict, stage: Stage, inputs: dict, outputs: list[str], extra: dict) -> None:
         state["stages"][stage.name] = {
-            "config_sha256": section_sha256(stage.section), "inputs": inputs,
-            "outputs": hash_files(self.out, outputs), "finished": now_iso(), **extra}
+            "config_sha256": section_sha256(stage.section),
+            "inputs": inputs,
+            "outputs": hash_files(self.out, outputs),
+            "finished": now_iso(),
+            **extra,
+        }
         state["updated"] = now_iso()
         atomic_write_json(self.state_path, state)
 
@@ -212,8 +225,10 @@ class Pipeline:
 
     def finish(self, gate_record: dict) -> int:
         for result in gate_record["results"]:
-            self.echo(f"  {'pass' if result['passed'] else 'FAIL'}  {result['expression']}  "
-                      f"(value {result['value']}){'  ' + result['detail'] if result.get('detail') else ''}")
+            self.echo(
+                f"  {'pass' if result['passed'] else 'FAIL'}  {result['expression']}  "
+                f"(value {result['value']}){'  ' + result['detail'] if result.get('detail') else ''}"
+            )
         passed = gate_record["passed"]
         self.echo(f"gate {'passed' if passed else 'FAILED'}; report: {self.out / 'report.json'}")
         return 0 if passed else 1
@@ -260,8 +275,9 @@ class Pipeline:
         from okdpipe.distill.select import select
 
         section = self.cfg.select
-        _, _, chosen, path = select(self.run_dir, section.strategy, self.out / "model.pt", section.bn_batches,
-                                    section.device)
+        _, _, chosen, path = select(
+            self.run_dir, section.strategy, self.out / "model.pt", section.bn_batches, section.device
+        )
         self.echo(f"  chose {chosen.name} (val top-1 {chosen.top1:.2%})")
         return [str(path.relative_to(self.out))], {"chosen": chosen.name, "val_top1": chosen.top1}
 
@@ -275,8 +291,7 @@ class Pipeline:
         # A fresh directory: a variant from an earlier config (say int8 before fp16) must not linger.
         shutil.rmtree(self.out / "export", ignore_errors=True)
         cards = export_model(self.out / "model.pt", self.out / "export", self.cfg.export)
-        return files_under(self.out, "export"), {"artifacts": [str(c.directory.relative_to(self.out))
-                                                               for c in cards]}
+        return files_under(self.out, "export"), {"artifacts": [str(c.directory.relative_to(self.out)) for c in cards]}
 
     def _bench(self) -> tuple[list[str], dict]:
         from okdpipe.bench.run import run_bench
@@ -295,8 +310,9 @@ class Pipeline:
         path = self.out / "bench.json"
         report = BenchReport.from_dict(json.loads(path.read_text()), path)
         results = evaluate_gates(report, list(self.cfg.gate))
-        written = write_reports(replace(report, gates=results), self.out / "report.json",
-                                junit=self.out / "report.junit.xml")
+        written = write_reports(
+            replace(report, gates=results), self.out / "report.json", junit=self.out / "report.junit.xml"
+        )
         rows = [gate_row(result) for result in results]
         outputs = sorted(str(Path(p).relative_to(self.out)) for p in written.values())
         return outputs, {"passed": all(row["passed"] for row in rows), "results": rows}
@@ -320,8 +336,13 @@ def default_out(config_path: Path) -> Path:
     return Path("runs") / config_path.stem
 
 
-def run_pipeline(config_path: Path, out: Optional[Path] = None, force: bool = False, dry_run: bool = False,
-                 echo: Callable[[str], None] = print) -> int:
+def run_pipeline(
+    config_path: Path,
+    out: Optional[Path] = None,
+    force: bool = False,
+    dry_run: bool = False,
+    echo: Callable[[str], None] = print,
+) -> int:
     """Load and check the config, then plan (--dry-run) or run; returns the exit code (the gate's)."""
     cfg = load_pipeline_config(config_path)
     out = Path(out or cfg.out or default_out(Path(config_path)))
@@ -331,5 +352,3 @@ def run_pipeline(config_path: Path, out: Optional[Path] = None, force: bool = Fa
             echo(describe(decision))
         return 0
     return pipeline.run()
-
-

@@ -1,12 +1,12 @@
 """The run directory and its manifest: what every stage read and wrote, with hashes.
 
-    RUN_DIR/
-      config.yaml      the resolved config (YAML < flags < --set)
-      manifest.json    versions, device, dataset fingerprint, per-epoch summary, artifacts with sha256
-      metrics.jsonl    one JSON object per logged step and per epoch
-      checkpoints/     last.pt (+ best.pt), written atomically each epoch
-      .lock            held (flock) by the process writing the run; the kernel releases it when that process
-                       ends, however it ends, so a stale file never blocks
+RUN_DIR/
+  config.yaml      the resolved config (YAML < flags < --set)
+  manifest.json    versions, device, dataset fingerprint, per-epoch summary, artifacts with sha256
+  metrics.jsonl    one JSON object per logged step and per epoch
+  checkpoints/     last.pt (+ best.pt), written atomically each epoch
+  .lock            held (flock) by the process writing the run; the kernel releases it when that process
+                   ends, however it ends, so a stale file never blocks
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ import contextlib
 import json
 import os
 import platform
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -29,8 +30,13 @@ from okdpipe.files import atomic_write_json, file_sha256
 
 MANIFEST_VERSION = 1
 # Manifests keep their `manifest_version` key (written since version 1); the check is the common one.
-MANIFEST = FileFormat("okdpipe-manifest", MANIFEST_VERSION, "run manifest",
-                      "re-run the stage into a new directory", legacy_key="manifest_version")
+MANIFEST = FileFormat(
+    "okdpipe-manifest",
+    MANIFEST_VERSION,
+    "run manifest",
+    "re-run the stage into a new directory",
+    legacy_key="manifest_version",
+)
 LOCK_FILE = ".lock"
 
 

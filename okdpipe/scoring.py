@@ -7,8 +7,8 @@ Non-finite logits are never scored as if they were fine: `score` raises GateFail
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import numpy as np
 
@@ -18,8 +18,9 @@ Predict = Callable[[np.ndarray], np.ndarray]
 SCORE_BATCH = 256
 
 
-def normalised_batches(split, batch_size: int, preprocess, limit: int | None = None
-                       ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def normalised_batches(
+    split, batch_size: int, preprocess, limit: int | None = None
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(float32 NCHW inputs, int64 labels) from a dataset split (`iter_batches` of uint8 pixels), at most
     `limit` images in all."""
     seen = 0
@@ -67,8 +68,10 @@ def score(predict: Predict, split, preprocess, *, what: str, batch_size: int = S
         logits = np.asarray(predict(inputs))
         bad_rows = int((~np.isfinite(logits)).any(axis=1).sum())
         if bad_rows:
-            raise GateFailed(f"{what} gives non-finite logits (NaN or inf) for {bad_rows} of {len(labels)} "
-                               "images in a batch; its weights are damaged or diverged: retrain or re-select")
+            raise GateFailed(
+                f"{what} gives non-finite logits (NaN or inf) for {bad_rows} of {len(labels)} "
+                "images in a batch; its weights are damaged or diverged: retrain or re-select"
+            )
         result.add(logits, labels)
     if result.samples == 0:
         raise OkdpipeError(f"{what}: the split to score on is empty")

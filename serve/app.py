@@ -23,9 +23,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from okdpipe import __version__
+from okdpipe.contracts.card import ModelCard, read_card
 from okdpipe.serve.admission import RETRY_AFTER_S, Admission
 from okdpipe.serve.batching import BatchStats, MicroBatcher, QueueFull
-from okdpipe.contracts.card import ModelCard, read_card
 from okdpipe.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from okdpipe.serve.metrics import ServerMetrics
 from okdpipe.serve.middleware import ServingMiddleware

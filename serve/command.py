@@ -41,9 +41,20 @@ def serve_command(
     """
     from okdpipe.stage_config import dump, resolve
 
-    flags = dict(host=host, port=port, max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue,
-                 max_body_mb=max_body_mb, max_inflight_mb=max_inflight_mb, header_timeout_s=header_timeout_s,
-                 body_timeout_s=body_timeout_s, threads=threads, api_key_file=api_key_file, log_level=log_level)
+    flags = dict(
+        host=host,
+        port=port,
+        max_batch=max_batch,
+        max_delay_ms=max_delay_ms,
+        max_queue=max_queue,
+        max_body_mb=max_body_mb,
+        max_inflight_mb=max_inflight_mb,
+        header_timeout_s=header_timeout_s,
+        body_timeout_s=body_timeout_s,
+        threads=threads,
+        api_key_file=api_key_file,
+        log_level=log_level,
+    )
     cfg = resolve(ServeConfig, config, flags)
     if dry_run:
         typer.echo(dump(cfg), nl=False)

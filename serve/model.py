@@ -6,9 +6,9 @@ import logging
 
 import numpy as np
 
+from okdpipe.contracts.card import ModelCard
 from okdpipe.errors import OkdpipeError
 from okdpipe.ortsession import create_session
-from okdpipe.contracts.card import ModelCard
 
 logger = logging.getLogger("okdpipe.serve")
 

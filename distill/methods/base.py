@@ -19,7 +19,7 @@ from torch import nn
 
 from okdpipe.registry import Registry
 
-METHODS: Registry[type["Method"]] = Registry("method")
+METHODS: Registry[type[Method]] = Registry("method")
 
 
 class Hparams(BaseModel):

@@ -60,10 +60,14 @@ class FFSDParams(Hparams):
     fusion_weight_decay: float = Field(1e-5, ge=0.0, description="SGD weight decay of the fusion module (paper: 1e-5)")
     decoder_lr: float = Field(1e-3, gt=0.0, description="Adam learning rate of the decoders (paper code: 1e-3)")
     decoder_weight_decay: float = Field(1e-4, ge=0.0, description="Adam weight decay of the decoders (paper: 1e-4)")
-    decoder_milestones: tuple[float, ...] = Field((0.5, 0.75), description="fractions of the run where the decoders' "
-                                                  "lr is multiplied by decoder_lr_decay (code: epochs 150, 225 of 300)")
-    decoder_lr_decay: float = Field(0.1, gt=0.0, le=1.0,
-                                    description="decoders' lr factor at each milestone (code: 0.1)")
+    decoder_milestones: tuple[float, ...] = Field(
+        (0.5, 0.75),
+        description="fractions of the run where the decoders' "
+        "lr is multiplied by decoder_lr_decay (code: epochs 150, 225 of 300)",
+    )
+    decoder_lr_decay: float = Field(
+        0.1, gt=0.0, le=1.0, description="decoders' lr factor at each milestone (code: 0.1)"
+    )
 
 
 def diversity_target(attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -105,8 +109,10 @@ class UpBlock(nn.Module):
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         height, width = x.shape[-2:]
         if not (2 * height - 1 <= size[0] <= 2 * height and 2 * width - 1 <= size[1] <= 2 * width):
-            raise OkdpipeError(f"ffsd: the decoders upsample x2 per stage, but a stage goes from {tuple(size)} to "
-                               f"{(height, width)}; use a backbone whose stages halve the resolution (CIFAR ResNets)")
+            raise OkdpipeError(
+                f"ffsd: the decoders upsample x2 per stage, but a stage goes from {tuple(size)} to "
+                f"{(height, width)}; use a backbone whose stages halve the resolution (CIFAR ResNets)"
+            )
         return F.relu(self.norm(self.deconv(x, output_size=list(size))))
 
 
@@ -144,8 +150,9 @@ class FusionModule(nn.Module):
 
 def trans_fusion_head(channels: int, common: int) -> nn.Sequential:
     """Leader's last map [B, C, h, w] -> G_L [B, M*C, h, w]: depthwise 3x3 + BN + ReLU, 1x1 C -> M*C + BN + ReLU."""
-    head = nn.Sequential(conv_bn_act(channels, channels, 3, groups=channels),
-                         conv_bn_act(channels, channels * common, 1))
+    head = nn.Sequential(
+        conv_bn_act(channels, channels, 3, groups=channels), conv_bn_act(channels, channels * common, 1)
+    )
     init_weights(head)
     return head
 
@@ -182,8 +189,10 @@ class FFSD(Method):
         super().__init__(students, hp, num_classes)
         stage_channels = students.members[0].stage_channels
         if len(stage_channels) < 2:
-            raise OkdpipeError(f"--method ffsd needs a backbone with at least 2 stages, {students.arch} has "
-                               f"{len(stage_channels)}; choose another --arch")
+            raise OkdpipeError(
+                f"--method ffsd needs a backbone with at least 2 stages, {students.arch} has "
+                f"{len(stage_channels)}; choose another --arch"
+            )
         self.common = students.count - 1
         channels = stage_channels[-1]
         self.fusion = FusionModule(channels, self.common, num_classes)
@@ -193,22 +202,28 @@ class FFSD(Method):
         self._decoder_optimizers: list[torch.optim.Optimizer] = []
 
     def param_groups(self) -> list[dict]:
-        return [{"params": list(self.fusion.parameters()), "weight_decay": self.hp.fusion_weight_decay},
-                {"params": list(self.trans_fusion.parameters())}]
+        return [
+            {"params": list(self.fusion.parameters()), "weight_decay": self.hp.fusion_weight_decay},
+            {"params": list(self.trans_fusion.parameters())},
+        ]
 
     def extra_optimizers(self) -> list[torch.optim.Optimizer]:
         """One Adam per decoder (created once, after the method has moved to its device)."""
         if not self._decoder_optimizers:
             self._decoder_optimizers = [
                 torch.optim.Adam(d.parameters(), lr=self.hp.decoder_lr, weight_decay=self.hp.decoder_weight_decay)
-                for d in self.decoders]
+                for d in self.decoders
+            ]
         return self._decoder_optimizers
 
     def lambdas(self, epoch: float) -> dict[str, float]:
         """Warmed-up weights, per epoch, counted from 1 as the original does."""
         factor = ramp(math.floor(epoch) + 1, self.hp.warmup_epochs)
-        return {"div": self.hp.lambda_div * factor, "fus": self.hp.lambda_fus * factor,
-                "sd": self.hp.lambda_sd * factor}
+        return {
+            "div": self.hp.lambda_div * factor,
+            "fus": self.hp.lambda_fus * factor,
+            "sd": self.hp.lambda_sd * factor,
+        }
 
     def decoder_lr(self, epoch: float, total_epochs: int) -> float:
         """decoder_lr x decay^(milestones passed): the official MultiStepLR([150, 225], 0.1) scaled to the run."""
@@ -230,14 +245,14 @@ class FFSD(Method):
         concat = self.common_concat(out)
         fused, z_fusion = self.fusion(concat)
         terms["ce/fusion"] = F.cross_entropy(z_fusion, labels)
-        terms["kd/fusion"] = kd(z_fusion, out.logits[:self.common].mean(0), self.hp.temperature)
+        terms["kd/fusion"] = kd(z_fusion, out.logits[: self.common].mean(0), self.hp.temperature)
         terms.update(self.leader_terms(out, labels, concat, fused.detach(), z_fusion, weights))
         terms.update(self.decoder_terms(out.stages, weights["sd"]))
         return terms
 
     def common_concat(self, out) -> torch.Tensor:
         """The fusion module's input: the common students' detached last maps, concatenated [B, M*C, h, w]."""
-        return torch.cat([maps[-1].detach() for maps in out.stages[:self.common]], dim=1)
+        return torch.cat([maps[-1].detach() for maps in out.stages[: self.common]], dim=1)
 
     def reference_logits(self, views, out) -> dict[str, torch.Tensor]:
         """The fusion module's classifier z_fus: scored every epoch, never shipped (it needs every common student)."""
@@ -245,7 +260,7 @@ class FFSD(Method):
 
     def common_terms(self, out, labels, weights) -> dict[str, torch.Tensor]:
         """DML among the common students ("ce/s<i>", "kd/s<i>"), plus the diversity terms of students i >= 1."""
-        terms = peer_terms(out.logits[:self.common], labels, self.hp.temperature)
+        terms = peer_terms(out.logits[: self.common], labels, self.hp.temperature)
         for i in range(1, self.common):
             terms.update(self.diversity_terms(i, out.stages, weights["div"]))
         return terms
@@ -254,18 +269,22 @@ class FFSD(Method):
         """Student i's attention pushed toward student i-1's shifted attention, last map and (via D_i) shallow maps."""
         own, previous_last = stages[i], stages[i - 1][-1].detach()
         targets = decoded_targets(self.decoders[i - 1], shifted_map(previous_last), own)
-        return {f"div/s{i}": weight * diversity_loss(attention_map(own[-1]), attention_map(previous_last)),
-                f"sd/s{i}": weight * sum(attention_mse(m, t) for m, t in zip(own, targets))}
+        return {
+            f"div/s{i}": weight * diversity_loss(attention_map(own[-1]), attention_map(previous_last)),
+            f"sd/s{i}": weight * sum(attention_mse(m, t) for m, t in zip(own, targets)),
+        }
 
     def leader_terms(self, out, labels, concat, fused, z_fusion, weights) -> dict[str, torch.Tensor]:
         """Leader: CE + KD from the fusion head + lambda_fus * (fusion, trans-fusion and decoded-fusion AttnMSE)."""
         leader, maps = self.common, out.stages[self.common]
         targets = decoded_targets(self.decoders[-1], fused, maps)
-        return {f"ce/s{leader}": F.cross_entropy(out.logits[leader], labels),
-                f"kd/s{leader}": kd(out.logits[leader], z_fusion, self.hp.temperature),
-                f"fus/s{leader}": weights["fus"] * attention_mse(maps[-1], fused),
-                f"trans/s{leader}": weights["fus"] * attention_mse(self.trans_fusion(maps[-1]), concat),
-                f"sd/s{leader}": weights["fus"] * sum(attention_mse(m, t) for m, t in zip(maps, targets))}
+        return {
+            f"ce/s{leader}": F.cross_entropy(out.logits[leader], labels),
+            f"kd/s{leader}": kd(out.logits[leader], z_fusion, self.hp.temperature),
+            f"fus/s{leader}": weights["fus"] * attention_mse(maps[-1], fused),
+            f"trans/s{leader}": weights["fus"] * attention_mse(self.trans_fusion(maps[-1]), concat),
+            f"sd/s{leader}": weights["fus"] * sum(attention_mse(m, t) for m, t in zip(maps, targets)),
+        }
 
     def decoder_terms(self, stages, weight: float) -> dict[str, torch.Tensor]:
         """Each decoder rebuilds its own network's shallow maps from that network's detached last map."""
@@ -275,9 +294,10 @@ class FFSD(Method):
             maps = [m.detach() for m in stages[owner]]
             rebuilt = decoder(maps[-1], map_sizes(maps))
             terms[f"decoder/s{owner}"] = weight * sum(
-                normalized_mse(r, m) + attention_mse(r, m) for r, m in zip(rebuilt, maps))
+                normalized_mse(r, m) + attention_mse(r, m) for r, m in zip(rebuilt, maps)
+            )
         return terms
 
     def candidates(self) -> dict[str, Candidate]:
-        """"leader": the last student as a plain network (the fusion head needs every student: not shippable)."""
+        """ "leader": the last student as a plain network (the fusion head needs every student: not shippable)."""
         return {"leader": Candidate(self.students.extract(self.students.count - 1))}

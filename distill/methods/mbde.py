@@ -22,7 +22,7 @@ checkpointed, never shipped). Ships: trunk + branch 1 (`student:0`); the reporte
 from __future__ import annotations
 
 import itertools
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,14 +30,24 @@ from pydantic import Field
 from torch import nn
 
 from okdpipe.distill.methods.base import METHODS, Method
-from okdpipe.distill.methods.one import (EnsembleKDParams, ensemble_kd_terms, global_pool, kd_weight, loss_dict,
-                                         weighted_ensemble)
+from okdpipe.distill.methods.one import (
+    EnsembleKDParams,
+    ensemble_kd_terms,
+    global_pool,
+    kd_weight,
+    loss_dict,
+    weighted_ensemble,
+)
 from okdpipe.distill.models import init_weights
 
 
 class MBDEParams(EnsembleKDParams):
-    lambda_cd: float = Field(1.0, ge=0, le=100, description="weight of the classifier-diversification loss L_cd "
-                                                            "(the paper's value is unknown; 1.0 is ours)")
+    lambda_cd: float = Field(
+        1.0,
+        ge=0,
+        le=100,
+        description="weight of the classifier-diversification loss L_cd (the paper's value is unknown; 1.0 is ours)",
+    )
 
 
 def classifier_similarity(weights: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -54,8 +64,9 @@ class FeatureFusion(nn.Module):
 
     def __init__(self, channels: int, branches: int):
         super().__init__()
-        self.fuse = nn.Sequential(nn.Conv2d(branches * channels, channels, 1, bias=False),
-                                  nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
+        self.fuse = nn.Sequential(
+            nn.Conv2d(branches * channels, channels, 1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(inplace=True)
+        )
         self.attention = nn.Linear(channels, branches)
         init_weights(self)  # the backbones' conv/BN initialisation
 

@@ -47,16 +47,21 @@ MAX_STUDENTS = 4  # the paper studies 2 to 4 peers
 
 
 class OKDPHParams(Hparams):
-    omega: float = Field(0.8, ge=0.0, le=1.0,
-                         description="weight of each student's CE; the hybrid's CE gets 1 - omega (paper: 0.8)")
+    omega: float = Field(
+        0.8, ge=0.0, le=1.0, description="weight of each student's CE; the hybrid's CE gets 1 - omega (paper: 0.8)"
+    )
     beta: float = Field(0.8, ge=0.0, description="weight of each student's KD from the ensemble z_en (paper: 0.8)")
-    gamma: float = Field(0.5, ge=0.0, le=1.0,
-                         description="fusion ratio: theta_m <- gamma*theta_avg + (1-gamma)*theta_m (paper: 0.5)")
+    gamma: float = Field(
+        0.5, ge=0.0, le=1.0, description="fusion ratio: theta_m <- gamma*theta_avg + (1-gamma)*theta_m (paper: 0.5)"
+    )
     interval: int = Field(1, ge=1, description="fuse every `interval` interval_units (paper: 1 epoch)")
     interval_unit: Literal["epoch", "batch"] = Field("epoch", description="unit of `interval`: epoch or batch")
     temperature: float = Field(4.0, gt=0.0, description="KD temperature T (paper: 4)")
-    hwm_grad: bool = Field(True, description="paper: CE(z_h) trains the students through theta_h; "
-                                             "false = official code (hybrid from detached weights)")
+    hwm_grad: bool = Field(
+        True,
+        description="paper: CE(z_h) trains the students through theta_h; "
+        "false = official code (hybrid from detached weights)",
+    )
     dirichlet: bool = Field(True, description="paper: r ~ Dirichlet(1) per batch; false = official code (r = 1/N)")
 
 
@@ -69,8 +74,12 @@ def dirichlet_ones(count: int, generator: torch.Generator) -> torch.Tensor:
 def blend(states: Sequence[dict[str, torch.Tensor]], weights) -> dict[str, torch.Tensor]:
     """sum_m w_m * state_m[k] for floating-point entries; integer ones (num_batches_tracked) copied from the
     first. Differentiable in the states and weights when grad mode is on."""
-    return {key: sum(w * state[key] for w, state in zip(weights, states)) if value.dtype.is_floating_point
-            else value.clone() for key, value in states[0].items()}
+    return {
+        key: sum(w * state[key] for w, state in zip(weights, states))
+        if value.dtype.is_floating_point
+        else value.clone()
+        for key, value in states[0].items()
+    }
 
 
 class LoopPeers:
@@ -117,8 +126,10 @@ class OKDPH(Method):
     def __init__(self, students, hp: OKDPHParams, num_classes: int):
         super().__init__(students, hp, num_classes)
         if students.count > MAX_STUDENTS:
-            raise OkdpipeError(f"--method okdph takes 2 to {MAX_STUDENTS} students (as in the paper), "
-                               f"got {students.count}; pass --students 2, 3 or 4")
+            raise OkdpipeError(
+                f"--method okdph takes 2 to {MAX_STUDENTS} students (as in the paper), "
+                f"got {students.count}; pass --students 2, 3 or 4"
+            )
 
     def num_views(self, students: int) -> int:
         """One view per student plus one for the hybrid (views[N])."""
@@ -175,7 +186,7 @@ class OKDPH(Method):
         return self.peers.blend(torch.full((count,), 1.0 / count, dtype=torch.float64))
 
     def candidates(self) -> dict[str, Candidate]:
-        """"hybrid": the uniform weight average as a fresh backbone (its BN statistics need recomputing)."""
+        """ "hybrid": the uniform weight average as a fresh backbone (its BN statistics need recomputing)."""
         hybrid = self.students.extract(0)
         hybrid.load_state_dict(self.uniform_average())
         return {"hybrid": Candidate(hybrid, weight_averaged=True)}

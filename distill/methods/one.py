@@ -30,9 +30,12 @@ class EnsembleKDParams(Hparams):
     """Hyperparameters of the branch-ensemble objective (ONE, PCL, MBDE all use T = 3 and an 80/300 ramp)."""
 
     temperature: float = Field(3.0, gt=0, le=20, description="KD temperature T (papers: 3)")
-    ramp_fraction: float = Field(80 / 300, ge=0, le=1,
-                                 description="KD ramp-up length L as a fraction of the run (papers: 80 of 300 "
-                                             "epochs); 0 disables the ramp")
+    ramp_fraction: float = Field(
+        80 / 300,
+        ge=0,
+        le=1,
+        description="KD ramp-up length L as a fraction of the run (papers: 80 of 300 epochs); 0 disables the ramp",
+    )
 
 
 def kd_weight(ctx: StepContext, ramp_fraction: float) -> float:
@@ -51,8 +54,9 @@ def weighted_ensemble(weights: torch.Tensor, logits: torch.Tensor) -> torch.Tens
     return torch.einsum("bn,nbk->bk", weights.to(logits.dtype), logits)
 
 
-def ensemble_kd_terms(logits: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float,
-                      weight: float) -> dict[str, torch.Tensor]:
+def ensemble_kd_terms(
+    logits: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float, weight: float
+) -> dict[str, torch.Tensor]:
     """The terms of sum_j CE(z_j) + CE(z_e) + w * sum_j KD(z_j <- z_e) (ONE Eq. 5), each already weighted, so
     the loss is their sum. The teacher is detached inside the KD only."""
     terms = {f"ce/s{j}": F.cross_entropy(z, labels) for j, z in enumerate(logits)}

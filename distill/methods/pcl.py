@@ -41,13 +41,21 @@ from okdpipe.distill.methods.one import EnsembleKDParams, ensemble_kd_terms, kd_
 
 
 class PCLParams(EnsembleKDParams):
-    ema_decay: float = Field(0.999, ge=0, lt=1, description="cap of the mean teacher's decay "
-                                                            "a = min(1 - 1/(step+1), cap) (paper: 0.999, a horizon "
-                                                            "of about 1/(1-cap) = 1,000 steps; short runs want a "
-                                                            "shorter one, see RESULTS.md)")
-    ema_buffers: bool = Field(False, description="false: EMA of the parameters, batch statistics during training "
-                                                 "(public reproduction, Mean Teacher); true: average the BN buffers "
-                                                 "too and run the mean teacher in eval mode on them")
+    ema_decay: float = Field(
+        0.999,
+        ge=0,
+        lt=1,
+        description="cap of the mean teacher's decay "
+        "a = min(1 - 1/(step+1), cap) (paper: 0.999, a horizon "
+        "of about 1/(1-cap) = 1,000 steps; short runs want a "
+        "shorter one, see RESULTS.md)",
+    )
+    ema_buffers: bool = Field(
+        False,
+        description="false: EMA of the parameters, batch statistics during training "
+        "(public reproduction, Mean Teacher); true: average the BN buffers "
+        "too and run the mean teacher in eval mode on them",
+    )
 
 
 def mean_teacher_decay(step: int, cap: float) -> float:
@@ -76,8 +84,10 @@ class MeanTeacherUpdate:
     load_state_dict, moving to the device they are on), so the lists stay valid."""
 
     def __init__(self, target: nn.Module, source: nn.Module, buffers: bool):
-        (self.averaged, self.copied), (self.live, self.live_copied) = (ema_entries(target, buffers),
-                                                                       ema_entries(source, buffers))
+        (self.averaged, self.copied), (self.live, self.live_copied) = (
+            ema_entries(target, buffers),
+            ema_entries(source, buffers),
+        )
 
     @torch.no_grad()
     def __call__(self, decay: float) -> None:
@@ -146,5 +156,7 @@ class PCL(Method):
 
     def candidates(self) -> dict[str, Candidate]:
         """Every mean-teacher peer, weight-averaged: its BN statistics are recomputed before it is scored."""
-        return {f"mean-teacher:{i}": Candidate(self.mean_teacher.extract(i), weight_averaged=True)
-                for i in range(self.mean_teacher.count)}
+        return {
+            f"mean-teacher:{i}": Candidate(self.mean_teacher.extract(i), weight_averaged=True)
+            for i in range(self.mean_teacher.count)
+        }

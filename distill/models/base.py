@@ -9,7 +9,8 @@ and split back into a plain network by copying state-dict entries (keys `stem.*`
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -126,6 +127,4 @@ def _check_options(name: str, builder: ModelBuilder, kwargs: dict[str, Any]) -> 
     unknown = sorted(set(kwargs) - set(options))
     if unknown:
         accepted = ", ".join(options) if options else "none"
-        raise OkdpipeError(
-            f"backbone {name!r} has no option(s) {', '.join(unknown)}; options it accepts: {accepted}"
-        )
+        raise OkdpipeError(f"backbone {name!r} has no option(s) {', '.join(unknown)}; options it accepts: {accepted}")

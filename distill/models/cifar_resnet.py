@@ -7,7 +7,7 @@ few thousand parameters above the paper's 0.27M/0.46M/0.85M/1.7M figures.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

@@ -24,7 +24,6 @@ def load_model_file(path: str | os.PathLike):
 
 def build_model(info: ModelInfo, where: object):
     try:
-        return create_model(info.arch, num_classes=info.num_classes, in_channels=info.in_channels,
-                            **info.arch_kwargs)
+        return create_model(info.arch, num_classes=info.num_classes, in_channels=info.in_channels, **info.arch_kwargs)
     except TypeError as exc:
         raise OkdpipeError(f"{where}: arch_kwargs {info.arch_kwargs} do not fit {info.arch!r} ({exc})") from None

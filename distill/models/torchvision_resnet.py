@@ -6,7 +6,7 @@ stem = conv7x7/2 (64) + BN + ReLU + maxpool3x3/2; stages = layer1..layer4 (64/12
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 

@@ -52,8 +52,13 @@ class Preprocess:
         return (array - mean) / std
 
     def as_dict(self) -> dict[str, Any]:
-        return {"size": [self.height, self.width], "channels": self.channels, "scale": self.scale,
-                "mean": list(self.mean), "std": list(self.std)}
+        return {
+            "size": [self.height, self.width],
+            "channels": self.channels,
+            "scale": self.scale,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
 
 
 @dataclass(frozen=True)
@@ -100,8 +105,10 @@ def write_card(artifact_dir: str | os.PathLike, fields: dict[str, Any]) -> Model
     try:
         text = json.dumps(raw, indent=1, allow_nan=False) + "\n"
     except ValueError:
-        raise OkdpipeError(f"{artifact_dir}: the model card holds a non-finite number (NaN or inf); nothing was "
-                           "written. Check the model's weights and parity figures") from None
+        raise OkdpipeError(
+            f"{artifact_dir}: the model card holds a non-finite number (NaN or inf); nothing was "
+            "written. Check the model's weights and parity figures"
+        ) from None
     atomic_write_text(artifact_dir / CARD_NAME, text)
     return card
 
@@ -116,12 +123,21 @@ def parse_card(raw: dict[str, Any], artifact_dir: Path) -> ModelCard:
     channels, height, width = _checked_input_shape(raw)
     num_classes = _checked_num_classes(raw)
     return ModelCard(
-        name=_checked_name(raw), precision=_required_str(raw, "precision", "precision"), model_path=model_path,
-        input_name=_required_str(raw["input"], "name", "input.name"), input_dtype=_checked_input_dtype(raw),
+        name=_checked_name(raw),
+        precision=_required_str(raw, "precision", "precision"),
+        model_path=model_path,
+        input_name=_required_str(raw["input"], "name", "input.name"),
+        input_dtype=_checked_input_dtype(raw),
         output_name=_required_str(raw["output"], "name", "output.name"),
-        channels=channels, height=height, width=width, num_classes=num_classes,
-        preprocess=_checked_preprocess(raw, channels, height, width), labels=_checked_labels(raw, num_classes),
-        opset=_checked_opset(raw), provenance=_checked_provenance(raw), raw=raw,
+        channels=channels,
+        height=height,
+        width=width,
+        num_classes=num_classes,
+        preprocess=_checked_preprocess(raw, channels, height, width),
+        labels=_checked_labels(raw, num_classes),
+        opset=_checked_opset(raw),
+        provenance=_checked_provenance(raw),
+        raw=raw,
     )
 
 

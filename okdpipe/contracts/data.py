@@ -27,12 +27,12 @@ class DataSource:
     options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def of_run(cls, cfg) -> "DataSource":
+    def of_run(cls, cfg) -> DataSource:
         """The data a distillation config (okdpipe.config.DistillConfig) trains and validates on."""
         return cls(cfg.dataset, cfg.data_dir, cfg.val_split, cfg.seed, cfg.train_subset, dict(cfg.data_options))
 
     @classmethod
-    def from_record(cls, record: Any, where: object) -> "DataSource":
+    def from_record(cls, record: Any, where: object) -> DataSource:
         """Read a recorded source (a model file's provenance["data"]), checking every field's type."""
         if not isinstance(record, dict) or not isinstance(record.get("dataset"), str) or not record["dataset"]:
             raise OkdpipeError(f"{where}: records no dataset; re-create it with `okdpipe select`")
@@ -46,11 +46,18 @@ class DataSource:
     def check(self, where: object) -> None:
         split, seed, subset = self.val_split, self.seed, self.train_subset
         problems = [
-            (isinstance(split, bool) or not isinstance(split, (int, float)) or not math.isfinite(split)
-             or not 0 <= split < 1, f"val_split {split!r} must be a number in [0, 1)"),
+            (
+                isinstance(split, bool)
+                or not isinstance(split, (int, float))
+                or not math.isfinite(split)
+                or not 0 <= split < 1,
+                f"val_split {split!r} must be a number in [0, 1)",
+            ),
             (isinstance(seed, bool) or not isinstance(seed, int), f"seed {seed!r} must be an integer"),
-            (subset is not None and (isinstance(subset, bool) or not isinstance(subset, int) or subset < 1),
-             f"train_subset {subset!r} must be a positive integer or null"),
+            (
+                subset is not None and (isinstance(subset, bool) or not isinstance(subset, int) or subset < 1),
+                f"train_subset {subset!r} must be a positive integer or null",
+            ),
             (self.data_dir is not None and not isinstance(self.data_dir, str), "data_dir must be a string or null"),
             (not isinstance(self.options, dict), "options must be a mapping"),
         ]
@@ -63,7 +70,7 @@ class DataSource:
 
         return hash(json.dumps(self.as_record(), sort_keys=True, default=str))
 
-    def with_data_dir(self, data_dir: str | None) -> "DataSource":
+    def with_data_dir(self, data_dir: str | None) -> DataSource:
         """The same source read from another directory (`--data-dir`); None keeps the recorded one."""
         return self if data_dir is None else replace(self, data_dir=str(data_dir))
 
@@ -74,5 +81,11 @@ class DataSource:
         """train/val/test (`okdpipe.datasets.DataBundle`) exactly as the run drew them."""
         from okdpipe.datasets import load_dataset
 
-        return load_dataset(self.dataset, self.data_dir, val_split=self.val_split, seed=self.seed,
-                            train_subset=self.train_subset, **self.options)
+        return load_dataset(
+            self.dataset,
+            self.data_dir,
+            val_split=self.val_split,
+            seed=self.seed,
+            train_subset=self.train_subset,
+            **self.options,
+        )

@@ -25,8 +25,14 @@ from typing import Any
 from okdpipe.contracts.versioned import FileFormat
 from okdpipe.errors import OkdpipeError
 
-REPORT = FileFormat("okdpipe-bench-report", 2, "bench report", "re-run `okdpipe bench` to write a current one",
-                    also_reads=(1,), legacy_key="schema_version")
+REPORT = FileFormat(
+    "okdpipe-bench-report",
+    2,
+    "bench report",
+    "re-run `okdpipe bench` to write a current one",
+    also_reads=(1,),
+    legacy_key="schema_version",
+)
 KINDS = ("onnx", "pytorch", "ensemble")
 
 
@@ -88,7 +94,7 @@ class Entry:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Entry":
+    def from_dict(cls, data: dict[str, Any]) -> Entry:
         data = dict(data)
         data["memory"] = Memory(**(data.get("memory") or {}))
         data["accuracy"] = Accuracy(**data["accuracy"]) if data.get("accuracy") else None
@@ -126,23 +132,34 @@ class BenchReport:
         return self.artifacts + self.references
 
     def to_dict(self) -> dict[str, Any]:
-        return {**REPORT.header(), "created": self.created, "options": self.options, "machine": self.machine,
-                "runtime": self.runtime, "artifacts": [e.to_dict() for e in self.artifacts],
-                "references": [e.to_dict() for e in self.references], "notes": list(self.notes),
-                "gates": [asdict(g) for g in self.gates]}
+        return {
+            **REPORT.header(),
+            "created": self.created,
+            "options": self.options,
+            "machine": self.machine,
+            "runtime": self.runtime,
+            "artifacts": [e.to_dict() for e in self.artifacts],
+            "references": [e.to_dict() for e in self.references],
+            "notes": list(self.notes),
+            "gates": [asdict(g) for g in self.gates],
+        }
 
     @classmethod
-    def from_dict(cls, data: Any, where: object) -> "BenchReport":
+    def from_dict(cls, data: Any, where: object) -> BenchReport:
         """Read a report written by this or an earlier okdpipe; a malformed one is a one-line error."""
         REPORT.check(data, where)
         try:
             # a v1 report may carry no more than its artifacts; everything descriptive defaults to empty
-            return cls(created=str(data.get("created", "")), options=dict(data.get("options") or {}),
-                       machine=dict(data.get("machine") or {}), runtime=dict(data.get("runtime") or {}),
-                       artifacts=[Entry.from_dict(e) for e in data["artifacts"]],
-                       references=[Entry.from_dict(e) for e in data.get("references", [])],
-                       notes=list(data.get("notes", [])),
-                       gates=[GateResult(**g) for g in data.get("gates", [])])
+            return cls(
+                created=str(data.get("created", "")),
+                options=dict(data.get("options") or {}),
+                machine=dict(data.get("machine") or {}),
+                runtime=dict(data.get("runtime") or {}),
+                artifacts=[Entry.from_dict(e) for e in data["artifacts"]],
+                references=[Entry.from_dict(e) for e in data.get("references", [])],
+                notes=list(data.get("notes", [])),
+                gates=[GateResult(**g) for g in data.get("gates", [])],
+            )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise OkdpipeError(f"{where}: a damaged bench report ({type(exc).__name__}: {exc}); {REPORT.fix}") from None
 

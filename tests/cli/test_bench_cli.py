@@ -26,10 +26,21 @@ def artifact(tmp_path_factory):
     spec = load_dataset("synthetic").spec
     torch.manual_seed(1)
     network = create_model("resnet8", spec.num_classes, spec.in_channels)
-    save_model_file(network, ModelInfo("resnet8", spec.num_classes, spec.in_channels, spec.input_size, spec.mean,
-                                       spec.std, spec.labels, "synthetic", provenance={"data": {
-                                           "dataset": "synthetic", "val_split": 0.25, "seed": 0}}),
-                    root / "model.pt")
+    save_model_file(
+        network,
+        ModelInfo(
+            "resnet8",
+            spec.num_classes,
+            spec.in_channels,
+            spec.input_size,
+            spec.mean,
+            spec.std,
+            spec.labels,
+            "synthetic",
+            provenance={"data": {"dataset": "synthetic", "val_split": 0.25, "seed": 0}},
+        ),
+        root / "model.pt",
+    )
     [card] = export_model(root / "model.pt", root / "out", ExportConfig())
     return card.directory
 
@@ -40,8 +51,9 @@ def bench(artifact, tmp_path, *extra: str):
 
 
 def test_passing_gates_exit_0_and_write_every_report(artifact, tmp_path):
-    result = bench(artifact, tmp_path, "--gate", "top1>=0", "--gate", "p99_ms@1<=100000", "--junit",
-                   str(tmp_path / "junit.xml"))
+    result = bench(
+        artifact, tmp_path, "--gate", "top1>=0", "--gate", "p99_ms@1<=100000", "--junit", str(tmp_path / "junit.xml")
+    )
     assert result.exit_code == 0, result.output
     for name in ("report.json", "report.md", "report.png", "junit.xml"):
         assert (tmp_path / name).is_file()
@@ -53,8 +65,9 @@ def test_passing_gates_exit_0_and_write_every_report(artifact, tmp_path):
 
 
 def test_failing_gate_exits_1_with_a_table_and_one_error_line(artifact, tmp_path):
-    result = bench(artifact, tmp_path, "--gate", "top1>=1.01", "--gate", "p99_ms@2<=100000",
-                   "--junit", str(tmp_path / "junit.xml"))
+    result = bench(
+        artifact, tmp_path, "--gate", "top1>=1.01", "--gate", "p99_ms@2<=100000", "--junit", str(tmp_path / "junit.xml")
+    )
     assert result.exit_code == 1
     errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith("error: 1 of 2 gates failed: resnet8-synthetic: top1>=1.01 (")
@@ -64,12 +77,15 @@ def test_failing_gate_exits_1_with_a_table_and_one_error_line(artifact, tmp_path
     assert "**1 of 2 gates failed**" in (tmp_path / "report.md").read_text()  # reports are written before exit 1
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--gate", "top1 high"], "cannot parse gate 'top1 high'"),
-    (["--gate", "latency<=2"], "unknown metric 'latency'"),
-    (["--gate", "top1>=baseline-0.005"], "pass --baseline OLD_REPORT.json"),
-    (["--gate", "p99_ms@64<=2"], "batch size 64 is not benchmarked"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--gate", "top1 high"], "cannot parse gate 'top1 high'"),
+        (["--gate", "latency<=2"], "unknown metric 'latency'"),
+        (["--gate", "top1>=baseline-0.005"], "pass --baseline OLD_REPORT.json"),
+        (["--gate", "p99_ms@64<=2"], "batch size 64 is not benchmarked"),
+    ],
+)
 def test_bad_gates_exit_2_before_benchmarking(artifact, tmp_path, extra, message):
     result = bench(artifact, tmp_path, *extra)
     assert result.exit_code == 2

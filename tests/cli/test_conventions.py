@@ -18,15 +18,33 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = ROOT / ".venv" / "bin" / "python"
 TIMEOUT = 180
-QUICK = ["--batch-sizes", "1", "--threads", "1", "--warmup", "0", "--min-seconds", "0.01", "--max-samples", "16",
-         "--no-pytorch", "--no-ensemble"]
+QUICK = [
+    "--batch-sizes",
+    "1",
+    "--threads",
+    "1",
+    "--warmup",
+    "0",
+    "--min-seconds",
+    "0.01",
+    "--max-samples",
+    "16",
+    "--no-pytorch",
+    "--no-ensemble",
+]
 
 
 def okdpipe(*args, cwd: Path | None = None) -> subprocess.CompletedProcess:
     python = PYTHON if PYTHON.exists() else Path(sys.executable)
     env = {**os.environ, "COLUMNS": "200", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([str(python), "-m", "okdpipe", *map(str, args)], capture_output=True, text=True,
-                          timeout=TIMEOUT, cwd=cwd or ROOT, env=env)
+    return subprocess.run(
+        [str(python), "-m", "okdpipe", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        cwd=cwd or ROOT,
+        env=env,
+    )
 
 
 def assert_usage_error(result: subprocess.CompletedProcess, code: int = 2, *fragments: str) -> None:
@@ -41,14 +59,21 @@ def assert_usage_error(result: subprocess.CompletedProcess, code: int = 2, *frag
 def model_file(tmp_path_factory):
     from okdpipe.datasets import load_dataset
     from okdpipe.distill.models import create_model
-
     from okdpipe.modelfile import ModelInfo, save_model_file
 
     spec = load_dataset("synthetic").spec
     torch.manual_seed(0)
-    info = ModelInfo("resnet8", spec.num_classes, spec.in_channels, spec.input_size, spec.mean, spec.std,
-                     spec.labels, "synthetic", provenance={"data": {"dataset": "synthetic", "val_split": 0.25,
-                                                                    "seed": 0}})
+    info = ModelInfo(
+        "resnet8",
+        spec.num_classes,
+        spec.in_channels,
+        spec.input_size,
+        spec.mean,
+        spec.std,
+        spec.labels,
+        "synthetic",
+        provenance={"data": {"dataset": "synthetic", "val_split": 0.25, "seed": 0}},
+    )
     path = tmp_path_factory.mktemp("conventions") / "model.pt"
     save_model_file(create_model("resnet8", spec.num_classes, spec.in_channels), info, path)
     return path
@@ -130,12 +155,17 @@ def _bench_config():
 CONFIGS = {"select": _select_config, "export": _export_config, "bench": _bench_config}
 
 
-@pytest.mark.parametrize("command, flags", [
-    ("select", ["--strategy", "best", "--bn-batches", "7", "--device", "cpu"]),
-    ("export", ["--quantize", "int8", "--calib-method", "entropy", "--opset", "17", "--max-accuracy-drop", "2.5"]),
-    ("bench", ["--batch-sizes", "1,2", "--threads", "1", "--gate", "top1>=0.5", "--no-pytorch", "--min-seconds",
-               "0.5"]),
-])
+@pytest.mark.parametrize(
+    "command, flags",
+    [
+        ("select", ["--strategy", "best", "--bn-batches", "7", "--device", "cpu"]),
+        ("export", ["--quantize", "int8", "--calib-method", "entropy", "--opset", "17", "--max-accuracy-drop", "2.5"]),
+        (
+            "bench",
+            ["--batch-sizes", "1,2", "--threads", "1", "--gate", "top1>=0.5", "--no-pytorch", "--min-seconds", "0.5"],
+        ),
+    ],
+)
 def test_dry_run_prints_yaml_that_config_reproduces(tmp_path, command, flags):
     target = {"select": tmp_path, "export": tmp_path / "model.pt", "bench": tmp_path}[command]
     first = okdpipe(command, target, *flags, "--dry-run")
@@ -189,8 +219,7 @@ def test_bench_json_is_exactly_one_document(artifact, tmp_path):
 
 
 def test_failed_gate_exits_1_and_still_prints_one_json_document(artifact, tmp_path):
-    result = okdpipe("bench", artifact, *QUICK, "--report", tmp_path / "report.json", "--gate", "top1>=1.01",
-                     "--json")
+    result = okdpipe("bench", artifact, *QUICK, "--report", tmp_path / "report.json", "--gate", "top1>=1.01", "--json")
     assert_usage_error(result, 1, "1 of 1 gates failed")
     assert [g["passed"] for g in json.loads(result.stdout)["gates"]] == [False]
 
@@ -230,8 +259,9 @@ MISTAKES = [
 ]
 
 
-@pytest.mark.parametrize("args, fragment", MISTAKES, ids=[" ".join(a[:1] + a[2:] if a[1] in "MAT" else a)
-                                                          for a, _ in MISTAKES])
+@pytest.mark.parametrize(
+    "args, fragment", MISTAKES, ids=[" ".join(a[:1] + a[2:] if a[1] in "MAT" else a) for a, _ in MISTAKES]
+)
 def test_mistakes_exit_2_with_one_error_line(model_file, artifact, tmp_path, args, fragment):
     files = mistake_files(tmp_path)
     concrete = []
@@ -251,7 +281,9 @@ def test_mistakes_exit_2_with_one_error_line(model_file, artifact, tmp_path, arg
     assert not (tmp_path / "out").exists() and not (tmp_path / "report.json").exists()
 
 
-@pytest.mark.parametrize("args", [["bench", ".", "--threads", "abc"], ["export", "m.pt", "--bogus"],
-                                  ["export", "m.pt", "--opset", "thirteen"]])
+@pytest.mark.parametrize(
+    "args",
+    [["bench", ".", "--threads", "abc"], ["export", "m.pt", "--bogus"], ["export", "m.pt", "--opset", "thirteen"]],
+)
 def test_click_parse_errors_are_one_error_line(args):
     assert_usage_error(okdpipe(*args), 2)

@@ -28,8 +28,9 @@ def test_version():
 def test_dry_run_prints_the_resolved_config(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("method: vanilla\nepochs: 7\nlr: 0.05\n")
-    result = runner.invoke(app, ["distill", "--config", str(config), "--epochs", "3", "--set", "batch_size=32",
-                                 "--dry-run"])
+    result = runner.invoke(
+        app, ["distill", "--config", str(config), "--epochs", "3", "--set", "batch_size=32", "--dry-run"]
+    )
     assert result.exit_code == 0, result.output
     assert "epochs: 3\n" in result.output and "lr: 0.05\n" in result.output and "batch_size: 32\n" in result.output
 
@@ -44,20 +45,23 @@ def one_line_error(args, fragment, code=2):
     return result
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["--dataset", "fashion-mnist", "--data-dir", "/nonexistent/fmnist"], "/nonexistent/fmnist"),
-    (["--dataset", "nosuchset"], "unknown dataset"),
-    (["--arch", "resnet9000", "--dataset", "synthetic"], "resnet9000"),
-    (["--method", "nosuchmethod", "--dataset", "synthetic"], "unknown method"),
-    (["--epochs", "0", "--dataset", "synthetic"], "epochs"),
-    (["--set", "vanilla.temperature=3", "--dataset", "synthetic"], "temperature"),
-    (["--lr", "nan", "--dataset", "synthetic"], "lr: Input should be a finite number"),
-    (["--lr", "inf", "--dataset", "synthetic"], "lr: Input should be a finite number"),
-    (["--val-split", "2", "--dataset", "synthetic"], "val_split: Input should be less than 1"),
-    (["--batch-size", "-1", "--dataset", "synthetic"], "batch_size: Input should be greater than or equal to 1"),
-    (["--set", "lr=[1", "--dataset", "synthetic"], "--set lr: not valid YAML"),
-    (["--set", "lr=0.1", "--set", "lr=0.2"], "lr is set twice"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--dataset", "fashion-mnist", "--data-dir", "/nonexistent/fmnist"], "/nonexistent/fmnist"),
+        (["--dataset", "nosuchset"], "unknown dataset"),
+        (["--arch", "resnet9000", "--dataset", "synthetic"], "resnet9000"),
+        (["--method", "nosuchmethod", "--dataset", "synthetic"], "unknown method"),
+        (["--epochs", "0", "--dataset", "synthetic"], "epochs"),
+        (["--set", "vanilla.temperature=3", "--dataset", "synthetic"], "temperature"),
+        (["--lr", "nan", "--dataset", "synthetic"], "lr: Input should be a finite number"),
+        (["--lr", "inf", "--dataset", "synthetic"], "lr: Input should be a finite number"),
+        (["--val-split", "2", "--dataset", "synthetic"], "val_split: Input should be less than 1"),
+        (["--batch-size", "-1", "--dataset", "synthetic"], "batch_size: Input should be greater than or equal to 1"),
+        (["--set", "lr=[1", "--dataset", "synthetic"], "--set lr: not valid YAML"),
+        (["--set", "lr=0.1", "--set", "lr=0.2"], "lr is set twice"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, fragment):
     one_line_error(["distill", *args, "--out", str(tmp_path / "r")], fragment)
 
@@ -65,8 +69,12 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, fragment):
 def test_corrupt_fashion_mnist_names_the_file(tmp_path):
     data = tmp_path / "fm"
     data.mkdir()
-    for name in ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-                 "t10k-labels-idx1-ubyte"]:
+    for name in [
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ]:
         (data / f"{name}.gz").write_bytes(b"not gzip")
     one_line_error(["distill", "--data-dir", str(data), "--out", str(tmp_path / "r")], "idx")
 
@@ -76,14 +84,18 @@ def test_missing_config_file(tmp_path):
 
 
 BOMB = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
-    f"{x}: &{x} [{', '.join(['*' + y] * 9)}]\n" for x, y in zip("bcdefghi", "abcdefgh"))
+    f"{x}: &{x} [{', '.join(['*' + y] * 9)}]\n" for x, y in zip("bcdefghi", "abcdefgh")
+)
 
 
-@pytest.mark.parametrize("content, fragment", [
-    (BOMB.encode(), "aliases (*name) are not allowed"),
-    (b"\x89PNG\r\n\x1a\n", "not UTF-8 text"),
-    (b"- 1\n- 2\n", "must be a mapping"),
-])
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        (BOMB.encode(), "aliases (*name) are not allowed"),
+        (b"\x89PNG\r\n\x1a\n", "not UTF-8 text"),
+        (b"- 1\n- 2\n", "must be a mapping"),
+    ],
+)
 def test_hostile_config_files_are_refused_at_once(tmp_path, content, fragment):
     (tmp_path / "c.yaml").write_bytes(content)
     started = time.perf_counter()
@@ -97,22 +109,42 @@ def test_an_out_that_is_a_file(tmp_path):
 
 
 def test_a_run_directory_in_use_is_refused_at_once_naming_the_holder(tmp_path):
-    code = ("import sys, time; from okdpipe.run import RunDir\n"
-            "with RunDir(sys.argv[1]).locked():\n    print('locked', flush=True); time.sleep(120)")
+    code = (
+        "import sys, time; from okdpipe.run import RunDir\n"
+        "with RunDir(sys.argv[1]).locked():\n    print('locked', flush=True); time.sleep(120)"
+    )
     holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "r")], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        one_line_error(["distill", "--dataset", "synthetic", "--out", str(tmp_path / "r")],
-                       f"is in use by another okdpipe run (pid {holder.pid} on ")
+        one_line_error(
+            ["distill", "--dataset", "synthetic", "--out", str(tmp_path / "r")],
+            f"is in use by another okdpipe run (pid {holder.pid} on ",
+        )
     finally:
         holder.kill()
         holder.wait()
 
 
 def test_a_diverging_run_exits_1_naming_epoch_and_step_and_writes_no_checkpoint(tmp_path):
-    result = one_line_error(["distill", "--dataset", "synthetic", "--arch", "resnet8", "--epochs", "2", "--batch-size",
-                             "8", "--lr", "1e30", "--out", str(tmp_path / "r")], "training diverged: the loss became "
-                            "NaN or infinite at epoch 1, step ", code=1)
+    result = one_line_error(
+        [
+            "distill",
+            "--dataset",
+            "synthetic",
+            "--arch",
+            "resnet8",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "8",
+            "--lr",
+            "1e30",
+            "--out",
+            str(tmp_path / "r"),
+        ],
+        "training diverged: the loss became NaN or infinite at epoch 1, step ",
+        code=1,
+    )
     assert "no epoch had finished, so there is no checkpoint" in result.stderr
     assert not (tmp_path / "r" / "checkpoints" / "last.pt").exists()
 
@@ -121,5 +153,7 @@ def test_resume_of_a_damaged_run_directory_is_one_line(tmp_path):
     (tmp_path / "r" / "checkpoints").mkdir(parents=True)
     (tmp_path / "r" / "checkpoints" / "last.pt").write_bytes(b"x")
     (tmp_path / "r" / "manifest.json").write_text("[1]")
-    one_line_error(["distill", "--dataset", "synthetic", "--out", str(tmp_path / "r"), "--resume"],
-                   "corrupt manifest (a list, not an object)")
+    one_line_error(
+        ["distill", "--dataset", "synthetic", "--out", str(tmp_path / "r"), "--resume"],
+        "corrupt manifest (a list, not an object)",
+    )

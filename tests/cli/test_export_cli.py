@@ -18,9 +18,17 @@ from okdpipe.modelfile import ModelInfo, save_model_file
 def model_file(tmp_path_factory):
     spec = load_dataset("synthetic").spec
     torch.manual_seed(0)
-    info = ModelInfo(arch="resnet8", num_classes=spec.num_classes, in_channels=spec.in_channels,
-                     input_size=spec.input_size, mean=spec.mean, std=spec.std, labels=spec.labels,
-                     dataset="synthetic", provenance={"data": {"dataset": "synthetic", "val_split": 0.25, "seed": 0}})
+    info = ModelInfo(
+        arch="resnet8",
+        num_classes=spec.num_classes,
+        in_channels=spec.in_channels,
+        input_size=spec.input_size,
+        mean=spec.mean,
+        std=spec.std,
+        labels=spec.labels,
+        dataset="synthetic",
+        provenance={"data": {"dataset": "synthetic", "val_split": 0.25, "seed": 0}},
+    )
     path = tmp_path_factory.mktemp("cli") / "model.pt"
     save_model_file(create_model("resnet8", spec.num_classes, spec.in_channels), info, path)
     return path

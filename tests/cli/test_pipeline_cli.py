@@ -73,8 +73,17 @@ def copy(finished, tmp_path) -> Path:
 
 @pytest.mark.slow
 def test_end_to_end_writes_every_stage_output(finished):
-    for rel in ["distill/checkpoints/last.pt", "model.pt", "export/fp32/model.onnx", "export/int8/model.onnx",
-                "bench.json", "report.json", "report.md", "report.png", "report.junit.xml"]:
+    for rel in [
+        "distill/checkpoints/last.pt",
+        "model.pt",
+        "export/fp32/model.onnx",
+        "export/int8/model.onnx",
+        "bench.json",
+        "report.json",
+        "report.md",
+        "report.png",
+        "report.junit.xml",
+    ]:
         assert (finished / rel).is_file(), rel
     state = records(finished)
     assert list(state) == STAGES
@@ -152,12 +161,15 @@ def test_dry_run_of_a_new_directory_creates_nothing(tmp_path):
     assert stage_lines(result.output) == [f"run {name}" for name in STAGES] and not (tmp_path / "new").exists()
 
 
-@pytest.mark.parametrize("sections, fragment", [
-    ({"export": {"quantise": "int8"}}, "export.quantise: Extra inputs are not permitted"),
-    ({"gate": ["p99_ms@2<=20"]}, "batch size 2 is not benchmarked"),
-    ({"gate": ["latency<=20"]}, "latency"),
-    ({"bench": {"provider": "tpu"}}, "bench.provider: unknown provider 'tpu'"),
-])
+@pytest.mark.parametrize(
+    "sections, fragment",
+    [
+        ({"export": {"quantise": "int8"}}, "export.quantise: Extra inputs are not permitted"),
+        ({"gate": ["p99_ms@2<=20"]}, "batch size 2 is not benchmarked"),
+        ({"gate": ["latency<=20"]}, "latency"),
+        ({"bench": {"provider": "tpu"}}, "bench.provider: unknown provider 'tpu'"),
+    ],
+)
 def test_bad_config_is_one_line_exit_2_before_anything_runs(tmp_path, sections, fragment):
     result = invoke(smoke_config(tmp_path, **sections), tmp_path / "out")
     assert result.exit_code == 2, result.output

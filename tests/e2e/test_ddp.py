@@ -9,15 +9,25 @@ import pytest
 import torch
 
 from okdpipe.config import DistillConfig
+from okdpipe.datasets import load_dataset
 from okdpipe.distill import distributed
 from okdpipe.distill.checkpoint import load_checkpoint
-from okdpipe.datasets import load_dataset
 from okdpipe.distill.trainer import build_models, fit, train
 from okdpipe.run import RunDir
 
 # synthetic with 256 images: 192 for training after the 25% validation split -> 6 global batches of 32 per epoch
-TINY = dict(method="vanilla", arch="resnet8", students=2, dataset="synthetic", epochs=2, batch_size=32, lr=0.05,
-            val_split=0.25, seed=1, data_options={"n_train": 256})
+TINY = dict(
+    method="vanilla",
+    arch="resnet8",
+    students=2,
+    dataset="synthetic",
+    epochs=2,
+    batch_size=32,
+    lr=0.05,
+    val_split=0.25,
+    seed=1,
+    data_options={"n_train": 256},
+)
 STEPS_PER_EPOCH = 6
 # |w_1proc - w_2proc| / |w_1proc - w_init| over all student parameters (L2): measured 0.32 (max abs difference
 # 0.024). The gap is BatchNorm's alone: each rank normalises its 16 images with their own statistics instead of
@@ -27,8 +37,18 @@ RELATIVE_TOLERANCE = 0.45
 
 
 def cli_args(config: DistillConfig) -> list[str]:
-    flags = ["method", "arch", "students", "dataset", "epochs", "batch_size", "lr", "val_split", "seed",
-             "nproc_per_node"]
+    flags = [
+        "method",
+        "arch",
+        "students",
+        "dataset",
+        "epochs",
+        "batch_size",
+        "lr",
+        "val_split",
+        "seed",
+        "nproc_per_node",
+    ]
     sets = [f"--set=data_options.{key}={value}" for key, value in config.data_options.items()]
     return [arg for key in flags for arg in (f"--{key.replace('_', '-')}", str(getattr(config, key)))] + sets
 
@@ -37,8 +57,9 @@ def train_and_save_each_rank(cfg: DistillConfig, root: str, dumps: str, resume: 
     """One worker: the real loop, then this rank's students and method state to DUMPS/rank<r>.pt."""
     with distributed.joined(torch.device("cpu")) as group:
         s, _ = train(cfg, RunDir(root), group, resume, None, print)
-        torch.save({"students": s.students.state_dict(), "method": s.method.state_dict()},
-                   f"{dumps}/rank{group.rank}.pt")
+        torch.save(
+            {"students": s.students.state_dict(), "method": s.method.state_dict()}, f"{dumps}/rank{group.rank}.pt"
+        )
 
 
 def assert_ranks_identical(dumps) -> None:
@@ -66,8 +87,15 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     cfg = DistillConfig(**TINY)
     fit(cfg, RunDir(root / "one"), echo=lambda _: None)
-    command = [sys.executable, "-m", "okdpipe.cli", "distill", *cli_args(cfg.model_copy(update={"nproc_per_node": 2})),
-               "--out", str(root / "two")]
+    command = [
+        sys.executable,
+        "-m",
+        "okdpipe.cli",
+        "distill",
+        *cli_args(cfg.model_copy(update={"nproc_per_node": 2})),
+        "--out",
+        str(root / "two"),
+    ]
     console = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert console.returncode == 0, console.stderr
     return root, console.stdout

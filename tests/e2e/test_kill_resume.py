@@ -11,8 +11,24 @@ import time
 import pytest
 import torch
 
-ARGS = ["--method", "vanilla", "--arch", "resnet8", "--students", "2", "--dataset", "synthetic", "--epochs", "4",
-        "--batch-size", "4", "--val-split", "0.25", "--seed", "3"]
+ARGS = [
+    "--method",
+    "vanilla",
+    "--arch",
+    "resnet8",
+    "--students",
+    "2",
+    "--dataset",
+    "synthetic",
+    "--epochs",
+    "4",
+    "--batch-size",
+    "4",
+    "--val-split",
+    "0.25",
+    "--seed",
+    "3",
+]
 
 
 def distill(*extra):
@@ -50,6 +66,7 @@ def test_kill_9_mid_epoch_then_resume(tmp_path):
     assert result.returncode == 0, result.stderr
     a, b = students_of(straight), students_of(killed)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    epochs = [json.loads(l)["epoch"] for l in (killed / "metrics.jsonl").read_text().splitlines()
-              if '"kind": "epoch"' in l]
+    epochs = [
+        json.loads(l)["epoch"] for l in (killed / "metrics.jsonl").read_text().splitlines() if '"kind": "epoch"' in l
+    ]
     assert epochs == [1, 2, 3, 4]

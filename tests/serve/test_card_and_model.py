@@ -11,9 +11,9 @@ import sys
 import numpy as np
 import pytest
 
+from okdpipe.contracts.card import read_card
 from okdpipe.errors import OkdpipeError
 from okdpipe.serve.app import ServeSettings, load_classifier
-from okdpipe.contracts.card import read_card
 
 
 @pytest.fixture()

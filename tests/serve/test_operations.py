@@ -181,8 +181,8 @@ def test_command_module_imports_only_typer_at_top_level():
 def test_model_failure_is_a_json_500_and_the_server_keeps_serving(artifact_dir, caplog):
     from starlette.testclient import TestClient
 
-    from okdpipe.serve.app import ServeSettings, create_app
     from okdpipe.contracts.card import read_card
+    from okdpipe.serve.app import ServeSettings, create_app
     from okdpipe.serve.model import OnnxClassifier
 
     class FailsOnLargeInputs(OnnxClassifier):

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from okdpipe.serve.batching import MicroBatcher, QueueFull
 from okdpipe.contracts.card import Preprocess
+from okdpipe.serve.batching import MicroBatcher, QueueFull
 from okdpipe.serve.metrics import Histogram, ServerMetrics
 from okdpipe.serve.outputs import classify_response, softmax
 from okdpipe.serve.preprocess import image_to_tensor, multipart_file

@@ -15,7 +15,10 @@ import numpy as np
 from PIL import Image
 
 FASHION_FILES = (
-    "train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte",
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
 )
 
 
@@ -73,10 +76,17 @@ def write_cifar100(root: Path, n_train: int = 200, n_test: int = 100) -> Path:
     directory.mkdir(parents=True)
     for name, count, seed in (("train", n_train, 1), ("test", n_test, 2)):
         images, labels = tagged_images(count, (3072,), 100, seed)
-        write_pickle(directory / name, {b"data": images, b"fine_labels": labels.tolist(),
-                                        b"coarse_labels": (labels // 5).tolist()})
-    write_pickle(directory / "meta", {b"fine_label_names": [f"f{i}".encode() for i in range(100)],
-                                      b"coarse_label_names": [f"k{i}".encode() for i in range(20)]})
+        write_pickle(
+            directory / name,
+            {b"data": images, b"fine_labels": labels.tolist(), b"coarse_labels": (labels // 5).tolist()},
+        )
+    write_pickle(
+        directory / "meta",
+        {
+            b"fine_label_names": [f"f{i}".encode() for i in range(100)],
+            b"coarse_label_names": [f"k{i}".encode() for i in range(20)],
+        },
+    )
     return directory
 
 

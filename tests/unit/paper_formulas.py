@@ -61,8 +61,9 @@ def assert_terms(losses: dict, expected: dict, rtol: float = 1e-5, atol: float =
     """The loss dict has exactly the expected terms (plus "loss" = their sum), each equal by value."""
     assert set(losses) - {"loss"} >= set(expected), sorted(set(expected) - set(losses))
     for key, value in expected.items():
-        torch.testing.assert_close(losses[key].float(), value.detach().float(), rtol=rtol, atol=atol,
-                                   msg=lambda m, key=key: f"{key}: {m}")
+        torch.testing.assert_close(
+            losses[key].float(), value.detach().float(), rtol=rtol, atol=atol, msg=lambda m, key=key: f"{key}: {m}"
+        )
     total = sum(expected.values())
     torch.testing.assert_close(losses["loss"].float(), total.detach().float(), rtol=rtol, atol=atol)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from datafixtures import write_class_folders
+
 from okdpipe.datasets import AugmentConfig, DatasetSpec, TensorSplit, load_dataset, make_loader
 from okdpipe.datasets.augment import cutout_keep_mask
 
@@ -39,8 +39,11 @@ def decode_view(pixels: torch.Tensor) -> tuple[int, int, bool, tuple[int, int]]:
     src_cols = (SIZE - 1 - torch.arange(SIZE) + dx) if flipped else torch.arange(SIZE) + dx
     inside = ((src_rows >= 0) & (src_rows < SIZE))[:, None] & ((src_cols >= 0) & (src_cols < SIZE))[None, :]
     hole_rows, hole_cols = torch.nonzero(inside & (pixels == 0), as_tuple=True)
-    extent = (int(hole_rows.max() - hole_rows.min() + 1), int(hole_cols.max() - hole_cols.min() + 1)) if len(
-        hole_rows) else (0, 0)
+    extent = (
+        (int(hole_rows.max() - hole_rows.min() + 1), int(hole_cols.max() - hole_cols.min() + 1))
+        if len(hole_rows)
+        else (0, 0)
+    )
     return dy, dx, flipped, extent
 
 
@@ -50,8 +53,9 @@ def all_views(loader, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def decoded_views(config: AugmentConfig, backend: str, count: int = 300) -> list[tuple]:
-    loader = make_loader(coded_split(count), UNIT_SPEC, batch_size=100, train=True, device="cpu", augment=config,
-                         backend=backend)
+    loader = make_loader(
+        coded_split(count), UNIT_SPEC, batch_size=100, train=True, device="cpu", augment=config, backend=backend
+    )
     return [decode_view(v[0]) for v in pixels_of(all_views(loader)[0][0])]
 
 
@@ -85,8 +89,16 @@ def test_cutout_mask_is_exact_square_clipped():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_epoch_is_pure_function_of_seed_and_epoch(backend):
     bundle = load_dataset("synthetic", val_split=0)
-    make = lambda: make_loader(bundle.train, bundle.spec, batch_size=16, train=True, device="cpu", views=2,  # noqa: E731
-                               augment=AugmentConfig(2, True, 4), backend=backend)
+    make = lambda: make_loader(
+        bundle.train,
+        bundle.spec,
+        batch_size=16,
+        train=True,
+        device="cpu",
+        views=2,  # noqa: E731
+        augment=AugmentConfig(2, True, 4),
+        backend=backend,
+    )
     views, labels = all_views(make(), 3)
     again_views, again_labels = all_views(make(), 3)
     assert torch.equal(views, again_views) and torch.equal(labels, again_labels)
@@ -96,16 +108,31 @@ def test_epoch_is_pure_function_of_seed_and_epoch(backend):
 
 def test_workers_do_not_change_albumentations_draws():
     bundle = load_dataset("synthetic", val_split=0)
-    make = lambda workers: make_loader(bundle.train, bundle.spec, batch_size=16, train=True, device="cpu",  # noqa: E731
-                                       augment=AugmentConfig(2, True, 4), backend="albumentations",
-                                       num_workers=workers)
+    make = lambda workers: make_loader(
+        bundle.train,
+        bundle.spec,
+        batch_size=16,
+        train=True,
+        device="cpu",  # noqa: E731
+        augment=AugmentConfig(2, True, 4),
+        backend="albumentations",
+        num_workers=workers,
+    )
     assert torch.equal(all_views(make(0), 1)[0], all_views(make(2), 1)[0])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_each_view_draws_independently(backend):
-    loader = make_loader(coded_split(200), UNIT_SPEC, batch_size=50, train=True, device="cpu", views=3,
-                         augment=AugmentConfig(crop_padding=2, hflip=True), backend=backend)
+    loader = make_loader(
+        coded_split(200),
+        UNIT_SPEC,
+        batch_size=50,
+        train=True,
+        device="cpu",
+        views=3,
+        augment=AugmentConfig(crop_padding=2, hflip=True),
+        backend=backend,
+    )
     views, _ = all_views(loader)
     params = [[decode_view(v)[:3] for v in pixels_of(views[k, :, 0])] for k in range(3)]
     flips = np.array([[p[2] for p in view] for view in params])
@@ -150,8 +177,15 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 def test_both_paths_identical_without_augmentation(tmp_path):
     bundle = load_dataset("synthetic", val_split=0, n_train=24, channels=3)
     tensor = make_loader(bundle.train, bundle.spec, batch_size=8, train=True, device="cpu", augment=AugmentConfig())
-    albu = make_loader(bundle.train, bundle.spec, batch_size=8, train=True, device="cpu", augment=AugmentConfig(),
-                       backend="albumentations")
+    albu = make_loader(
+        bundle.train,
+        bundle.spec,
+        batch_size=8,
+        train=True,
+        device="cpu",
+        augment=AugmentConfig(),
+        backend="albumentations",
+    )
     assert torch.equal(all_views(tensor, 2)[0], all_views(albu, 2)[0])
     # The same images written as PNG class folders and read back through imagefolder's decoder.
     images = bundle.train.images.permute(0, 2, 3, 1).numpy()

@@ -41,8 +41,16 @@ def tiny(tmp_path_factory):
     from okdpipe.distill.select import select
 
     root = tmp_path_factory.mktemp("bench")
-    cfg = DistillConfig(method="vanilla", arch="resnet8", dataset="synthetic", epochs=1, batch_size=8,
-                        val_split=0.25, students=2, device="cpu")
+    cfg = DistillConfig(
+        method="vanilla",
+        arch="resnet8",
+        dataset="synthetic",
+        epochs=1,
+        batch_size=8,
+        val_split=0.25,
+        students=2,
+        device="cpu",
+    )
     fit(cfg, RunDir(root / "run"), echo=lambda *_: None)
     _, _, _, model_path = select(root / "run", "auto", None, 4, device="cpu")
     [card] = export_model(model_path, root / "out", ExportConfig())
@@ -53,14 +61,39 @@ def tiny(tmp_path_factory):
 
 def test_report_schema(tiny):
     report = tiny["report"].to_dict()
-    assert list(report) == ["format", "format_version", "created", "options", "machine", "runtime", "artifacts",
-                            "references", "notes", "gates"]
+    assert list(report) == [
+        "format",
+        "format_version",
+        "created",
+        "options",
+        "machine",
+        "runtime",
+        "artifacts",
+        "references",
+        "notes",
+        "gates",
+    ]
     assert (report["format"], report["format_version"]) == ("okdpipe-bench-report", 2)
     assert report["notes"] == [] and report["gates"] == []
     assert [e["kind"] for e in report["artifacts"] + report["references"]] == ["onnx", "pytorch", "ensemble"]
     for entry in report["artifacts"] + report["references"]:
-        assert list(entry) == ["name", "kind", "precision", "path", "dataset", "of", "provenance", "device",
-                               "session", "params", "macs", "start_ms", "memory", "accuracy", "latency"]
+        assert list(entry) == [
+            "name",
+            "kind",
+            "precision",
+            "path",
+            "dataset",
+            "of",
+            "provenance",
+            "device",
+            "session",
+            "params",
+            "macs",
+            "start_ms",
+            "memory",
+            "accuracy",
+            "latency",
+        ]
         assert list(entry["latency"]) == ["1", "4"]
     assert set(report["machine"]["cpu_features"]) >= {"avx2", "avx512_vnni", "avx_vnni", "amx_int8"}
     assert report["machine"]["threads"] == 1 and report["machine"]["peak_gflops"]["gflops"] > 0
@@ -147,8 +180,9 @@ def test_cuda_provider_without_cuda_is_a_clear_error(tiny):
 
 def test_reports_are_written(tiny, tmp_path):
     results = evaluate_gates(tiny["report"], ["top1>=0", "p99_ms@1<=0"])
-    paths = write_reports(replace(tiny["report"], gates=results), tmp_path / "r" / "report.json",
-                          junit=tmp_path / "junit.xml")
+    paths = write_reports(
+        replace(tiny["report"], gates=results), tmp_path / "r" / "report.json", junit=tmp_path / "junit.xml"
+    )
     assert sorted(paths) == ["json", "junit", "md", "png"]
     written = json.loads(paths["json"].read_text())
     assert [g["passed"] for g in written["gates"]] == [True, False]
@@ -166,8 +200,7 @@ def test_time_calls_counts_warmup_and_minimum_runs():
 
 
 def test_latency_point_percentiles():
-    point = measure.latency_point([float(v) for v in range(1, 101)], batch_size=10, macs=1_000_000,
-                                  peak_gflops=2.0)
+    point = measure.latency_point([float(v) for v in range(1, 101)], batch_size=10, macs=1_000_000, peak_gflops=2.0)
     assert [point.p50_ms, point.p90_ms, point.p99_ms] == pytest.approx([50.5, 90.1, 99.01], abs=1e-9)
     assert point.mean_ms == 50.5 and point.images_per_s == pytest.approx(10 * 1000 / 50.5)
     assert point.gflops_per_s == pytest.approx(2e6 * point.images_per_s / 1e9)

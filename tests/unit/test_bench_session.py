@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-from okdpipe.bench.gate import OPERATORS, GateUsageError, evaluate_gates, failed, parse_gate
 
+from okdpipe.bench.gate import OPERATORS, GateUsageError, evaluate_gates, failed, parse_gate
 from okdpipe.contracts.report import Accuracy, BenchReport, Entry, LatencyPoint, Memory
 from okdpipe.ortsession import session_options
 
@@ -16,10 +16,29 @@ from okdpipe.ortsession import session_options
 
 
 def entry(name="m-fp32", kind="onnx", precision="fp32", top1=0.5, p99=2.5, samples=32, params=1000) -> Entry:
-    point = LatencyPoint(batch_size=1, runs=10, p50_ms=p99 / 2, p90_ms=p99, p99_ms=p99, mean_ms=p99 / 2,
-                         min_ms=p99 / 4, images_per_s=400.0)
-    return Entry(name, kind, precision, f"out/{precision}", "synthetic", params=params, macs=2000, start_ms=5.0,
-                 memory=Memory(1.0, "rss"), accuracy=Accuracy("test", top1, 1.0, samples), latency={1: point})
+    point = LatencyPoint(
+        batch_size=1,
+        runs=10,
+        p50_ms=p99 / 2,
+        p90_ms=p99,
+        p99_ms=p99,
+        mean_ms=p99 / 2,
+        min_ms=p99 / 4,
+        images_per_s=400.0,
+    )
+    return Entry(
+        name,
+        kind,
+        precision,
+        f"out/{precision}",
+        "synthetic",
+        params=params,
+        macs=2000,
+        start_ms=5.0,
+        memory=Memory(1.0, "rss"),
+        accuracy=Accuracy("test", top1, 1.0, samples),
+        latency={1: point},
+    )
 
 
 def report(*entries: Entry) -> BenchReport:
@@ -45,8 +64,10 @@ def test_value_equal_to_threshold_passes_exactly_as_the_operator_says(op, passes
     assert result.passed is passes
 
 
-@pytest.mark.parametrize("op, below, above", [(">=", False, True), ("<=", True, False), (">", False, True),
-                                              ("<", True, False), ("==", False, False)])
+@pytest.mark.parametrize(
+    "op, below, above",
+    [(">=", False, True), ("<=", True, False), (">", False, True), ("<", True, False), ("==", False, False)],
+)
 def test_value_just_off_the_threshold(op, below, above):
     assert verdict(f"top1{op}0.5", entry(top1=math.nextafter(0.5, 0))) == [below]
     assert verdict(f"top1{op}0.5", entry(top1=math.nextafter(0.5, 1))) == [above]
@@ -66,18 +87,21 @@ def test_a_nan_baseline_fails_every_operator(op):
     assert verdict(f"top1{op}baseline", entry(top1=0.5), baseline=baseline) == [False]
 
 
-@pytest.mark.parametrize("gate, baseline_p99, value, threshold, passes", [
-    ("p99_ms@1<=baseline*1.5", 4.0, 6.0, 6.0, True),
-    ("p99_ms@1<baseline*1.5", 4.0, 6.0, 6.0, False),
-    ("p99_ms@1<=baseline*1.5", 4.0, 6.5, 6.0, False),
-    ("p99_ms@1<=baseline*1.1", 2.0, 2.0, 2.0 * 1.1, True),
-    ("p99_ms@1<=baseline+0.5", 2.0, 2.5, 2.5, True),
-    ("p99_ms@1<baseline+0.5", 2.0, 2.5, 2.5, False),
-    ("p99_ms@1>=baseline-0.25", 2.0, 1.75, 1.75, True),
-    ("p99_ms@1>baseline-0.25", 2.0, 1.75, 1.75, False),
-    ("p99_ms@1==baseline", 2.0, 2.0, 2.0, True),
-    ("p99_ms@1<=baseline", 2.0, 2.25, 2.0, False),
-])
+@pytest.mark.parametrize(
+    "gate, baseline_p99, value, threshold, passes",
+    [
+        ("p99_ms@1<=baseline*1.5", 4.0, 6.0, 6.0, True),
+        ("p99_ms@1<baseline*1.5", 4.0, 6.0, 6.0, False),
+        ("p99_ms@1<=baseline*1.5", 4.0, 6.5, 6.0, False),
+        ("p99_ms@1<=baseline*1.1", 2.0, 2.0, 2.0 * 1.1, True),
+        ("p99_ms@1<=baseline+0.5", 2.0, 2.5, 2.5, True),
+        ("p99_ms@1<baseline+0.5", 2.0, 2.5, 2.5, False),
+        ("p99_ms@1>=baseline-0.25", 2.0, 1.75, 1.75, True),
+        ("p99_ms@1>baseline-0.25", 2.0, 1.75, 1.75, False),
+        ("p99_ms@1==baseline", 2.0, 2.0, 2.0, True),
+        ("p99_ms@1<=baseline", 2.0, 2.25, 2.0, False),
+    ],
+)
 def test_relative_gates_by_value(gate, baseline_p99, value, threshold, passes):
     baseline = report(entry(p99=baseline_p99))
     [result] = evaluate_gates(report(entry(p99=value)), [gate], baseline=baseline)
@@ -88,8 +112,11 @@ def test_relative_gates_by_value(gate, baseline_p99, value, threshold, passes):
 
 def test_relative_gate_matches_the_baseline_entry_by_name_then_precision():
     baseline = report(entry("m-fp32", p99=1.0), entry("m-int8", precision="int8", p99=10.0))
-    results = evaluate_gates(report(entry("m-fp32", p99=1.0), entry("m-int8", precision="int8", p99=10.0)),
-                             ["p99_ms@1<=baseline*1.0"], baseline=baseline)
+    results = evaluate_gates(
+        report(entry("m-fp32", p99=1.0), entry("m-int8", precision="int8", p99=10.0)),
+        ["p99_ms@1<=baseline*1.0"],
+        baseline=baseline,
+    )
     assert [(r.artifact, r.threshold, r.passed) for r in results] == [("m-fp32", 1.0, True), ("m-int8", 10.0, True)]
     renamed = report(entry("other-int8", precision="int8", p99=10.0))
     [result] = evaluate_gates(renamed, ["p99_ms@1<=baseline"], baseline=baseline)
@@ -97,8 +124,11 @@ def test_relative_gate_matches_the_baseline_entry_by_name_then_precision():
 
 
 def test_a_selector_picks_its_entries_and_an_unselected_gate_covers_only_onnx():
-    entries = (entry("m-fp32", top1=0.9), entry("m-int8", precision="int8", top1=0.4),
-               entry("m-torch", kind="pytorch", top1=0.1))
+    entries = (
+        entry("m-fp32", top1=0.9),
+        entry("m-int8", precision="int8", top1=0.4),
+        entry("m-torch", kind="pytorch", top1=0.1),
+    )
     assert verdict("top1>=0.5", *entries) == [True, False]
     assert verdict("int8:top1>=0.5", *entries) == [False]
     assert verdict("pytorch:top1>=0.05", *entries) == [True]
@@ -111,8 +141,10 @@ def test_gate_spellings_parse_to_the_same_threshold(text):
     assert (gate.metric, gate.op, gate.amount, gate.relation) == ("top1", ">=", 0.5, None)
 
 
-@pytest.mark.parametrize("text", ["top1=>0.5", "top1>=nan", "top1>=inf", "p99_ms<=2", "top1@1>=0.5", "top1>=",
-                                  "top1>=baseline/2", "latency<=1"])
+@pytest.mark.parametrize(
+    "text",
+    ["top1=>0.5", "top1>=nan", "top1>=inf", "p99_ms<=2", "top1@1>=0.5", "top1>=", "top1>=baseline/2", "latency<=1"],
+)
 def test_unparseable_gates_are_usage_errors(text):
     with pytest.raises(GateUsageError) as error:
         parse_gate(text)
@@ -128,15 +160,22 @@ def artifact(tmp_path_factory):
     from okdpipe.distill.models import create_model
     from okdpipe.export.config import ExportConfig
     from okdpipe.export.exporter import export_model
-
     from okdpipe.modelfile import ModelInfo, save_model_file
 
     root = tmp_path_factory.mktemp("bench-session")
     spec = load_dataset("synthetic").spec
     torch.manual_seed(2)
-    info = ModelInfo("resnet8", spec.num_classes, spec.in_channels, spec.input_size, spec.mean, spec.std,
-                     spec.labels, "synthetic", provenance={"data": {"dataset": "synthetic", "val_split": 0.25,
-                                                                    "seed": 0}})
+    info = ModelInfo(
+        "resnet8",
+        spec.num_classes,
+        spec.in_channels,
+        spec.input_size,
+        spec.mean,
+        spec.std,
+        spec.labels,
+        "synthetic",
+        provenance={"data": {"dataset": "synthetic", "val_split": 0.25, "seed": 0}},
+    )
     save_model_file(create_model("resnet8", spec.num_classes, spec.in_channels), info, root / "model.pt")
     [card] = export_model(root / "model.pt", root / "out", ExportConfig(opset=13))
     return card.directory
@@ -145,19 +184,28 @@ def artifact(tmp_path_factory):
 def bench_config(threads):
     from okdpipe.bench.config import BenchConfig
 
-    return BenchConfig(batch_sizes=[1, 2], threads=threads, warmup=0, min_seconds=0.01, max_samples=16,
-                       compare_pytorch=False, compare_ensemble=False)
+    return BenchConfig(
+        batch_sizes=[1, 2],
+        threads=threads,
+        warmup=0,
+        min_seconds=0.01,
+        max_samples=16,
+        compare_pytorch=False,
+        compare_ensemble=False,
+    )
 
 
 def ort_settings(session) -> dict:
     """What an onnxruntime session was really built with (not what a description says)."""
     options = session.get_session_options()
-    return {"intra_op_num_threads": options.intra_op_num_threads,
-            "inter_op_num_threads": options.inter_op_num_threads,
-            "execution_mode": str(options.execution_mode),
-            "graph_optimization_level": str(options.graph_optimization_level),
-            "allow_spinning": options.get_session_config_entry("session.intra_op.allow_spinning"),
-            "providers": session.get_providers()}
+    return {
+        "intra_op_num_threads": options.intra_op_num_threads,
+        "inter_op_num_threads": options.inter_op_num_threads,
+        "execution_mode": str(options.execution_mode),
+        "graph_optimization_level": str(options.graph_optimization_level),
+        "allow_spinning": options.get_session_config_entry("session.intra_op.allow_spinning"),
+        "providers": session.get_providers(),
+    }
 
 
 @pytest.mark.parametrize("threads", [1, 2, None])
@@ -194,8 +242,11 @@ def test_bench_times_the_session_serve_runs(artifact, threads, monkeypatch):
 
 def test_session_options_is_the_documented_description():
     assert session_options(3) == {
-        "providers": ["CPUExecutionProvider"], "intra_op_num_threads": 3, "inter_op_num_threads": 1,
-        "execution_mode": "sequential", "graph_optimization_level": "all",
+        "providers": ["CPUExecutionProvider"],
+        "intra_op_num_threads": 3,
+        "inter_op_num_threads": 1,
+        "execution_mode": "sequential",
+        "graph_optimization_level": "all",
         "config_entries": {"session.intra_op.allow_spinning": "0"},
     }
     assert session_options(None) == session_options(0)

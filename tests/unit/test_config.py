@@ -20,32 +20,35 @@ def test_parse_set_nests_dotted_keys():
     assert parse_set(["a.b.c=1", "a.d=x"]) == {"a": {"b": {"c": 1}, "d": "x"}}
 
 
-@pytest.mark.parametrize("values, fragment", [
-    ({"epoch": 3}, "epoch"),                 # typo: unknown key
-    ({"lr": -1}, "lr"),
-    ({"device": "tpu"}, "device"),
-    ({"milestones": [1.5]}, "milestones"),
-    ({"lr": float("nan")}, "lr: Input should be a finite number"),
-    ({"lr": float("inf")}, "lr: Input should be a finite number"),
-    ({"momentum": float("nan")}, "momentum"),
-    ({"weight_decay": float("inf")}, "weight_decay: Input should be a finite number"),
-    ({"warmup_epochs": float("inf")}, "warmup_epochs: Input should be a finite number"),
-    ({"grad_clip": float("nan")}, "grad_clip"),
-    ({"lr_decay": float("nan")}, "lr_decay"),
-    ({"milestones": [float("nan")]}, "milestones.0: Input should be a finite number"),
-    ({"val_split": 2}, "val_split: Input should be less than 1"),
-    ({"val_split": float("nan")}, "val_split"),
-    ({"epochs": 0}, "epochs: Input should be greater than or equal to 1"),
-    ({"batch_size": -1}, "batch_size: Input should be greater than or equal to 1"),
-    ({"eval_batch_size": 0}, "eval_batch_size"),
-    ({"students": 0}, "students"),
-    ({"train_subset": 0}, "train_subset"),
-    ({"seed": -1}, "seed: Input should be greater than or equal to 0"),
-    ({"workers": -1}, "workers"),
-    ({"nproc_per_node": 0}, "nproc_per_node"),
-    ({1: 2}, "1: Keys should be strings"),
-    ({"method_params": [1]}, "method_params must be a mapping"),
-])
+@pytest.mark.parametrize(
+    "values, fragment",
+    [
+        ({"epoch": 3}, "epoch"),  # typo: unknown key
+        ({"lr": -1}, "lr"),
+        ({"device": "tpu"}, "device"),
+        ({"milestones": [1.5]}, "milestones"),
+        ({"lr": float("nan")}, "lr: Input should be a finite number"),
+        ({"lr": float("inf")}, "lr: Input should be a finite number"),
+        ({"momentum": float("nan")}, "momentum"),
+        ({"weight_decay": float("inf")}, "weight_decay: Input should be a finite number"),
+        ({"warmup_epochs": float("inf")}, "warmup_epochs: Input should be a finite number"),
+        ({"grad_clip": float("nan")}, "grad_clip"),
+        ({"lr_decay": float("nan")}, "lr_decay"),
+        ({"milestones": [float("nan")]}, "milestones.0: Input should be a finite number"),
+        ({"val_split": 2}, "val_split: Input should be less than 1"),
+        ({"val_split": float("nan")}, "val_split"),
+        ({"epochs": 0}, "epochs: Input should be greater than or equal to 1"),
+        ({"batch_size": -1}, "batch_size: Input should be greater than or equal to 1"),
+        ({"eval_batch_size": 0}, "eval_batch_size"),
+        ({"students": 0}, "students"),
+        ({"train_subset": 0}, "train_subset"),
+        ({"seed": -1}, "seed: Input should be greater than or equal to 0"),
+        ({"workers": -1}, "workers"),
+        ({"nproc_per_node": 0}, "nproc_per_node"),
+        ({1: 2}, "1: Keys should be strings"),
+        ({"method_params": [1]}, "method_params must be a mapping"),
+    ],
+)
 def test_bad_config_is_one_clear_line(values, fragment):
     with pytest.raises(OkdpipeError) as err:
         build_config(values, {}, [])
@@ -67,14 +70,17 @@ def test_defaults_are_the_cpu_demo():
     assert (cfg.method, cfg.arch, cfg.dataset, cfg.val_split) == ("vanilla", "resnet20", "fashion-mnist", 0.1)
 
 
-@pytest.mark.parametrize("sets, fragment", [
-    (["lr=[1"], "--set lr: not valid YAML"),
-    (["lr=0.1", "lr=0.2"], "lr is set twice"),
-    (["okdph.gamma=1", "okdph.gamma.x=2"], "gamma was already set to a value, not a section"),
-    (["okdph..gamma=1"], "expected KEY=VALUE"),
-    (["=1"], "expected KEY=VALUE"),
-    (["lr=*a"], "aliases (*name) are not allowed"),
-])
+@pytest.mark.parametrize(
+    "sets, fragment",
+    [
+        (["lr=[1"], "--set lr: not valid YAML"),
+        (["lr=0.1", "lr=0.2"], "lr is set twice"),
+        (["okdph.gamma=1", "okdph.gamma.x=2"], "gamma was already set to a value, not a section"),
+        (["okdph..gamma=1"], "expected KEY=VALUE"),
+        (["=1"], "expected KEY=VALUE"),
+        (["lr=*a"], "aliases (*name) are not allowed"),
+    ],
+)
 def test_malformed_set_is_one_line(sets, fragment):
     with pytest.raises(OkdpipeError) as err:
         build_config({"method": "okdph"}, {}, sets)
@@ -82,19 +88,23 @@ def test_malformed_set_is_one_line(sets, fragment):
 
 
 BOMB = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
-    f"{x}: &{x} [{', '.join(['*' + y] * 9)}]\n" for x, y in zip("bcdefghi", "abcdefgh"))
+    f"{x}: &{x} [{', '.join(['*' + y] * 9)}]\n" for x, y in zip("bcdefghi", "abcdefgh")
+)
 
 
-@pytest.mark.parametrize("content, fragment", [
-    (b"\xff\xfe epochs: 1", "is not UTF-8 text"),
-    (b"[1, 2]", "must be a mapping of keys to values, not a list"),
-    (b"just text", "must be a mapping of keys to values, not a str"),
-    (b"epochs: [", "not valid YAML"),
-    (BOMB.encode(), "aliases (*name) are not allowed, line 2"),
-    (b"x: " + b"[" * 5000, "nested deeper than 32 levels"),
-    (b"x: " + b"[" * 33 + b"]" * 33, "nested deeper than 32 levels"),
-    (b"# " + b"x" * (1 << 20), "larger than 1024 KiB"),
-])
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        (b"\xff\xfe epochs: 1", "is not UTF-8 text"),
+        (b"[1, 2]", "must be a mapping of keys to values, not a list"),
+        (b"just text", "must be a mapping of keys to values, not a str"),
+        (b"epochs: [", "not valid YAML"),
+        (BOMB.encode(), "aliases (*name) are not allowed, line 2"),
+        (b"x: " + b"[" * 5000, "nested deeper than 32 levels"),
+        (b"x: " + b"[" * 33 + b"]" * 33, "nested deeper than 32 levels"),
+        (b"# " + b"x" * (1 << 20), "larger than 1024 KiB"),
+    ],
+)
 def test_bad_config_files_are_one_line_and_fast(tmp_path, content, fragment):
     path = tmp_path / "c.yaml"
     path.write_bytes(content)

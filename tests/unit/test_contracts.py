@@ -69,9 +69,9 @@ INVALID = {
     "num_classes 1": labels_and_classes,
     "NaN in mean": lambda f: set_path(f, ("preprocess", "mean"), [0.25, math.nan, 0.75]),
     "inf in std": lambda f: set_path(f, ("preprocess", "std"), [0.5, math.inf, 2.0]),
-    "opset a string": lambda f: set_path(f, ("opset", ), "13"),
-    "opset a float": lambda f: set_path(f, ("opset", ), 13.0),
-    "opset a bool": lambda f: set_path(f, ("opset", ), True),
+    "opset a string": lambda f: set_path(f, ("opset",), "13"),
+    "opset a float": lambda f: set_path(f, ("opset",), 13.0),
+    "opset a bool": lambda f: set_path(f, ("opset",), True),
     "name with slash": lambda f: set_path(f, ("name",), "a/b"),
     "name empty": lambda f: set_path(f, ("name",), ""),
     "preprocess size disagrees with input": lambda f: set_path(f, ("preprocess", "size"), [5, 4]),
@@ -211,15 +211,20 @@ def test_preprocess_normalise_is_the_documented_formula():
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     # one pixel written out: 200/255 = 0.784..., channel 2: (0.7843 - 0.75) / 2.0
     one = Preprocess(1, 1, 3, PIXEL_SCALE, tuple(MEAN), tuple(STD)).normalise(np.full((1, 3, 1, 1), 200, np.uint8))
-    np.testing.assert_allclose(one.ravel(), [(200 / 255 - 0.25) / 0.5, (200 / 255 - 0.5) / 0.125,
-                                             (200 / 255 - 0.75) / 2.0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        one.ravel(),
+        [(200 / 255 - 0.25) / 0.5, (200 / 255 - 0.5) / 0.125, (200 / 255 - 0.75) / 2.0],
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 def test_preprocess_normalise_honours_a_non_default_scale():
     pre = Preprocess(1, 2, 3, 0.5, (1.0, 2.0, 3.0), (2.0, 4.0, 8.0))
     pixels = np.array([[[[10, 20]], [[30, 40]], [[50, 60]]]], dtype=np.uint8)
     expected = (pixels.astype(np.float64) * 0.5 - np.array([1.0, 2.0, 3.0]).reshape(1, 3, 1, 1)) / np.array(
-        [2.0, 4.0, 8.0]).reshape(1, 3, 1, 1)
+        [2.0, 4.0, 8.0]
+    ).reshape(1, 3, 1, 1)
     np.testing.assert_allclose(pre.normalise(pixels), expected, rtol=1e-6)
 
 
@@ -234,18 +239,21 @@ def test_current_and_older_versions_are_read():
     assert MODEL_FILE.check({"format": "okdpipe-model", "format_version": 1}, "m") == 1
 
 
-@pytest.mark.parametrize("payload", [
-    {"format": "okdpipe-model", "format_version": 1},  # another okdpipe format
-    {"format": "okdpipe-bench-report", "format_version": True},  # True == 1, but a bool is not a version
-    {"format": "okdpipe-bench-report", "format_version": 99},
-    {"format": "okdpipe-bench-report", "format_version": "2"},
-    {"format": "okdpipe-bench-report", "format_version": 2.0001},
-    {"format": "okdpipe-bench-report"},
-    {"schema_version": 99},
-    {"schema_version": True},
-    [1, 2],
-    "okdpipe-bench-report",
-])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"format": "okdpipe-model", "format_version": 1},  # another okdpipe format
+        {"format": "okdpipe-bench-report", "format_version": True},  # True == 1, but a bool is not a version
+        {"format": "okdpipe-bench-report", "format_version": 99},
+        {"format": "okdpipe-bench-report", "format_version": "2"},
+        {"format": "okdpipe-bench-report", "format_version": 2.0001},
+        {"format": "okdpipe-bench-report"},
+        {"schema_version": 99},
+        {"schema_version": True},
+        [1, 2],
+        "okdpipe-bench-report",
+    ],
+)
 def test_bad_headers_are_one_line_errors(payload):
     with pytest.raises(OkdpipeError) as error:
         REPORT.check(payload, "somewhere/report.json")
@@ -263,23 +271,62 @@ def test_card_format_version_true_is_refused(artifact):
 
 
 def legacy_entry(**overrides) -> dict:
-    entry = {"name": "resnet8-synthetic", "kind": "onnx", "precision": "fp32", "path": "out/fp32",
-             "dataset": "synthetic", "of": [], "provenance": {}, "device": "CPUExecutionProvider", "params": 78000,
-             "macs": 1200000, "start_ms": 12.5, "memory": {"peak_rss_delta_mb": 3.0, "method": "rss"},
-             "accuracy": {"split": "test", "top1": 0.75, "top5": 1.0, "samples": 32},
-             "latency": {"1": {"batch_size": 1, "runs": 100, "p50_ms": 0.5, "p90_ms": 0.6, "p99_ms": 0.7,
-                               "mean_ms": 0.55, "min_ms": 0.4, "images_per_s": 1818.0, "gflops_per_s": None,
-                               "peak_fraction": None}}}
+    entry = {
+        "name": "resnet8-synthetic",
+        "kind": "onnx",
+        "precision": "fp32",
+        "path": "out/fp32",
+        "dataset": "synthetic",
+        "of": [],
+        "provenance": {},
+        "device": "CPUExecutionProvider",
+        "params": 78000,
+        "macs": 1200000,
+        "start_ms": 12.5,
+        "memory": {"peak_rss_delta_mb": 3.0, "method": "rss"},
+        "accuracy": {"split": "test", "top1": 0.75, "top5": 1.0, "samples": 32},
+        "latency": {
+            "1": {
+                "batch_size": 1,
+                "runs": 100,
+                "p50_ms": 0.5,
+                "p90_ms": 0.6,
+                "p99_ms": 0.7,
+                "mean_ms": 0.55,
+                "min_ms": 0.4,
+                "images_per_s": 1818.0,
+                "gflops_per_s": None,
+                "peak_fraction": None,
+            }
+        },
+    }
     entry.update(overrides)
     return entry
 
 
 def test_a_schema_version_1_bench_report_is_read_back():
-    legacy = {"schema_version": 1, "created": "2026-01-01T00:00:00Z", "options": {"batch_sizes": [1]},
-              "machine": {"cpu": "x"}, "runtime": {"onnxruntime": "1"}, "artifacts": [legacy_entry()],
-              "references": [legacy_entry(name="ref", kind="pytorch", device="torch:cpu")], "notes": ["n"],
-              "gates": [{"expression": "top1>=0.5", "metric": "top1", "value": 0.75, "threshold": 0.5,
-                         "passed": True, "detail": "ok", "artifact": "resnet8-synthetic", "name": None}]}
+    legacy = {
+        "schema_version": 1,
+        "created": "2026-01-01T00:00:00Z",
+        "options": {"batch_sizes": [1]},
+        "machine": {"cpu": "x"},
+        "runtime": {"onnxruntime": "1"},
+        "artifacts": [legacy_entry()],
+        "references": [legacy_entry(name="ref", kind="pytorch", device="torch:cpu")],
+        "notes": ["n"],
+        "gates": [
+            {
+                "expression": "top1>=0.5",
+                "metric": "top1",
+                "value": 0.75,
+                "threshold": 0.5,
+                "passed": True,
+                "detail": "ok",
+                "artifact": "resnet8-synthetic",
+                "name": None,
+            }
+        ],
+    }
     report = BenchReport.from_dict(legacy, "old.json")
     [entry] = report.artifacts
     assert entry.session is None  # v1 did not record it
@@ -292,8 +339,17 @@ def test_a_schema_version_1_bench_report_is_read_back():
 
 def test_a_damaged_bench_report_is_one_line():
     with pytest.raises(OkdpipeError) as error:
-        BenchReport.from_dict({**REPORT.header(), "created": "x", "options": {}, "machine": {}, "runtime": {},
-                               "artifacts": [{"name": "only-a-name"}]}, "bad.json")
+        BenchReport.from_dict(
+            {
+                **REPORT.header(),
+                "created": "x",
+                "options": {},
+                "machine": {},
+                "runtime": {},
+                "artifacts": [{"name": "only-a-name"}],
+            },
+            "bad.json",
+        )
     assert_one_line(error)
 
 
@@ -321,8 +377,16 @@ def test_from_record_carries_the_recorded_seed_and_val_split_into_load():
 def test_from_record_carries_options_and_train_subset():
     from okdpipe.datasets import load_dataset
 
-    source = DataSource.from_record({"dataset": "synthetic", "val_split": 0.25, "seed": 5, "train_subset": 2,
-                                     "options": {"data_seed": 4, "n_train": 32}}, "model.pt")
+    source = DataSource.from_record(
+        {
+            "dataset": "synthetic",
+            "val_split": 0.25,
+            "seed": 5,
+            "train_subset": 2,
+            "options": {"data_seed": 4, "n_train": 32},
+        },
+        "model.pt",
+    )
     bundle = source.load()
     expected = load_dataset("synthetic", val_split=0.25, seed=5, train_subset=2, data_seed=4, n_train=32)
     assert len(bundle.train) == 2 * 4
@@ -331,13 +395,23 @@ def test_from_record_carries_options_and_train_subset():
     assert DataSource.from_record(source.as_record(), "again") == source
 
 
-@pytest.mark.parametrize("record", [
-    None, {}, {"dataset": ""}, {"dataset": 3}, {"dataset": "synthetic", "seed": "3"},
-    {"dataset": "synthetic", "seed": True}, {"dataset": "synthetic", "val_split": 1.0},
-    {"dataset": "synthetic", "val_split": math.nan}, {"dataset": "synthetic", "val_split": -0.1},
-    {"dataset": "synthetic", "train_subset": 0}, {"dataset": "synthetic", "options": []},
-    {"dataset": "synthetic", "sede": 3},
-])
+@pytest.mark.parametrize(
+    "record",
+    [
+        None,
+        {},
+        {"dataset": ""},
+        {"dataset": 3},
+        {"dataset": "synthetic", "seed": "3"},
+        {"dataset": "synthetic", "seed": True},
+        {"dataset": "synthetic", "val_split": 1.0},
+        {"dataset": "synthetic", "val_split": math.nan},
+        {"dataset": "synthetic", "val_split": -0.1},
+        {"dataset": "synthetic", "train_subset": 0},
+        {"dataset": "synthetic", "options": []},
+        {"dataset": "synthetic", "sede": 3},
+    ],
+)
 def test_from_record_refuses_a_bad_record_in_one_line(record):
     with pytest.raises(OkdpipeError) as error:
         DataSource.from_record(record, "model.pt")

@@ -10,14 +10,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from datafixtures import (
+    FASHION_FILES,
+    idx_bytes,
+    tagged_images,
+    write_cifar10,
+    write_cifar100,
+    write_class_folders,
+    write_fashion,
+    write_idx,
+    write_image_folder,
+    write_pickle,
+)
 from PIL import Image
 
-from datafixtures import (
-    FASHION_FILES, idx_bytes, tagged_images, write_cifar10, write_cifar100, write_class_folders, write_fashion,
-    write_idx, write_image_folder, write_pickle,
-)
-from okdpipe.datasets import DATASETS, TensorSplit, load_dataset
-from okdpipe.datasets import fashion_mnist
+from okdpipe.datasets import DATASETS, TensorSplit, fashion_mnist, load_dataset
 from okdpipe.datasets.splits import stratified_holdout
 from okdpipe.errors import OkdpipeError
 
@@ -29,6 +36,7 @@ def test_registry_has_every_dataset():
 
 
 # --- Fashion-MNIST ---------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("compress", [True, False])
 def test_fashion_reads_idx_files(tmp_path, compress):
@@ -113,7 +121,8 @@ def test_fashion_count_mismatch_and_missing_dir(tmp_path):
 
 @pytest.mark.skipif(
     not REAL_FASHION.is_dir(),
-    reason="real Fashion-MNIST not installed at /usr/share/datasets/fashion-mnist (apt-get install dataset-fashion-mnist)",
+    reason="real Fashion-MNIST not installed at /usr/share/datasets/fashion-mnist "
+    "(apt-get install dataset-fashion-mnist)",
 )
 def test_real_fashion_mnist_matches_spec():
     bundle = load_dataset("fashion-mnist", REAL_FASHION, val_split=0)
@@ -125,6 +134,7 @@ def test_real_fashion_mnist_matches_spec():
 
 
 # --- CIFAR -------------------------------------------------------------------------------------------------------
+
 
 def test_cifar10_reads_official_pickles(tmp_path):
     directory = write_cifar10(tmp_path)
@@ -264,8 +274,12 @@ def make_folder_problem(root: Path, kind: str) -> Path:
 
 @pytest.mark.parametrize(
     "kind, problem",
-    [("empty class", "no images"), ("unreadable", "cannot read image"), ("class mismatch", "missing \\['emu'\\]"),
-     ("no classes", "no class folders")],
+    [
+        ("empty class", "no images"),
+        ("unreadable", "cannot read image"),
+        ("class mismatch", "missing \\['emu'\\]"),
+        ("no classes", "no class folders"),
+    ],
 )
 def test_imagefolder_problems_named(tmp_path, kind, problem):
     culprit = make_folder_problem(tmp_path, kind)
@@ -293,6 +307,7 @@ def test_imagefolder_fingerprint_follows_files(tmp_path):
 
 
 # --- synthetic, val split, subset, options -----------------------------------------------------------------------
+
 
 def test_synthetic_is_deterministic_and_balanced():
     a, b = load_dataset("synthetic", val_split=0), load_dataset("synthetic", val_split=0)
@@ -339,8 +354,12 @@ def test_load_dataset_val_split_and_subset():
 
 @pytest.mark.parametrize(
     "kwargs, problem",
-    [({"train_subset": 20}, "class 'class0' has only 14"), ({"val_split": 1.0}, "val_split must be in"),
-     ({"train_subset": 0}, "positive per-class count"), ({"colour": 1}, "no option colour")],
+    [
+        ({"train_subset": 20}, "class 'class0' has only 14"),
+        ({"val_split": 1.0}, "val_split must be in"),
+        ({"train_subset": 0}, "positive per-class count"),
+        ({"colour": 1}, "no option colour"),
+    ],
 )
 def test_bad_arguments_explained(kwargs, problem):
     with pytest.raises(OkdpipeError, match=problem):

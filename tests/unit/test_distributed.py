@@ -16,8 +16,9 @@ from okdpipe.errors import OkdpipeError
 from okdpipe.run import RunDir
 
 # synthetic: 48 training images after the 25% validation split -> 6 global batches of 8
-TINY = dict(method="vanilla", arch="resnet8", students=2, dataset="synthetic", epochs=1, batch_size=8, lr=0.05,
-            val_split=0.25)
+TINY = dict(
+    method="vanilla", arch="resnet8", students=2, dataset="synthetic", epochs=1, batch_size=8, lr=0.05, val_split=0.25
+)
 
 
 def test_shard_bounds_cut_a_batch_into_consecutive_near_equal_parts():
@@ -28,8 +29,16 @@ def test_shard_bounds_cut_a_batch_into_consecutive_near_equal_parts():
 
 def test_rank_shards_put_together_are_the_single_process_batch_and_its_augmentation():
     bundle = load_dataset("synthetic", None, val_split=0.25, seed=0)
-    make = lambda shard: make_loader(bundle.train, bundle.spec, batch_size=8, train=True, device="cpu",  # noqa: E731
-                                     seed=5, views=2, shard=shard)
+    make = lambda shard: make_loader(
+        bundle.train,
+        bundle.spec,
+        batch_size=8,
+        train=True,
+        device="cpu",  # noqa: E731
+        seed=5,
+        views=2,
+        shard=shard,
+    )
     whole, parts = make((0, 1)), [make((r, 2)) for r in range(2)]
     assert len(whole) == len(parts[0]) == 6
     for epoch in (0, 3):
@@ -65,8 +74,20 @@ def test_single_process_group_is_a_no_op():
 def test_batch_size_not_divisible_by_the_processes_is_one_line(tmp_path):
     with pytest.raises(OkdpipeError, match=r"--batch-size 10 is not divisible by 4 processes"):
         fit(DistillConfig(**{**TINY, "batch_size": 10, "nproc_per_node": 4}), RunDir(tmp_path / "r"))
-    result = CliRunner().invoke(app, ["distill", "--dataset", "synthetic", "--batch-size", "9", "--nproc-per-node",
-                                      "2", "--out", str(tmp_path / "c")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "distill",
+            "--dataset",
+            "synthetic",
+            "--batch-size",
+            "9",
+            "--nproc-per-node",
+            "2",
+            "--out",
+            str(tmp_path / "c"),
+        ],
+    )
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert result.exit_code == 2 and lines[-1].startswith("error: --batch-size 9 is not divisible by 2")
     assert not (tmp_path / "c").exists()
@@ -97,8 +118,13 @@ def weights_after_steps_with_frozen_batchnorm(cfg: DistillConfig, root: str, ste
 def test_two_processes_average_to_the_global_batch_gradient(tmp_path):
     cfg = DistillConfig(**{**TINY, "grad_clip": 1.0})  # clipping must see the averaged (global) gradient
     single = weights_after_steps_with_frozen_batchnorm(cfg, str(tmp_path / "one"), 4)
-    double = distributed.launch(weights_after_steps_with_frozen_batchnorm, 2,
-                                cfg.model_copy(update={"nproc_per_node": 2}), str(tmp_path / "two"), 4)
+    double = distributed.launch(
+        weights_after_steps_with_frozen_batchnorm,
+        2,
+        cfg.model_copy(update={"nproc_per_node": 2}),
+        str(tmp_path / "two"),
+        4,
+    )
     initial = weights_after_steps_with_frozen_batchnorm(cfg, str(tmp_path / "zero"), 0)
     largest = lambda a, b: max(float((a[k] - b[k]).abs().max()) for k in a)  # noqa: E731
     assert largest(single, initial) > 1e-2  # the steps moved the weights

@@ -33,6 +33,7 @@ def cpu_session(path):
     """A fresh session built by the one factory export, bench and serve share."""
     return create_session(path)[0]
 
+
 FAST_MODELS = {"resnet8", "resnet20"}  # the rest export in 3-15 s each on 2 cores: slow-marked
 
 
@@ -42,10 +43,22 @@ def make_model_file(path, arch="resnet8", seed=0):
     torch.manual_seed(seed)
     # an unknown arch gets real (resnet8) weights: a file from a newer okdpipe, say, not an empty one
     model = create_model(arch if arch in MODELS else "resnet8", spec.num_classes, spec.in_channels)
-    info = ModelInfo(arch=arch, num_classes=spec.num_classes, in_channels=spec.in_channels,
-                     input_size=spec.input_size, mean=spec.mean, std=spec.std, labels=spec.labels,
-                     dataset="synthetic", provenance={"data": {"dataset": "synthetic", "val_split": 0.25, "seed": 0},
-                                                      "run_dir": "runs/x", "candidate": "s0", "method": "dml"})
+    info = ModelInfo(
+        arch=arch,
+        num_classes=spec.num_classes,
+        in_channels=spec.in_channels,
+        input_size=spec.input_size,
+        mean=spec.mean,
+        std=spec.std,
+        labels=spec.labels,
+        dataset="synthetic",
+        provenance={
+            "data": {"dataset": "synthetic", "val_split": 0.25, "seed": 0},
+            "run_dir": "runs/x",
+            "candidate": "s0",
+            "method": "dml",
+        },
+    )
     save_model_file(model, info, path)
     return path, model.eval(), spec
 
@@ -70,14 +83,35 @@ def test_writes_fp32_and_int8_artifact_directories(exported):
 def test_card_schema(exported):
     card = read_card(exported["out"] / "fp32").raw
     spec = exported["spec"]
-    assert list(card) == ["format", "format_version", "name", "file", "precision", "input", "output", "preprocess",
-                          "labels", "dataset", "opset", "parity", "quantization", "accuracy", "runtime",
-                          "provenance", "sha256"]
+    assert list(card) == [
+        "format",
+        "format_version",
+        "name",
+        "file",
+        "precision",
+        "input",
+        "output",
+        "preprocess",
+        "labels",
+        "dataset",
+        "opset",
+        "parity",
+        "quantization",
+        "accuracy",
+        "runtime",
+        "provenance",
+        "sha256",
+    ]
     assert card["name"] == "resnet8-synthetic" and card["precision"] == "fp32" and card["quantization"] is None
     assert card["input"] == {"name": "input", "shape": [None, 3, 16, 16], "dtype": "float32", "layout": "NCHW"}
     assert card["output"] == {"name": "logits", "shape": [None, 4], "dtype": "float32"}
-    assert card["preprocess"] == {"size": [16, 16], "channels": 3, "scale": 1 / 255,
-                                  "mean": list(spec.mean), "std": list(spec.std)}
+    assert card["preprocess"] == {
+        "size": [16, 16],
+        "channels": 3,
+        "scale": 1 / 255,
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+    }
     assert card["labels"] == list(spec.labels) and card["opset"] == 18
     assert card["provenance"]["candidate"] == "s0" and len(card["provenance"]["model_sha256"]) == 64
     assert set(card["runtime"]) == {"torch", "onnx", "onnxruntime", "okdpipe"}
@@ -156,8 +190,11 @@ def test_parity_failure_raises_and_writes_no_artifact(tmp_path, monkeypatch):
 def test_accuracy_drop_over_limit_fails_and_writes_nothing(exported, tmp_path):
     # ExportConfig refuses a negative limit; built unvalidated here so that any variant is over it
     with pytest.raises(OkdpipeError, match="over --max-accuracy-drop -100") as error:
-        export_model(exported["model_path"], tmp_path / "out",
-                     ExportConfig.model_construct(quantize="int8-dynamic", max_accuracy_drop=-100.0))
+        export_model(
+            exported["model_path"],
+            tmp_path / "out",
+            ExportConfig.model_construct(quantize="int8-dynamic", max_accuracy_drop=-100.0),
+        )
     assert error.value.exit_code == 1
     assert written(tmp_path / "out") == []
 
@@ -175,8 +212,10 @@ def test_triton_repository(exported, tmp_path):
 
 
 def test_triton_config_text():
-    card = {"input": {"name": "input", "shape": [None, 1, 28, 28], "dtype": "float32"},
-            "output": {"name": "logits", "shape": [None, 10], "dtype": "float32"}}
+    card = {
+        "input": {"name": "input", "shape": [None, 1, 28, 28], "dtype": "float32"},
+        "output": {"name": "logits", "shape": [None, 10], "dtype": "float32"},
+    }
     assert triton_config("m", card, max_batch_size=8, instance="gpu") == (
         'name: "m"\nbackend: "onnxruntime"\nmax_batch_size: 8\n'
         'input [\n  {\n    name: "input"\n    data_type: TYPE_FP32\n    dims: [ 1, 28, 28 ]\n  }\n]\n'
@@ -225,6 +264,8 @@ def test_every_backbone_exports_with_parity(arch, tmp_path):
     report = onnx_export.parity_report(
         lambda x: onnx_export.torch_logits(model, x),
         lambda x: onnx_export.run_session(cpu_session(tmp_path / "m.onnx"), x),
-        [inputs[:1], inputs], onnx_export.FP32_TOLERANCE, "pytorch-fp32",
+        [inputs[:1], inputs],
+        onnx_export.FP32_TOLERANCE,
+        "pytorch-fp32",
     )
     assert report["top1_agreement"] == 1.0 and report["batches"] == [1, 3]

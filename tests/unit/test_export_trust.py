@@ -10,16 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from okdpipe.datasets import load_dataset
-from okdpipe.distill.models import create_model
-from okdpipe.export import onnx_export, quantize
-from okdpipe.export.config import ExportConfig
-from okdpipe.export.exporter import export_model
 from typer.testing import CliRunner
 
 from okdpipe.cli import app
 from okdpipe.contracts.card import PIXEL_SCALE, Preprocess, read_card
+from okdpipe.datasets import load_dataset
+from okdpipe.distill.models import create_model
 from okdpipe.errors import GateFailed, OkdpipeError
+from okdpipe.export import onnx_export, quantize
+from okdpipe.export.config import ExportConfig
+from okdpipe.export.exporter import export_model
 from okdpipe.modelfile import ModelInfo, read_model_file, save_model_file, weights_sha256
 
 RECORD = {"dataset": "synthetic", "val_split": 0.25, "seed": 3}
@@ -31,8 +31,17 @@ def spec():
 
 def model_info(**overrides) -> ModelInfo:
     s = spec()
-    fields = dict(arch="resnet8", num_classes=s.num_classes, in_channels=s.in_channels, input_size=s.input_size,
-                  mean=s.mean, std=s.std, labels=s.labels, dataset="synthetic", provenance={"data": dict(RECORD)})
+    fields = dict(
+        arch="resnet8",
+        num_classes=s.num_classes,
+        in_channels=s.in_channels,
+        input_size=s.input_size,
+        mean=s.mean,
+        std=s.std,
+        labels=s.labels,
+        dataset="synthetic",
+        provenance={"data": dict(RECORD)},
+    )
     fields.update(overrides)
     return ModelInfo(**fields)
 
@@ -137,24 +146,27 @@ def rewrite(model_file: Path, target: Path, change) -> Path:
     return target
 
 
-@pytest.mark.parametrize("case, change", [
-    ("missing num_classes", lambda p: p.pop("num_classes")),
-    ("missing labels", lambda p: p.pop("labels")),
-    ("missing mean", lambda p: p.pop("mean")),
-    ("num_classes a string", lambda p: p.__setitem__("num_classes", "4")),
-    ("num_classes a bool", lambda p: p.__setitem__("num_classes", True)),
-    ("labels of the wrong length", lambda p: p.__setitem__("labels", ["a", "b", "c"])),
-    ("a single label", lambda p: p.__setitem__("labels", ["a"])),
-    ("std zero for every channel", lambda p: p.__setitem__("std", [0.0, 0.0, 0.0])),
-    ("std=[0]", lambda p: p.__setitem__("std", [0])),
-    ("std negative", lambda p: p.__setitem__("std", [0.2, -0.2, 0.2])),
-    ("mean NaN", lambda p: p.__setitem__("mean", [0.5, float("nan"), 0.5])),
-    ("input_size a number", lambda p: p.__setitem__("input_size", 16)),
-    ("provenance a list", lambda p: p.__setitem__("provenance", [])),
-    ("format_version 99", lambda p: p.__setitem__("format_version", 99)),
-    ("no state_dict", lambda p: p.pop("state_dict")),
-    ("no hash", lambda p: p.pop("weights_sha256")),
-])
+@pytest.mark.parametrize(
+    "case, change",
+    [
+        ("missing num_classes", lambda p: p.pop("num_classes")),
+        ("missing labels", lambda p: p.pop("labels")),
+        ("missing mean", lambda p: p.pop("mean")),
+        ("num_classes a string", lambda p: p.__setitem__("num_classes", "4")),
+        ("num_classes a bool", lambda p: p.__setitem__("num_classes", True)),
+        ("labels of the wrong length", lambda p: p.__setitem__("labels", ["a", "b", "c"])),
+        ("a single label", lambda p: p.__setitem__("labels", ["a"])),
+        ("std zero for every channel", lambda p: p.__setitem__("std", [0.0, 0.0, 0.0])),
+        ("std=[0]", lambda p: p.__setitem__("std", [0])),
+        ("std negative", lambda p: p.__setitem__("std", [0.2, -0.2, 0.2])),
+        ("mean NaN", lambda p: p.__setitem__("mean", [0.5, float("nan"), 0.5])),
+        ("input_size a number", lambda p: p.__setitem__("input_size", 16)),
+        ("provenance a list", lambda p: p.__setitem__("provenance", [])),
+        ("format_version 99", lambda p: p.__setitem__("format_version", 99)),
+        ("no state_dict", lambda p: p.pop("state_dict")),
+        ("no hash", lambda p: p.pop("weights_sha256")),
+    ],
+)
 def test_a_missing_or_mistyped_field_is_one_line(model_file, tmp_path, case, change):
     path = rewrite(model_file, tmp_path / "bad.pt", change)
     with pytest.raises(OkdpipeError) as error:
@@ -177,8 +189,9 @@ def test_save_model_file_refuses_nan_and_inf_weights(tmp_path):
         assert not (tmp_path / "nan.pt").exists()
 
 
-@pytest.mark.parametrize("change", [dict(std=(0.2, 0.0, 0.2)), dict(labels=("a", "b")), dict(num_classes=1),
-                                    dict(mean=(0.5, 0.5))])
+@pytest.mark.parametrize(
+    "change", [dict(std=(0.2, 0.0, 0.2)), dict(labels=("a", "b")), dict(num_classes=1), dict(mean=(0.5, 0.5))]
+)
 def test_save_model_file_refuses_invalid_info(tmp_path, change):
     info = model_info(**change)
     with pytest.raises(OkdpipeError):
@@ -292,8 +305,9 @@ def test_parity_fails_when_some_outputs_are_not_finite(bad, who):
             logits[3, 1] = bad  # only one image of the second batch
         return logits
 
-    reference, candidate = (reference_logits, sometimes_bad) if who == "candidate" else (sometimes_bad,
-                                                                                          reference_logits)
+    reference, candidate = (
+        (reference_logits, sometimes_bad) if who == "candidate" else (sometimes_bad, reference_logits)
+    )
     for tolerance in (1e-4, None):  # not even a report-only (int8) parity may record a NaN as fine
         with pytest.raises(GateFailed, match="non-finite"):
             onnx_export.parity_report(reference, candidate, BATCHES, tolerance, "ref")
@@ -301,8 +315,9 @@ def test_parity_fails_when_some_outputs_are_not_finite(bad, who):
 
 def test_parity_fails_when_every_output_is_nan():
     with pytest.raises(GateFailed):
-        onnx_export.parity_report(reference_logits, lambda b: np.full((len(b), 4), np.nan, np.float32), BATCHES,
-                                  1e-4, "ref")
+        onnx_export.parity_report(
+            reference_logits, lambda b: np.full((len(b), 4), np.nan, np.float32), BATCHES, 1e-4, "ref"
+        )
 
 
 # ------------------------------------------------------------------------------------------------ opset
@@ -330,8 +345,9 @@ def test_opset_flag_is_written_and_recorded(model_file, tmp_path, opset):
 
 def test_export_onnx_refuses_a_graph_written_at_another_opset(tmp_path, monkeypatch):
     real = onnx_export._export_torchscript
-    monkeypatch.setattr(onnx_export, "_export_torchscript",
-                        lambda model, shape, path, opset: real(model, shape, path, opset + 1))
+    monkeypatch.setattr(
+        onnx_export, "_export_torchscript", lambda model, shape, path, opset: real(model, shape, path, opset + 1)
+    )
     model = create_model("resnet8", 4, 3)
     with pytest.raises(OkdpipeError, match="opset 14, not the requested 13"):
         onnx_export.export_onnx(model, (3, 16, 16), tmp_path / "m.onnx", 13)
@@ -352,8 +368,9 @@ def test_bad_triton_batch_size_leaves_an_existing_triton_model_untouched(model_f
     before = tree(repo)
     assert any(name.endswith("config.pbtxt") for name in before) and any(n.endswith("model.onnx") for n in before)
     for value in ("0", "-1"):
-        result = export_cli(model_file, "--out", repo, "--format", "triton", "--opset", "13",
-                            "--triton-max-batch-size", value)
+        result = export_cli(
+            model_file, "--out", repo, "--format", "triton", "--opset", "13", "--triton-max-batch-size", value
+        )
         assert result.exit_code == 2, result.output
         assert result.output.startswith("error: ")
         assert tree(repo) == before
@@ -388,9 +405,11 @@ def test_int8_calibration_is_normalised_and_honours_the_calib_method(model_file,
 
     monkeypatch.setattr(quantize, "BatchReader", SpyReader)
     monkeypatch.setattr(quantize, "quantize_int8_static", spy_static)
-    cards = export_model(model_file, tmp_path / "out", ExportConfig(opset=13, quantize="int8",
-                                                                    calib_method="entropy", calib_size=40,
-                                                                    max_accuracy_drop=100))
+    cards = export_model(
+        model_file,
+        tmp_path / "out",
+        ExportConfig(opset=13, quantize="int8", calib_method="entropy", calib_size=40, max_accuracy_drop=100),
+    )
     assert methods == ["entropy"]
     int8 = {card.precision: card for card in cards}["int8"]
     assert int8.raw["quantization"]["calibration"] == {"method": "entropy", "samples": 40, "split": "train"}

@@ -92,8 +92,9 @@ def assert_same_students(got: nn.Module, expected: nn.Module, tolerance: float) 
 
 # In fp32 the two summation orders drift apart chaotically in deeper nets at batch 8 (resnet20: ~2e-4 after
 # 3 steps); in float64 the trajectories agree to ~1e-15, which shows the fused math is the loop's math.
-@pytest.mark.parametrize("arch, dtype, tolerance", [("resnet8", torch.float32, 1e-5),
-                                                    ("resnet20", torch.float64, 1e-10)])
+@pytest.mark.parametrize(
+    "arch, dtype, tolerance", [("resnet8", torch.float32, 1e-5), ("resnet20", torch.float64, 1e-10)]
+)
 def test_three_dml_steps_reach_the_loops_weights_and_bn_statistics(arch, dtype, tolerance):
     students = loop_students(arch).to(dtype)
     fused = FusedStudents.from_students(students)
@@ -128,8 +129,12 @@ def test_fused_hybrid_is_the_r_weighted_sum_of_the_students_and_its_gradient_is_
     weights = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
     plain = students.extract(0).train()
     parts = [students.member_state(i) for i in range(3)]
-    plain.load_state_dict({key: sum(float(w) * p[key] for w, p in zip(weights, parts)) if value.is_floating_point()
-                           else value for key, value in parts[0].items()})
+    plain.load_state_dict(
+        {
+            key: sum(float(w) * p[key] for w, p in zip(weights, parts)) if value.is_floating_point() else value
+            for key, value in parts[0].items()
+        }
+    )
     x = views(1, dtype=torch.float64)[0]
     torch.testing.assert_close(fused.hybrid_logits(x, weights), plain(x), rtol=1e-12, atol=1e-12)
     fused.hybrid_logits(x, weights).square().sum().backward()
@@ -191,7 +196,7 @@ def test_checkpoints_move_between_loop_and_fused_and_nested_modules():
     assert all(torch.equal(value, state[key]) for key, value in back.state_dict().items())
     holder = nn.ModuleDict({"students": FusedStudents("resnet8", 3, CLASSES, CHANNELS)})
     holder.load_state_dict({f"students.{key}": value for key, value in state.items()})
-    assert all(torch.equal(value, state[key[len("students."):]]) for key, value in holder.state_dict().items())
+    assert all(torch.equal(value, state[key[len("students.") :]]) for key, value in holder.state_dict().items())
 
 
 def sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -271,8 +276,10 @@ FIT_BASE = dict(arch="resnet8", dataset="synthetic", epochs=1, batch_size=8, val
 
 @pytest.mark.parametrize("method", ["dml", "okdph"])
 def test_fused_flag_trains_through_fit_like_the_loop(tmp_path, method):
-    summaries = {p: fit(DistillConfig(method=method, fused=p == "fused", **FIT_BASE), RunDir(tmp_path / p),
-                        echo=lambda _: None) for p in ("fused", "loop")}
+    summaries = {
+        p: fit(DistillConfig(method=method, fused=p == "fused", **FIT_BASE), RunDir(tmp_path / p), echo=lambda _: None)
+        for p in ("fused", "loop")
+    }
     fused, loop = (load_checkpoint(RunDir(tmp_path / p))["students"] for p in ("fused", "loop"))
     assert fused.keys() == loop.keys()
     for key in loop:

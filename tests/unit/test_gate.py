@@ -21,51 +21,87 @@ from okdpipe.contracts.report import BenchReport
 
 
 def point(p99: float, images_per_s: float) -> dict:
-    return {"batch_size": 1, "runs": 20, "p50_ms": p99 / 2, "p90_ms": p99 * 0.8, "p99_ms": p99, "mean_ms": p99 / 2,
-            "min_ms": p99 / 4, "images_per_s": images_per_s, "gflops_per_s": None, "peak_fraction": None}
+    return {
+        "batch_size": 1,
+        "runs": 20,
+        "p50_ms": p99 / 2,
+        "p90_ms": p99 * 0.8,
+        "p99_ms": p99,
+        "mean_ms": p99 / 2,
+        "min_ms": p99 / 4,
+        "images_per_s": images_per_s,
+        "gflops_per_s": None,
+        "peak_fraction": None,
+    }
 
 
 def entry(name: str, kind: str, precision: str, top1: float, p99: float, macs: int | None = 1000) -> dict:
-    return {"name": name, "kind": kind, "precision": precision, "path": f"/out/{precision}", "dataset": "synthetic",
-            "of": [], "provenance": {}, "device": "CPUExecutionProvider", "params": 10, "macs": macs,
-            "start_ms": 5.0, "memory": {"peak_rss_delta_mb": 3.0, "method": "VmRSS growth"},
-            "accuracy": {"split": "test", "top1": top1, "top5": 1.0, "samples": 100},
-            "latency": {"1": point(p99, 500.0), "64": point(p99 * 10, 4000.0)}}
+    return {
+        "name": name,
+        "kind": kind,
+        "precision": precision,
+        "path": f"/out/{precision}",
+        "dataset": "synthetic",
+        "of": [],
+        "provenance": {},
+        "device": "CPUExecutionProvider",
+        "params": 10,
+        "macs": macs,
+        "start_ms": 5.0,
+        "memory": {"peak_rss_delta_mb": 3.0, "method": "VmRSS growth"},
+        "accuracy": {"split": "test", "top1": top1, "top5": 1.0, "samples": 100},
+        "latency": {"1": point(p99, 500.0), "64": point(p99 * 10, 4000.0)},
+    }
 
 
 @pytest.fixture
 def report() -> BenchReport:
     return BenchReport.from_dict(
-        {"schema_version": 1, "artifacts": [entry("net", "onnx", "fp32", 0.92, 2.0),
-                                            entry("net-int8", "onnx", "int8", 0.90, 1.0, macs=None)],
-         "references": [entry("ensemble (2 x net)", "ensemble", "fp32", 0.94, 5.0, macs=2000)], "notes": []},
-        "test report")
+        {
+            "schema_version": 1,
+            "artifacts": [
+                entry("net", "onnx", "fp32", 0.92, 2.0),
+                entry("net-int8", "onnx", "int8", 0.90, 1.0, macs=None),
+            ],
+            "references": [entry("ensemble (2 x net)", "ensemble", "fp32", 0.94, 5.0, macs=2000)],
+            "notes": [],
+        },
+        "test report",
+    )
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("top1>=0.90", Gate("top1>=0.90", "top1", ">=", 0.90)),
-    (" p99_ms@1 <= 2 ", Gate(" p99_ms@1 <= 2 ", "p99_ms", "<=", 2.0, batch=1)),
-    ("images_per_s@64>=1e3", Gate("images_per_s@64>=1e3", "images_per_s", ">=", 1000.0, batch=64)),
-    ("int8:top1>.9", Gate("int8:top1>.9", "top1", ">", 0.9, selector="int8")),
-    ("top1>=baseline-0.005", Gate("top1>=baseline-0.005", "top1", ">=", 0.005, relation="-")),
-    ("p99_ms@1<=baseline*1.10", Gate("p99_ms@1<=baseline*1.10", "p99_ms", "<=", 1.10, relation="*", batch=1)),
-    ("macs==baseline", Gate("macs==baseline", "macs", "==", 0.0, relation="=")),
-    ("ensemble : start_ms < baseline + 5", Gate("ensemble : start_ms < baseline + 5", "start_ms", "<", 5.0,
-                                                relation="+", selector="ensemble")),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("top1>=0.90", Gate("top1>=0.90", "top1", ">=", 0.90)),
+        (" p99_ms@1 <= 2 ", Gate(" p99_ms@1 <= 2 ", "p99_ms", "<=", 2.0, batch=1)),
+        ("images_per_s@64>=1e3", Gate("images_per_s@64>=1e3", "images_per_s", ">=", 1000.0, batch=64)),
+        ("int8:top1>.9", Gate("int8:top1>.9", "top1", ">", 0.9, selector="int8")),
+        ("top1>=baseline-0.005", Gate("top1>=baseline-0.005", "top1", ">=", 0.005, relation="-")),
+        ("p99_ms@1<=baseline*1.10", Gate("p99_ms@1<=baseline*1.10", "p99_ms", "<=", 1.10, relation="*", batch=1)),
+        ("macs==baseline", Gate("macs==baseline", "macs", "==", 0.0, relation="=")),
+        (
+            "ensemble : start_ms < baseline + 5",
+            Gate("ensemble : start_ms < baseline + 5", "start_ms", "<", 5.0, relation="+", selector="ensemble"),
+        ),
+    ],
+)
 def test_parse_every_form(text, expected):
     assert parse_gate(text) == expected
 
 
-@pytest.mark.parametrize("text, message", [
-    ("top1 is high", "cannot parse gate"),
-    ("top1>=ninety", "cannot parse gate"),
-    ("top1=>0.9", "cannot parse gate"),
-    ("top1>=baseline/2", "cannot parse gate"),
-    ("accuracy>=0.9", "unknown metric 'accuracy'"),
-    ("p99_ms<=2", "p99_ms is per batch size; write e.g. p99_ms@1"),
-    ("top1@8>=0.9", "top1 does not depend on the batch size"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("top1 is high", "cannot parse gate"),
+        ("top1>=ninety", "cannot parse gate"),
+        ("top1=>0.9", "cannot parse gate"),
+        ("top1>=baseline/2", "cannot parse gate"),
+        ("accuracy>=0.9", "unknown metric 'accuracy'"),
+        ("p99_ms<=2", "p99_ms is per batch size; write e.g. p99_ms@1"),
+        ("top1@8>=0.9", "top1 does not depend on the batch size"),
+    ],
+)
 def test_unusable_gates_are_usage_errors_with_exit_code_2(text, message):
     with pytest.raises(GateUsageError, match=message) as caught:
         parse_gate(text)
@@ -75,15 +111,23 @@ def test_unusable_gates_are_usage_errors_with_exit_code_2(text, message):
 def test_gate_without_selector_applies_to_every_onnx_artifact(report):
     results = evaluate_gates(report, ["top1>=0.91"])
     assert [(r.artifact, r.value, r.threshold, r.passed) for r in results] == [
-        ("net", 0.92, 0.91, True), ("net-int8", 0.90, 0.91, False)]
+        ("net", 0.92, 0.91, True),
+        ("net-int8", 0.90, 0.91, False),
+    ]
     assert results[1].detail == "0.9 is not >= 0.91, off by 0.01"
     assert results[0].detail == "0.92 >= 0.91, margin 0.01"
 
 
-@pytest.mark.parametrize("selector, chosen", [
-    ("int8", ["net-int8"]), ("net", ["net"]), ("fp32", ["net", "ensemble (2 x net)"]),
-    ("ensemble", ["ensemble (2 x net)"]), ("onnx", ["net", "net-int8"]),
-])
+@pytest.mark.parametrize(
+    "selector, chosen",
+    [
+        ("int8", ["net-int8"]),
+        ("net", ["net"]),
+        ("fp32", ["net", "ensemble (2 x net)"]),
+        ("ensemble", ["ensemble (2 x net)"]),
+        ("onnx", ["net", "net-int8"]),
+    ],
+)
 def test_selectors_match_name_precision_kind_or_directory(report, selector, chosen):
     assert [r.artifact for r in evaluate_gates(report, [f"{selector}:p99_ms@64<=100"])] == chosen
 
@@ -142,17 +186,24 @@ def test_policy_file(tmp_path, report):
     assert load_policy(policy) == [("top1>=0.5", None), ("int8:p99_ms@1<=0.5", "int8 latency budget")]
     results = evaluate_gates(report, ["top5>=1"], policy=policy)
     assert [(r.expression, r.name, r.passed) for r in results] == [
-        ("top5>=1", None, True), ("top5>=1", None, True), ("top1>=0.5", None, True), ("top1>=0.5", None, True),
-        ("int8:p99_ms@1<=0.5", "int8 latency budget", False)]
+        ("top5>=1", None, True),
+        ("top5>=1", None, True),
+        ("top1>=0.5", None, True),
+        ("top1>=0.5", None, True),
+        ("int8:p99_ms@1<=0.5", "int8 latency budget", False),
+    ]
     policy.write_text("- top1>=0.5\n")  # a bare list works too
     assert load_policy(policy) == [("top1>=0.5", None)]
 
 
-@pytest.mark.parametrize("text, message", [
-    ("top1: 0.9\n", "expected a list of gates"),
-    ("- {gate: 'top1>=0.9', limit: 3}\n", "each gate is a string or"),
-    ("- [unclosed\n", "not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("top1: 0.9\n", "expected a list of gates"),
+        ("- {gate: 'top1>=0.9', limit: 3}\n", "each gate is a string or"),
+        ("- [unclosed\n", "not valid YAML"),
+    ],
+)
 def test_bad_policy_files_are_usage_errors(tmp_path, text, message):
     policy = tmp_path / "gate.yaml"
     policy.write_text(text)
@@ -182,11 +233,17 @@ def test_junit_has_one_testcase_per_gate_result_with_failures(report):
     assert root.tag == "testsuites" and root.get("tests") == "3" and root.get("failures") == "1"
     [suite] = root.findall("testsuite")
     assert (suite.get("name"), suite.get("tests"), suite.get("failures"), suite.get("errors")) == (
-        "okdpipe.gates", "3", "1", "0")
+        "okdpipe.gates",
+        "3",
+        "1",
+        "0",
+    )
     cases = suite.findall("testcase")
     assert [(c.get("classname"), c.get("name")) for c in cases] == [
-        ("okdpipe.gates.net", "top1>=0.91"), ("okdpipe.gates.net-int8", "top1>=0.91"),
-        ("okdpipe.gates.ensemble (2 x net)", "ensemble:top1>=0.9")]
+        ("okdpipe.gates.net", "top1>=0.91"),
+        ("okdpipe.gates.net-int8", "top1>=0.91"),
+        ("okdpipe.gates.ensemble (2 x net)", "ensemble:top1>=0.9"),
+    ]
     assert [c.find("failure") is not None for c in cases] == [False, True, False]
     failure = cases[1].find("failure")
     assert failure.get("type") == "GateFailed" and failure.get("message") == "0.9 is not >= 0.91, off by 0.01"
@@ -198,16 +255,23 @@ def test_junit_without_gates_is_an_empty_suite():
 
 
 def test_markdown_states_the_verdict(report):
-    report.machine = {"cpu_model": "cpu", "logical_cpus": 2, "cpu_features": {"avx2": True},
-                         "provider": "cpu", "threads": None,
-                         "peak_gflops": {"gflops": 100.0, "method": "torch fp32 matmul"}}
+    report.machine = {
+        "cpu_model": "cpu",
+        "logical_cpus": 2,
+        "cpu_features": {"avx2": True},
+        "provider": "cpu",
+        "threads": None,
+        "peak_gflops": {"gflops": 100.0, "method": "torch fp32 matmul"},
+    }
     report.runtime = {"onnxruntime": "1", "torch": "2"}
     report.references[0].of = ["net"]
     text = markdown(report, evaluate_gates(report, ["top1>=0.91"]))
     assert "### Gates: **1 of 2 gates failed**" in text
     assert "| top1>=0.91 | net-int8 | 0.9 | 0.91 | FAIL | 0.9 is not >= 0.91, off by 0.01 |" in text
-    assert ("- net vs ensemble (2 x net): 2.00x fewer MACs, 2.50x lower p50 latency at batch 1, "
-            "top-1 2.00 points below the ensemble") in text
+    assert (
+        "- net vs ensemble (2 x net): 2.00x fewer MACs, 2.50x lower p50 latency at batch 1, "
+        "top-1 2.00 points below the ensemble"
+    ) in text
     assert "all 1 gates pass" in markdown(report, evaluate_gates(report, ["net:top1>=0.91"]))
 
 

@@ -17,13 +17,17 @@ suite = sys.modules["gpu_suite"] = importlib.util.module_from_spec(spec)  # data
 spec.loader.exec_module(suite)
 
 # Stand-ins for the child of each step: writes one row then ends well, fails, or outlives its box.
-ROW = "import json, pathlib; p = pathlib.Path(r'PATH'); p.parent.mkdir(parents=True, exist_ok=True); " \
-      "p.write_text(json.dumps({row}) + '\\n')"
+ROW = (
+    "import json, pathlib; p = pathlib.Path(r'PATH'); p.parent.mkdir(parents=True, exist_ok=True); "
+    "p.write_text(json.dumps({row}) + '\\n')"
+)
 PEAK = {"kind": "peak", "dtype": "float32", "tflops": 2.0}
 PLAN = {"kind": "plan", "runs": ["vanilla-s0"], "config": {}}
-CHILDREN = {"peak": ROW.format(row=PEAK),
-            "reference": "import sys; print('first line'); print('boom: a typo'); sys.exit(3)",
-            "compare": ROW.format(row=PLAN) + "; import time; time.sleep(60)"}
+CHILDREN = {
+    "peak": ROW.format(row=PEAK),
+    "reference": "import sys; print('first line'); print('boom: a typo'); sys.exit(3)",
+    "compare": ROW.format(row=PLAN) + "; import time; time.sleep(60)",
+}
 
 
 def fake_children(monkeypatch, out: Path) -> None:
@@ -42,8 +46,12 @@ def test_a_failed_and_a_timed_out_step_are_recorded_and_the_others_still_run(tmp
     statuses = suite.run_suite(args)
     assert list(statuses) == ["peak", "reference", "compare"]
     assert statuses["peak"]["status"] == "ok"
-    assert statuses["reference"] == {"status": "failed", "rc": 3, "seconds": statuses["reference"]["seconds"],
-                                     "error": "boom: a typo"}
+    assert statuses["reference"] == {
+        "status": "failed",
+        "rc": 3,
+        "seconds": statuses["reference"]["seconds"],
+        "error": "boom: a typo",
+    }
     assert statuses["compare"]["status"] == "timed out" and statuses["compare"]["seconds"] < 15
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["steps"] == statuses
@@ -56,11 +64,15 @@ def test_a_failed_and_a_timed_out_step_are_recorded_and_the_others_still_run(tmp
 
 
 def test_a_failed_configuration_is_an_error_row_and_the_next_one_still_runs(tmp_path):
-    outcomes = [suite.attempt(tmp_path, "reference", "dml x 4", lambda: 1 / 0),
-                suite.attempt(tmp_path, "reference", "dml x 3", lambda: {"kind": "throughput"})]
+    outcomes = [
+        suite.attempt(tmp_path, "reference", "dml x 4", lambda: 1 / 0),
+        suite.attempt(tmp_path, "reference", "dml x 3", lambda: {"kind": "throughput"}),
+    ]
     assert outcomes == [False, True]
     assert suite.read_rows(tmp_path, "reference") == [
-        {"kind": "error", "what": "dml x 4", "error": "ZeroDivisionError: division by zero"}, {"kind": "throughput"}]
+        {"kind": "error", "what": "dml x 4", "error": "ZeroDivisionError: division by zero"},
+        {"kind": "throughput"},
+    ]
     with pytest.raises(SystemExit, match="1 of 2 configurations failed"):
         suite.end_step("reference", outcomes)
     suite.end_step("reference", [True, True])
@@ -98,8 +110,11 @@ def test_smoke_runs_every_step_with_finite_figures_or_a_skip_reason(tmp_path):
     import subprocess
 
     out = tmp_path / "suite"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--out", str(out), "--smoke",
-                    "--budget-s", "800"], check=True, cwd=ROOT)
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--out", str(out), "--smoke", "--budget-s", "800"],
+        check=True,
+        cwd=ROOT,
+    )
     results = json.loads((out / "results.json").read_text())
     steps = results["steps"]
     assert set(steps) == set(suite.SHARES)

@@ -10,10 +10,22 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = {"okdpipe": "okdpipe", "okdpipe.bench": "bench", "okdpipe.datasets": "datasets",
-            "okdpipe.distill": "distill", "okdpipe.export": "export", "okdpipe.serve": "serve"}
-ENTRY_POINTS = {"okdpipe.cli", "okdpipe.api", "okdpipe.pipeline", "okdpipe.pipeline_command",
-                "okdpipe.env_command", "okdpipe.__main__"}
+PACKAGES = {
+    "okdpipe": "okdpipe",
+    "okdpipe.bench": "bench",
+    "okdpipe.datasets": "datasets",
+    "okdpipe.distill": "distill",
+    "okdpipe.export": "export",
+    "okdpipe.serve": "serve",
+}
+ENTRY_POINTS = {
+    "okdpipe.cli",
+    "okdpipe.api",
+    "okdpipe.pipeline",
+    "okdpipe.pipeline_command",
+    "okdpipe.env_command",
+    "okdpipe.__main__",
+}
 # Higher number = higher layer; a module may import its own layer (within its own package) or any lower one.
 STAGE_LAYER = {"okdpipe.bench": 4, "okdpipe.serve": 4, "okdpipe.export": 3, "okdpipe.distill": 2}
 FOUNDATION, ENTRY = 1, 5
@@ -79,8 +91,15 @@ def test_serving_and_contracts_are_torch_free(name):
 
 def test_the_check_sees_every_package():
     """The walk must find the stages, or the tests above would pass vacuously."""
-    assert {"okdpipe.bench.run", "okdpipe.serve.app", "okdpipe.export.exporter", "okdpipe.distill.trainer",
-            "okdpipe.datasets.load", "okdpipe.contracts.card", "okdpipe.cli"} <= set(ALL)
+    assert {
+        "okdpipe.bench.run",
+        "okdpipe.serve.app",
+        "okdpipe.export.exporter",
+        "okdpipe.distill.trainer",
+        "okdpipe.datasets.load",
+        "okdpipe.contracts.card",
+        "okdpipe.cli",
+    } <= set(ALL)
     assert len(ALL) > 80
 
 

@@ -5,13 +5,12 @@ import math
 
 import pytest
 import torch
+from paper_formulas import TEMPERATURE, assert_same_gradients, assert_terms, ce, kd
+from test_method_one import backward_of, grad_in_every_tensor, make_ctx, make_method, no_grad_in, short_fit
 
 from okdpipe.distill.methods import METHODS
 from okdpipe.distill.methods.dml import DMLParams, mutual_kd, peer_terms
 from okdpipe.distill.students import StudentOutputs
-
-from paper_formulas import TEMPERATURE, assert_same_gradients, assert_terms, ce, kd
-from test_method_one import backward_of, grad_in_every_tensor, make_ctx, make_method, no_grad_in, short_fit
 
 # Three peers, one sample, two classes: softmax(z1) = (3/4, 1/4), z0 and z2 uniform.
 LOGITS = torch.tensor([[[0.0, 0.0]], [[math.log(3.0), 0.0]], [[0.0, 0.0]]])

@@ -7,20 +7,27 @@ import math
 
 import pytest
 import torch
+from paper_formulas import TEMPERATURE, assert_terms, ce
+from paper_formulas import kd as paper_kd
 
 from okdpipe.config import DistillConfig
 from okdpipe.distill.losses import attention_map, kd, normalized_mse
 from okdpipe.distill.methods import StepContext
-from okdpipe.distill.methods.ffsd import (FFSD, FFSDParams, StageDecoder, UpBlock, diversity_loss, diversity_target,
-                                          map_sizes, shifted_map)
+from okdpipe.distill.methods.ffsd import (
+    FFSD,
+    FFSDParams,
+    StageDecoder,
+    UpBlock,
+    diversity_loss,
+    diversity_target,
+    map_sizes,
+    shifted_map,
+)
 from okdpipe.distill.models import create_model
 from okdpipe.distill.students import Students
 from okdpipe.distill.trainer import fit
 from okdpipe.errors import OkdpipeError
 from okdpipe.run import RunDir
-
-from paper_formulas import TEMPERATURE, assert_terms, ce
-from paper_formulas import kd as paper_kd
 
 CLASSES = 5
 
@@ -97,8 +104,11 @@ def gradient_owners(method: FFSD, loss: torch.Tensor) -> set[str]:
     for module in modules.values():
         module.zero_grad(set_to_none=True)
     loss.backward(retain_graph=True)
-    return {name for name, module in modules.items()
-            if any(p.grad is not None and torch.count_nonzero(p.grad) > 0 for p in module.parameters())}
+    return {
+        name
+        for name, module in modules.items()
+        if any(p.grad is not None and torch.count_nonzero(p.grad) > 0 for p in module.parameters())
+    }
 
 
 def test_each_loss_reaches_only_its_own_model():
@@ -122,8 +132,23 @@ def test_term_values_for_the_peer_and_fusion_distillation():
     z0, z1 = out.logits[0], out.logits[1]
     assert terms["kd/s0"].item() == pytest.approx(kd(z0, z1, 2.0).item())
     assert terms["kd/s1"].item() == pytest.approx(kd(z1, z0, 2.0).item())
-    assert set(terms) == {"ce/s0", "kd/s0", "ce/s1", "kd/s1", "div/s1", "sd/s1", "ce/fusion", "kd/fusion",
-                          "ce/s2", "kd/s2", "fus/s2", "trans/s2", "sd/s2", "decoder/s1", "decoder/s2"}
+    assert set(terms) == {
+        "ce/s0",
+        "kd/s0",
+        "ce/s1",
+        "kd/s1",
+        "div/s1",
+        "sd/s1",
+        "ce/fusion",
+        "kd/fusion",
+        "ce/s2",
+        "kd/s2",
+        "fus/s2",
+        "trans/s2",
+        "sd/s2",
+        "decoder/s1",
+        "decoder/s2",
+    }
 
 
 def test_leader_is_the_last_student_and_the_only_candidate():
@@ -158,8 +183,9 @@ def attention(fmap: torch.Tensor) -> torch.Tensor:
 def unit_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """mean((a/||a|| - b/||b||)^2), per-sample norms over the flattened entries (an all-zero map stays zero)."""
     a, b = a.flatten(1), b.flatten(1)
-    return ((a / a.norm(dim=1, keepdim=True).clamp_min(1e-12) - b / b.norm(dim=1, keepdim=True).clamp_min(1e-12))
-            ** 2).mean()
+    return (
+        (a / a.norm(dim=1, keepdim=True).clamp_min(1e-12) - b / b.norm(dim=1, keepdim=True).clamp_min(1e-12)) ** 2
+    ).mean()
 
 
 def attn_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -201,16 +227,28 @@ def expected_ffsd_terms(method: FFSD, out, labels, factor: float, lambdas: dict)
     fused, z_fus = method.fusion(concat)
     with torch.no_grad():
         leader_targets = targets["leader"](fused, [tuple(m.shape[-2:]) for m in maps[2][:-1]])
-    terms = {"ce/s0": ce(z[0], labels), "kd/s0": paper_kd(z[0], z[1], T),
-             "ce/s1": ce(z[1], labels), "kd/s1": paper_kd(z[1], z[0], T),
-             "div/s1": div * ((attention(maps[1][-1]) / attention(maps[1][-1]).norm(dim=1, keepdim=True)
-                               - shift_target(attention(maps[0][-1]).detach())) ** 2).mean(),
-             "sd/s1": div * sum(attn_mse(m, t) for m, t in zip(maps[1], student_targets)),
-             "ce/fusion": ce(z_fus, labels), "kd/fusion": paper_kd(z_fus, (z[0] + z[1]) / 2, T),
-             "ce/s2": ce(z[2], labels), "kd/s2": paper_kd(z[2], z_fus, T),
-             "fus/s2": fus * attn_mse(maps[2][-1], fused.detach()),
-             "trans/s2": fus * attn_mse(method.trans_fusion(maps[2][-1]), concat),
-             "sd/s2": fus * sum(attn_mse(m, t) for m, t in zip(maps[2], leader_targets))}
+    terms = {
+        "ce/s0": ce(z[0], labels),
+        "kd/s0": paper_kd(z[0], z[1], T),
+        "ce/s1": ce(z[1], labels),
+        "kd/s1": paper_kd(z[1], z[0], T),
+        "div/s1": div
+        * (
+            (
+                attention(maps[1][-1]) / attention(maps[1][-1]).norm(dim=1, keepdim=True)
+                - shift_target(attention(maps[0][-1]).detach())
+            )
+            ** 2
+        ).mean(),
+        "sd/s1": div * sum(attn_mse(m, t) for m, t in zip(maps[1], student_targets)),
+        "ce/fusion": ce(z_fus, labels),
+        "kd/fusion": paper_kd(z_fus, (z[0] + z[1]) / 2, T),
+        "ce/s2": ce(z[2], labels),
+        "kd/s2": paper_kd(z[2], z_fus, T),
+        "fus/s2": fus * attn_mse(maps[2][-1], fused.detach()),
+        "trans/s2": fus * attn_mse(method.trans_fusion(maps[2][-1]), concat),
+        "sd/s2": fus * sum(attn_mse(m, t) for m, t in zip(maps[2], leader_targets)),
+    }
     for name, decoder, owner in (("decoder/s1", method.decoders[0], 1), ("decoder/s2", method.decoders[1], 2)):
         own = [m.detach() for m in maps[owner]]
         rebuilt = decoded(copy.deepcopy(decoder), own[-1], own, train=True)
@@ -258,8 +296,7 @@ def test_ffsd_defaults_are_the_papers():
 
 
 def test_short_fit_reports_the_leader_and_the_fusion_head(tmp_path):
-    cfg = DistillConfig(method="ffsd", arch="resnet8", dataset="synthetic", epochs=2, batch_size=16,
-                        val_split=0.25)
+    cfg = DistillConfig(method="ffsd", arch="resnet8", dataset="synthetic", epochs=2, batch_size=16, val_split=0.25)
     summary = fit(cfg, RunDir(tmp_path / "r"), echo=lambda _: None)
     expected = {"student:0", "student:1", "student:2", "ensemble", "leader", "fusion-head"}
     assert set(summary["val"]) == expected and set(summary["test"]) == expected

@@ -6,13 +6,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from paper_formulas import EPOCH, TEMPERATURE, TOTAL_EPOCHS, assert_step, batch_norm_train, gated_ensemble_terms
+from test_method_one import backward_of, grad_in_every_tensor, make_ctx, make_method, no_grad_in, short_fit
 
 from okdpipe.distill.methods import METHODS
 from okdpipe.distill.methods.mbde import FeatureFusion, MBDEParams, classifier_similarity
 from okdpipe.distill.methods.one import ensemble_kd_terms
-
-from paper_formulas import EPOCH, TEMPERATURE, TOTAL_EPOCHS, assert_step, batch_norm_train, gated_ensemble_terms
-from test_method_one import backward_of, grad_in_every_tensor, make_ctx, make_method, no_grad_in, short_fit
 
 LABELS = torch.tensor([0, 1, 2, 3])
 ALONG_X = torch.tensor([[2.0, 0.0], [3.0, 0.0], [5.0, 0.0]])  # 3 classes, every row along e1 after normalising
@@ -87,8 +86,10 @@ def test_step_by_value_below_the_ramp_end():
     conv, norm, head = method.fusion.fuse[0], method.fusion.fuse[1], method.fusion.attention
     fused = torch.relu(batch_norm_train(F.conv2d(torch.cat([m[-1] for m in out.stages], 1), conv.weight), norm))
     g = torch.softmax(fused.mean(dim=(2, 3)) @ head.weight.T + head.bias, dim=1)
-    expected = {**gated_ensemble_terms(out.logits, g, labels),
-                "cd": 0.7 * similarity_by_hand([b["classifier"].weight for b in students.branches])}
+    expected = {
+        **gated_ensemble_terms(out.logits, g, labels),
+        "cd": 0.7 * similarity_by_hand([b["classifier"].weight for b in students.branches]),
+    }
     losses = method.step(None, labels, out, make_ctx(EPOCH, TOTAL_EPOCHS))
     assert_step(losses, expected, [*students.parameters(), *method.parameters()])
 

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from paper_formulas import TEMPERATURE, assert_same_gradients, assert_terms, ce, kd
 
 from okdpipe.config import DistillConfig
 from okdpipe.distill.methods import StepContext
@@ -15,8 +16,6 @@ from okdpipe.distill.students import Students
 from okdpipe.distill.trainer import fit
 from okdpipe.errors import OkdpipeError
 from okdpipe.run import RunDir
-
-from paper_formulas import TEMPERATURE, assert_same_gradients, assert_terms, ce, kd
 
 CLASSES = 5
 
@@ -119,8 +118,10 @@ def test_step_loss_matches_the_objective_by_hand():
     z_h = hand_built_hybrid(method, r)(views[2])
     z_en = (out.logits[0] + out.logits[1] + z_h) / 3
     expected = 0.2 * F.cross_entropy(z_h, y) + sum(
-        0.8 * F.cross_entropy(z, y) + 0.8 * 16 * F.kl_div(F.log_softmax(z / 4, 1), F.softmax(z_en / 4, 1),
-                                                          reduction="batchmean") for z in out.logits)
+        0.8 * F.cross_entropy(z, y)
+        + 0.8 * 16 * F.kl_div(F.log_softmax(z / 4, 1), F.softmax(z_en / 4, 1), reduction="batchmean")
+        for z in out.logits
+    )
     assert result["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
     assert [float(result[f"r/s{i}"]) for i in range(2)] == pytest.approx(r.tolist())
 
@@ -129,10 +130,18 @@ def live_hybrid_logits(method: OKDPH, weights, view) -> torch.Tensor:
     """z_h through student 0's graph with theta_h = sum_m r_m theta_m of the LIVE parameters (paper mode:
     CE(z_h) trains the students) and the same weighted sum of the BN buffers, in train mode."""
     members = method.students.members
-    params = {k: sum(w * dict(m.named_parameters())[k] for w, m in zip(weights, members))
-              for k, _ in members[0].named_parameters()}
-    buffers = {k: (sum(w * dict(m.named_buffers())[k] for w, m in zip(weights, members)).detach()
-                   if v.dtype.is_floating_point else v.clone()) for k, v in members[0].named_buffers()}
+    params = {
+        k: sum(w * dict(m.named_parameters())[k] for w, m in zip(weights, members))
+        for k, _ in members[0].named_parameters()
+    }
+    buffers = {
+        k: (
+            sum(w * dict(m.named_buffers())[k] for w, m in zip(weights, members)).detach()
+            if v.dtype.is_floating_point
+            else v.clone()
+        )
+        for k, v in members[0].named_buffers()
+    }
     return torch.func.functional_call(members[0], {**params, **buffers}, (view,))
 
 
@@ -210,8 +219,7 @@ def test_views_and_student_count():
 
 
 def test_short_fit_reports_the_hybrid(tmp_path):
-    cfg = DistillConfig(method="okdph", arch="resnet8", dataset="synthetic", epochs=2, batch_size=16,
-                        val_split=0.25)
+    cfg = DistillConfig(method="okdph", arch="resnet8", dataset="synthetic", epochs=2, batch_size=16, val_split=0.25)
     summary = fit(cfg, RunDir(tmp_path / "r"), echo=lambda _: None)
     assert {"student:0", "student:1", "ensemble", "hybrid"} <= set(summary["val"])
     assert math.isfinite(summary["val"]["hybrid"]["loss"])

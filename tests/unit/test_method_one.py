@@ -7,16 +7,21 @@ import math
 
 import pytest
 import torch
+from paper_formulas import EPOCH, TEMPERATURE, TOTAL_EPOCHS, assert_step, batch_norm_train, gated_ensemble_terms
 
 from okdpipe.config import DistillConfig
 from okdpipe.distill.methods import METHODS, StepContext
-from okdpipe.distill.methods.one import (BranchGate, EnsembleKDParams, ensemble_kd_terms, kd_weight,
-                                         trunk_channels, weighted_ensemble)
+from okdpipe.distill.methods.one import (
+    BranchGate,
+    EnsembleKDParams,
+    ensemble_kd_terms,
+    kd_weight,
+    trunk_channels,
+    weighted_ensemble,
+)
 from okdpipe.distill.students import Students
 from okdpipe.distill.trainer import fit
 from okdpipe.run import RunDir
-
-from paper_formulas import EPOCH, TEMPERATURE, TOTAL_EPOCHS, assert_step, batch_norm_train, gated_ensemble_terms
 
 
 def make_ctx(epoch: float = 0.0, total_epochs: int = 300, step: int = 0) -> StepContext:

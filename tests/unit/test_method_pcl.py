@@ -5,15 +5,14 @@ import math
 
 import pytest
 import torch
+from paper_formulas import EPOCH, RAMP_AT_EPOCH, TEMPERATURE, TOTAL_EPOCHS, assert_same_gradients, assert_terms, ce
+from paper_formulas import kd as paper_kd
+from test_method_one import backward_of, grad_in_every_tensor, make_ctx, make_method, no_grad_in, short_fit
 
 from okdpipe.distill.losses import kd
 from okdpipe.distill.methods import METHODS
 from okdpipe.distill.methods.one import kd_weight
 from okdpipe.distill.methods.pcl import PCLParams, lerp_towards, mean_teacher_decay
-
-from paper_formulas import EPOCH, RAMP_AT_EPOCH, TEMPERATURE, TOTAL_EPOCHS, assert_same_gradients, assert_terms, ce
-from paper_formulas import kd as paper_kd
-from test_method_one import backward_of, grad_in_every_tensor, make_ctx, make_method, no_grad_in, short_fit
 
 LABELS = torch.tensor([0, 1, 2, 3])
 
@@ -174,5 +173,13 @@ def test_pcl_defaults_and_short_run(tmp_path):
     assert method.ensemble_head.in_features == 3 * 64
     assert method.num_views(3) == 3
     val = short_fit("pcl", tmp_path)
-    assert set(val) == {"student:0", "student:1", "student:2", "ensemble", "mean-teacher-ensemble",
-                        "mean-teacher:0", "mean-teacher:1", "mean-teacher:2"}
+    assert set(val) == {
+        "student:0",
+        "student:1",
+        "student:2",
+        "ensemble",
+        "mean-teacher-ensemble",
+        "mean-teacher:0",
+        "mean-teacher:1",
+        "mean-teacher:2",
+    }

@@ -1,11 +1,10 @@
 """Vanilla: step() is the plain sum of every student's cross-entropy, with nothing else in the loss."""
 
 import torch
-
-from okdpipe.distill.methods import METHODS
-
 from paper_formulas import assert_same_gradients, assert_terms, ce
 from test_method_one import make_ctx, make_method
+
+from okdpipe.distill.methods import METHODS
 
 
 def test_step_by_value_is_the_sum_of_cross_entropies():

@@ -16,8 +16,17 @@ STEPS_PER_EPOCH = 6  # synthetic: 48 training images after the 25% validation sp
 
 
 def config(method: str) -> DistillConfig:
-    return DistillConfig(method=method, arch="resnet8", dataset="synthetic", epochs=3, batch_size=8, lr=0.05,
-                         val_split=0.25, eval_batch_size=64, seed=1)
+    return DistillConfig(
+        method=method,
+        arch="resnet8",
+        dataset="synthetic",
+        epochs=3,
+        batch_size=8,
+        lr=0.05,
+        val_split=0.25,
+        eval_batch_size=64,
+        seed=1,
+    )
 
 
 def epoch_records(run: RunDir) -> list[dict]:

@@ -51,7 +51,7 @@ NUM_CLASSES = 100
 NAMES = MODELS.names()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def built(name: str, in_channels: int) -> Backbone:
     """One eval-mode instance per (name, channels), built at seed 0; tests must not modify it."""
     torch.manual_seed(0)

@@ -27,24 +27,31 @@ def write_config(tmp_path, data) -> Path:
 
 # -- config -------------------------------------------------------------------------------------------------------
 
+
 def test_both_shipped_configs_load():
     assert load_pipeline_config(SMOKE).distill.dataset == "synthetic"
     fmnist = load_pipeline_config(SMOKE.with_name("pipeline-fmnist.yaml"))
-    assert (fmnist.export.quantize, fmnist.bench.batch_sizes, fmnist.gate) == ("int8", [1, 64],
-                                                                               ["top1>=0.75", "p99_ms@1<=20"])
+    assert (fmnist.export.quantize, fmnist.bench.batch_sizes, fmnist.gate) == (
+        "int8",
+        [1, 64],
+        ["top1>=0.75", "p99_ms@1<=20"],
+    )
 
 
-@pytest.mark.parametrize("data, message", [
-    ({"distil": {}}, "distil: Extra inputs are not permitted"),
-    ({"distill": {"epochz": 3}}, "distill.epochz: Extra inputs are not permitted"),
-    ({"export": {"quantize": "int4"}}, "export.quantize: Input should be 'none', 'fp16', 'int8' or 'int8-dynamic'"),
-    ({"bench": {"batch_sizes": []}}, "bench.batch_sizes: List should have at least 1 item"),
-    ({"gate": "top1>=0.8"}, "gate: Input should be a valid list"),
-    ({"distill": {"method": "dmx"}}, "unknown method 'dmx'"),
-    ({"distill": {"method": "dml", "method_params": {"temp": 2}}}, "bad dml parameter temp"),
-    ({"distill": {"arch": "resnet9"}}, "unknown backbone 'resnet9'"),
-    ({"distill": {"dataset": "mnist"}}, "unknown dataset 'mnist'"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"distil": {}}, "distil: Extra inputs are not permitted"),
+        ({"distill": {"epochz": 3}}, "distill.epochz: Extra inputs are not permitted"),
+        ({"export": {"quantize": "int4"}}, "export.quantize: Input should be 'none', 'fp16', 'int8' or 'int8-dynamic'"),
+        ({"bench": {"batch_sizes": []}}, "bench.batch_sizes: List should have at least 1 item"),
+        ({"gate": "top1>=0.8"}, "gate: Input should be a valid list"),
+        ({"distill": {"method": "dmx"}}, "unknown method 'dmx'"),
+        ({"distill": {"method": "dml", "method_params": {"temp": 2}}}, "bad dml parameter temp"),
+        ({"distill": {"arch": "resnet9"}}, "unknown backbone 'resnet9'"),
+        ({"distill": {"dataset": "mnist"}}, "unknown dataset 'mnist'"),
+    ],
+)
 def test_bad_config_is_one_line_exit_2(tmp_path, data, message):
     path = write_config(tmp_path, data)
     with pytest.raises(OkdpipeError) as error:
@@ -68,6 +75,7 @@ def test_section_hash_ignores_key_order_but_not_values():
 
 # -- the runner, on two fake stages ---------------------------------------------------------------------------------
 
+
 class FakeStages:
     """`upstream` writes OUT/a.txt from its config; `gate` writes OUT/b.txt from a.txt and passes when a.txt
     holds `passing`. Counts how often each one ran."""
@@ -86,14 +94,18 @@ class FakeStages:
         text = (self.out / "a.txt").read_text()
         (self.out / "b.txt").write_text(text.upper())
         passed = text == self.passing
-        return ["b.txt"], {"passed": passed, "results": [
-            {"expression": f"a=={self.passing}", "value": text, "passed": passed}]}
+        return ["b.txt"], {
+            "passed": passed,
+            "results": [{"expression": f"a=={self.passing}", "value": text, "passed": passed}],
+        }
 
     def pipeline(self, force=False) -> tuple[Pipeline, list[str]]:
         lines: list[str] = []
         pipeline = Pipeline(PipelineConfig(), self.out, force, lines.append)
-        pipeline.stages = [Stage("upstream", dict(self.upstream_config), lambda: [], self.upstream),
-                           Stage("gate", ["a==x"], lambda: ["a.txt"], self.gate)]
+        pipeline.stages = [
+            Stage("upstream", dict(self.upstream_config), lambda: [], self.upstream),
+            Stage("gate", ["a==x"], lambda: ["a.txt"], self.gate),
+        ]
         return pipeline, lines
 
 
@@ -108,8 +120,10 @@ def test_second_run_skips_every_stage(fake):
     pipeline, lines = fake.pipeline()
     assert pipeline.run() == 0
     assert fake.calls == {"upstream": 1, "gate": 1}
-    assert lines[:2] == ["skip  upstream config, inputs and outputs unchanged",
-                         "skip  gate     config, inputs and outputs unchanged"]
+    assert lines[:2] == [
+        "skip  upstream config, inputs and outputs unchanged",
+        "skip  gate     config, inputs and outputs unchanged",
+    ]
     assert lines[2] == "  pass  a==x  (value x)"
 
 
@@ -153,8 +167,10 @@ def test_dry_run_plan_runs_nothing_and_marks_downstream(fake):
     fake.upstream_config["text"] = "y"
     pipeline, _ = fake.pipeline()
     plan = [describe(decision) for decision in pipeline.plan()]
-    assert plan == ["run   upstream its config section (upstream) changed",
-                    "run   gate     upstream stage upstream runs first and may change its inputs"]
+    assert plan == [
+        "run   upstream its config section (upstream) changed",
+        "run   gate     upstream stage upstream runs first and may change its inputs",
+    ]
     assert fake.calls == {"upstream": 1, "gate": 1} and (fake.out / "a.txt").read_text() == "x"
 
 
@@ -184,8 +200,17 @@ def test_corrupt_state_file_names_the_fix(fake):
 
 # -- distill: a killed run is resumed -------------------------------------------------------------------------------
 
-TINY = dict(method="vanilla", arch="resnet8", students=2, dataset="synthetic", epochs=2, batch_size=8, lr=0.05,
-            val_split=0.25, device="cpu")  # 48 training images -> 6 steps per epoch
+TINY = dict(
+    method="vanilla",
+    arch="resnet8",
+    students=2,
+    dataset="synthetic",
+    epochs=2,
+    batch_size=8,
+    lr=0.05,
+    val_split=0.25,
+    device="cpu",
+)  # 48 training images -> 6 steps per epoch
 
 
 def test_killed_distill_stage_is_resumed_not_restarted(tmp_path):
@@ -194,8 +219,9 @@ def test_killed_distill_stage_is_resumed_not_restarted(tmp_path):
     assert killed == {"stopped": True}
     first_epoch = RunDir(out / "distill").read_manifest()["epochs"][0]
     pipeline = Pipeline(PipelineConfig(distill=TINY), out, echo=lambda _: None)
-    assert describe(pipeline.plan()[0]) == ("run   distill  no successful run recorded; "
-                                            "resumes the killed run after epoch 1")
+    assert describe(pipeline.plan()[0]) == (
+        "run   distill  no successful run recorded; resumes the killed run after epoch 1"
+    )
     outputs, extra = pipeline.stages[0].run()
     manifest = RunDir(out / "distill").read_manifest()
     assert outputs == ["distill/checkpoints/last.pt"] and extra == {"resumed": True}
@@ -221,8 +247,10 @@ def test_state_file_has_a_format_header_and_version_1_still_reads(fake):
     path.write_text(json.dumps(old))  # as okdpipe wrote it before the common header
     pipeline, lines = fake.pipeline()
     assert pipeline.run() == 0 and fake.calls == {"upstream": 1, "gate": 1}
-    assert lines[:2] == ["skip  upstream config, inputs and outputs unchanged",
-                         "skip  gate     config, inputs and outputs unchanged"]
+    assert lines[:2] == [
+        "skip  upstream config, inputs and outputs unchanged",
+        "skip  gate     config, inputs and outputs unchanged",
+    ]
     path.write_text(json.dumps({**state, "format_version": 3}))
     with pytest.raises(OkdpipeError, match="format_version 3 is not supported"):
         fake.pipeline()[0].run()

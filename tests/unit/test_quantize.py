@@ -23,8 +23,14 @@ class WideNet(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 96, 3, padding=1), nn.BatchNorm2d(96), nn.ReLU(),
-                                      nn.Conv2d(96, 160, 3, padding=1), nn.BatchNorm2d(160), nn.ReLU())
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 96, 3, padding=1),
+            nn.BatchNorm2d(96),
+            nn.ReLU(),
+            nn.Conv2d(96, 160, 3, padding=1),
+            nn.BatchNorm2d(160),
+            nn.ReLU(),
+        )
         self.classifier = nn.Linear(160, 10)
 
     def forward(self, x):
@@ -56,8 +62,14 @@ def op_types(path) -> set[str]:
 def test_cpu_features_parses_flags(tmp_path):
     (tmp_path / "cpuinfo").write_text(AVX2_ONLY)
     assert cpu_features(tmp_path / "cpuinfo") == {
-        "avx2": True, "avx512f": False, "avx512_vnni": False, "avx_vnni": False, "amx_int8": False, "amx_tile": False,
-        "avx512_fp16": False, "fp16": False,
+        "avx2": True,
+        "avx512f": False,
+        "avx512_vnni": False,
+        "avx_vnni": False,
+        "amx_int8": False,
+        "amx_tile": False,
+        "avx512_fp16": False,
+        "fp16": False,
     }
     assert not any(cpu_features(tmp_path / "missing").values())
 

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from datafixtures import write_image_folder
 from torch import nn
 
 from okdpipe.config import DistillConfig
@@ -19,8 +20,6 @@ from okdpipe.distill.select import Scored, choose, count_macs, select
 from okdpipe.distill.trainer import fit
 from okdpipe.errors import OkdpipeError
 from okdpipe.run import RunDir
-
-from datafixtures import write_image_folder
 
 CFG = dict(arch="resnet8", dataset="synthetic", epochs=2, batch_size=8, lr=0.05, val_split=0.25)
 
@@ -61,8 +60,9 @@ def test_model_file_reloads_in_a_fresh_process_without_the_run(vanilla_run, tmp_
             "hits = sum(int((model(b.views[0]).argmax(1) == b.labels).sum()) for b in loader.epoch(0))\n"
             "print(hits / len(bundle.val), info.provenance['candidate'])\n"
         )
-        out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.pt")], capture_output=True, text=True,
-                             check=True).stdout.split()
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(tmp_path / "m.pt")], capture_output=True, text=True, check=True
+        ).stdout.split()
         assert float(out[0]) == pytest.approx(chosen.top1, abs=1e-12) and out[1] == "student:1"
     finally:
         hidden.rename(vanilla_run)
@@ -70,8 +70,11 @@ def test_model_file_reloads_in_a_fresh_process_without_the_run(vanilla_run, tmp_
 
 def test_ties_go_to_the_smaller_model():
     small, big = nn.Linear(2, 2), nn.Linear(20, 2)
-    scored = [Scored("student:0", big, 0.9, 1.0, 42, 0), Scored("student:1", small, 0.9, 1.0, 6, 0),
-              Scored("soup", small, 0.8, 1.0, 6, 0)]
+    scored = [
+        Scored("student:0", big, 0.9, 1.0, 42, 0),
+        Scored("student:1", small, 0.9, 1.0, 6, 0),
+        Scored("soup", small, 0.8, 1.0, 6, 0),
+    ]
     assert choose(scored, "auto", "best-student").name == "student:1"
     assert choose(scored, "soup", "best-student").name == "soup"
     with pytest.raises(OkdpipeError, match="has no such candidate"):
@@ -123,9 +126,19 @@ def folder_run(tmp_path_factory):
     """Two vanilla students, one epoch, on an image folder whose training files are sorted by class."""
     root = tmp_path_factory.mktemp("folder")
     write_image_folder(root / "data", {"train": 48}, ["a", "b", "c", "d"], size=8)
-    cfg = DistillConfig(method="vanilla", students=2, arch="resnet8", dataset="imagefolder",
-                        data_dir=str(root / "data"), data_options={"image_size": 8}, epochs=1, batch_size=12,
-                        eval_batch_size=6, val_split=0.25, seed=5)
+    cfg = DistillConfig(
+        method="vanilla",
+        students=2,
+        arch="resnet8",
+        dataset="imagefolder",
+        data_dir=str(root / "data"),
+        data_options={"image_size": 8},
+        epochs=1,
+        batch_size=12,
+        eval_batch_size=6,
+        val_split=0.25,
+        seed=5,
+    )
     fit(cfg, RunDir(root / "run"), echo=lambda _: None)
     return root
 
@@ -165,8 +178,10 @@ def test_a_non_finite_candidate_is_refused_and_never_shipped(vanilla_run, tmp_pa
     rows, _, chosen, _ = select(broken, "auto", None, bn_batches=4)
     assert chosen.name == "student:1" and [r["candidate"] for r in rows] == ["student:1"]
     refused = json.loads((broken / "selection.json").read_text())["refused"]
-    assert refused == [{"candidate": "student:0", "reason": "non-finite weights"},
-                       {"candidate": "soup", "reason": "non-finite weights"}]
+    assert refused == [
+        {"candidate": "student:0", "reason": "non-finite weights"},
+        {"candidate": "soup", "reason": "non-finite weights"},
+    ]
     with pytest.raises(OkdpipeError, match="student:0 has non-finite weights") as error:
         select(broken, "student:0", tmp_path / "m.pt", bn_batches=4)
     assert "\n" not in str(error.value) and not (tmp_path / "m.pt").exists()

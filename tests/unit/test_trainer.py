@@ -12,8 +12,19 @@ from okdpipe.errors import OkdpipeError
 from okdpipe.run import RunDir
 
 # synthetic: 64 training images, 48 after the 25% validation split -> 6 steps of 8 per epoch
-TINY = dict(method="vanilla", arch="resnet8", students=2, dataset="synthetic", epochs=3, batch_size=8,
-            lr=0.05, eval_batch_size=64, val_split=0.25, schedule="cosine", warmup_epochs=0.5)
+TINY = dict(
+    method="vanilla",
+    arch="resnet8",
+    students=2,
+    dataset="synthetic",
+    epochs=3,
+    batch_size=8,
+    lr=0.05,
+    eval_batch_size=64,
+    val_split=0.25,
+    schedule="cosine",
+    warmup_epochs=0.5,
+)
 STEPS_PER_EPOCH = 6
 
 
@@ -45,8 +56,9 @@ def test_resume_after_a_kill_mid_epoch_reaches_the_same_weights(tmp_path):
     fit(tiny(), interrupted, resume=True, echo=lambda _: None)
     a, b = final_students(tmp_path / "straight"), final_students(tmp_path / "killed")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    epochs = [json.loads(l)["epoch"] for l in interrupted.metrics_path.read_text().splitlines()
-              if '"kind": "epoch"' in l]
+    epochs = [
+        json.loads(l)["epoch"] for l in interrupted.metrics_path.read_text().splitlines() if '"kind": "epoch"' in l
+    ]
     assert epochs == [1, 2, 3]
 
 

@@ -22,8 +22,17 @@ from okdpipe.files import atomic_write_text, file_sha256
 from okdpipe.run import RunDir
 
 # synthetic: 64 training images, 48 after the 25% validation split -> 6 steps of 8 per epoch
-TINY = dict(method="vanilla", arch="resnet8", students=1, dataset="synthetic", epochs=2, batch_size=8, lr=0.05,
-            eval_batch_size=64, val_split=0.25)
+TINY = dict(
+    method="vanilla",
+    arch="resnet8",
+    students=1,
+    dataset="synthetic",
+    epochs=2,
+    batch_size=8,
+    lr=0.05,
+    eval_batch_size=64,
+    val_split=0.25,
+)
 STEPS_PER_EPOCH = 6
 
 
@@ -78,8 +87,11 @@ def test_a_nan_loss_stops_naming_epoch_and_step_and_keeps_the_last_good_checkpoi
 def test_non_finite_weights_at_the_end_of_an_epoch_stop_before_the_checkpoint(tmp_path, monkeypatch):
     run = RunDir(tmp_path / "r")
     poison_step(monkeypatch, STEPS_PER_EPOCH - 1, inf_weight)  # the loss of that step was still finite
-    with pytest.raises(GateFailed, match=r"the weight members\.0\.\S+ became NaN or infinite at epoch 1, step 6 .*"
-                                         r"no epoch had finished, so there is no checkpoint"):
+    with pytest.raises(
+        GateFailed,
+        match=r"the weight members\.0\.\S+ became NaN or infinite at epoch 1, step 6 .*"
+        r"no epoch had finished, so there is no checkpoint",
+    ):
         fit(tiny(), run, echo=quiet)
     assert not (run.checkpoints / "last.pt").exists()
     records = [json.loads(line) for line in run.metrics_path.read_text().splitlines()]
@@ -97,8 +109,10 @@ def test_first_nonfinite_tensor_names_parameters_and_buffers():
 
 def hold_lock_in_another_process(root):
     """A process that takes the run's lock and sleeps; returns it once it holds the lock."""
-    code = ("import sys, time; from okdpipe.run import RunDir\n"
-            "with RunDir(sys.argv[1]).locked():\n    print('locked', flush=True); time.sleep(120)")
+    code = (
+        "import sys, time; from okdpipe.run import RunDir\n"
+        "with RunDir(sys.argv[1]).locked():\n    print('locked', flush=True); time.sleep(120)"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code, str(root)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "locked"
     return proc
@@ -142,23 +156,39 @@ def resave_checkpoint(run: RunDir, change) -> None:
     run.record_artifact(run.checkpoints / "last.pt", epoch=1)
 
 
-@pytest.mark.parametrize("damage, fragment", [
-    (lambda run: run.manifest_path.write_text("[]"), "corrupt manifest (a list, not an object)"),
-    (lambda run: run.manifest_path.write_text('"x"'), "corrupt manifest (a str, not an object)"),
-    (lambda run: run.manifest_path.write_text(json.dumps({"manifest_version": 1, "artifacts": []})),
-     "corrupt manifest (artifacts: Input should be a valid dictionary"),
-    (lambda run: run.manifest_path.write_text(json.dumps(
-        {"manifest_version": 1, "artifacts": {"checkpoints/last.pt": {"bytes": 1}}})),
-     "corrupt manifest (artifacts.checkpoints/last.pt.sha256: Field required)"),
-    (lambda run: resave_checkpoint(run, lambda state: state.pop("students")),
-     "damaged checkpoint (students: Field required)"),
-    (lambda run: resave_checkpoint(run, lambda state: state.update(history=[])),
-     "damaged checkpoint (Value error, history must hold one summary"),
-    (lambda run: resave_checkpoint(run, lambda state: state["students"].pop(next(iter(state["students"])))),
-     "the checkpoint does not fit this run's models (Error(s) in loading state_dict"),
-    (lambda run: resave_checkpoint(run, lambda state: state.update(config=[1])),
-     "damaged checkpoint (config: Input should be a valid dictionary"),
-])
+@pytest.mark.parametrize(
+    "damage, fragment",
+    [
+        (lambda run: run.manifest_path.write_text("[]"), "corrupt manifest (a list, not an object)"),
+        (lambda run: run.manifest_path.write_text('"x"'), "corrupt manifest (a str, not an object)"),
+        (
+            lambda run: run.manifest_path.write_text(json.dumps({"manifest_version": 1, "artifacts": []})),
+            "corrupt manifest (artifacts: Input should be a valid dictionary",
+        ),
+        (
+            lambda run: run.manifest_path.write_text(
+                json.dumps({"manifest_version": 1, "artifacts": {"checkpoints/last.pt": {"bytes": 1}}})
+            ),
+            "corrupt manifest (artifacts.checkpoints/last.pt.sha256: Field required)",
+        ),
+        (
+            lambda run: resave_checkpoint(run, lambda state: state.pop("students")),
+            "damaged checkpoint (students: Field required)",
+        ),
+        (
+            lambda run: resave_checkpoint(run, lambda state: state.update(history=[])),
+            "damaged checkpoint (Value error, history must hold one summary",
+        ),
+        (
+            lambda run: resave_checkpoint(run, lambda state: state["students"].pop(next(iter(state["students"])))),
+            "the checkpoint does not fit this run's models (Error(s) in loading state_dict",
+        ),
+        (
+            lambda run: resave_checkpoint(run, lambda state: state.update(config=[1])),
+            "damaged checkpoint (config: Input should be a valid dictionary",
+        ),
+    ],
+)
 def test_a_damaged_run_directory_is_one_line_on_resume(damaged, damage, fragment):
     damage(damaged)
     with pytest.raises(OkdpipeError) as err:
@@ -188,6 +218,7 @@ enospc = raises(errno.ENOSPC)
 
 def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_leaves_the_old_file(damaged, monkeypatch):
     before = file_sha256(damaged.checkpoints / "last.pt")
+
     def disk_fills_while_saving(obj, handle):
         handle.write(b"PK\x03\x04")
         enospc()
@@ -229,8 +260,11 @@ def test_a_batch_that_cannot_fit_is_refused_with_an_estimate(tmp_path, monkeypat
     need = per_image * 8 * 4  # fp32 on CPU, batch 8: every layer's output of every image is kept for backward
     assert need > 2 * largest * 16 * 4  # (the evaluation pass of 16 images needs less)
     monkeypatch.setattr(trainer, "available_bytes", lambda device: need - 1)
-    with pytest.raises(OkdpipeError, match=rf"--batch-size 8 \(--eval-batch-size 64\): a step needs about "
-                                           rf"{need / 2**30:.1f} GiB .* more than the"):
+    with pytest.raises(
+        OkdpipeError,
+        match=rf"--batch-size 8 \(--eval-batch-size 64\): a step needs about "
+        rf"{need / 2**30:.1f} GiB .* more than the",
+    ):
         fit(tiny(), RunDir(tmp_path / "r"), echo=quiet)
     monkeypatch.setattr(trainer, "available_bytes", lambda device: need)
     trainer.check_memory(session)  # exactly enough passes
@@ -246,14 +280,19 @@ def test_a_methods_optimizer_defaults_apply_unless_set_and_are_recorded(tmp_path
 
     cfg = trainer.with_method_defaults_of(build_config({"method": "nesterov-vanilla"}, {}, []))
     assert (cfg.optimizer, cfg.weight_decay, cfg.momentum) == ("nesterov", 1e-4, 0.9)
-    chosen = trainer.with_method_defaults_of(build_config({"method": "nesterov-vanilla", "weight_decay": 0.0}, {},
-                                                          ["optimizer=sgd"]))
+    chosen = trainer.with_method_defaults_of(
+        build_config({"method": "nesterov-vanilla", "weight_decay": 0.0}, {}, ["optimizer=sgd"])
+    )
     assert (chosen.optimizer, chosen.weight_decay) == ("sgd", 0.0)
     run = RunDir(tmp_path / "r")
     fit(tiny(method="nesterov-vanilla"), run, stop_after_steps=STEPS_PER_EPOCH + 1, echo=quiet)
     manifest = json.loads(run.manifest_path.read_text())
-    assert manifest["optimizer"] == {"optimizer": "nesterov", "momentum": 0.9, "weight_decay": 1e-4,
-                                     "method_defaults": {"optimizer": "nesterov", "weight_decay": 1e-4}}
+    assert manifest["optimizer"] == {
+        "optimizer": "nesterov",
+        "momentum": 0.9,
+        "weight_decay": 1e-4,
+        "method_defaults": {"optimizer": "nesterov", "weight_decay": 1e-4},
+    }
     assert manifest["config"]["optimizer"] == "nesterov"
     groups = load_checkpoint(run)["optimizer"]["param_groups"]
     assert groups[0]["nesterov"] is True and groups[0]["weight_decay"] == 1e-4

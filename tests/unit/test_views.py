@@ -7,8 +7,19 @@ import torch
 
 from okdpipe.datasets.augment import draw_augment
 from okdpipe.datasets.spec import AugmentConfig
-from okdpipe.datasets.views import (FLIP_CUTOUT, FLIP_ROTATE, RANDAUGMENT, ViewAugment, augment_policy, draw_policy,
-                                    equalize, posterize, randaugment, rotate, view_policy)
+from okdpipe.datasets.views import (
+    FLIP_CUTOUT,
+    FLIP_ROTATE,
+    RANDAUGMENT,
+    ViewAugment,
+    augment_policy,
+    draw_policy,
+    equalize,
+    posterize,
+    randaugment,
+    rotate,
+    view_policy,
+)
 from okdpipe.errors import OkdpipeError
 
 
