@@ -46,7 +46,7 @@ def bench_command(
 ) -> None:
     """Benchmark exported models (latency, throughput, memory, test accuracy) against PyTorch and the
     ensemble, write report.json/.md/.png, and fail (exit 1) when a deployment gate fails."""
-    from okdpipe.stage_config import dump, resolve
+    from okdpipe.stage_config import resolve_or_show
 
     flags = dict(
         dataset=dataset,
@@ -61,9 +61,8 @@ def bench_command(
         min_seconds=min_seconds,
         gates=gate or None,
     )
-    cfg = resolve(BenchConfig, config, flags)
-    if dry_run:
-        typer.echo(dump(cfg), nl=False)
+    cfg = resolve_or_show(BenchConfig, config, flags, dry_run)
+    if cfg is None:
         return
     run(artifacts, cfg, policy=policy, baseline=baseline, report=report, junit=junit, json_output=json_output)
 

@@ -40,11 +40,10 @@ def select_command(
     json_output: Annotated[bool, typer.Option("--json", help="Print selection.json's content on stdout.")] = False,
 ) -> None:
     """Score every candidate on the validation split, pick the model to ship, write a self-describing MODEL.pt."""
-    from okdpipe.stage_config import dump, resolve
+    from okdpipe.stage_config import resolve_or_show
 
-    cfg = resolve(SelectConfig, config, dict(strategy=strategy, bn_batches=bn_batches, device=device))
-    if dry_run:
-        typer.echo(dump(cfg), nl=False)
+    cfg = resolve_or_show(SelectConfig, config, dict(strategy=strategy, bn_batches=bn_batches, device=device), dry_run)
+    if cfg is None:
         return
     from okdpipe.distill.methods import METHODS  # noqa: F401  (registers every method)
     from okdpipe.distill.select import select

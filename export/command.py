@@ -41,7 +41,7 @@ def export_command(
     """Export a model file to ONNX, check parity and accuracy, and write model cards."""
     from okdpipe.console import emit_json, say
     from okdpipe.errors import OkdpipeError
-    from okdpipe.stage_config import dump, resolve
+    from okdpipe.stage_config import resolve_or_show
 
     flags = dict(
         format=format,
@@ -54,9 +54,8 @@ def export_command(
         triton_max_batch_size=triton_max_batch_size,
         triton_instance=triton_instance,
     )
-    cfg = resolve(ExportConfig, config, flags)
-    if dry_run:
-        typer.echo(dump(cfg), nl=False)
+    cfg = resolve_or_show(ExportConfig, config, flags, dry_run)
+    if cfg is None:
         return
     if out is None:
         raise OkdpipeError("export needs --out DIR (where OUT/fp32 and OUT/<precision> are written)")

@@ -48,14 +48,15 @@ def problem_source(error: ValidationError, flags: dict[str, Any], config_file: P
     return f"{where}: {message}"
 
 
-def build(cls: type[C], values: dict[str, Any], where: str) -> C:
-    """`cls(**values)` with a validation problem turned into one line naming where it came from."""
-    from okdpipe.config import validation_message
+def resolve_or_show(cls: type[C], config_file: Path | None, flags: dict[str, Any], dry_run: bool) -> C | None:
+    """`resolve`, then for `--dry-run` print the resolved config and return None (the command stops there)."""
+    import typer
 
-    try:
-        return cls(**values)
-    except ValidationError as exc:
-        raise OkdpipeError(f"{where}: {validation_message(exc)}") from None
+    config = resolve(cls, config_file, flags)
+    if not dry_run:
+        return config
+    typer.echo(dump(config), nl=False)
+    return None
 
 
 def dump(config: BaseModel) -> str:

@@ -39,7 +39,7 @@ def serve_command(
 
     The API key comes from --api-key-file or the OKDPIPE_API_KEY environment variable.
     """
-    from okdpipe.stage_config import dump, resolve
+    from okdpipe.stage_config import resolve_or_show
 
     flags = dict(
         host=host,
@@ -55,9 +55,8 @@ def serve_command(
         api_key_file=api_key_file,
         log_level=log_level,
     )
-    cfg = resolve(ServeConfig, config, flags)
-    if dry_run:
-        typer.echo(dump(cfg), nl=False)
+    cfg = resolve_or_show(ServeConfig, config, flags, dry_run)
+    if cfg is None:
         return
     from okdpipe.serve.server import read_api_key, run_server
 

@@ -28,7 +28,7 @@ from okdpipe.errors import OkdpipeError
 from okdpipe.export.config import ExportConfig
 from okdpipe.export.exporter import export_model
 from okdpipe.run import RunDir
-from okdpipe.stage_config import build
+from okdpipe.stage_config import resolve
 
 QUICK = dict(batch_sizes=[1, 4], threads=1, warmup=1, min_seconds=0.02)
 RESNET8_PARAMS = 77_652  # 3-channel input, 4 classes (synthetic)
@@ -228,7 +228,7 @@ def test_parse_batch_sizes():
 
 def test_bad_options_are_rejected(tiny):
     with pytest.raises(OkdpipeError, match="unknown provider 'tpu'"):  # refused when the config is built
-        build(BenchConfig, {"provider": "tpu"}, "bench")
+        resolve(BenchConfig, None, {"provider": "tpu"})
     with pytest.raises(OkdpipeError, match="no artifact directories"):
         run_bench([], BenchConfig())
 
