@@ -21,13 +21,15 @@ ARGS = [
     "--dataset",
     "synthetic",
     "--epochs",
-    "4",
+    "8",
     "--batch-size",
     "4",
     "--val-split",
     "0.25",
     "--seed",
     "3",
+    "--set",
+    "data_options.n_train=256",  # epochs long enough (~1 s) that the kill lands mid-run on a fast machine
 ]
 
 
@@ -54,9 +56,9 @@ def test_kill_9_mid_epoch_then_resume(tmp_path):
     deadline = time.time() + 120
     while epochs_logged(killed) < 2 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
-    time.sleep(0.3)  # into the third epoch
-    assert proc.poll() is None, "the run finished before it could be killed; make it longer"
+    time.sleep(0.1)  # into the third epoch
     os.kill(proc.pid, signal.SIGSTOP)  # frozen mid-epoch, holding the lock, while a second run tries
+    assert proc.poll() is None and epochs_logged(killed) < 8, "the run finished before it was stopped; make it longer"
     second = subprocess.run(distill("--out", str(killed), "--resume"), capture_output=True, text=True)
     assert second.returncode == 2 and second.stderr.splitlines() == [second.stderr.strip()]
     assert second.stderr.startswith(f"error: {killed} is in use by another okdpipe run (pid {proc.pid} on ")
@@ -69,4 +71,4 @@ def test_kill_9_mid_epoch_then_resume(tmp_path):
     epochs = [
         json.loads(l)["epoch"] for l in (killed / "metrics.jsonl").read_text().splitlines() if '"kind": "epoch"' in l
     ]
-    assert epochs == [1, 2, 3, 4]
+    assert epochs == list(range(1, 9))
