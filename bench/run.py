@@ -26,7 +26,7 @@ from okdpipe.bench.measure import (
     runtime_versions,
     time_calls,
 )
-from okdpipe.contracts.card import ModelCard, Preprocess, read_card
+from okdpipe.contracts.card import ModelCard, Preprocess, check_graph_precision, read_card
 from okdpipe.contracts.data import DataSource
 from okdpipe.contracts.report import Accuracy, BenchReport, Entry, LatencyPoint
 from okdpipe.errors import OkdpipeError
@@ -43,6 +43,8 @@ def run_bench(artifact_dirs: list[Path], config: BenchConfig) -> BenchReport:
         raise OkdpipeError("no artifact directories given; pass one or more OUT/fp32-style directories")
     check_provider(config.provider)  # before minutes of work, not at the first session
     cards = [read_card(directory) for directory in artifact_dirs]
+    for card in cards:
+        check_graph_precision(card)
     bench = Bench(config)
     artifacts = [bench.artifact_entry(card) for card in cards]
     references = References(bench).entries(cards)

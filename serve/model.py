@@ -6,7 +6,7 @@ import logging
 
 import numpy as np
 
-from okdpipe.contracts.card import ModelCard
+from okdpipe.contracts.card import ModelCard, check_graph_precision
 from okdpipe.errors import OkdpipeError
 from okdpipe.ortsession import create_session
 
@@ -23,6 +23,7 @@ class OnnxClassifier:
     def __init__(self, card: ModelCard, intra_op_threads: int | None = None):
         self.card = card
         self.session, self.session_options = create_session(card.model_path, threads=intra_op_threads)
+        check_graph_precision(card)
         self.max_batch_limit = _check_session_matches_card(self.session, card)
         self._model_dtype = np.float16 if card.input_dtype == "float16" else np.float32
 

@@ -25,6 +25,12 @@ from okdpipe.files import atomic_write_text, file_sha256
 CARD = FileFormat("okdpipe-card", 1, "model card", "re-run `okdpipe export` to rewrite the artifact")
 CARD_NAME = "model.json"
 MODEL_DTYPES = ("float32", "float16")
+PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic")
+STATIC_INT8_OPS = frozenset(
+    {"QuantizeLinear", "QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearGlobalAveragePool"}
+)
+DYNAMIC_INT8_OPS = frozenset({"DynamicQuantizeLinear", "ConvInteger", "MatMulInteger"})
+FLOAT16 = 10  # onnx.TensorProto.FLOAT16
 PIXEL_SCALE = 1.0 / 255.0
 
 
@@ -124,7 +130,7 @@ def parse_card(raw: dict[str, Any], artifact_dir: Path) -> ModelCard:
     num_classes = _checked_num_classes(raw)
     return ModelCard(
         name=_checked_name(raw),
-        precision=_required_str(raw, "precision", "precision"),
+        precision=_checked_precision(raw),
         model_path=model_path,
         input_name=_required_str(raw["input"], "name", "input.name"),
         input_dtype=_checked_input_dtype(raw),
@@ -137,7 +143,7 @@ def parse_card(raw: dict[str, Any], artifact_dir: Path) -> ModelCard:
         labels=_checked_labels(raw, num_classes),
         opset=_checked_opset(raw),
         provenance=_checked_provenance(raw),
-        raw=raw,
+        raw=_checked_records(raw),
     )
 
 
@@ -158,12 +164,18 @@ def _load_card_json(artifact_dir: Path) -> dict[str, Any]:
     if not card_path.is_file():
         raise _fail(f"no {CARD_NAME} in {artifact_dir}", "pass the folder `okdpipe export` wrote")
     try:
-        card = json.loads(card_path.read_text(encoding="utf-8"))
+        card = json.loads(card_path.read_text(encoding="utf-8"), parse_constant=_refuse_non_finite)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise _fail(f"{card_path} is not valid JSON ({error})") from None
+    except ValueError as error:  # NaN / Infinity: a card never records a non-finite figure as if it were fine
+        raise _fail(f"{card_path}: {error}") from None
     if not isinstance(card, dict):
         raise _fail(f"{card_path} must hold a JSON object")
     return card
+
+
+def _refuse_non_finite(constant: str) -> None:
+    raise ValueError(f"the card holds a non-finite number ({constant})")
 
 
 def _required_str(section: dict[str, Any], key: str, where: str) -> str:
@@ -230,10 +242,13 @@ def _checked_preprocess(card: dict[str, Any], channels: int, height: int, width:
     mean, std = section.get("mean"), section.get("std")
     if section.get("channels") != channels or section.get("size") != [height, width]:
         raise _fail(f"preprocess channels/size {section.get('channels')}/{section.get('size')} disagree with input")
-    if not (isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) == channels):
-        raise _fail(f"preprocess mean/std must list one value per channel ({channels})")
-    if not all(_is_finite_number(value) for value in (*mean, *std)) or min(std) <= 0:
-        raise _fail("preprocess mean/std must be finite numbers with std > 0")
+    for key, values in (("mean", mean), ("std", std)):
+        if not (isinstance(values, list) and all(_is_finite_number(value) for value in values)):
+            raise _fail(f"preprocess {key} is {values!r}, not a list of finite numbers")
+        if len(values) != channels:
+            raise _fail(f"preprocess {key} lists {len(values)} values, the input has {channels} channels")
+    if min(std) <= 0:
+        raise _fail(f"preprocess std {std} must have std > 0 for every channel")
     scale = section.get("scale", PIXEL_SCALE)
     if not _is_finite_number(scale) or scale <= 0:
         raise _fail(f"preprocess scale {scale!r} must be a positive number")
@@ -255,6 +270,65 @@ def _checked_opset(card: dict[str, Any]) -> int | None:
     if opset is not None and not _is_positive_int(opset):
         raise _fail(f"model card opset {opset!r} must be a positive integer")
     return opset
+
+
+def _checked_precision(card: dict[str, Any]) -> str:
+    precision = _required_str(card, "precision", "precision")
+    if precision not in PRECISIONS:
+        raise _fail(f"model card precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    return precision
+
+
+def check_graph_precision(card: ModelCard) -> None:
+    """The graph must compute in the card's precision: an INT8 graph under an fp32 card would be benchmarked,
+    gated and served as fp32. Called by bench and serve before they use a graph (it parses the protobuf)."""
+    actual = graph_precision(card.model_path)
+    if actual != card.precision:
+        raise _fail(f"{card.model_path.name} computes in {actual} but its card says {card.precision}")
+
+
+def graph_precision(model_path: Path) -> str:
+    """What an exported graph computes in, read from its operators and initializers (not from any name)."""
+    import onnx  # protobuf only; serve's torch-free install has it
+
+    try:
+        graph = onnx.load(str(model_path), load_external_data=False).graph
+    except Exception as exc:  # a damaged protobuf raises DecodeError and others
+        raise _fail(f"{model_path.name} is not a readable ONNX model ({type(exc).__name__})") from None
+    ops = {node.op_type for node in graph.node}
+    if ops & DYNAMIC_INT8_OPS:
+        return "int8-dynamic"
+    if ops & STATIC_INT8_OPS:
+        return "int8"
+    if any(tensor.data_type == FLOAT16 for tensor in graph.initializer):
+        return "fp16"
+    return "fp32"
+
+
+# The figures export records: each section an object, each number in its range (a reader may report or gate on them).
+RECORD_RANGES = {
+    "parity": {"max_abs_diff": (0.0, math.inf), "top1_agreement": (0.0, 1.0)},
+    "accuracy": {"val_top1": (0.0, 1.0), "fp32_val_top1": (0.0, 1.0), "drop_points": (-100.0, 100.0)},
+}
+
+
+def _checked_records(card: dict[str, Any]) -> dict[str, Any]:
+    for section, ranges in RECORD_RANGES.items():
+        record = card.get(section)
+        if record is None:
+            continue
+        if not isinstance(record, dict):
+            raise _fail(f"model card '{section}' must be a JSON object")
+        for key, (low, high) in ranges.items():
+            value = record.get(key)
+            if value is not None and not (_is_finite_number(value) and low <= value <= high):
+                raise _fail(f"model card '{section}.{key}' is {value!r}, not a number in [{low:g}, {high:g}]")
+        samples = record.get("val_samples")
+        if samples is not None and not _is_positive_int(samples):
+            raise _fail(f"model card '{section}.val_samples' is {samples!r}, not a positive integer")
+    if card.get("quantization") is not None and not isinstance(card["quantization"], dict):
+        raise _fail("model card 'quantization' must be a JSON object or null")
+    return card
 
 
 def _checked_provenance(card: dict[str, Any]) -> dict[str, Any]:

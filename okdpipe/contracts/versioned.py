@@ -34,7 +34,7 @@ class FileFormat:
             raise OkdpipeError(f"{where}: not an okdpipe {self.what} (no 'format: {self.name}' header); {self.fix}")
         version = payload.get("format_version")
         readable = (self.version, *self.also_reads)
-        if isinstance(version, bool) or version not in readable:
+        if type(version) is not int or version not in readable:  # 1.0 and true compare equal to 1: refused
             raise OkdpipeError(
                 f"{where}: {self.what} format_version {version!r} is not supported (this okdpipe reads "
                 f"{', '.join(map(str, readable))}); {self.fix}"

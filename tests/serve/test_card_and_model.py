@@ -59,6 +59,26 @@ def test_card_reads_what_serving_needs(artifact_dir):
             "disagree with input",
         ),
         (lambda d: _edit_card(d, preprocess={"size": [28, 28], "channels": 1, "mean": [0], "std": [0]}), "std > 0"),
+        (
+            lambda d: _edit_card(d, preprocess={"size": [28, 28], "channels": 1, "mean": "abc", "std": [1]}),
+            "preprocess mean is 'abc', not a list of finite numbers",
+        ),
+        (
+            lambda d: _edit_card(d, preprocess={"size": [28, 28], "channels": 1, "mean": [0, 0], "std": [1]}),
+            "preprocess mean lists 2 values, the input has 1 channels",
+        ),
+        (lambda d: _edit_card(d, format_version=1.0), "format_version 1.0 is not supported"),
+        (lambda d: _edit_card(d, format_version=True), "format_version True is not supported"),
+        (lambda d: _edit_card(d, precision="int4"), "precision 'int4' is not one of fp32, fp16, int8, int8-dynamic"),
+        (lambda d: _edit_card(d, accuracy=float("nan")), "non-finite number (NaN)"),
+        (lambda d: _edit_card(d, parity={"max_abs_diff": float("inf")}), "non-finite number (Infinity)"),
+        (lambda d: _edit_card(d, accuracy=0.9), "'accuracy' must be a JSON object"),
+        (lambda d: _edit_card(d, accuracy={"val_top1": "0.9"}), "'accuracy.val_top1' is '0.9', not a number in [0, 1]"),
+        (lambda d: _edit_card(d, accuracy={"val_top1": 1.5}), "'accuracy.val_top1' is 1.5"),
+        (lambda d: _edit_card(d, accuracy={"val_samples": 0}), "'accuracy.val_samples' is 0, not a positive integer"),
+        (lambda d: _edit_card(d, parity={"max_abs_diff": -1}), "'parity.max_abs_diff' is -1"),
+        (lambda d: _edit_card(d, parity={"top1_agreement": True}), "'parity.top1_agreement' is True"),
+        (lambda d: _edit_card(d, quantization=[]), "'quantization' must be a JSON object or null"),
     ],
 )
 def test_bad_card_is_one_line_okdpipe_error(artifact_copy, damage, message):
@@ -85,6 +105,24 @@ def test_unloadable_onnx_is_okdpipe_error(artifact_copy, card_writer):
     card_writer(artifact_copy)
     with pytest.raises(OkdpipeError, match="onnxruntime cannot load model.onnx: .*; re-export the model"):
         load_classifier(ServeSettings(artifact_dir=artifact_copy))
+
+
+def test_graph_of_another_precision_under_the_card_is_refused(artifact_copy, card_writer):
+    """An FP16 graph behind an fp32 card (hash updated, so only the graph can tell) would be served and benchmarked
+    as fp32: serve and bench refuse it by reading the graph's initializers (and operators, for INT8)."""
+    from okdpipe.bench.config import BenchConfig
+    from okdpipe.bench.run import run_bench
+    from okdpipe.export.quantize import convert_fp16
+
+    convert_fp16(artifact_copy / "model.onnx", artifact_copy / "fp16.onnx")
+    (artifact_copy / "fp16.onnx").replace(artifact_copy / "model.onnx")
+    card_writer(artifact_copy)
+    assert read_card(artifact_copy).precision == "fp32"  # the card alone is consistent
+    expected = "model.onnx computes in fp16 but its card says fp32"
+    with pytest.raises(OkdpipeError, match=expected):
+        load_classifier(ServeSettings(artifact_dir=artifact_copy))
+    with pytest.raises(OkdpipeError, match=expected):
+        run_bench([artifact_copy], BenchConfig())
 
 
 def test_card_and_graph_must_agree_on_input_name(artifact_copy):

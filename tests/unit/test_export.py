@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import subprocess
 import sys
 
@@ -269,3 +271,18 @@ def test_every_backbone_exports_with_parity(arch, tmp_path):
         "pytorch-fp32",
     )
     assert report["top1_agreement"] == 1.0 and report["batches"] == [1, 3]
+
+
+def test_graph_precision_is_read_from_the_graph_not_the_card(exported, tmp_path):
+    from okdpipe.contracts.card import check_graph_precision, graph_precision
+
+    out = exported["out"]
+    assert [graph_precision(out / p / "model.onnx") for p in ("fp32", "int8")] == ["fp32", "int8"]
+    swapped = tmp_path / "swapped"
+    shutil.copytree(out / "fp32", swapped)
+    shutil.copy(out / "int8" / "model.onnx", swapped / "model.onnx")
+    card = json.loads((swapped / "model.json").read_text())
+    card["sha256"] = {"model.onnx": hashlib.sha256((swapped / "model.onnx").read_bytes()).hexdigest()}
+    (swapped / "model.json").write_text(json.dumps(card))
+    with pytest.raises(OkdpipeError, match="model.onnx computes in int8 but its card says fp32"):
+        check_graph_precision(read_card(swapped))
