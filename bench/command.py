@@ -77,15 +77,18 @@ def run(
     junit: Path | None,
     json_output: bool,
 ) -> None:
-    from okdpipe.bench.report import print_summary, write_reports
+    from okdpipe.bench.report import print_summary, report_paths, write_reports
     from okdpipe.bench.run import bench
-    from okdpipe.console import emit_json, say
+    from okdpipe.console import QUIET, emit_json, say, verbosity
+    from okdpipe.files import check_can_write_file
 
+    for what, path in report_paths(report, junit).items():
+        check_can_write_file(path, f"the {what} report")
     result = bench(artifacts, cfg, policy=policy, baseline=baseline)
     paths = write_reports(result, report, junit)
     if json_output:
         emit_json(result.to_dict())
-    else:
+    elif verbosity() > QUIET:
         print_summary(result, result.gates)
         say(" ".join(str(path) for path in paths.values()))
     raise_if_gates_failed(result)

@@ -65,9 +65,12 @@ BATCH_METRICS = ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms", "images_per_
 NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 GATE_PATTERN = re.compile(
     r"^\s*(?:(?P<selector>[^:<>=\s][^:<>=]*?)\s*:)?\s*(?P<metric>[A-Za-z_][A-Za-z0-9_]*)"
-    r"(?:@(?P<batch>\d+))?\s*(?P<op>>=|<=|==|>|<)\s*(?P<rhs>.*?)\s*$"
+    r"(?:@(?P<batch>\d+))?\s*(?P<op>>=|<=|==|>|<)\s*(?P<rhs>.*?)\s*$",
+    re.ASCII,  # digits are 0-9 only: '٣' or '²' is not a number here
 )
-RHS_PATTERN = re.compile(rf"^(?:(?P<number>{NUMBER})|baseline(?:\s*(?P<relation>[-+*])\s*(?P<amount>{NUMBER}))?)$")
+RHS_PATTERN = re.compile(
+    rf"^(?:(?P<number>{NUMBER})|baseline(?:\s*(?P<relation>[-+*])\s*(?P<amount>{NUMBER}))?)$", re.ASCII
+)
 
 
 class GateUsageError(OkdpipeError):
@@ -116,10 +119,11 @@ def parse_gate(text: str, name: str | None = None) -> Gate:
         )
     metric, batch = match["metric"], int(match["batch"]) if match["batch"] else None
     _check_metric(text, metric, batch)
-    if rhs["number"] is not None:
-        return Gate(text, metric, match["op"], float(rhs["number"]), None, match["selector"], batch, name)
-    relation = rhs["relation"] or "="
-    return Gate(text, metric, match["op"], float(rhs["amount"] or 0.0), relation, match["selector"], batch, name)
+    amount = float(rhs["number"] if rhs["number"] is not None else rhs["amount"] or 0.0)
+    if not math.isfinite(amount):
+        raise GateUsageError(f"gate {text!r}: {amount} is not a finite number; use a finite threshold")
+    relation = None if rhs["number"] is not None else rhs["relation"] or "="
+    return Gate(text, metric, match["op"], amount, relation, match["selector"], batch, name)
 
 
 def _check_metric(text: str, metric: str, batch: int | None) -> None:

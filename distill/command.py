@@ -102,6 +102,7 @@ def distill_command(
 
 def run(cfg, run_dir: Path, resume: bool) -> None:
     """Train and report. Under torchrun every process runs this; only rank 0 speaks (its errors included)."""
+    from okdpipe.console import say
     from okdpipe.distill.distributed import is_main_process, launched_world_size
     from okdpipe.distill.methods import METHODS  # noqa: F401  (registers every method)
     from okdpipe.distill.trainer import fit
@@ -110,20 +111,18 @@ def run(cfg, run_dir: Path, resume: bool) -> None:
 
     if not is_main_process():
         try:
-            fit(cfg, RunDir(run_dir), resume=resume, echo=typer.echo)
+            fit(cfg, RunDir(run_dir), resume=resume, echo=say)
         except OkdpipeError as exc:
             raise typer.Exit(exc.exit_code) from None  # rank 0 reports the same error
         return
     world_size = launched_world_size() or cfg.nproc_per_node
     processes = f" on {world_size} processes" if world_size > 1 else ""
-    typer.echo(
-        f"{'resuming' if resume else 'training'} {cfg.method} x {cfg.arch} on {cfg.dataset}{processes} -> {run_dir}"
-    )
-    result = fit(cfg, RunDir(run_dir), resume=resume, echo=typer.echo)
+    say(f"{'resuming' if resume else 'training'} {cfg.method} x {cfg.arch} on {cfg.dataset}{processes} -> {run_dir}")
+    result = fit(cfg, RunDir(run_dir), resume=resume, echo=say)
     best = max((v["top1"], k) for k, v in result["val"].items() if k.startswith("student:"))
-    typer.echo(
+    say(
         f"done: best student on validation {best[1]} {best[0]:.2%}; "
         f"test (measured once, not used for choices): "
         f"{result['test'][best[1]]['top1']:.2%}; ensemble {result['test']['ensemble']['top1']:.2%}"
     )
-    typer.echo(f"next: okdpipe select {run_dir}")
+    say(f"next: okdpipe select {run_dir}")

@@ -60,3 +60,17 @@ def file_sha256(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def check_can_write_file(path: str | os.PathLike, what: str) -> None:
+    """Refuse, before minutes of work, an output file path that cannot be written: a folder, a path through a
+    file, or a read-only folder. The folder is created if missing (as the atomic write would)."""
+    path = Path(path)
+    if path.is_dir():
+        raise OkdpipeError(f"{what} {path} is a folder; pass a file path such as {path / 'report.json'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OkdpipeError(f"{what} {path}: cannot create its folder ({exc.strerror or exc})") from None
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise OkdpipeError(f"{what} {path}: its folder is not writable; choose another path")

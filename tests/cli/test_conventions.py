@@ -224,6 +224,33 @@ def test_failed_gate_exits_1_and_still_prints_one_json_document(artifact, tmp_pa
     assert [g["passed"] for g in json.loads(result.stdout)["gates"]] == [False]
 
 
+def test_quiet_prints_nothing_but_errors(model_file, tmp_path):
+    """-q: every stage runs to completion with empty stdout and stderr (files are still written)."""
+    run = tmp_path / "run"
+    commands = [
+        [
+            "distill",
+            "--method",
+            "vanilla",
+            "--arch",
+            "resnet8",
+            "--dataset",
+            "synthetic",
+            "--epochs",
+            "1",
+            "--out",
+            run,
+        ],
+        ["select", run],
+        ["export", run / "model.pt", "--out", tmp_path / "out"],
+        ["bench", tmp_path / "out" / "fp32", *QUICK, "--report", tmp_path / "report.json", "--gate", "top1>=0"],
+    ]
+    for args in commands:
+        result = okdpipe("-q", *args)
+        assert (result.returncode, result.stdout, result.stderr) == (0, "", ""), args
+    assert (tmp_path / "report.json").is_file() and (tmp_path / "out" / "fp32" / "model.json").is_file()
+
+
 # ------------------------------------------------------------------------------------- deliberate mistakes
 
 
@@ -254,6 +281,9 @@ MISTAKES = [
     (["bench", "T/no-such-artifact", *QUICK], "no-such-artifact"),
     (["bench", "A", *QUICK, "--config", "@list"], "mapping"),
     (["bench", "A", *QUICK, "--gate", "top1 high"], "top1 high"),
+    (["bench", "A", *QUICK, "--report", "T"], "is a folder"),
+    (["bench", "A", *QUICK, "--report", "T/r.json", "--junit", "T"], "is a folder"),
+    (["bench", "A", *QUICK, "--report", "T/list.yaml/report.json"], "cannot create its folder"),
     (["select", "T", "--bn-batches", "0"], "bn"),
     (["select", "T", "--config", "@list"], "mapping"),
 ]

@@ -100,6 +100,12 @@ def test_parse_every_form(text, expected):
         ("accuracy>=0.9", "unknown metric 'accuracy'"),
         ("p99_ms<=2", "p99_ms is per batch size; write e.g. p99_ms@1"),
         ("top1@8>=0.9", "top1 does not depend on the batch size"),
+        ("top1>=\u0660.9", "cannot parse gate"),  # Arabic-Indic zero: a digit to \\d, not a number to a gate
+        ("p99_ms@\u0661<=3", "cannot parse gate"),
+        ("top1>=\u00b9", "cannot parse gate"),  # superscript one
+        ("p99_ms@0<=3", "p99_ms is per batch size"),
+        ("top1>=1e999", "inf is not a finite number"),
+        ("p99_ms@1<=baseline*1e400", "inf is not a finite number"),
     ],
 )
 def test_unusable_gates_are_usage_errors_with_exit_code_2(text, message):
