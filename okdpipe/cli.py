@@ -20,6 +20,7 @@ from okdpipe.distill.select_command import select_command
 from okdpipe.env_command import env_command
 from okdpipe.export.command import export_command
 from okdpipe.pipeline_command import pipeline_command
+from okdpipe.report.command import report_command
 from okdpipe.serve.command import serve_command
 
 app = typer.Typer(
@@ -57,6 +58,7 @@ for name, command in [
     ("bench", bench_command),
     ("serve", serve_command),
     ("pipeline", pipeline_command),
+    ("report", report_command),
     ("env", env_command),
 ]:
     app.command(name)(friendly_errors(command))

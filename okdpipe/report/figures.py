@@ -34,6 +34,12 @@ def png(figure) -> bytes:
     return buffer.getvalue()
 
 
+def integer_ticks():
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True)
+
+
 def model_label(name: str, shipped: str | None) -> str:
     return f"{name} (shipped)" if name == shipped else name
 
@@ -54,6 +60,7 @@ def accuracy_curves(ax, run: RunHistory, models: list[str]) -> None:
         ax.plot(xs, ys, label=model_label(name, shipped), **style)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation top-1 (%)")
+    ax.xaxis.set_major_locator(integer_ticks())
     ax.grid(alpha=0.3)
 
 
@@ -173,4 +180,5 @@ def overlay_figure(runs: list[RunHistory]) -> bytes:
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    acc.xaxis.set_major_locator(integer_ticks())
     return png(figure)
