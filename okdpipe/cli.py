@@ -14,6 +14,7 @@ import typer
 from okdpipe import __version__
 from okdpipe.bench.command import bench_command
 from okdpipe.cli_support import friendly_errors, one_line
+from okdpipe.compare.command import compare_command
 from okdpipe.console import NORMAL, QUIET, VERBOSE, set_verbosity
 from okdpipe.distill.command import distill_command
 from okdpipe.distill.select_command import select_command
@@ -59,6 +60,7 @@ for name, command in [
     ("serve", serve_command),
     ("pipeline", pipeline_command),
     ("report", report_command),
+    ("compare", compare_command),
     ("env", env_command),
 ]:
     app.command(name)(friendly_errors(command))

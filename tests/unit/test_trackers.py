@@ -101,7 +101,7 @@ def test_both_trackers_hold_the_numbers_of_metrics_jsonl(tmp_path, store):
     assert recorded == {"tensorboard": {"log_dir": "tensorboard"}, "mlflow": {"tracking_uri": store, "run_id": run_id}}
 
 
-def test_resume_continues_the_same_tracker_runs_without_doubled_points(tmp_path, store):
+def test_resume_continues_the_same_tracker_runs(tmp_path, store):
     straight = RunDir(tmp_path / "straight")
     fit(DistillConfig(**{**TINY, "loggers": ["tensorboard"]}), straight, echo=lambda _: None)
     killed = RunDir(tmp_path / "killed")
@@ -123,15 +123,17 @@ def test_resume_continues_the_same_tracker_runs_without_doubled_points(tmp_path,
 
 
 def test_a_resume_purges_what_the_killed_run_logged_after_its_checkpoint(tmp_path, store):
-    """A kill after epoch 2's metrics reached TensorBoard but before its checkpoint was saved: the resume replays
-    epoch 2 and TensorBoard's reader must show epoch 2 once, from the replay. The kill is staged by putting back
-    an epoch-1 checkpoint of other weights (a 1-epoch run), so the replay's numbers differ from the first ones."""
+    """A kill after epoch 2's metrics reached the trackers but before its checkpoint was saved: the resume replays
+    epoch 2. TensorBoard's reader must show epoch 2 once, from the replay; MLflow (which cannot delete a point)
+    once, as first logged. The kill is staged by putting back an epoch-1 checkpoint of other weights (a 1-epoch
+    run), so the replay's numbers differ from the first ones."""
     from okdpipe.distill.checkpoint import load_checkpoint, save_checkpoint
 
     run = RunDir(tmp_path / "run")
-    cfg = DistillConfig(**{**TINY, "loggers": ["tensorboard"], "epochs": 2})
+    cfg = DistillConfig(**{**TINY, "epochs": 2}, mlflow_uri=store)
     fit(cfg, run, echo=lambda _: None)
     before = tensorboard_scalars(run, "train/loss")
+    first_mlflow = mlflow_history(store, only_run(store).info.run_id, "train/loss")
     other = RunDir(tmp_path / "other")
     fit(DistillConfig(**{**TINY, "loggers": [], "epochs": 1}), other, echo=lambda _: None)
     save_checkpoint(run, {**load_checkpoint(other), "config": load_checkpoint(run)["config"]})
@@ -141,6 +143,7 @@ def test_a_resume_purges_what_the_killed_run_logged_after_its_checkpoint(tmp_pat
     assert [step for step, _ in after] == [6, 12]
     assert after[0] == before[0] and after[1] == (12, pytest.approx(replayed, rel=1e-6))
     assert before[1][1] != pytest.approx(replayed, rel=1e-3)
+    assert mlflow_history(store, only_run(store).info.run_id, "train/loss") == first_mlflow
 
 
 def test_trackers_of_the_run_receive_select_s_files(tmp_path, store):
