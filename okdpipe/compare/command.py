@@ -33,7 +33,7 @@ def compare_command(
 
     Exit code: 0 done; 1 a run diverged; 2 bad input (the protocol, --only, --seeds)."""
     from okdpipe.compare.protocol import entries, read_protocol, schedule
-    from okdpipe.compare.runner import run_protocol, write_summary
+    from okdpipe.compare.runner import check_entries, run_protocol, write_summary
     from okdpipe.console import say
     from okdpipe.errors import OkdpipeError
 
@@ -45,6 +45,7 @@ def compare_command(
             f"--only: unknown entries {', '.join(unknown)}; the protocol has {', '.join(entries(protocol))}"
         )
     if not summary_only:
+        check_entries(protocol)
         run_protocol(protocol, schedule(protocol, names, chosen_seeds))
     records = Path(protocol["records"])
     summary = write_summary(protocol, records)

@@ -15,9 +15,24 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from okdpipe.compare.protocol import entry_config, record_path, run_dir
+from okdpipe.compare.protocol import entries, entry_config, record_path, run_dir
 from okdpipe.console import say
+from okdpipe.errors import OkdpipeError
 from okdpipe.files import atomic_write_text
+
+
+def check_entries(protocol: dict) -> None:
+    """Every entry's method exists and takes its hyperparameters: a typo in a variant fails now, not after hours
+    of the entries before it."""
+    from okdpipe.config import build_config, validate_params
+    from okdpipe.distill.methods import METHODS
+
+    for name in entries(protocol):
+        try:
+            cfg = build_config(entry_config(protocol, name, protocol["seeds"][0]), {}, [])
+            validate_params(METHODS.get(cfg.method).Params, cfg.method_params, cfg.method)
+        except OkdpipeError as exc:
+            raise OkdpipeError(f"entry {name}: {exc}") from None
 
 
 def manifest(path: Path) -> dict:
