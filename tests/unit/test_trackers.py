@@ -158,10 +158,10 @@ def test_trackers_of_the_run_receive_select_s_files(tmp_path, store):
     assert artifacts["model.pt"] == len(b"weights")
 
 
-def test_a_missing_tracker_package_is_one_line_naming_the_extra(tmp_path, monkeypatch):
+def test_a_missing_tracker_package_is_one_line_naming_the_extra(tmp_path, monkeypatch, store):
     monkeypatch.setitem(trackers.NEEDS, "mlflow", "okdpipe_no_such_module")
     with pytest.raises(OkdpipeError) as caught:
-        fit(DistillConfig(**TINY), RunDir(tmp_path / "run"), echo=lambda _: None)
+        fit(DistillConfig(**TINY, mlflow_uri=store), RunDir(tmp_path / "run"), echo=lambda _: None)
     assert str(caught.value) == (
         "--logger mlflow: the okdpipe_no_such_module package is not installed; run pip install 'okdpipe[tracking]'"
     )
