@@ -40,6 +40,11 @@ def integer_ticks():
     return MaxNLocator(integer=True)
 
 
+def few_points_marker(points: list) -> str | None:
+    """Dots on a curve of few points (a run that just started has one, which a bare line would not show)."""
+    return "." if len(points) < 30 else None
+
+
 def model_label(name: str, shipped: str | None) -> str:
     return f"{name} (shipped)" if name == shipped else name
 
@@ -94,7 +99,7 @@ def loss_figure(run: RunHistory) -> bytes:
     for ax, (group, terms) in zip(axes.flat, groups.items()):
         for term in terms:
             points = [(s["step"], s[term]) for s in run.steps if term in s]
-            ax.plot(*zip(*points), label=term, linewidth=1.2, marker="." if len(points) < 30 else None)
+            ax.plot(*zip(*points), label=term, linewidth=1.2, marker=few_points_marker(points))
         ax.set_title(f"{group}" + (" (total, minimised)" if group == "loss" else ""))
         ax.set_xlabel("training step (batches)")
         ax.set_ylabel("loss (nats per image)")
@@ -112,7 +117,7 @@ def lr_figure(run: RunHistory) -> bytes:
     figure, ax = plt.subplots(figsize=(6, 3))
     points = [(s["step"], s["lr"]) for s in run.steps if "lr" in s]
     if points:
-        ax.plot(*zip(*points), marker="." if len(points) < 30 else None)
+        ax.plot(*zip(*points), marker=few_points_marker(points))
     ax.set_xlabel("training step (batches)")
     ax.set_ylabel("learning rate (per batch)")
     ax.set_title(f"{run.name}: learning rate (students' parameter group)")
@@ -163,13 +168,13 @@ def overlay_figure(runs: list[RunHistory]) -> bytes:
         if best:
             acc.plot(*zip(*best), color=colour, marker="o", markersize=3, label=f"{run.name}: best student")
         if ensemble:
-            acc.plot(*zip(*ensemble), color=colour, linestyle="--", label=f"{run.name}: ensemble")
-        steps = [(s["step"], s["loss"]) for s in run.steps if "loss" in s]
-        if steps:
-            loss.plot(*zip(*steps), color=colour, label=run.name)
-        rates = [(s["step"], s["lr"]) for s in run.steps if "lr" in s]
-        if rates:
-            lr.plot(*zip(*rates), color=colour, label=run.name)
+            acc.plot(
+                *zip(*ensemble), color=colour, linestyle="--", marker="s", markersize=3, label=f"{run.name}: ensemble"
+            )
+        for ax, key in ((loss, "loss"), (lr, "lr")):
+            points = [(s["step"], s[key]) for s in run.steps if key in s]
+            if points:
+                ax.plot(*zip(*points), color=colour, label=run.name, marker=few_points_marker(points))
     for ax, title, xlabel, ylabel in (
         (acc, "validation top-1", "epoch", "validation top-1 (%)"),
         (loss, "total training loss", "training step (batches)", "loss (nats per image)"),
