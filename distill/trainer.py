@@ -15,6 +15,9 @@ Nothing non-finite is recorded: a NaN/inf loss (tracked on the device every step
 weight (checked at each epoch's end) stops the run with a one-line GateFailed naming the epoch and step, before
 the epoch's metrics or checkpoint are written, so the last good checkpoint stays as it was. The process writing
 the run directory holds its lock (RunDir.locked) for the whole run.
+
+Rank 0 also hands each metrics line to the experiment trackers chosen with `loggers` (distill/trackers.py:
+TensorBoard, MLflow) after writing it to metrics.jsonl, which stays the record.
 """
 
 from __future__ import annotations
