@@ -119,7 +119,7 @@ def lr_figure(run: RunHistory) -> bytes:
     if points:
         ax.plot(*zip(*points), marker=few_points_marker(points))
     ax.set_xlabel("training step (batches)")
-    ax.set_ylabel("learning rate (per batch)")
+    ax.set_ylabel("learning rate")
     ax.set_title(f"{run.name}: learning rate (students' parameter group)")
     ax.grid(alpha=0.3)
     return png(figure)
@@ -178,7 +178,7 @@ def overlay_figure(runs: list[RunHistory]) -> bytes:
     for ax, title, xlabel, ylabel in (
         (acc, "validation top-1", "epoch", "validation top-1 (%)"),
         (loss, "total training loss", "training step (batches)", "loss (nats per image)"),
-        (lr, "learning rate", "training step (batches)", "learning rate (per batch)"),
+        (lr, "learning rate", "training step (batches)", "learning rate"),
     ):
         ax.set_title(title)
         ax.set_xlabel(xlabel)
