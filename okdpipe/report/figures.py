@@ -1,6 +1,6 @@
 """The report's figures, drawn with matplotlib's Agg backend (no display needed) and returned as PNG bytes.
 
-Accuracies are plotted in percent, learning rates per batch, x axes in epochs (validation) or optimiser steps
+Accuracies are plotted in percent, learning rates as set at each step, x axes in epochs (validation) or optimiser steps
 (training losses: one point per logged step, every 50 steps and at each epoch's end).
 """
 
