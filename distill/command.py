@@ -58,6 +58,15 @@ def distill_command(
         "each on CUDA); --batch-size is the global batch. "
         "Or launch with torchrun --nproc-per-node N.",
     ),
+    logger: list[str] = typer.Option(
+        [],
+        "--logger",
+        help="Experiment tracker beside metrics.jsonl: tensorboard or mlflow (repeatable; pip install "
+        "'okdpipe[tracking]').",
+    ),
+    mlflow_uri: Optional[str] = typer.Option(
+        None, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else a file store ./mlruns)."
+    ),
     out: Optional[Path] = typer.Option(None, help="Run directory (default runs/METHOD-ARCH-DATASET-sSEED)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     config: Optional[Path] = typer.Option(None, help="YAML config; flags override it."),
@@ -86,6 +95,8 @@ def distill_command(
         seed=seed,
         fused=fused,
         nproc_per_node=nproc_per_node,
+        loggers=logger or None,
+        mlflow_uri=mlflow_uri,
     )
     file_values = read_yaml(config) if config else {}
     if resume and not config and out and (out / "config.yaml").is_file():

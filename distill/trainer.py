@@ -15,6 +15,9 @@ Nothing non-finite is recorded: a NaN/inf loss (tracked on the device every step
 weight (checked at each epoch's end) stops the run with a one-line GateFailed naming the epoch and step, before
 the epoch's metrics or checkpoint are written, so the last good checkpoint stays as it was. The process writing
 the run directory holds its lock (RunDir.locked) for the whole run.
+
+Rank 0 also hands each metrics line to the experiment trackers chosen with `loggers` (distill/trackers.py:
+TensorBoard, MLflow) after writing it to metrics.jsonl, which stays the record.
 """
 
 from __future__ import annotations
@@ -40,13 +43,15 @@ from okdpipe.distill.evaluate import calibration_sample, evaluate_run, recalibra
 from okdpipe.distill.fused import FusedStudents
 from okdpipe.distill.methods import METHODS, Method, StepContext
 from okdpipe.distill.students import Students
+from okdpipe.distill.trackers import Trackers, open_trackers, require
 from okdpipe.errors import GateFailed, OkdpipeError
 from okdpipe.files import atomic_write_text
 from okdpipe.run import RunDir, environment, now_iso
 
 LOG_EVERY_STEPS = 50
 BN_CALIBRATION_BATCHES = 20  # batches of training images used to recompute BN statistics of averaged models
-RESUME_MAY_CHANGE = ("device", "workers", "eval_batch_size")  # settings that cannot change the weights
+# settings that cannot change the weights
+RESUME_MAY_CHANGE = ("device", "workers", "eval_batch_size", "loggers", "mlflow_uri")
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -113,6 +118,7 @@ class Session:
     history: list[dict]
     forward: Any = None
     group: Group = field(default_factory=Group)
+    trackers: Trackers = field(default_factory=Trackers)
 
     def trained_parameters(self) -> list[torch.Tensor]:
         """Every parameter some optimiser steps: the ones whose gradients data parallelism averages."""
@@ -328,16 +334,16 @@ def log_step(s: Session, advance, losses: dict[str, torch.Tensor], epoch: int, i
     if not s.group.is_main:
         return
     advance(i + 1, f"loss {float(losses['loss'].detach()):.4f}  {rate:,.0f} img/s")
-    s.run.append_metrics(
-        {
-            "kind": "step",
-            "epoch": epoch + 1,
-            "step": epoch * len(s.train_loader) + i + 1,
-            "lr": s.optimizer.param_groups[0]["lr"],
-            "images_per_s": rate,
-            **{k: float(v.detach()) for k, v in losses.items()},
-        }
-    )
+    record = {
+        "kind": "step",
+        "epoch": epoch + 1,
+        "step": epoch * len(s.train_loader) + i + 1,
+        "lr": s.optimizer.param_groups[0]["lr"],
+        "images_per_s": rate,
+        **{k: float(v.detach()) for k, v in losses.items()},
+    }
+    s.run.append_metrics(record)
+    s.trackers.log_step(record)
 
 
 def train_step(s: Session, batch, ctx: StepContext) -> dict[str, torch.Tensor]:
@@ -466,6 +472,7 @@ def fit(
     summary; under torchrun (or inside a running process group) it is one of the workers. The process that
     writes the run directory holds its lock throughout: a second run into the same directory fails at once."""
     cfg = with_method_defaults_of(with_world_size(cfg))
+    require(cfg.loggers)
     with run.locked() if distributed.holds_run_lock() else contextlib.nullcontext():
         if has_checkpoint(run) and not resume:
             raise OkdpipeError(f"{run.root} already holds a run; pass --resume to continue it or choose another --out")
@@ -532,24 +539,29 @@ def train(
         trim_metrics(run, start)
         atomic_write_text(run.config_path, dump_yaml(cfg))
         run.update_manifest(**manifest_header(s))
-    for epoch in range(start, cfg.epochs):
-        summary = train_epoch(s, epoch, stop_after_steps)
-        if summary is None:
-            return s, {"stopped": True}
-        group.average_buffers(s.students, s.method)
-        bad = first_nonfinite_tensor([s.students, s.method])
-        if bad is not None:
-            stop_if_diverged(s, (epoch + 1) * len(s.train_loader) - 1, f"the weight {bad}")
-        summary["val"] = evaluate(s, s.val_loader)
-        s.history.append(summary)
-        if group.is_main:
-            record_epoch(s, summary)
-        echo(epoch_line(summary, cfg.epochs))
-    return s, finish(s)
+        s.trackers = open_trackers(
+            run, s.cfg.model_dump(mode="json"), dump_yaml(cfg), cfg.loggers, cfg.mlflow_uri, start * len(s.train_loader)
+        )
+    with s.trackers:
+        for epoch in range(start, cfg.epochs):
+            summary = train_epoch(s, epoch, stop_after_steps)
+            if summary is None:
+                return s, {"stopped": True}
+            group.average_buffers(s.students, s.method)
+            bad = first_nonfinite_tensor([s.students, s.method])
+            if bad is not None:
+                stop_if_diverged(s, (epoch + 1) * len(s.train_loader) - 1, f"the weight {bad}")
+            summary["val"] = evaluate(s, s.val_loader)
+            s.history.append(summary)
+            if group.is_main:
+                record_epoch(s, summary)
+            echo(epoch_line(summary, cfg.epochs))
+        return s, finish(s)
 
 
 def record_epoch(s: Session, summary: dict[str, Any]) -> None:
     s.run.append_metrics({"kind": "epoch", **summary})
+    s.trackers.log_epoch(summary, summary["epoch"] * len(s.train_loader))
     save_checkpoint(s.run, checkpoint_state(s, summary["epoch"]))
     s.run.update_manifest(epochs=s.history, status="training")
 
@@ -572,6 +584,7 @@ def finish(s: Session) -> dict[str, Any]:
     test = evaluate(s, s.test_loader)
     if s.group.is_main:
         s.run.update_manifest(test=test, status="finished", finished=now_iso())
+        s.trackers.attach(s.run)
     return {"val": s.history[-1]["val"], "test": test}
 
 

@@ -72,6 +72,13 @@ class DistillConfig(Strict):
     eval_batch_size: int = Field(512, ge=1)
     method_params: dict[str, Any] = Field(default_factory=dict)
     data_options: dict[str, Any] = Field(default_factory=dict, description="extra dataset loader options")
+    loggers: list[Literal["tensorboard", "mlflow"]] = Field(
+        default_factory=list,
+        description="experiment trackers beside metrics.jsonl (which is always written): tensorboard, mlflow",
+    )
+    mlflow_uri: Optional[str] = Field(
+        None, description="MLflow tracking URI; None = $MLFLOW_TRACKING_URI, else a file store ./mlruns"
+    )
 
     @model_validator(mode="after")
     def _milestones_in_range(self) -> DistillConfig:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from okdpipe.errors import GateFailed, OkdpipeError
+from okdpipe.progress import progress
 
 Predict = Callable[[np.ndarray], np.ndarray]
 SCORE_BATCH = 256
@@ -64,15 +65,17 @@ def score(predict: Predict, split, preprocess, *, what: str, batch_size: int = S
     """Top-k accuracy of `predict` over the whole split. A non-finite logit is a failed check on the model
     (GateFailed, exit code 1, as export's parity check treats it), never an accuracy."""
     result = TopK()
-    for inputs, labels in normalised_batches(split, batch_size, preprocess):
-        logits = np.asarray(predict(inputs))
-        bad_rows = int((~np.isfinite(logits)).any(axis=1).sum())
-        if bad_rows:
-            raise GateFailed(
-                f"{what} gives non-finite logits (NaN or inf) for {bad_rows} of {len(labels)} "
-                "images in a batch; its weights are damaged or diverged: retrain or re-select"
-            )
-        result.add(logits, labels)
+    with progress(len(split), f"accuracy of {what}") as advance:
+        for inputs, labels in normalised_batches(split, batch_size, preprocess):
+            logits = np.asarray(predict(inputs))
+            bad_rows = int((~np.isfinite(logits)).any(axis=1).sum())
+            if bad_rows:
+                raise GateFailed(
+                    f"{what} gives non-finite logits (NaN or inf) for {bad_rows} of {len(labels)} "
+                    "images in a batch; its weights are damaged or diverged: retrain or re-select"
+                )
+            result.add(logits, labels)
+            advance(len(labels))
     if result.samples == 0:
         raise OkdpipeError(f"{what}: the split to score on is empty")
     return result

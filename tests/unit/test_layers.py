@@ -25,6 +25,8 @@ ENTRY_POINTS = {
     "okdpipe.pipeline_command",
     "okdpipe.env_command",
     "okdpipe.__main__",
+    "okdpipe.compare.runner",
+    "okdpipe.compare.command",
 }
 # Higher number = higher layer; a module may import its own layer (within its own package) or any lower one.
 STAGE_LAYER = {"okdpipe.bench": 4, "okdpipe.serve": 4, "okdpipe.export": 3, "okdpipe.distill": 2}

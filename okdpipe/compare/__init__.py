@@ -1,0 +1,1 @@
+"""`okdpipe compare`: the method comparison protocol -- entries, seeds, paired tables, verdicts, a figure."""

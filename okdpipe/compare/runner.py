@@ -1,0 +1,158 @@
+"""Train, select and measure every (entry, seed) of a comparison protocol, in this process.
+
+Each entry trains exactly as `okdpipe distill --config <its config> --out OUT/<entry>-s<seed>` would (the same
+config, compiled the same way), then `okdpipe select --strategy auto` picks the model to ship on the validation
+split, and the shipped MODEL.pt is measured once on the test split. A finished run leaves a small record in the
+protocol's `records` folder (committed, so the table can be filled over several sittings and machines): a run
+with a record is skipped, a finished run without one is only selected and measured, and a killed run resumes
+from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime
+from pathlib import Path
+
+from okdpipe.compare.protocol import entries, entry_config, record_path, run_dir
+from okdpipe.console import say
+from okdpipe.errors import OkdpipeError
+from okdpipe.files import atomic_write_text
+
+
+def check_entries(protocol: dict) -> None:
+    """Every entry's method exists and takes its hyperparameters: a typo in a variant fails now, not after hours
+    of the entries before it."""
+    from okdpipe.config import build_config, validate_params
+    from okdpipe.distill.methods import METHODS
+
+    for name in entries(protocol):
+        try:
+            cfg = build_config(entry_config(protocol, name, protocol["seeds"][0]), {}, [])
+            validate_params(METHODS.get(cfg.method).Params, cfg.method_params, cfg.method)
+        except OkdpipeError as exc:
+            raise OkdpipeError(f"entry {name}: {exc}") from None
+
+
+def manifest(path: Path) -> dict:
+    file = path / "manifest.json"
+    return json.loads(file.read_text()) if file.is_file() else {}
+
+
+def train(protocol: dict, out: Path, name: str, seed: int) -> None:
+    """Train one entry (resume a killed run; leave a finished one alone). The entry's config is also written
+    beside its run directory, as the YAML `okdpipe distill --config` would take."""
+    from okdpipe.config import build_config, dump_yaml
+    from okdpipe.distill.checkpoint import has_checkpoint
+    from okdpipe.distill.methods import METHODS  # noqa: F401  (registers every method)
+    from okdpipe.distill.trainer import fit
+    from okdpipe.run import RunDir
+
+    path = run_dir(out, name, seed)
+    if manifest(path).get("status") == "finished":
+        return
+    cfg = build_config(entry_config(protocol, name, seed), {}, [])
+    atomic_write_text(out / f".{name}-s{seed}.yaml", dump_yaml(cfg))
+    resume = has_checkpoint(RunDir(path))
+    say(f"{'resuming' if resume else 'training'} {cfg.method} ({name}) seed {seed} -> {path}")
+    fit(cfg, RunDir(path), resume=resume, echo=say)
+
+
+def model_file_accuracy(model_file: Path, split: str = "test") -> float:
+    """Top-1 of a MODEL.pt on its own dataset's `split` ("val" or "test"), from the file alone. The test split is
+    measured once, for the record, and never used to choose anything."""
+    import torch
+
+    from okdpipe.contracts.data import DataSource
+    from okdpipe.datasets import make_loader
+    from okdpipe.distill.models import load_model_file
+
+    model, info = load_model_file(model_file)
+    bundle = DataSource.from_record(info.provenance["data"], model_file).load()  # the split select scored on
+    images = bundle.test if split == "test" else bundle.val
+    loader = make_loader(images, bundle.spec, batch_size=512, train=False, device="cpu")
+    with torch.no_grad():
+        hits = sum(int((model(b.views[0]).argmax(1) == b.labels).sum()) for b in loader.epoch(0))
+    return hits / len(images)
+
+
+def chosen_val_top1(selection: dict) -> float:
+    """The validation top-1 that `okdpipe select` recorded for the model it chose (selection.json)."""
+    return next(c["val_top1"] for c in selection["candidates"] if c["chosen"])
+
+
+def select_and_measure(out: Path, records: Path, name: str, seed: int) -> dict:
+    """Select the run's model to ship (auto strategy, on validation), measure it on test, write its record."""
+    from okdpipe.distill.methods import METHODS  # noqa: F401  (registers every method)
+    from okdpipe.distill.select import select
+    from okdpipe.distill.select_command import SelectConfig
+
+    path = run_dir(out, name, seed)
+    defaults = SelectConfig()
+    select(path, "auto", None, defaults.bn_batches, defaults.device)
+    selection = json.loads((path / "selection.json").read_text())
+    state = manifest(path)
+    result = {
+        "entry": name,
+        "method": state["config"]["method"],
+        "seed": seed,
+        "shipped": selection["chosen"],
+        "shipped_val_top1": chosen_val_top1(selection),
+        "shipped_test_top1": model_file_accuracy(Path(selection["model_file"])),
+        "ensemble_test_top1": state["test"]["ensemble"]["top1"],
+        "students_test_top1": {k: v["top1"] for k, v in state["test"].items() if k.startswith("student:")},
+        "extras_test_top1": {
+            k: v["top1"] for k, v in state["test"].items() if not k.startswith("student:") and k != "ensemble"
+        },
+        "candidates_val": {c["candidate"]: c for c in selection["candidates"]},
+        "train_seconds": sum(e["seconds"] for e in state["epochs"]),
+        "wall_seconds": wall_seconds(state),
+        "students": state["students"]["count"],
+        "config": state["config"],
+    }
+    atomic_write_text(record_path(records, name, seed), json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def wall_seconds(state: dict) -> float:
+    """From the run's manifest: first start to finish (a resumed run includes the time it lay killed)."""
+    return (datetime.fromisoformat(state["finished"]) - datetime.fromisoformat(state["created"])).total_seconds()
+
+
+def remaining(started: float, done: int, left: int) -> str:
+    """A rough time left, from the mean time of the runs this sitting finished."""
+    if not done:
+        return ""
+    seconds = (time.monotonic() - started) / done * left
+    return f", about {seconds / 60:.0f} min left" if left else ""
+
+
+def run_protocol(protocol: dict, plan: list[tuple[str, int]]) -> None:
+    """Every (entry, seed) of `plan` without a record: trained, selected, measured. One progress line per run
+    (a plain line, so logs read the same as a terminal; each run's epochs show distill's own bar)."""
+    out, records = Path(protocol["out"]), Path(protocol["records"])
+    todo = [(name, seed) for name, seed in plan if not record_path(records, name, seed).is_file()]
+    say(f"{len(plan) - len(todo)} of {len(plan)} runs already have a record; {len(todo)} to run")
+    started = time.monotonic()
+    for index, (name, seed) in enumerate(todo):
+        run_started = time.monotonic()
+        train(protocol, out, name, seed)
+        result = select_and_measure(out, records, name, seed)
+        say(
+            f"[{index + 1}/{len(todo)}] {name} seed {seed}: shipped {result['shipped']} "
+            f"{100 * result['shipped_test_top1']:.2f}% test top-1 ({time.monotonic() - run_started:.0f} s"
+            f"{remaining(started, index + 1, len(todo) - index - 1)})"
+        )
+
+
+def write_summary(protocol: dict, records: Path) -> str:
+    """records/summary.md (and summary.png) from every record in the folder; returns the Markdown."""
+    from okdpipe.compare.figure import write_figure
+    from okdpipe.compare.summary import summarise
+
+    results = [json.loads(p.read_text()) for p in sorted(records.glob("*-s*.json"))]
+    summary = summarise(protocol, results)
+    atomic_write_text(records / "summary.md", summary + "\n")
+    write_figure(protocol, results, records / "summary.png")
+    return summary
