@@ -117,7 +117,9 @@ def default_workers() -> int:
 
 @contextmanager
 def progress(total: int, label: str) -> Iterator:
-    """A rich bar on a terminal; off one (CI logs, pipes) a plain line every PLAIN_PROGRESS_EVERY_S seconds."""
+    """A rich bar on a terminal; off one (CI logs, pipes) a plain line at most every PLAIN_PROGRESS_EVERY_S
+    seconds and a closing one, only when decoding takes that long (a quick decode prints nothing: stdout may
+    carry --json, and a bad-input error must stay the one line on stderr)."""
     if verbosity() <= QUIET:
         yield lambda done: None
     elif sys.stderr.isatty():
@@ -129,11 +131,20 @@ def progress(total: int, label: str) -> Iterator:
             task = bar.add_task(label, total=total)
             yield lambda done: bar.update(task, completed=done)
     else:
-        last = [time.monotonic()]
+        lines = PlainProgress(total, label)
+        yield lines.advance
+        if lines.printed:
+            say(f"{label}: {total:,} images in {time.monotonic() - lines.start:.1f} s", err=True)
 
-        def advance(done: int) -> None:
-            if done < total and time.monotonic() - last[0] >= PLAIN_PROGRESS_EVERY_S:
-                last[0] = time.monotonic()
-                say(f"{label}: {done:,}/{total:,} images", err=True)
 
-        yield advance
+class PlainProgress:
+    """`label: done/total images` lines on stderr, at most one per PLAIN_PROGRESS_EVERY_S."""
+
+    def __init__(self, total: int, label: str):
+        self.total, self.label, self.printed = total, label, False
+        self.start = self.last = time.monotonic()
+
+    def advance(self, done: int) -> None:
+        if done < self.total and time.monotonic() - self.last >= PLAIN_PROGRESS_EVERY_S:
+            self.last, self.printed = time.monotonic(), True
+            say(f"{self.label}: {done:,}/{self.total:,} images", err=True)

@@ -203,8 +203,6 @@ def decode_listing(listing: Listing, decoder: ImageDecoder, root: Path, options:
     if decoded is None:
         label = f"decoding {shown(listing.source, root)}"
         decoded = Decoded.of(decode_files(listing.paths, decoder, options.workers, label), shape)
-        size = decoded.images.nbytes / 2**20
-        say(f"decoded {len(listing.paths):,} images of {listing.source} ({size:,.1f} MiB in memory)", err=True)
         if cache:
             cache.save(key, decoded)
     return decoded

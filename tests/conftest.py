@@ -1,10 +1,15 @@
-"""Suite-wide: image folders' decode cache goes to a temporary folder, never into the user's ~/.cache."""
+"""Suite-wide: the shared data fixtures (tests/unit/datafixtures.py) importable from every test folder, and image
+folders' decode cache in a temporary folder, never in the user's ~/.cache."""
 
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "unit"))  # `from datafixtures import ...` in serve/, cli/, e2e/
 
 
 @pytest.fixture(autouse=True, scope="session")

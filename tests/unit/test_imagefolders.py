@@ -253,12 +253,20 @@ def test_worker_processes_decode_what_one_process_does(tmp_path, monkeypatch, ca
     monkeypatch.setattr(decoding, "PLAIN_PROGRESS_EVERY_S", 0.0)  # a progress line per chunk (stderr is no tty)
     pooled = load_dataset("imagefolder", tmp_path, val_split=0, image_size=12, decode_workers=2, cache=False)
     lines = capsys.readouterr().err.splitlines()
-    assert lines[0] == f"decoding train: {decoding.CHUNK:,}/150 images" and "decoded 150 images" in lines[-1]
+    assert lines[:2] == ["decoding train: 64/150 images", "decoding train: 128/150 images"]
+    assert lines[2].startswith("decoding train: 150 images in ") and len(lines) == 3
     images, labels = written["train"]
     order = np.argsort(labels, kind="stable")
     assert torch.equal(pooled.train.images, torch.from_numpy(images[order]).permute(0, 3, 1, 2))
     single = load_dataset("imagefolder", tmp_path, val_split=0, image_size=12, decode_workers=1, cache=False)
     assert torch.equal(single.train.images, pooled.train.images)
+
+
+def count_decoding(monkeypatch) -> list[int]:
+    """The number of files each decode_files call decoded."""
+    calls, decode = [], folders.decode_files
+    monkeypatch.setattr(folders, "decode_files", lambda paths, *rest: calls.append(len(paths)) or decode(paths, *rest))
+    return calls
 
 
 def forbid_decoding(monkeypatch):
@@ -301,10 +309,11 @@ def test_a_damaged_cache_file_is_rebuilt_not_trusted(tmp_path, monkeypatch, caps
         raw[len(raw) // 3] ^= 0x40  # inside the images array
     cached.write_bytes(bytes(raw[: len(raw) // 2]) if damage == "truncate" else b"junk" if damage == "garbage" else raw)
     capsys.readouterr()
-    again = load_dataset("imagefolder", tmp_path / "data", val_split=0, image_size=8)
-    assert torch.equal(again.train.images, first.train.images)
-    err = capsys.readouterr().err
-    assert f"decode cache {cached} is damaged" in err and "decoded 6 images" in err
+    with monkeypatch.context() as patch:
+        calls = count_decoding(patch)
+        again = load_dataset("imagefolder", tmp_path / "data", val_split=0, image_size=8)
+    assert torch.equal(again.train.images, first.train.images) and calls == [6]
+    assert f"decode cache {cached} is damaged" in capsys.readouterr().err
     with monkeypatch.context() as patch:  # and the rebuilt file is good again
         forbid_decoding(patch)
         assert torch.equal(
