@@ -298,7 +298,16 @@ def test_decode_cache_is_reused_and_keyed_by_listing_and_policy(tmp_path, monkey
     assert changed.train.read(2)[0, 0].tolist() == [7, 7, 7] and len(cache_files()) == 4  # rebuilt in place
 
 
-@pytest.mark.parametrize("damage", ["flip a byte", "truncate", "garbage"])
+def one_image_short(cached: Path) -> bytes:
+    """A well-formed archive for the right key that holds one image fewer than its listing."""
+    with np.load(cached) as archive:
+        parts = {name: archive[name] for name in archive.files}
+    buffer = io.BytesIO()
+    np.savez(buffer, **{**parts, "images": parts["images"][:-1]})
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("damage", ["flip a byte", "truncate", "garbage", "one image short"])
 def test_a_damaged_cache_file_is_rebuilt_not_trusted(tmp_path, monkeypatch, capsys, damage):
     monkeypatch.setenv("OKDPIPE_CACHE", str(tmp_path / "cache"))
     write_image_folder(tmp_path / "data", {"train": 6}, CLASSES, size=8)
@@ -307,7 +316,8 @@ def test_a_damaged_cache_file_is_rebuilt_not_trusted(tmp_path, monkeypatch, caps
     raw = bytearray(cached.read_bytes())
     if damage == "flip a byte":
         raw[len(raw) // 3] ^= 0x40  # inside the images array
-    cached.write_bytes(bytes(raw[: len(raw) // 2]) if damage == "truncate" else b"junk" if damage == "garbage" else raw)
+    damaged = {"truncate": bytes(raw[: len(raw) // 2]), "garbage": b"junk", "one image short": one_image_short(cached)}
+    cached.write_bytes(damaged.get(damage, bytes(raw)))
     capsys.readouterr()
     with monkeypatch.context() as patch:
         calls = count_decoding(patch)
