@@ -182,6 +182,8 @@ def train_listing(root: Path) -> tuple[Listing, tuple[str, ...]]:
             "(or a train.csv of `path,label` lines)"
         )
     classes = class_names(source) if source.is_dir() else class_order(read_list(source)[1])
+    if len(classes) < 2:
+        raise OkdpipeError(f"{source}: only one class ({classes[0]}); a classifier needs at least two classes")
     return split_listing(source, classes), classes
 
 
@@ -216,6 +218,23 @@ def as_split(listing: Listing, decoded: Decoded) -> TensorSplit:
 def bad_files(listings: dict[str, Listing], decoded: dict[str, Decoded]) -> list[str]:
     """'path (reason)' for every file that gave no pixels, split by split."""
     return [f"{listings[n].paths[i]} ({why})" for n in listings for i, why in decoded[n].bad]
+
+
+def require_disjoint(listings: dict[str, Listing]) -> None:
+    """A file in two splits (a list file naming a training image) would validate or test on training data."""
+    seen: dict[str, str] = {}
+    for name, listing in listings.items():
+        shared = []
+        for path in listing.paths:
+            owner = seen.setdefault(os.path.realpath(path), name)
+            if owner != name:
+                shared.append(f"{path} ({owner})")
+        if shared:
+            listed = "; ".join(shared[:BAD_FILES_SHOWN])
+            raise OkdpipeError(
+                f"{len(shared)} file(s) of the {name} split are also in another split: {listed}; "
+                f"a {name} image must not be trained on, remove it from one of them"
+            )
 
 
 def refuse_or_skip(bad: list[str], root: Path, skip: bool) -> None:
@@ -312,6 +331,7 @@ def load_imagefolder(
         source = split_source(data_dir, aliases)
         if source is not None:
             listings[name] = split_listing(source, classes)
+    require_disjoint(listings)
     spec = folder_spec(classes, channels, image_size, resize)
     decoder = ImageDecoder(spec.input_size, channels, resize)
     options = DecodeOptions(decode_workers or default_workers(), cache)

@@ -175,6 +175,12 @@ def test_a_class_of_one_image_cannot_be_split(tmp_path):
     assert len(load_dataset("imagefolder", tmp_path, val_split=0, image_size=8).train) == 6
 
 
+def test_a_single_class_is_an_error(tmp_path):
+    write_image_folder(tmp_path, {"train": 3}, ["cat"], size=8)
+    with pytest.raises(OkdpipeError, match="train: only one class \\(cat\\); a classifier needs at least two"):
+        load_dataset("imagefolder", tmp_path, val_split=0)
+
+
 def test_no_val_and_no_test(tmp_path):
     write_image_folder(tmp_path, {"train": 30}, CLASSES, size=8)
     bundle = load_dataset("imagefolder", tmp_path, val_split=0.2, image_size=8)
@@ -206,7 +212,7 @@ def test_list_file_instead_of_class_folders(tmp_path):
         ("a.png,x,extra\n", None, "train.csv line 1: expected `path,label`"),
         ("a.png,\n", None, "train.csv line 1: expected `path,label`"),
         ("path,label\n", None, "train.csv: lists no images"),
-        ("a.png,x\n", "a.png,y\n", "test.csv: label(s) 'y' are not classes of the training split"),
+        ("a.png,x\na.png,w\n", "a.png,y\n", "test.csv: label(s) 'y' are not classes of the training split"),
     ],
 )
 def test_list_file_problems_are_one_line(tmp_path, train, test, problem):
@@ -220,13 +226,20 @@ def test_list_file_problems_are_one_line(tmp_path, train, test, problem):
 
 def test_missing_listed_file_is_a_bad_image_and_folder_plus_list_is_ambiguous(tmp_path):
     save(tmp_path / "a.png", Image.new("RGB", (8, 8)))
-    (tmp_path / "train.csv").write_text("a.png,x\ngone.png,x\n")
+    (tmp_path / "train.csv").write_text("a.png,x\ngone.png,x\na.png,w\n")
     with pytest.raises(OkdpipeError, match="gone.png \\(cannot read \\(No such file or directory\\)\\)"):
         load_dataset("imagefolder", tmp_path, val_split=0)
-    assert len(load_dataset("imagefolder", tmp_path, val_split=0, skip_bad_images=True).train) == 1
+    assert len(load_dataset("imagefolder", tmp_path, val_split=0, skip_bad_images=True).train) == 2
     (tmp_path / "train").mkdir()
     with pytest.raises(OkdpipeError, match="train and train.csv both describe one split"):
         load_dataset("imagefolder", tmp_path, val_split=0)
+
+
+def test_a_file_in_two_splits_is_an_error(tmp_path):
+    write_image_folder(tmp_path, {"train": 6}, CLASSES, size=8)
+    (tmp_path / "val.csv").write_text("train/dog/00001.png,dog\n")
+    with pytest.raises(OkdpipeError, match=re.escape("1 file(s) of the val split are also in another split: ")):
+        load_dataset("imagefolder", tmp_path, image_size=8)
 
 
 @pytest.mark.parametrize(
