@@ -1,9 +1,10 @@
-"""Datasets stored as class folders of image files: CINIC-10 (decoded into memory) and any `imagefolder`."""
+"""Datasets stored as image files: CINIC-10 (class folders of 32x32 PNGs) and `imagefolder`, folders as people
+have them (any image mode and size, nested class folders, stray files, broken files, no val/ or test/, or a
+`path,label` list file instead of class folders). Both are decoded once into memory for the tensor path."""
 
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -11,70 +12,43 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
+from okdpipe.console import say
+from okdpipe.contracts.card import RESIZE_POLICIES
+from okdpipe.datasets.decoding import ImageDecoder, decode_files, default_workers
+from okdpipe.datasets.imagecache import Decoded, ImageCache, listing_key
+from okdpipe.datasets.listfile import class_order, label_indices, read_list
 from okdpipe.datasets.spec import DATASETS, AugmentConfig, DatasetSpec
-from okdpipe.datasets.splits import FileSplit, RawDataset, Split, TensorSplit, require_dir
+from okdpipe.datasets.splits import RawDataset, TensorSplit, require_dir
 from okdpipe.errors import OkdpipeError
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jfif", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+IGNORED_FOLDERS = {"__MACOSX"}  # macOS zip archives' resource forks: `._name.jpg` files that are not images
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # One-channel images: the average of ImageNet's three channel statistics.
 IMAGENET_GRAY_MEAN, IMAGENET_GRAY_STD = (0.449,), (0.226,)
 CINIC_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+BAD_FILES_SHOWN = 3  # an error or notice about unreadable files names this many of them, then counts the rest
 
 
-@dataclass(frozen=True)
-class ImageDecoder:
-    """File -> HWC uint8 at `size` (H, W) with `channels` (1 or 3); picklable so DataLoader workers can use it.
-
-    Grayscale becomes RGB by repeating the channel, RGBA/P/CMYK become RGB (alpha dropped), 16-bit images keep
-    their top 8 bits. With resize=False an image of another size is an error (fixed-size datasets like CINIC-10).
-    """
-
-    size: tuple[int, int]
-    channels: int = 3
-    resize: bool = True
-
-    def __call__(self, path: Path) -> np.ndarray:
-        return self.decode(path.read_bytes(), path)
-
-    def decode(self, raw: bytes, path: Path) -> np.ndarray:
-        try:
-            with Image.open(io.BytesIO(raw)) as image:
-                image = self.to_mode(image)
-                if image.size != (self.size[1], self.size[0]):
-                    image = self.fit(image, path)
-                pixels = np.array(image, dtype=np.uint8)  # a writable copy for torch.from_numpy
-        except OkdpipeError:
-            raise
-        except Exception as error:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError, ...
-            raise OkdpipeError(f"{path}: cannot decode image ({error}); replace or delete the file") from error
-        return pixels[:, :, None] if pixels.ndim == 2 else pixels
-
-    def to_mode(self, image: Image.Image) -> Image.Image:
-        if image.mode in SIXTEEN_BIT_MODES:
-            image = Image.fromarray((np.asarray(image, dtype=np.uint32) >> 8).clip(0, 255).astype(np.uint8))
-        return image.convert("RGB" if self.channels == 3 else "L")
-
-    def fit(self, image: Image.Image, path: Path) -> Image.Image:
-        if not self.resize:
-            height, width = self.size
-            raise OkdpipeError(f"{path}: image is {image.height}x{image.width}, expected {height}x{width}")
-        return image.resize((self.size[1], self.size[0]), Image.BILINEAR)
+def is_hidden(name: str) -> bool:
+    """Dot files and folders (.DS_Store, ._photo.jpg, .ipynb_checkpoints/) and macOS archive leftovers."""
+    return name.startswith(".") or name in IGNORED_FOLDERS
 
 
 def list_images(class_dir: Path) -> list[Path]:
-    """Image files of one class folder (sorted; hidden and non-image files ignored); empty -> error naming it."""
-    files = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    """Image files anywhere under one class folder (sorted; hidden and non-image files ignored); none -> error."""
+    files = []
+    for folder, subfolders, names in os.walk(class_dir):
+        subfolders[:] = [name for name in subfolders if not is_hidden(name)]
+        files += [Path(folder, n) for n in names if Path(n).suffix.lower() in IMAGE_SUFFIXES and not is_hidden(n)]
     if not files:
         raise OkdpipeError(f"{class_dir}: class folder has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    return files
+    return sorted(files)
 
 
 def class_names(split_dir: Path) -> tuple[str, ...]:
-    names = tuple(sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")))
+    names = tuple(sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not is_hidden(p.name)))
     if not names:
         raise OkdpipeError(f"{split_dir}: no class folders; expected {split_dir}/<class>/<image files>")
     return names
@@ -94,15 +68,6 @@ def scan_split(split_dir: Path, classes: tuple[str, ...]) -> tuple[list[Path], t
         paths += files
         labels += [label] * len(files)
     return paths, torch.tensor(labels, dtype=torch.int64)
-
-
-def check_header(path: Path) -> None:
-    """Open the header only, so unreadable files fail at load time with their name, not inside a worker."""
-    try:
-        with Image.open(path):
-            pass
-    except Exception as error:
-        raise OkdpipeError(f"{path}: cannot read image ({error}); replace or delete the file") from error
 
 
 def decode_into_memory(paths: list[Path], decoder: ImageDecoder, root: Path, digest: hashlib._Hash) -> torch.Tensor:
@@ -139,7 +104,7 @@ def load_cinic10(data_dir: Path | None = None) -> RawDataset:
         raise OkdpipeError("pass --data-dir DIR holding CINIC-10's train/, valid/ and test/ folders")
     require_dir(data_dir)
     layout = f"{data_dir}/{{train,valid,test}}/<class>/*.png"
-    decoder, digest = ImageDecoder((32, 32), 3, resize=False), hashlib.sha256()
+    decoder, digest = ImageDecoder((32, 32), 3, exact=True), hashlib.sha256()
     train_dir = require_subdir(data_dir, "train", layout)
     classes = class_names(train_dir)
     splits = [
@@ -160,33 +125,142 @@ def load_cinic10(data_dir: Path | None = None) -> RawDataset:
     return RawDataset(spec, splits[0], splits[2], digest.hexdigest(), str(data_dir), val=splits[1])
 
 
-def stat_fingerprint(paths: list[Path], root: Path) -> str:
-    """sha256 over sorted (relative path, size, mtime_ns): cheap for large folders, changes when any file does."""
-    digest = hashlib.sha256()
-    for path in sorted(paths):
+# --- imagefolder --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Listing:
+    """One split's image files in order and their class indices, and where they were listed (a folder or a list
+    file): what the split is decoded from, and what its decode cache is keyed by."""
+
+    source: Path
+    paths: tuple[Path, ...]
+    labels: tuple[int, ...]
+
+    def stat_lines(self, root: Path) -> list[str]:
+        """(path, size, mtime, label) per file: cheap for large folders, and changes when any file does."""
+        return [f"{shown(p, root)}\t{file_stat(p)}\t{label}" for p, label in zip(self.paths, self.labels)]
+
+
+def shown(path: Path, root: Path) -> str:
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
+def file_stat(path: Path) -> str:
+    try:
         stat = path.stat()
-        digest.update(f"{path.relative_to(root)}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
+    except OSError:
+        return "missing"  # a list file naming an absent file: decoded as a bad image
+    return f"{stat.st_size}\t{stat.st_mtime_ns}"
 
 
-def file_split(split_dir: Path, classes: tuple[str, ...], decoder: ImageDecoder, every: list[Path]) -> FileSplit:
-    paths, labels = scan_split(split_dir, classes)
-    for path in paths:
-        check_header(path)
-    every += paths
-    return FileSplit(paths, labels, decoder)
+def split_source(root: Path, names: tuple[str, ...]) -> Path | None:
+    """The split's class folder (`val/`) or list file (`val.csv`) under any of its `names`; two of them is an error."""
+    found = [root / n for n in names if (root / n).is_dir()] + [
+        root / f"{n}.csv" for n in names if (root / f"{n}.csv").is_file()
+    ]
+    if len(found) > 1:
+        raise OkdpipeError(f"{root}: {' and '.join(p.name for p in found)} both describe one split; keep one of them")
+    return found[0] if found else None
 
 
-def optional_dir(root: Path, *names: str) -> Path | None:
-    return next((root / n for n in names if (root / n).is_dir()), None)
+def split_listing(source: Path, classes: tuple[str, ...]) -> Listing:
+    """A folder must hold exactly the training classes; a list file's labels must be among them."""
+    if source.is_dir():
+        paths, labels = scan_split(source, classes)
+        return Listing(source, tuple(paths), tuple(labels.tolist()))
+    paths, names = read_list(source)
+    return Listing(source, tuple(paths), tuple(label_indices(names, classes, source)))
 
 
-def folder_spec(classes: tuple[str, ...], channels: int, image_size: int) -> DatasetSpec:
+def train_listing(root: Path) -> tuple[Listing, tuple[str, ...]]:
+    """The training split and the classes it defines (sorted folder names, or the list file's sorted labels)."""
+    source = split_source(root, ("train",))
+    if source is None:
+        raise OkdpipeError(
+            f"{root}: no train/ folder or train.csv; expected {root}/train/<class>/<images> "
+            "(or a train.csv of `path,label` lines)"
+        )
+    classes = class_names(source) if source.is_dir() else class_order(read_list(source)[1])
+    if len(classes) < 2:
+        raise OkdpipeError(f"{source}: only one class ({classes[0]}); a classifier needs at least two classes")
+    return split_listing(source, classes), classes
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How an image folder is decoded (the `imagefolder` loader's options beyond the geometry)."""
+
+    workers: int
+    cache: bool
+
+
+def decode_listing(listing: Listing, decoder: ImageDecoder, root: Path, options: DecodeOptions) -> Decoded:
+    """The listing's decoded pixels: from the decode cache when it was built for this very listing and decoder,
+    else decoded in worker processes (and cached)."""
+    key = listing_key(listing.stat_lines(root), decoder.key)
+    shape = (decoder.channels, *decoder.size)
+    cache = ImageCache.of(listing.source, decoder.key) if options.cache else None
+    decoded = cache.load(key, len(listing.paths), shape) if cache else None
+    if decoded is None:
+        label = f"decoding {shown(listing.source, root)}"
+        decoded = Decoded.of(decode_files(listing.paths, decoder, options.workers, label), shape)
+        if cache:
+            cache.save(key, decoded)
+    return decoded
+
+
+def as_split(listing: Listing, decoded: Decoded) -> TensorSplit:
+    labels = torch.tensor(listing.labels, dtype=torch.int64)[torch.from_numpy(decoded.kept)]
+    return TensorSplit(torch.from_numpy(decoded.images), labels)
+
+
+def bad_files(listings: dict[str, Listing], decoded: dict[str, Decoded]) -> list[str]:
+    """'path (reason)' for every file that gave no pixels, split by split."""
+    return [f"{listings[n].paths[i]} ({why})" for n in listings for i, why in decoded[n].bad]
+
+
+def require_disjoint(listings: dict[str, Listing]) -> None:
+    """A file in two splits (a list file naming a training image) would validate or test on training data."""
+    seen: dict[str, str] = {}
+    for name, listing in listings.items():
+        shared = []
+        for path in listing.paths:
+            owner = seen.setdefault(os.path.realpath(path), name)
+            if owner != name:
+                shared.append(f"{path} ({owner})")
+        if shared:
+            listed = "; ".join(shared[:BAD_FILES_SHOWN])
+            raise OkdpipeError(
+                f"{len(shared)} file(s) of the {name} split are also in another split: {listed}; "
+                f"a {name} image must not be trained on, remove it from one of them"
+            )
+
+
+def refuse_or_skip(bad: list[str], root: Path, skip: bool) -> None:
+    """Every unreadable file counted and the first few named, then refused (exit 2) or skipped with a notice."""
+    if not bad:
+        return
+    more = f" and {len(bad) - BAD_FILES_SHOWN} more" if len(bad) > BAD_FILES_SHOWN else ""
+    listed = f"{'; '.join(bad[:BAD_FILES_SHOWN])}{more}"
+    if not skip:
+        raise OkdpipeError(
+            f"{len(bad)} unreadable image file(s) under {root}: {listed}; replace or delete them, "
+            "or pass --skip-bad-images to leave them out"
+        )
+    say(f"skipping {len(bad)} unreadable image file(s) under {root}: {listed}", err=True)
+
+
+def require_every_class(train: TensorSplit, classes: tuple[str, ...], root: Path) -> None:
+    """Skipping bad files can empty a class; a class the model never sees is a mistake, not a quirk."""
+    counts = torch.bincount(train.labels, minlength=len(classes)).tolist()
+    empty = [name for name, count in zip(classes, counts) if count == 0]
+    if empty:
+        raise OkdpipeError(f"{root}: class(es) {', '.join(empty)} have no readable training images; add some")
+
+
+def folder_spec(classes: tuple[str, ...], channels: int, image_size: int, resize: str = "stretch") -> DatasetSpec:
     """ImageNet's mean/std (a generic natural-image prior; the folder's own statistics are not computed)."""
-    if channels not in (1, 3):
-        raise OkdpipeError(f"channels must be 1 or 3, got {channels}")
-    if image_size < 1:
-        raise OkdpipeError(f"image_size must be a positive number of pixels, got {image_size}")
     rgb = channels == 3
     return DatasetSpec(
         name="imagefolder",
@@ -198,26 +272,82 @@ def folder_spec(classes: tuple[str, ...], channels: int, image_size: int) -> Dat
         std=IMAGENET_STD if rgb else IMAGENET_GRAY_STD,
         # CIFAR's recipe (pad 4 of 32) scaled to the image size.
         augment=AugmentConfig(crop_padding=max(1, image_size // 8), hflip=True),
+        resize=resize,
     )
 
 
-@DATASETS.register("imagefolder")
-def load_imagefolder(data_dir: Path | None = None, *, image_size: int = 32, channels: int = 3) -> RawDataset:
-    """`data_dir/train/<class>/*`, optional `val/` or `valid/` (else val_split is held out of train), optional
-    `test/` (else empty). Classes are train's sorted folder names; val/test must have the same folders.
+def check_folder_options(image_size, channels, resize, skip_bad_images, decode_workers, cache) -> None:  # noqa: ANN001
+    """Options arrive from YAML and --set: wrong types are one line naming the option, never a traceback."""
+    problems = [
+        (
+            not is_int(image_size) or image_size < 1,
+            f"image_size must be a positive number of pixels, got {image_size!r}",
+        ),
+        (channels not in (1, 3) or isinstance(channels, bool), f"channels must be 1 or 3, got {channels!r}"),
+        (resize not in RESIZE_POLICIES, f"resize must be one of {', '.join(RESIZE_POLICIES)}, got {resize!r}"),
+        (not isinstance(skip_bad_images, bool), f"skip_bad_images must be true or false, got {skip_bad_images!r}"),
+        (
+            decode_workers is not None and (not is_int(decode_workers) or decode_workers < 1),
+            f"decode_workers must be a positive integer, got {decode_workers!r}",
+        ),
+        (not isinstance(cache, bool), f"cache must be true or false, got {cache!r}"),
+    ]
+    for bad, problem in problems:
+        if bad:
+            raise OkdpipeError(f"imagefolder option {problem}")
 
-    Images are decoded on demand (albumentations path), resized to image_size x image_size. Fingerprint:
-    sha256 over sorted relative paths, sizes and mtimes, not contents.
+
+def is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@DATASETS.register("imagefolder")
+def load_imagefolder(
+    data_dir: Path | None = None,
+    *,
+    image_size: int = 32,
+    channels: int = 3,
+    resize: str = "stretch",
+    skip_bad_images: bool = False,
+    decode_workers: int | None = None,
+    cache: bool = True,
+) -> RawDataset:
+    """`data_dir/train/<class>/...` (or `train.csv`), optional `val/` or `valid/` (else val_split is held out of
+    train, stratified), optional `test/` (else no test metrics); each split a class folder or a list file.
+    Classes are train's sorted folder names (or list labels); a val/test folder must have the same folders.
+
+    Every image is converted to `channels` and brought to image_size x image_size by `resize` ("stretch" or
+    "shorter-side": scale, then centre crop), which the model card records for `serve`. Unreadable files are
+    listed and refused, or left out with skip_bad_images. Decoding runs on decode_workers processes (default:
+    every CPU) and is cached on disk (`cache`). Fingerprint: sha256 over relative paths, sizes, mtimes, labels.
     """
     if data_dir is None:
         raise OkdpipeError("pass --data-dir DIR holding train/<class>/<images> (and optionally val/, test/)")
     require_dir(data_dir)
-    train_dir = require_subdir(data_dir, "train", f"{data_dir}/train/<class>/<images>")
-    classes = class_names(train_dir)
-    spec = folder_spec(classes, channels, image_size)
-    decoder, every = ImageDecoder(spec.input_size, channels), []
-    train = file_split(train_dir, classes, decoder, every)
-    val_dir, test_dir = optional_dir(data_dir, "val", "valid"), optional_dir(data_dir, "test")
-    val = file_split(val_dir, classes, decoder, every) if val_dir else None
-    test: Split = file_split(test_dir, classes, decoder, every) if test_dir else FileSplit([], torch.zeros(0), decoder)
-    return RawDataset(spec, train, test, stat_fingerprint(every, data_dir), str(data_dir), val=val)
+    check_folder_options(image_size, channels, resize, skip_bad_images, decode_workers, cache)
+    train, classes = train_listing(data_dir)
+    listings = {"train": train}
+    for name, aliases in (("val", ("val", "valid")), ("test", ("test",))):
+        source = split_source(data_dir, aliases)
+        if source is not None:
+            listings[name] = split_listing(source, classes)
+    require_disjoint(listings)
+    spec = folder_spec(classes, channels, image_size, resize)
+    decoder = ImageDecoder(spec.input_size, channels, resize)
+    options = DecodeOptions(decode_workers or default_workers(), cache)
+    decoded = {name: decode_listing(listing, decoder, data_dir, options) for name, listing in listings.items()}
+    refuse_or_skip(bad_files(listings, decoded), data_dir, skip_bad_images)
+    splits = {name: as_split(listings[name], decoded[name]) for name in listings}
+    require_every_class(splits["train"], classes, data_dir)
+    no_test = TensorSplit(torch.zeros((0, channels, image_size, image_size), dtype=torch.uint8), torch.zeros(0))
+    test = splits.get("test", no_test)
+    return RawDataset(
+        spec, splits["train"], test, fingerprint(listings, data_dir), str(data_dir), val=splits.get("val")
+    )
+
+
+def fingerprint(listings: dict[str, Listing], root: Path) -> str:
+    digest = hashlib.sha256()
+    for name, listing in listings.items():
+        digest.update("".join(f"{name}\t{line}\n" for line in listing.stat_lines(root)).encode())
+    return digest.hexdigest()

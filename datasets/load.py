@@ -40,7 +40,7 @@ def load_dataset(
     check_options(name, loader, options)
     raw = loader(Path(data_dir) if data_dir is not None else None, **options)
     if raw.val is None:
-        train, val = stratified_holdout(raw.train, val_split, raw.spec.num_classes, seed)
+        train, val = stratified_holdout(raw.train, val_split, raw.spec.num_classes, seed, raw.spec.labels)
     else:
         train, val = raw.train, raw.val
     if train_subset is not None:

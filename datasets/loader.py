@@ -198,8 +198,7 @@ def batch_source(split, spec, device, config, views, seed, num_workers, backend,
     if chosen == "albumentations":
         if policy:
             raise OkdpipeError(
-                "per-view augmentation policies run on the tensor path (in-memory datasets); "
-                "for an image folder pass --set view_augment=same"
+                "per-view augmentation policies run on the tensor path (in-memory splits); pass --set view_augment=same"
             )
         return AlbumentationsBatches(split, device, config, views, spec, seed, num_workers)
     if not isinstance(split, TensorSplit):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from okdpipe.contracts.card import RESIZE_POLICIES
 from okdpipe.errors import OkdpipeError
 from okdpipe.registry import Registry
 
@@ -47,8 +48,11 @@ class DatasetSpec:
     mean: tuple[float, ...]  # per channel, for pixels scaled to [0, 1]
     std: tuple[float, ...]
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    resize: str = "stretch"  # how images of another size were brought to input_size (the model card records it)
 
     def __post_init__(self) -> None:
+        if self.resize not in RESIZE_POLICIES:
+            raise OkdpipeError(f"resize {self.resize!r} is not one of: {', '.join(RESIZE_POLICIES)}")
         if len(self.labels) != self.num_classes:
             raise ValueError(f"{self.name}: {len(self.labels)} label names for {self.num_classes} classes")
         if not len(self.mean) == len(self.std) == self.in_channels:

@@ -109,21 +109,38 @@ def class_indices(labels: torch.Tensor, num_classes: int) -> list[torch.Tensor]:
     return [torch.nonzero(labels == c).flatten() for c in range(num_classes)]
 
 
-def stratified_holdout(split: Split, fraction: float, num_classes: int, seed: int) -> tuple[Split, Split]:
+def stratified_holdout(
+    split: Split, fraction: float, num_classes: int, seed: int, names: Sequence[str] | None = None
+) -> tuple[Split, Split]:
     """Hold out round(fraction * n_c) images of every class c, chosen by `seed`, so val has train's class mix.
 
-    Both parts keep the original order (indices sorted), so the result is independent of how classes interleave.
+    With fraction > 0 every class gives at least one validation image and keeps at least one training image
+    (a small class of an unbalanced folder would otherwise be missing from validation, or from training); a
+    class of fewer than two images cannot, and is an error naming it. Both parts keep the original order (indices
+    sorted), so the result is independent of how classes interleave.
     """
     if not 0.0 <= fraction < 1.0:
         raise OkdpipeError(f"val_split must be in [0, 1), got {fraction}; pass e.g. --val-split 0.1")
     generator = cpu_generator(seed, STREAM_HOLDOUT)
     held = []
-    for members in class_indices(split.labels, num_classes):
-        order = members[torch.randperm(len(members), generator=generator)]
-        held.append(order[: int(round(fraction * len(members)))])
+    for c, members in enumerate(class_indices(split.labels, num_classes)):
+        count = held_out_count(len(members), fraction, names[c] if names else str(c))
+        held.append(members[torch.randperm(len(members), generator=generator)][:count])
     val_mask = torch.zeros(len(split), dtype=torch.bool)
     val_mask[torch.cat(held)] = True
     return split.subset(torch.nonzero(~val_mask).flatten()), split.subset(torch.nonzero(val_mask).flatten())
+
+
+def held_out_count(size: int, fraction: float, name: str) -> int:
+    """round(fraction * size), kept within [1, size - 1] when fraction > 0."""
+    if fraction == 0:
+        return 0
+    if size < 2:
+        raise OkdpipeError(
+            f"class {name!r} has {size} training image(s): holding out a validation split needs at least 2 per "
+            "class (one to train on, one to validate); add images of it, or provide a val/ split"
+        )
+    return min(max(1, int(round(fraction * size))), size - 1)
 
 
 def balanced_subset(split: Split, per_class: int, labels: Sequence[str], seed: int) -> Split:

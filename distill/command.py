@@ -44,6 +44,11 @@ def distill_command(
     lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
     val_split: Optional[float] = typer.Option(None, help="Fraction of train held out for validation."),
     train_subset: Optional[int] = typer.Option(None, help="Images per class kept for training."),
+    skip_bad_images: bool = typer.Option(
+        False,
+        "--skip-bad-images",
+        help="Image folders: leave out unreadable or truncated files (listed) instead of refusing them.",
+    ),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     precision: Optional[str] = typer.Option(None, help="auto (bf16 on GPU), fp32 or bf16."),
     seed: Optional[int] = typer.Option(None, help="Seed for initialisation, split, order and augmentation."),
@@ -102,6 +107,8 @@ def distill_command(
     if resume and not config and out and (out / "config.yaml").is_file():
         file_values = read_yaml(out / "config.yaml")
     cfg = build_config(file_values, flags, set_)
+    if skip_bad_images:  # a loader option, so select/export/bench rebuild the same splits from the record
+        cfg.data_options = {**cfg.data_options, "skip_bad_images": True}
     if dry_run:
         from okdpipe.distill.trainer import with_method_defaults_of
 
@@ -131,9 +138,12 @@ def run(cfg, run_dir: Path, resume: bool) -> None:
     say(f"{'resuming' if resume else 'training'} {cfg.method} x {cfg.arch} on {cfg.dataset}{processes} -> {run_dir}")
     result = fit(cfg, RunDir(run_dir), resume=resume, echo=say)
     best = max((v["top1"], k) for k, v in result["val"].items() if k.startswith("student:"))
-    say(
-        f"done: best student on validation {best[1]} {best[0]:.2%}; "
-        f"test (measured once, not used for choices): "
-        f"{result['test'][best[1]]['top1']:.2%}; ensemble {result['test']['ensemble']['top1']:.2%}"
+    test = result["test"]
+    measured = (
+        f"test (measured once, not used for choices): {test[best[1]]['top1']:.2%}; "
+        f"ensemble {test['ensemble']['top1']:.2%}"
+        if test
+        else "no test split, so no test metrics"
     )
+    say(f"done: best student on validation {best[1]} {best[0]:.2%}; {measured}")
     say(f"next: okdpipe select {run_dir}")

@@ -65,7 +65,8 @@ def export_model(model_path: str | os.PathLike, out_dir: str | os.PathLike, conf
             f"dataset {source.dataset!r} has an empty validation split; export needs one to check "
             "parity and accuracy (record val_split > 0 when training)"
         )
-    preprocess = Preprocess(*info.input_size, info.in_channels, PIXEL_SCALE, info.mean, info.std)
+    # The resize policy the training images went through (image folders), so serve resizes the same way.
+    preprocess = Preprocess(*info.input_size, info.in_channels, PIXEL_SCALE, info.mean, info.std, bundle.spec.resize)
     first = first_batch(bundle.val, config.parity_batch, preprocess)
     ctx = ExportContext(
         model,

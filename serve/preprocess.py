@@ -14,34 +14,32 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from okdpipe.contracts.card import Preprocess
+from okdpipe.contracts.pixels import image_pixels
 from okdpipe.serve.protocol import ClientError
 
 # Far above any classifier input, far below what could exhaust memory (a "decompression bomb" PNG).
 MAX_IMAGE_PIXELS = 4096 * 4096
-_PIL_MODES = {1: "L", 3: "RGB"}
 _BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
 
 
 def image_to_tensor(data: bytes, recipe: Preprocess) -> np.ndarray:
-    """Decode, convert to the card's channels, resize to (H, W), then the card's one normalisation -> [1,C,H,W]."""
-    image = _decode_image(data, _PIL_MODES[recipe.channels])
-    if image.size != (recipe.width, recipe.height):
-        image = image.resize((recipe.width, recipe.height), Image.Resampling.BILINEAR)
-    pixels = np.asarray(image, dtype=np.uint8).reshape(recipe.height, recipe.width, recipe.channels)
+    """Decode, then the training decode's own conversion and resize policy (image_pixels, the card's `resize`),
+    then the card's one normalisation -> [1, C, H, W]."""
+    pixels = _decode_pixels(data, recipe)
     return np.ascontiguousarray(recipe.normalise(pixels.transpose(2, 0, 1)[None]))
 
 
-def _decode_image(data: bytes, mode: str) -> Image.Image:
-    """Decoded and converted to `mode`; the pixel count is checked from the header, before decoding."""
+def _decode_pixels(data: bytes, recipe: Preprocess) -> np.ndarray:
+    """uint8 [H, W, C] as training decoded its images; the pixel count is checked from the header, before decoding."""
     if not data:
         raise ClientError(400, "request body is empty; send a PNG or JPEG image")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise ClientError(400, f"image of {image.width}x{image.height} pixels is too large to classify")
-            return image.convert(mode)
+            with Image.open(io.BytesIO(data)) as image:
+                if image.width * image.height > MAX_IMAGE_PIXELS:
+                    raise ClientError(400, f"image of {image.width}x{image.height} pixels is too large to classify")
+                return image_pixels(image, recipe.channels, (recipe.height, recipe.width), recipe.resize)
     except ClientError:
         raise
     except UnidentifiedImageError:

@@ -2,6 +2,7 @@
 
 - `versioned`: the one format/version header check every versioned file goes through.
 - `card`: the model card (model.json) and its preprocessing, with its one reader and one writer.
+- `pixels`: an image of any mode and size -> the model's uint8 pixels (training's decode and `/classify`'s).
 - `data`: the data source (dataset, directory, split seed, options) that every stage rebuilds a split from.
 - `report`: the bench report schema, built by bench, read by its gates and its report writers.
 

@@ -32,11 +32,15 @@ STATIC_INT8_OPS = frozenset(
 DYNAMIC_INT8_OPS = frozenset({"DynamicQuantizeLinear", "ConvInteger", "MatMulInteger"})
 FLOAT16 = 10  # onnx.TensorProto.FLOAT16
 PIXEL_SCALE = 1.0 / 255.0
+# How an image of another size reaches the input size (okdpipe.contracts.pixels applies them): "stretch" resizes
+# to exactly (H, W); "shorter-side" scales to cover (H, W) and cuts out the centre. Cards without one: stretch.
+RESIZE_POLICIES = ("stretch", "shorter-side")
 
 
 @dataclass(frozen=True)
 class Preprocess:
-    """Image -> model input: resize to (height, width), then x = (pixel * scale - mean[c]) / std[c].
+    """Image -> model input: convert to `channels`, bring to (height, width) by the `resize` policy the training
+    images went through (okdpipe.contracts.pixels.image_pixels), then x = (pixel * scale - mean[c]) / std[c].
 
     The one normalisation formula: export's parity and accuracy checks, bench and serve all call `normalise`.
     """
@@ -47,6 +51,7 @@ class Preprocess:
     scale: float
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    resize: str = "stretch"
 
     def normalise(self, pixels):
         """uint8 (or float) pixels [N, C, H, W] -> float32 model input of the same shape."""
@@ -64,6 +69,7 @@ class Preprocess:
             "scale": self.scale,
             "mean": list(self.mean),
             "std": list(self.std),
+            "resize": self.resize,
         }
 
 
@@ -252,7 +258,11 @@ def _checked_preprocess(card: dict[str, Any], channels: int, height: int, width:
     scale = section.get("scale", PIXEL_SCALE)
     if not _is_finite_number(scale) or scale <= 0:
         raise _fail(f"preprocess scale {scale!r} must be a positive number")
-    return Preprocess(height, width, channels, float(scale), tuple(map(float, mean)), tuple(map(float, std)))
+    resize = section.get("resize", "stretch")
+    if resize not in RESIZE_POLICIES:
+        raise _fail(f"preprocess resize {resize!r} is not one of: {', '.join(RESIZE_POLICIES)}")
+    mean, std = tuple(map(float, mean)), tuple(map(float, std))
+    return Preprocess(height, width, channels, float(scale), mean, std, resize)
 
 
 def _checked_labels(card: dict[str, Any], num_classes: int) -> tuple[str, ...]:

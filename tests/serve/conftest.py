@@ -193,12 +193,13 @@ def running_server(
 
 
 @pytest.fixture(scope="session")
-def start_server(artifact_dir, tmp_path_factory):
-    """A factory: `with start_server(*options) as server:` runs a dedicated server for one test."""
+def start_server(request, tmp_path_factory):
+    """A factory: `with start_server(*options) as server:` runs a dedicated server for one test (serving the tiny
+    CNN, exported only when a test asks for it, unless `artifact` names another)."""
 
     def start(*options: str, artifact: Path | None = None, env: dict[str, str] | None = None):
         log_path = tmp_path_factory.mktemp("logs") / "server.log"
-        return running_server(artifact or artifact_dir, log_path, *options, env=env)
+        return running_server(artifact or request.getfixturevalue("artifact_dir"), log_path, *options, env=env)
 
     return start
 

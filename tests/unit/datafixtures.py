@@ -7,6 +7,7 @@ tell which images landed where.
 from __future__ import annotations
 
 import gzip
+import io
 import pickle
 import struct
 from pathlib import Path
@@ -108,3 +109,62 @@ def write_image_folder(root: Path, splits: dict[str, int], classes: list[str], s
         write_class_folders(root / name, images, labels, classes)
         written[name] = (images, labels)
     return written
+
+
+# --- image folders as people have them, from Fashion-MNIST's real images -----------------------------------------
+
+REAL_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+QUIRKY_CLASSES = {"trouser": 1, "bag": 8, "sneaker": 7}  # folder name -> Fashion-MNIST label
+
+
+def real_fashion_images(per_label: dict[int, int]) -> dict[int, np.ndarray]:
+    """The first `count` real 28x28 test images of each Fashion-MNIST label, uint8 [count, 28, 28]."""
+    with gzip.open(REAL_FASHION_DIR / "t10k-images-idx3-ubyte.gz") as images_file:
+        images = np.frombuffer(images_file.read(), np.uint8, offset=16).reshape(-1, 28, 28)
+    with gzip.open(REAL_FASHION_DIR / "t10k-labels-idx1-ubyte.gz") as labels_file:
+        labels = np.frombuffer(labels_file.read(), np.uint8, offset=8)
+    return {label: images[labels == label][:count] for label, count in per_label.items()}
+
+
+def quirky_image(gray: np.ndarray, variant: int) -> tuple[Image.Image, str, dict]:
+    """One real image in the variant-th of a cycle of modes, sizes and formats people's folders hold."""
+    image = Image.fromarray(gray)
+    wide = np.repeat(gray, 2, axis=1)  # 28 x 56: a non-square image
+    cycle = [
+        (image, ".png", {}),
+        (image.convert("RGB").resize((40, 40)), ".jpg", {"quality": 90}),
+        (image.convert("RGBA"), ".png", {}),
+        (image.convert("P"), ".gif", {}),
+        (Image.fromarray(gray.astype(np.uint16) * 257), ".png", {}),  # 16-bit
+        (Image.fromarray(wide).convert("LA"), ".png", {}),
+        (image.convert("CMYK"), ".jpg", {"quality": 95}),
+        (image.resize((20, 20)), ".PNG", {}),  # upper-case suffix, smaller than the model input
+    ]
+    return cycle[variant % len(cycle)]
+
+
+def write_quirky_fashion_folder(root: Path, per_class: dict[str, int]) -> dict[str, Path]:
+    """root/train/<class>/... from real Fashion-MNIST images with every quirk: no val/ or test/ (validation held
+    out of train), modes L/RGB/RGBA/P/I;16/LA/CMYK, sizes 20-56 px, PNG/JPEG/GIF, a nested folder, one truncated
+    PNG, hidden files, a stray text file, and classes as unbalanced as `per_class` says.
+    Returns the notable paths: "truncated", "png" and "jpeg" (good images to send to a server)."""
+    images = real_fashion_images({QUIRKY_CLASSES[name]: count for name, count in per_class.items()})
+    notable = {}
+    for name, count in per_class.items():
+        folder = root / "train" / name
+        for index, gray in enumerate(images[QUIRKY_CLASSES[name]][:count]):
+            image, suffix, options = quirky_image(gray, index)
+            target = folder / ("nested" if index % 5 == 4 else "") / f"{name}-{index:03d}{suffix}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            image.save(target, **options)
+            notable.setdefault("png" if suffix == ".png" else "jpeg" if suffix == ".jpg" else "other", target)
+    first = next(iter(per_class))
+    truncated = root / "train" / first / "truncated.png"
+    full = io.BytesIO()
+    Image.fromarray(images[QUIRKY_CLASSES[first]][0]).save(full, "PNG")
+    truncated.write_bytes(full.getvalue()[: len(full.getvalue()) // 2])
+    (root / "train" / first / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (root / "train" / first / "._photo.png").write_bytes(b"\0\5\26\7 resource fork")  # macOS zip leftovers
+    (root / "train" / first / "notes.txt").write_text("shot on a phone\n")
+    (root / "train" / ".cache").mkdir()
+    return {**notable, "truncated": truncated}

@@ -7,8 +7,9 @@ import pytest
 import torch
 from datafixtures import write_class_folders
 
-from okdpipe.datasets import AugmentConfig, DatasetSpec, TensorSplit, load_dataset, make_loader
+from okdpipe.datasets import AugmentConfig, DatasetSpec, FileSplit, TensorSplit, load_dataset, make_loader
 from okdpipe.datasets.augment import cutout_keep_mask
+from okdpipe.datasets.decoding import ImageDecoder
 
 SIZE = 12
 BACKENDS = ["tensor", "albumentations"]
@@ -204,9 +205,9 @@ def test_unknown_backend_and_tensor_backend_on_files(tmp_path):
     with pytest.raises(OkdpipeError, match="unknown loader backend 'dali'"):
         make_loader(bundle.train, bundle.spec, batch_size=8, train=True, device="cpu", backend="dali")
     write_class_folders(tmp_path / "train", np.zeros((2, 8, 8, 3), np.uint8), np.array([0, 1]), ["a", "b"])
-    folder = load_dataset("imagefolder", tmp_path, val_split=0)
+    files = FileSplit(sorted((tmp_path / "train").rglob("*.png")), torch.tensor([0, 1]), ImageDecoder((8, 8)))
     with pytest.raises(OkdpipeError, match="needs an in-memory split"):
-        make_loader(folder.train, folder.spec, batch_size=8, train=True, device="cpu", backend="tensor")
+        make_loader(files, bundle.spec, batch_size=8, train=True, device="cpu", backend="tensor")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to compare with the CPU")

@@ -24,7 +24,8 @@ from datafixtures import (
 )
 from PIL import Image
 
-from okdpipe.datasets import DATASETS, TensorSplit, fashion_mnist, load_dataset
+from okdpipe.datasets import DATASETS, FileSplit, TensorSplit, fashion_mnist, load_dataset
+from okdpipe.datasets.decoding import ImageDecoder
 from okdpipe.datasets.splits import stratified_holdout
 from okdpipe.errors import OkdpipeError
 
@@ -247,11 +248,12 @@ def test_imagefolder_converts_modes_and_channels(tmp_path):
     Image.new("L", (32, 32), 77).save(tmp_path / "train" / "dog" / "gray.png")
     Image.new("P", (32, 32), 3).save(tmp_path / "train" / "emu" / "palette.png")
     bundle = load_dataset("imagefolder", tmp_path, val_split=0)
-    names = [p.name for p in bundle.train.paths]
-    assert bundle.train.read(names.index("rgba.png"))[0, 0].tolist() == [10, 20, 30]
-    assert bundle.train.read(names.index("gray.png"))[0, 0].tolist() == [77, 77, 77]
+    # Class by class, sorted by name: cat/00000 cat/rgba dog/00001 dog/gray emu/00002 emu/palette.
+    assert bundle.train.read(1)[0, 0].tolist() == [10, 20, 30]
+    assert bundle.train.read(3)[0, 0].tolist() == [77, 77, 77]
     gray = load_dataset("imagefolder", tmp_path, val_split=0, channels=1)
-    assert gray.spec.in_channels == 1 and gray.train.read(names.index("gray.png")).shape == (32, 32, 1)
+    assert gray.spec.in_channels == 1 and gray.train.read(3).shape == (32, 32, 1)
+    assert gray.train.read(3)[0, 0].tolist() == [77]
 
 
 def make_folder_problem(root: Path, kind: str) -> Path:
@@ -276,7 +278,7 @@ def make_folder_problem(root: Path, kind: str) -> Path:
     "kind, problem",
     [
         ("empty class", "no images"),
-        ("unreadable", "cannot read image"),
+        ("unreadable", "1 unreadable image file"),
         ("class mismatch", "missing \\['emu'\\]"),
         ("no classes", "no class folders"),
     ],
@@ -290,11 +292,11 @@ def test_imagefolder_problems_named(tmp_path, kind, problem):
 
 def test_decode_error_names_file(tmp_path):
     write_image_folder(tmp_path, {"train": 3}, CLASSES)
-    bundle = load_dataset("imagefolder", tmp_path, val_split=0)
-    victim = bundle.train.paths[1]
+    victim = tmp_path / "train" / "dog" / "00001.png"
     victim.write_bytes(victim.read_bytes()[:60])  # header intact, pixel data gone
+    split = FileSplit([victim], torch.zeros(1), ImageDecoder((32, 32)))
     with pytest.raises(OkdpipeError, match="cannot decode image") as error:
-        bundle.train.read(1)
+        split.read(0)
     assert str(victim) in str(error.value)
 
 

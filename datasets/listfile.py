@@ -1,0 +1,62 @@
+"""A list file: `path,label` per line (CSV), the alternative to class folders for an image folder's split.
+
+    path,label                 <- optional header
+    photos/0001.jpg,cat        <- relative to the list file's folder (or absolute)
+    "photos/a, b.jpg",dog      <- CSV quoting for commas in names
+
+Blank lines and lines starting with `#` are skipped. A listed file that is missing or cannot be decoded counts as a
+bad image (listed, then refused or skipped with --skip-bad-images), like a broken file in a class folder.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from okdpipe.errors import OkdpipeError
+
+HEADER = ["path", "label"]
+
+
+def read_list(list_file: Path) -> tuple[list[Path], list[str]]:
+    """The listed paths (resolved against the list file's folder) and their label names, in file order."""
+    try:
+        text = list_file.read_text(encoding="utf-8-sig")  # a BOM, as spreadsheet programs write, is not data
+    except (OSError, UnicodeDecodeError) as error:
+        raise OkdpipeError(f"{list_file}: cannot read the list file ({error}); pass a UTF-8 `path,label` CSV") from None
+    paths, labels = [], []
+    for number, row in enumerate(csv.reader(text.splitlines()), start=1):
+        if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
+            continue
+        cells = [cell.strip() for cell in row]
+        if number == 1 and [cell.lower() for cell in cells] == HEADER:
+            continue
+        if len(cells) != 2 or not all(cells):
+            raise OkdpipeError(
+                f"{list_file} line {number}: expected `path,label`, got {row!r}; one image and its class per line"
+            )
+        paths.append(list_file.parent / cells[0])
+        labels.append(cells[1])
+    if not paths:
+        raise OkdpipeError(f"{list_file}: lists no images; write one `path,label` line per image")
+    return paths, labels
+
+
+def class_order(names: list[str]) -> tuple[str, ...]:
+    """The distinct label names sorted: numerically when every one is an integer (2 before 10), else as text."""
+    distinct = set(names)
+    if all(name.lstrip("-").isdigit() for name in distinct):
+        return tuple(sorted(distinct, key=lambda name: (int(name), name)))
+    return tuple(sorted(distinct))
+
+
+def label_indices(names: list[str], classes: tuple[str, ...], list_file: Path) -> list[int]:
+    """Each name's class index; a name the training split does not have is an error naming it."""
+    index = {name: i for i, name in enumerate(classes)}
+    unknown = sorted(set(names) - set(index))
+    if unknown:
+        raise OkdpipeError(
+            f"{list_file}: label(s) {', '.join(map(repr, unknown[:5]))} are not classes of the training split "
+            f"({', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''}); fix the labels"
+        )
+    return [index[name] for name in names]

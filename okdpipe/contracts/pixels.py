@@ -1,0 +1,58 @@
+"""A decoded image -> the model's uint8 pixels: one function that training, export, bench and `/classify` share.
+
+An image folder holds whatever people have (grayscale, RGBA screenshots, palette GIFs, CMYK JPEGs, 16-bit PNGs,
+phone photos with an EXIF rotation, every size). Training decodes them with `image_pixels` and the model card
+records the resize policy, so `okdpipe serve` turns the same file into the same input, value for value.
+
+Torch-free: `okdpipe serve` imports it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from okdpipe.contracts.card import RESIZE_POLICIES
+
+# RESIZE_POLICIES, how an image of another size reaches the model's (height, width):
+#   stretch       resize to exactly (height, width), ignoring the aspect ratio (what okdpipe always did);
+#   shorter-side  scale so the image covers (height, width), then cut the centre out (torchvision's
+#                 Resize + CenterCrop, in one resampling step: ImageOps.fit).
+RESAMPLE = Image.Resampling.BILINEAR
+SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
+_TARGET_MODES = {1: "L", 3: "RGB"}
+
+
+def image_pixels(image: Image.Image, channels: int, size: tuple[int, int], policy: str = "stretch") -> np.ndarray:
+    """uint8 [H, W, channels]: upright (EXIF), converted to `channels`, brought to `size` = (H, W) by `policy`."""
+    if policy not in RESIZE_POLICIES:
+        raise ValueError(f"unknown resize policy {policy!r}; choose one of: {', '.join(RESIZE_POLICIES)}")
+    image = to_channels(ImageOps.exif_transpose(image), channels)
+    height, width = size
+    if image.size != (width, height):
+        image = (
+            ImageOps.fit(image, (width, height), RESAMPLE)
+            if policy == "shorter-side"
+            else image.resize((width, height), RESAMPLE)
+        )
+    return np.asarray(image, dtype=np.uint8).reshape(height, width, channels)
+
+
+def to_channels(image: Image.Image, channels: int) -> Image.Image:
+    """Any Pillow mode -> "L" (channels=1) or "RGB" (channels=3).
+
+    16-bit images keep their top 8 bits (Pillow's own conversion clips everything above 255 to white); alpha is
+    dropped (as torchvision's `convert("RGB")` does); palettes expand through RGBA so a transparent index does
+    not warn; grayscale becomes RGB by repeating the channel; colour becomes gray by ITU-R 601-2 luma.
+    """
+    target = _TARGET_MODES.get(channels)
+    if target is None:
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    if image.mode in SIXTEEN_BIT_MODES:
+        wide = np.asarray(image, dtype=np.uint32) >> 8
+        image = Image.fromarray(wide.clip(0, 255).astype(np.uint8))
+    elif image.mode in ("P", "PA"):
+        image = image.convert("RGBA")
+    elif image.mode not in ("1", "L", "LA", "RGB", "RGBA", "RGBX") and target == "L":
+        image = image.convert("RGB")  # CMYK, YCbCr, LAB, HSV, F: through RGB, which Pillow converts from all
+    return image if image.mode == target else image.convert(target)

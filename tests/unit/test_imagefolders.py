@@ -1,0 +1,358 @@
+"""Image folders as people have them: every image mode, mixed sizes and the resize policy, broken files refused or
+skipped, stray files ignored, unbalanced classes split stratified, list files, and the decode cache."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from datafixtures import tagged_images, write_class_folders, write_image_folder
+from PIL import Image
+
+from okdpipe.datasets import decoding, folders, imagecache, load_dataset
+from okdpipe.errors import OkdpipeError
+
+CLASSES = ["cat", "dog", "emu"]
+
+
+def save(path: Path, image: Image.Image, **options) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, **options)
+    return path
+
+
+def only_image(root: Path, channels: int = 3, **options) -> np.ndarray:
+    """The first training image (HWC uint8) of a folder of class a (one image) and class b."""
+    bundle = load_dataset("imagefolder", root, val_split=0, channels=channels, **options)
+    return bundle.train.read(0)
+
+
+# --- modes and sizes ---------------------------------------------------------------------------------------------
+
+SIXTEEN_BIT = np.array([[0x1234, 0xFFFF], [0x00FF, 0x8000]], dtype=np.uint16)
+
+
+@pytest.mark.parametrize(
+    "make, suffix, gray, rgb",
+    [
+        (lambda: Image.new("L", (2, 2), 77), ".png", 77, [77, 77, 77]),
+        (lambda: Image.new("LA", (2, 2), (50, 0)), ".png", 50, [50, 50, 50]),  # alpha dropped, not blended
+        (lambda: Image.new("RGBA", (2, 2), (90, 90, 90, 0)), ".png", 90, [90, 90, 90]),
+        (lambda: Image.new("RGB", (2, 2), (200, 200, 200)), ".bmp", 200, [200, 200, 200]),
+        # CMYK (0, 0, 0, 51): (255 - c) * (255 - k) / 255 = 204 on every channel.
+        (lambda: Image.new("CMYK", (2, 2), (0, 0, 0, 51)), ".tif", 204, [204, 204, 204]),
+        # 16-bit: the top 8 bits (0x1234 -> 0x12 = 18), where a plain convert would clip to 255.
+        (lambda: Image.fromarray(SIXTEEN_BIT), ".png", 0x12, [0x12, 0x12, 0x12]),
+    ],
+)
+def test_every_mode_becomes_the_dataset_channels(tmp_path, make, suffix, gray, rgb):
+    save(tmp_path / "train" / "a" / f"x{suffix}", make())
+    save(tmp_path / "train" / "b" / "y.png", Image.new("L", (2, 2)))
+    assert only_image(tmp_path, 1, image_size=2)[0, 0].tolist() == [gray]
+    assert only_image(tmp_path, 3, image_size=2)[0, 0].tolist() == rgb
+
+
+def test_palette_and_sixteen_bit_values(tmp_path):
+    palette = Image.new("P", (2, 2), 1)
+    palette.putpalette([0, 0, 0, 10, 20, 30] + [0] * 762)
+    save(tmp_path / "train" / "a" / "p.gif", palette)
+    save(tmp_path / "train" / "b" / "wide.png", Image.fromarray(SIXTEEN_BIT))
+    bundle = load_dataset("imagefolder", tmp_path, val_split=0, image_size=2)
+    assert bundle.train.read(0)[1, 1].tolist() == [10, 20, 30]
+    assert bundle.train.read(1)[..., 0].tolist() == (SIXTEEN_BIT >> 8).tolist()
+
+
+def bars(width: int, height: int, edge: int) -> Image.Image:
+    """Gray `edge`-pixel bars of value 10 on the left and right of a 200 centre."""
+    pixels = np.full((height, width), 200, np.uint8)
+    pixels[:, :edge] = pixels[:, width - edge :] = 10
+    return Image.fromarray(pixels)
+
+
+def test_resize_policies(tmp_path):
+    """48x32 with 8-pixel bars: shorter-side keeps the scale (32 px high) and cuts the centre 32 columns out,
+    exactly the 200s; stretch squeezes the bars in."""
+    save(tmp_path / "train" / "a" / "bars.png", bars(48, 32, 8))
+    save(tmp_path / "train" / "b" / "y.png", Image.new("L", (32, 32)))
+    cropped = only_image(tmp_path, 1, resize="shorter-side")
+    assert cropped.shape == (32, 32, 1) and (cropped == 200).all()
+    stretched = only_image(tmp_path, 1, resize="stretch")
+    assert stretched[:, 0, 0].tolist() == [10] * 32 and stretched[:, 16, 0].tolist() == [200] * 32
+
+
+def test_exif_rotation_is_applied(tmp_path):
+    """A phone photo stored sideways with EXIF orientation 6 (rotate 90 clockwise) trains upright."""
+    stored = np.zeros((2, 4), np.uint8)
+    stored[0, 0] = 255  # top-left as stored -> top-right once rotated clockwise
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    save(tmp_path / "train" / "a" / "phone.png", Image.fromarray(stored), exif=exif)
+    save(tmp_path / "train" / "b" / "y.png", Image.new("L", (2, 4)))
+    upright = only_image(tmp_path, 1, image_size=4)  # 4x2 upright, stretched to 4x4
+    assert upright.shape == (4, 4, 1) and upright[0, -1, 0] > 0 and upright[0, 0, 0] == 0
+
+
+# --- broken, hidden and stray files ------------------------------------------------------------------------------
+
+
+def write_bad_files(root: Path) -> list[Path]:
+    good = io.BytesIO()  # noise, so that every byte cut off loses pixels
+    Image.fromarray(tagged_images(1, (32, 32, 3), 1, seed=7)[0][0]).save(good, "PNG")
+    bad = [root / "train" / "cat" / "truncated.png", root / "train" / "dog" / "empty.jpg"]
+    bad += [root / "train" / "emu" / "text.png", root / "test" / "emu" / "half.png"]
+    bad[0].write_bytes(good.getvalue()[:60])
+    bad[1].write_bytes(b"")
+    bad[2].write_text("not an image")
+    bad[3].write_bytes(good.getvalue()[: len(good.getvalue()) // 2])
+    return bad
+
+
+def test_unreadable_files_are_listed_and_refused(tmp_path):
+    write_image_folder(tmp_path, {"train": 9, "test": 3}, CLASSES)
+    bad = write_bad_files(tmp_path)
+    with pytest.raises(OkdpipeError) as error:
+        load_dataset("imagefolder", tmp_path, val_split=0)
+    message = str(error.value)
+    assert message.startswith(f"4 unreadable image file(s) under {tmp_path}: ") and "\n" not in message
+    assert all(str(path) in message for path in bad[:3]) and str(bad[3]) not in message
+    assert "and 1 more" in message and "--skip-bad-images" in message
+
+
+def test_unreadable_files_are_skipped_when_asked(tmp_path, capsys):
+    written = write_image_folder(tmp_path, {"train": 9, "test": 3}, CLASSES)
+    write_bad_files(tmp_path)
+    bundle = load_dataset("imagefolder", tmp_path, val_split=0, skip_bad_images=True)
+    assert (len(bundle.train), len(bundle.test)) == (9, 3)
+    images, labels = written["train"]
+    order = np.argsort(labels, kind="stable")  # class by class, the bad files left out
+    assert torch.equal(bundle.train.images, torch.from_numpy(images[order]).permute(0, 3, 1, 2))
+    assert "skipping 4 unreadable image file(s)" in capsys.readouterr().err
+
+
+def test_a_class_left_empty_by_skipping_is_an_error(tmp_path):
+    write_image_folder(tmp_path, {"train": 4}, ["a", "b"])
+    for path in (tmp_path / "train" / "b").iterdir():
+        path.write_bytes(b"broken")
+    with pytest.raises(OkdpipeError, match="class\\(es\\) b have no readable training images"):
+        load_dataset("imagefolder", tmp_path, val_split=0, skip_bad_images=True)
+
+
+def test_hidden_and_stray_files_are_ignored_nested_images_count(tmp_path):
+    write_image_folder(tmp_path, {"train": 6}, CLASSES)
+    cat = tmp_path / "train" / "cat"
+    for name in (".DS_Store", "._00000.png", "notes.txt", "labels.csv", "Thumbs.db"):
+        (cat / name).write_bytes(b"\0\5\26\7 not an image")
+    save(cat / ".ipynb_checkpoints" / "copy.png", Image.new("RGB", (32, 32)))
+    save(tmp_path / "train" / "__MACOSX" / "cat" / "x.png", Image.new("RGB", (32, 32)))
+    save(tmp_path / "train" / ".trash" / "x.png", Image.new("RGB", (32, 32)))
+    save(cat / "2019" / "summer.JPG", Image.new("RGB", (32, 32), (9, 9, 9)))
+    bundle = load_dataset("imagefolder", tmp_path, val_split=0)
+    assert bundle.spec.labels == tuple(CLASSES) and len(bundle.train) == 7
+    assert bundle.train.read(2)[0, 0].tolist() == [9, 9, 9]  # cat/00000.png, cat/00003.png, cat/2019/summer.JPG
+
+
+# --- splits ------------------------------------------------------------------------------------------------------
+
+
+def test_unbalanced_classes_give_every_class_a_validation_image(tmp_path):
+    write_class_folders(tmp_path / "train", *tagged_images(20, (8, 8, 3), 1, seed=0), ["big"])
+    write_class_folders(tmp_path / "train", *tagged_images(2, (8, 8, 3), 1, seed=1), ["rare"])
+    bundle = load_dataset("imagefolder", tmp_path, val_split=0.1, image_size=8)
+    assert torch.bincount(bundle.val.labels).tolist() == [2, 1]  # round(0.1 * 2) = 0, raised to 1
+    assert torch.bincount(bundle.train.labels).tolist() == [18, 1]
+
+
+def test_a_class_of_one_image_cannot_be_split(tmp_path):
+    write_class_folders(tmp_path / "train", *tagged_images(5, (8, 8, 3), 1, seed=0), ["big"])
+    write_class_folders(tmp_path / "train", *tagged_images(1, (8, 8, 3), 1, seed=1), ["lonely"])
+    with pytest.raises(OkdpipeError, match="class 'lonely' has 1 training image\\(s\\).*provide a val/ split"):
+        load_dataset("imagefolder", tmp_path, val_split=0.1, image_size=8)
+    assert len(load_dataset("imagefolder", tmp_path, val_split=0, image_size=8).train) == 6
+
+
+def test_a_single_class_is_an_error(tmp_path):
+    write_image_folder(tmp_path, {"train": 3}, ["cat"], size=8)
+    with pytest.raises(OkdpipeError, match="train: only one class \\(cat\\); a classifier needs at least two"):
+        load_dataset("imagefolder", tmp_path, val_split=0)
+
+
+def test_no_val_and_no_test(tmp_path):
+    write_image_folder(tmp_path, {"train": 30}, CLASSES, size=8)
+    bundle = load_dataset("imagefolder", tmp_path, val_split=0.2, image_size=8)
+    assert (len(bundle.train), len(bundle.val), len(bundle.test)) == (24, 6, 0)
+    assert bundle.test.images.shape == (0, 3, 8, 8)
+
+
+# --- list files ----------------------------------------------------------------------------------------------------
+
+
+def test_list_file_instead_of_class_folders(tmp_path):
+    images, _ = tagged_images(4, (8, 8, 3), 1, seed=3)
+    for index, image in enumerate(images):
+        save(tmp_path / "pics" / f"p, {index}.png", Image.fromarray(image))
+    (tmp_path / "train.csv").write_text(
+        '\ufeffpath,label\n"pics/p, 0.png",10\n"pics/p, 1.png",2\n\n# a comment\n"pics/p, 2.png",10\n'
+    )
+    (tmp_path / "test.csv").write_text(f'"{tmp_path}/pics/p, 3.png",2\n')
+    bundle = load_dataset("imagefolder", tmp_path, val_split=0, image_size=8)
+    assert bundle.spec.labels == ("2", "10")  # numeric labels sort as numbers
+    assert bundle.train.labels.tolist() == [1, 0, 1] and bundle.test.labels.tolist() == [0]
+    assert torch.equal(bundle.train.images[1], torch.from_numpy(images[1]).permute(2, 0, 1))
+    assert torch.equal(bundle.test.images[0], torch.from_numpy(images[3]).permute(2, 0, 1))
+
+
+@pytest.mark.parametrize(
+    "train, test, problem",
+    [
+        ("a.png,x,extra\n", None, "train.csv line 1: expected `path,label`"),
+        ("a.png,\n", None, "train.csv line 1: expected `path,label`"),
+        ("path,label\n", None, "train.csv: lists no images"),
+        ("a.png,x\na.png,w\n", "a.png,y\n", "test.csv: label(s) 'y' are not classes of the training split"),
+    ],
+)
+def test_list_file_problems_are_one_line(tmp_path, train, test, problem):
+    save(tmp_path / "a.png", Image.new("RGB", (8, 8)))
+    (tmp_path / "train.csv").write_text(train)
+    if test:
+        (tmp_path / "test.csv").write_text(test)
+    with pytest.raises(OkdpipeError, match=re.escape(problem)):
+        load_dataset("imagefolder", tmp_path, val_split=0)
+
+
+def test_missing_listed_file_is_a_bad_image_and_folder_plus_list_is_ambiguous(tmp_path):
+    save(tmp_path / "a.png", Image.new("RGB", (8, 8)))
+    (tmp_path / "train.csv").write_text("a.png,x\ngone.png,x\na.png,w\n")
+    with pytest.raises(OkdpipeError, match="gone.png \\(cannot read \\(No such file or directory\\)\\)"):
+        load_dataset("imagefolder", tmp_path, val_split=0)
+    assert len(load_dataset("imagefolder", tmp_path, val_split=0, skip_bad_images=True).train) == 2
+    (tmp_path / "train").mkdir()
+    with pytest.raises(OkdpipeError, match="train and train.csv both describe one split"):
+        load_dataset("imagefolder", tmp_path, val_split=0)
+
+
+def test_a_file_in_two_splits_is_an_error(tmp_path):
+    write_image_folder(tmp_path, {"train": 6}, CLASSES, size=8)
+    (tmp_path / "val.csv").write_text("train/dog/00001.png,dog\n")
+    with pytest.raises(OkdpipeError, match=re.escape("1 file(s) of the val split are also in another split: ")):
+        load_dataset("imagefolder", tmp_path, image_size=8)
+
+
+@pytest.mark.parametrize(
+    "options, problem",
+    [
+        ({"image_size": "big"}, "image_size must be a positive number of pixels, got 'big'"),
+        ({"channels": 4}, "channels must be 1 or 3, got 4"),
+        ({"resize": "crop"}, "resize must be one of stretch, shorter-side, got 'crop'"),
+        ({"skip_bad_images": "yes"}, "skip_bad_images must be true or false"),
+        ({"decode_workers": 0}, "decode_workers must be a positive integer"),
+    ],
+)
+def test_bad_options_are_one_line(tmp_path, options, problem):
+    write_image_folder(tmp_path, {"train": 3}, CLASSES, size=8)
+    with pytest.raises(OkdpipeError, match=f"imagefolder option {problem}"):
+        load_dataset("imagefolder", tmp_path, val_split=0, **options)
+
+
+# --- decoding in processes, and the decode cache -------------------------------------------------------------------
+
+
+def test_worker_processes_decode_what_one_process_does(tmp_path, monkeypatch, capsys):
+    written = write_image_folder(tmp_path, {"train": 150}, CLASSES, size=12)
+    monkeypatch.setattr(decoding, "PLAIN_PROGRESS_EVERY_S", 0.0)  # a progress line per chunk (stderr is no tty)
+    pooled = load_dataset("imagefolder", tmp_path, val_split=0, image_size=12, decode_workers=2, cache=False)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[:2] == ["decoding train: 64/150 images", "decoding train: 128/150 images"]
+    assert lines[2].startswith("decoding train: 150 images in ") and len(lines) == 3
+    images, labels = written["train"]
+    order = np.argsort(labels, kind="stable")
+    assert torch.equal(pooled.train.images, torch.from_numpy(images[order]).permute(0, 3, 1, 2))
+    single = load_dataset("imagefolder", tmp_path, val_split=0, image_size=12, decode_workers=1, cache=False)
+    assert torch.equal(single.train.images, pooled.train.images)
+
+
+def count_decoding(monkeypatch) -> list[int]:
+    """The number of files each decode_files call decoded."""
+    calls, decode = [], folders.decode_files
+    monkeypatch.setattr(folders, "decode_files", lambda paths, *rest: calls.append(len(paths)) or decode(paths, *rest))
+    return calls
+
+
+def forbid_decoding(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("decoded again instead of reading the cache")
+
+    monkeypatch.setattr(folders, "decode_files", refuse)
+
+
+def cache_files() -> list[Path]:
+    return sorted(imagecache.cache_dir().glob("*.npz"))
+
+
+def test_decode_cache_is_reused_and_keyed_by_listing_and_policy(tmp_path, monkeypatch):
+    monkeypatch.setenv("OKDPIPE_CACHE", str(tmp_path / "cache"))
+    write_image_folder(tmp_path / "data", {"train": 6, "test": 3}, CLASSES, size=10)
+    first = load_dataset("imagefolder", tmp_path / "data", val_split=0, image_size=8)
+    assert len(cache_files()) == 2  # train and test
+    with monkeypatch.context() as patch:
+        forbid_decoding(patch)
+        again = load_dataset("imagefolder", tmp_path / "data", val_split=0, image_size=8)
+    assert torch.equal(again.train.images, first.train.images) and torch.equal(again.test.labels, first.test.labels)
+    cropped = load_dataset("imagefolder", tmp_path / "data", val_split=0, image_size=8, resize="shorter-side")
+    assert len(cache_files()) == 4 and cropped.spec.resize == "shorter-side"  # a file per policy
+    victim = tmp_path / "data" / "train" / "dog" / "00001.png"
+    Image.new("RGB", (10, 10), (7, 7, 7)).save(victim)
+    os.utime(victim, ns=(1, 1))  # a changed file: new size and mtime
+    changed = load_dataset("imagefolder", tmp_path / "data", val_split=0, image_size=8)
+    assert changed.train.read(2)[0, 0].tolist() == [7, 7, 7] and len(cache_files()) == 4  # rebuilt in place
+
+
+def one_image_short(cached: Path) -> bytes:
+    """A well-formed archive for the right key that holds one image fewer than its listing."""
+    with np.load(cached) as archive:
+        parts = {name: archive[name] for name in archive.files}
+    buffer = io.BytesIO()
+    np.savez(buffer, **{**parts, "images": parts["images"][:-1]})
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("damage", ["flip a byte", "truncate", "garbage", "one image short"])
+def test_a_damaged_cache_file_is_rebuilt_not_trusted(tmp_path, monkeypatch, capsys, damage):
+    monkeypatch.setenv("OKDPIPE_CACHE", str(tmp_path / "cache"))
+    write_image_folder(tmp_path / "data", {"train": 6}, CLASSES, size=8)
+    first = load_dataset("imagefolder", tmp_path / "data", val_split=0, image_size=8)
+    (cached,) = cache_files()
+    raw = bytearray(cached.read_bytes())
+    if damage == "flip a byte":
+        raw[len(raw) // 3] ^= 0x40  # inside the images array
+    damaged = {"truncate": bytes(raw[: len(raw) // 2]), "garbage": b"junk", "one image short": one_image_short(cached)}
+    cached.write_bytes(damaged.get(damage, bytes(raw)))
+    capsys.readouterr()
+    with monkeypatch.context() as patch:
+        calls = count_decoding(patch)
+        again = load_dataset("imagefolder", tmp_path / "data", val_split=0, image_size=8)
+    assert torch.equal(again.train.images, first.train.images) and calls == [6]
+    assert f"decode cache {cached} is damaged" in capsys.readouterr().err
+    with monkeypatch.context() as patch:  # and the rebuilt file is good again
+        forbid_decoding(patch)
+        assert torch.equal(
+            load_dataset("imagefolder", tmp_path / "data", val_split=0, image_size=8).train.images, first.train.images
+        )
+
+
+def test_the_cache_remembers_bad_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("OKDPIPE_CACHE", str(tmp_path / "cache"))
+    write_image_folder(tmp_path / "data", {"train": 6}, CLASSES, size=8)
+    (tmp_path / "data" / "train" / "cat" / "bad.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(OkdpipeError, match="1 unreadable image file"):
+        load_dataset("imagefolder", tmp_path / "data", val_split=0, image_size=8)
+    forbid_decoding(monkeypatch)
+    with pytest.raises(OkdpipeError, match="bad.png"):
+        load_dataset("imagefolder", tmp_path / "data", val_split=0, image_size=8)
+    assert (
+        len(load_dataset("imagefolder", tmp_path / "data", val_split=0, image_size=8, skip_bad_images=True).train) == 6
+    )
