@@ -11,7 +11,11 @@ DEVICE_HELP = "auto = CUDA when visible, else CPU."
 
 
 def complete(registry: str, incomplete: str) -> list[str]:
-    """Shell completion: the registered method, backbone or dataset names that start with what was typed."""
+    """Shell completion: the registered method, backbone or dataset names that start with what was typed
+    (installed plug-ins' included)."""
+    from okdpipe.plugins import load_installed
+
+    load_installed()
     if registry == "datasets":
         from okdpipe.datasets import DATASETS as names
     elif registry == "methods":
@@ -29,7 +33,7 @@ def distill_command(
     ),
     arch: Optional[str] = typer.Option(
         None,
-        help="Backbone name, e.g. resnet20 (see the README).",
+        help="Backbone name, e.g. resnet20 (see the README), or timm:NAME / torchvision:NAME.",
         autocompletion=lambda incomplete: complete("models", incomplete),
     ),
     students: Optional[int] = typer.Option(None, help="Number of peer students (default: the method's)."),
@@ -57,6 +61,17 @@ def distill_command(
         help="Data-parallel processes on this machine (one GPU "
         "each on CUDA); --batch-size is the global batch. "
         "Or launch with torchrun --nproc-per-node N.",
+    ),
+    init: Optional[str] = typer.Option(
+        None,
+        help="Start the students from this local weights file: a state dict, an okdpipe MODEL.pt, or a timm or "
+        "torchvision checkpoint (.pth, .safetensors). A classifier of another class count is re-initialised.",
+    ),
+    plugin: list[str] = typer.Option(
+        [],
+        "--plugin",
+        help="Import this module (or .py file) first: it registers backbones, datasets or methods. Repeatable; "
+        "adds to the config's plugins.",
     ),
     out: Optional[Path] = typer.Option(None, help="Run directory (default runs/METHOD-ARCH-DATASET-sSEED)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
@@ -86,17 +101,21 @@ def distill_command(
         seed=seed,
         fused=fused,
         nproc_per_node=nproc_per_node,
+        init=init,
     )
     file_values = read_yaml(config) if config else {}
     if resume and not config and out and (out / "config.yaml").is_file():
         file_values = read_yaml(out / "config.yaml")
+    if plugin:
+        listed = file_values.get("plugins") or []
+        flags["plugins"] = [*listed, *plugin] if isinstance(listed, list) else plugin
     cfg = build_config(file_values, flags, set_)
     if dry_run:
         from okdpipe.distill.trainer import with_method_defaults_of
 
         typer.echo(dump_yaml(with_method_defaults_of(cfg)), nl=False)
         return
-    run_dir = out or Path("runs") / f"{cfg.method}-{cfg.arch}-{cfg.dataset}-s{cfg.seed}"
+    run_dir = out or Path("runs") / f"{cfg.method}-{cfg.arch.replace(':', '-')}-{cfg.dataset}-s{cfg.seed}"
     run(cfg, run_dir, resume)
 
 

@@ -38,6 +38,7 @@ from okdpipe.distill.checkpoint import has_checkpoint, load_checkpoint, save_che
 from okdpipe.distill.distributed import Group
 from okdpipe.distill.evaluate import calibration_sample, evaluate_run, recalibrate_bn
 from okdpipe.distill.fused import FusedStudents
+from okdpipe.distill.init_weights import initialise, summary_line
 from okdpipe.distill.methods import METHODS, Method, StepContext
 from okdpipe.distill.students import Students
 from okdpipe.errors import GateFailed, OkdpipeError
@@ -526,12 +527,15 @@ def train(
     configure_determinism()
     s = build_session(cfg, run, group)
     start = restore(s) if resume else 0
+    initial = initialise(s.students, cfg.init, s.method) if cfg.init and not resume else None
     group.copy_from_main(s.students, s.method)
     group.barrier()  # every rank has read the checkpoint and the manifest before rank 0 writes them
     if group.is_main:
         trim_metrics(run, start)
         atomic_write_text(run.config_path, dump_yaml(cfg))
-        run.update_manifest(**manifest_header(s))
+        run.update_manifest(**manifest_header(s), **({"init": initial} if initial else {}))
+        if initial:
+            echo(summary_line(initial))
     for epoch in range(start, cfg.epochs):
         summary = train_epoch(s, epoch, stop_after_steps)
         if summary is None:
