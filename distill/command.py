@@ -84,6 +84,7 @@ def distill_command(
     Exit code: 0 trained; 1 training diverged (a NaN/inf loss or weight; the last good checkpoint is kept);
     2 bad input (flags, config, data, a damaged or busy run directory, an output that cannot be written)."""
     from okdpipe.config import build_config, dump_yaml, read_yaml
+    from okdpipe.errors import OkdpipeError
 
     flags = dict(
         method=method,
@@ -115,6 +116,8 @@ def distill_command(
 
         typer.echo(dump_yaml(with_method_defaults_of(cfg)), nl=False)
         return
+    if cfg.init and not resume and not Path(cfg.init).is_file():
+        raise OkdpipeError(f"--init {cfg.init}: no such file; pass the path of a local weights file")
     run_dir = out or Path("runs") / f"{cfg.method}-{cfg.arch.replace(':', '-')}-{cfg.dataset}-s{cfg.seed}"
     run(cfg, run_dir, resume)
 

@@ -35,13 +35,14 @@ WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "state_dict_ema", "mo
 SHOWN = 5  # names of each kind listed in the report
 
 
-def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
-    """The tensors of a weights file by name, and what kind of file it was."""
+def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str, str]:
+    """The tensors of a weights file by name, what kind of file it was, and the architecture when the file
+    names it (an okdpipe MODEL.pt; "" otherwise)."""
     path = Path(path)
     if not path.is_file():
         raise OkdpipeError(f"--init {path}: no such file; pass the path of a local weights file")
     if path.suffix == ".safetensors":
-        return _read_safetensors(path), "safetensors"
+        return _read_safetensors(path), "safetensors", ""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for foreign or corrupt files
@@ -50,8 +51,9 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
     if isinstance(payload, dict) and payload.get("format") == "okdpipe-model":
         from okdpipe.modelfile import read_model_file
 
-        return read_model_file(path)[0], "okdpipe-model"
-    return _unwrap(payload, path), "state-dict"
+        state, info = read_model_file(path)
+        return state, "okdpipe-model", info.arch
+    return _unwrap(payload, path), "state-dict", ""
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -133,11 +135,17 @@ def initialise(students, path: str | Path, method=None) -> dict[str, Any]:
     """Load `path` into every student (each keeps its own fresh classifier when that is re-initialised), and
     into any copy of the students `method` holds (PCL's mean teacher starts as a copy of the students);
     returns the report the manifest keeps."""
-    weights, kind = read_weights(path)
+    weights, kind, arch = read_weights(path)
+    if arch and arch != students.arch:
+        raise OkdpipeError(
+            f"--init {path}: the model file holds a {arch}, the students are {students.arch}; "
+            f"pass --arch {arch} or a file for {students.arch}"
+        )
     template = students.member_state(0)
-    sample = students.extract(0)
-    if hasattr(sample, "classifier_path") and not any(k in template for k in weights):
-        weights = library_keys(weights, sample.classifier_path)
+    path_in_library = getattr(students.extract(0), "classifier_path", None)  # timm:/torchvision: students only
+    if path_in_library:  # the library's own checkpoint, or one of okdpipe's: whichever names match more
+        renamed = library_keys(weights, path_in_library)
+        weights = max(weights, renamed, key=lambda named: sum(k in template for k in named))
     found = match(template, weights, str(path))
     states = []
     for i in range(students.count):
