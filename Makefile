@@ -14,12 +14,14 @@ STAMP := $(VENV)/.okdpipe-installed
 setup: $(STAMP)
 
 # torch 2.14.1 / torchvision 0.29.1 are pinned in the lock; pip takes them from the machine's local wheel store
-# where there is one. The editable install maps distill/, datasets/, export/, serve/ under `okdpipe.`.
-$(STAMP): requirements.lock pyproject.toml
+# where there is one. The editable install maps distill/, datasets/, export/, serve/ under `okdpipe.`. The example
+# plug-in (examples/plugin) is installed too: the tests train, export and serve what it registers.
+$(STAMP): requirements.lock pyproject.toml examples/plugin/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.lock
 	$(BIN)/python -m pip install --quiet --no-deps -e .
+	$(BIN)/python -m pip install --quiet --no-deps -e examples/plugin
 	touch $(STAMP)
 
 # Fashion-MNIST from Debian's package (root on Debian/Ubuntu); elsewhere put the four IDX files in

@@ -29,6 +29,7 @@ def bench_command(
     warmup: Annotated[Optional[int], flag(BenchConfig, "warmup")] = None,
     min_seconds: Annotated[Optional[float], flag(BenchConfig, "min_seconds")] = None,
     gate: Annotated[Optional[list[str]], flag(BenchConfig, "gates", "--gate")] = None,
+    plugin: Annotated[Optional[list[str]], flag(BenchConfig, "plugins", "--plugin")] = None,
     policy: Annotated[Optional[Path], typer.Option(help="YAML list of gates (added to --gate).")] = None,
     baseline: Annotated[Optional[Path], typer.Option(help="An earlier report.json for relative gates.")] = None,
     report: Annotated[Path, typer.Option(help="report.json path; .md and .png are written beside it.")] = Path(
@@ -60,6 +61,7 @@ def bench_command(
         warmup=warmup,
         min_seconds=min_seconds,
         gates=gate or None,
+        plugins=plugin or None,
     )
     cfg = resolve_or_show(BenchConfig, config, flags, dry_run)
     if cfg is None:

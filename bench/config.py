@@ -8,6 +8,7 @@ from typing import Any, Literal, Optional
 from pydantic import Field, field_validator
 from pydantic_core import PydanticCustomError
 
+from okdpipe.plugins import PLUGINS_HELP, PluginNames
 from okdpipe.stage_config import StageConfig
 
 MAX_BATCH = 65536
@@ -28,6 +29,7 @@ class BenchConfig(StageConfig):
     warmup: int = Field(10, ge=0, le=100_000, description="untimed runs before timing each batch size")
     min_seconds: float = Field(1.0, gt=0, le=3600, description="time each batch size at least this long (s)")
     gates: list[str] = Field(default_factory=list, description="gates such as 'top1>=0.90', 'p99_ms@1<=baseline*1.1'")
+    plugins: PluginNames = Field(default_factory=list, description=PLUGINS_HELP + " (a model file names its own)")
 
     @field_validator("provider", mode="before")
     @classmethod

@@ -11,7 +11,11 @@ DEVICE_HELP = "auto = CUDA when visible, else CPU."
 
 
 def complete(registry: str, incomplete: str) -> list[str]:
-    """Shell completion: the registered method, backbone or dataset names that start with what was typed."""
+    """Shell completion: the registered method, backbone or dataset names that start with what was typed
+    (installed plug-ins' included)."""
+    from okdpipe.plugins import load_installed
+
+    load_installed()
     if registry == "datasets":
         from okdpipe.datasets import DATASETS as names
     elif registry == "methods":
@@ -29,7 +33,7 @@ def distill_command(
     ),
     arch: Optional[str] = typer.Option(
         None,
-        help="Backbone name, e.g. resnet20 (see the README).",
+        help="Backbone name, e.g. resnet20 (see the README), or timm:NAME / torchvision:NAME.",
         autocompletion=lambda incomplete: complete("models", incomplete),
     ),
     students: Optional[int] = typer.Option(None, help="Number of peer students (default: the method's)."),
@@ -72,6 +76,17 @@ def distill_command(
     mlflow_uri: Optional[str] = typer.Option(
         None, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else a file store ./mlruns)."
     ),
+    init: Optional[str] = typer.Option(
+        None,
+        help="Start the students from this local weights file: a state dict, an okdpipe MODEL.pt, or a timm or "
+        "torchvision checkpoint (.pth, .safetensors). A classifier of another class count is re-initialised.",
+    ),
+    plugin: list[str] = typer.Option(
+        [],
+        "--plugin",
+        help="Import this module (or .py file) first: it registers backbones, datasets or methods. Repeatable; "
+        "adds to the config's plugins.",
+    ),
     out: Optional[Path] = typer.Option(None, help="Run directory (default runs/METHOD-ARCH-DATASET-sSEED)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     config: Optional[Path] = typer.Option(None, help="YAML config; flags override it."),
@@ -83,6 +98,7 @@ def distill_command(
     Exit code: 0 trained; 1 training diverged (a NaN/inf loss or weight; the last good checkpoint is kept);
     2 bad input (flags, config, data, a damaged or busy run directory, an output that cannot be written)."""
     from okdpipe.config import build_config, dump_yaml, read_yaml
+    from okdpipe.errors import OkdpipeError
 
     flags = dict(
         method=method,
@@ -102,10 +118,14 @@ def distill_command(
         nproc_per_node=nproc_per_node,
         loggers=logger or None,
         mlflow_uri=mlflow_uri,
+        init=init,
     )
     file_values = read_yaml(config) if config else {}
     if resume and not config and out and (out / "config.yaml").is_file():
         file_values = read_yaml(out / "config.yaml")
+    if plugin:
+        listed = file_values.get("plugins") or []
+        flags["plugins"] = [*listed, *plugin] if isinstance(listed, list) else plugin
     cfg = build_config(file_values, flags, set_)
     if skip_bad_images:  # a loader option, so select/export/bench rebuild the same splits from the record
         cfg.data_options = {**cfg.data_options, "skip_bad_images": True}
@@ -114,7 +134,9 @@ def distill_command(
 
         typer.echo(dump_yaml(with_method_defaults_of(cfg)), nl=False)
         return
-    run_dir = out or Path("runs") / f"{cfg.method}-{cfg.arch}-{cfg.dataset}-s{cfg.seed}"
+    if cfg.init and not resume and not Path(cfg.init).is_file():
+        raise OkdpipeError(f"--init {cfg.init}: no such file; pass the path of a local weights file")
+    run_dir = out or Path("runs") / f"{cfg.method}-{cfg.arch.replace(':', '-')}-{cfg.dataset}-s{cfg.seed}"
     run(cfg, run_dir, resume)
 
 

@@ -5,7 +5,8 @@
   the classifier each) (ONE, PCL, MBDE). Branch i plus the trunk extracts to a plain backbone.
 
 `extract(i)` always returns a standalone `Backbone` of the base architecture: the only thing select and
-export ever see.
+export ever see. timm/torchvision architectures (distill/models/external.py) have no stages to split, so they
+come only as peers; their first forward pass turns an input they cannot take into one line naming the shape.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import torch
 from torch import nn
 
 from okdpipe.distill.models import Backbone, create_model
+from okdpipe.distill.models.external import first_line, is_external
+from okdpipe.errors import OkdpipeError
 
 
 @dataclass
@@ -45,7 +48,14 @@ class Students(nn.Module):
         super().__init__()
         if layout not in ("peers", "branches"):
             raise ValueError(f"unknown student layout {layout!r}")
+        if layout == "branches" and is_external(arch):
+            raise OkdpipeError(
+                f"--arch {arch}: shared-trunk methods (one, pcl, mbde) split a backbone into okdpipe's stem and "
+                "stages, which timm/torchvision models do not have; use a peers method (vanilla, dml, okdph) "
+                "or an okdpipe backbone"
+            )
         self.arch, self.count, self.layout = arch, count, layout
+        self._input_checked = not is_external(arch)
         self.channels_last = False
         self.num_classes, self.in_channels = num_classes, in_channels
         first = self._new_backbone()
@@ -67,9 +77,27 @@ class Students(nn.Module):
         (a method may ask for more views than students, e.g. OKDPH's hybrid gets one of its own)."""
         if views.shape[0] != 1 and views.shape[0] < self.count:
             raise ValueError(f"expected 1 or at least {self.count} views, got {views.shape[0]}")
+        if not self._input_checked:
+            return self._first_external_forward(views, features, stages)
         if self.layout == "peers":
             return self._forward_peers(views, features, stages)
         return self._forward_branches(views, features, stages)
+
+    def _first_external_forward(self, views, features, stages) -> StudentOutputs:
+        """A library model may need a fixed input size (ViT, Swin) or a minimum one: say so in one line instead
+        of the library's traceback (a later forward pass runs unguarded)."""
+        try:
+            out = self._forward_peers(views, features, stages)
+        except (RuntimeError, ValueError, AssertionError) as exc:
+            if isinstance(exc, torch.OutOfMemoryError):
+                raise
+            shape = "x".join(map(str, views.shape[-3:]))
+            raise OkdpipeError(
+                f"--arch {self.arch} cannot take this dataset's {shape} (CxHxW) images ({first_line(exc)}); "
+                "choose a model without a fixed input size or a dataset of the size it needs"
+            ) from None
+        self._input_checked = True
+        return out
 
     def _view(self, views: torch.Tensor, i: int) -> torch.Tensor:
         view = views[i] if views.shape[0] > 1 else views[0]
@@ -118,6 +146,22 @@ class Students(nn.Module):
         net.load_state_dict(self.member_state(i))
         return net
 
+    def load_member_states(self, states: list[dict[str, torch.Tensor]]) -> None:
+        """Set every student from a state dict under the plain backbone's keys (the inverse of member_state);
+        in the branches layout the trunk is shared, so it takes student 0's trunk entries."""
+        if len(states) != self.count:
+            raise ValueError(f"expected {self.count} student states, got {len(states)}")
+        if self.layout == "peers":
+            for member, state in zip(self.members, states):
+                member.load_state_dict(state)
+            return
+        last = len(self.trunk["stages"])
+        trunk = {k: v for k, v in states[0].items() if not k.startswith(("classifier.", f"stages.{last}."))}
+        self.trunk.load_state_dict(trunk)
+        for branch, state in zip(self.branches, states):
+            branch["stage"].load_state_dict(_under(state, f"stages.{last}."))
+            branch["classifier"].load_state_dict(_under(state, "classifier."))
+
     def member_state(self, i: int) -> dict[str, torch.Tensor]:
         """Student i's state dict under the plain backbone's keys (stem.*, stages.<k>.*, classifier.*)."""
         if self.layout == "peers":
@@ -128,3 +172,7 @@ class Students(nn.Module):
         state.update({f"stages.{last}.{k}": v for k, v in self.branches[i]["stage"].state_dict().items()})
         state.update({f"classifier.{k}": v for k, v in self.branches[i]["classifier"].state_dict().items()})
         return state
+
+
+def _under(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}

@@ -41,6 +41,7 @@ from okdpipe.distill.checkpoint import has_checkpoint, load_checkpoint, save_che
 from okdpipe.distill.distributed import Group
 from okdpipe.distill.evaluate import calibration_sample, evaluate_run, recalibrate_bn
 from okdpipe.distill.fused import FusedStudents
+from okdpipe.distill.init_weights import initialise, summary_line
 from okdpipe.distill.methods import METHODS, Method, StepContext
 from okdpipe.distill.students import Students
 from okdpipe.distill.trackers import Trackers, open_trackers, require
@@ -533,12 +534,15 @@ def train(
     configure_determinism()
     s = build_session(cfg, run, group)
     start = restore(s) if resume else 0
+    initial = initialise(s.students, cfg.init, s.method) if cfg.init and not resume else None
     group.copy_from_main(s.students, s.method)
     group.barrier()  # every rank has read the checkpoint and the manifest before rank 0 writes them
     if group.is_main:
         trim_metrics(run, start)
         atomic_write_text(run.config_path, dump_yaml(cfg))
-        run.update_manifest(**manifest_header(s))
+        run.update_manifest(**manifest_header(s), **({"init": initial} if initial else {}))
+        if initial:
+            echo(summary_line(initial))
         s.trackers = open_trackers(
             run, s.cfg.model_dump(mode="json"), dump_yaml(cfg), cfg.loggers, cfg.mlflow_uri, start * len(s.train_loader)
         )

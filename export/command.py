@@ -29,6 +29,7 @@ def export_command(
     data_dir: Annotated[Optional[str], flag(ExportConfig, "data_dir")] = None,
     triton_max_batch_size: Annotated[Optional[int], flag(ExportConfig, "triton_max_batch_size")] = None,
     triton_instance: Annotated[Optional[str], flag(ExportConfig, "triton_instance")] = None,
+    plugin: Annotated[Optional[list[str]], flag(ExportConfig, "plugins", "--plugin")] = None,
     config: Annotated[
         Optional[Path],
         typer.Option(help="YAML holding these options (as the pipeline's export: section); flags override it."),
@@ -53,6 +54,7 @@ def export_command(
         data_dir=data_dir,
         triton_max_batch_size=triton_max_batch_size,
         triton_instance=triton_instance,
+        plugins=plugin or None,
     )
     cfg = resolve_or_show(ExportConfig, config, flags, dry_run)
     if cfg is None:

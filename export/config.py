@@ -8,6 +8,7 @@ from typing import Literal, Optional
 
 from pydantic import Field
 
+from okdpipe.plugins import PLUGINS_HELP, PluginNames
 from okdpipe.stage_config import StageConfig
 
 # Opsets 18+ come from torch's dynamo exporter, 13-17 from its TorchScript exporter (the dynamo exporter builds
@@ -28,3 +29,4 @@ class ExportConfig(StageConfig):
     parity_batch: int = Field(32, ge=2, le=4096, description="validation images in the parity check's batch")
     triton_max_batch_size: int = Field(64, ge=1, le=1 << 16, description="Triton max_batch_size")
     triton_instance: Literal["cpu", "gpu"] = Field("cpu", description="Triton instance_group kind")
+    plugins: PluginNames = Field(default_factory=list, description=PLUGINS_HELP + " (a model file names its own)")

@@ -242,8 +242,9 @@ def card_fields(
 
 
 def model_name(info: ModelInfo, precision: str = "fp32") -> str:
-    """`resnet20-fashion-mnist`, `resnet20-fashion-mnist-int8`: unique when several variants are served."""
-    parts = [info.arch, info.dataset] + ([] if precision == "fp32" else [precision])
+    """`resnet20-fashion-mnist`, `resnet20-fashion-mnist-int8`: unique when several variants are served
+    (`timm:resnet10t` becomes `timm-resnet10t`: a name that sits in URLs and Triton folder names)."""
+    parts = [info.arch.replace(":", "-"), info.dataset] + ([] if precision == "fp32" else [precision])
     return "-".join(part for part in parts if part)
 
 

@@ -12,6 +12,7 @@ gives the same ops but stamps eight ORT-private opset domains into the file, so 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable
 
 import numpy as np
@@ -38,8 +39,14 @@ def export_onnx(model, input_shape: tuple[int, int, int], path: str | os.PathLik
             _export_dynamo(model, input_shape, path, opset)
         else:
             _export_torchscript(model, input_shape, path, opset)
-    except Exception as exc:  # the exporters raise many types; the first line names the unsupported op
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    except Exception as exc:  # the exporters raise many types, and bury the operator deep in their text
+        operator = unsupported_operator(exc)
+        if operator:
+            raise OkdpipeError(
+                f"ONNX export failed at opset {opset}: operator {operator} has no ONNX conversion; replace the "
+                "layer that uses it, or try another --opset"
+            ) from None
+        first = ANSI.sub("", str(exc)).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise OkdpipeError(f"ONNX export failed at opset {opset} ({first}); try another --opset") from None
     graph = onnx.load(str(path))
     onnx.checker.check_model(graph, full_check=True)
@@ -47,6 +54,29 @@ def export_onnx(model, input_shape: tuple[int, int, int], path: str | os.PathLik
     if written != opset:
         raise OkdpipeError(f"the exporter wrote opset {written}, not the requested {opset}; choose another --opset")
     return written
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# How torch's exporters name the operator they cannot convert: dynamo ("No ONNX function found for
+# <OpOverload(op='aten.linalg_eig', ...") and TorchScript ("Exporting the operator 'aten::linalg_eigvals' ...").
+OPERATOR_PATTERNS = (
+    re.compile(r"No ONNX function found for <OpOverload\(op='([\w.:]+)'"),
+    re.compile(r"Exporting the operator '([\w.:]+)'"),
+    re.compile(r"target=torch\.ops\.([\w.]+?)(?:\.default)?\]"),
+)
+
+
+def unsupported_operator(exc: BaseException) -> str | None:
+    """The operator an export failure names, searched through the exception and its causes; None if none."""
+    seen = exc
+    while seen is not None:
+        text = str(seen)
+        for pattern in OPERATOR_PATTERNS:
+            found = pattern.search(text)
+            if found:
+                return found.group(1)
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def graph_opset(graph) -> int:

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from okdpipe.errors import OkdpipeError
+from okdpipe.plugins import PLUGINS_HELP, PluginNames
 
 MAX_CONFIG_BYTES = 1 << 20  # configs are a few hundred bytes; a bigger file is a mistake or an attack
 MAX_YAML_DEPTH = 32  # the deepest okdpipe config nests 3 levels
@@ -29,8 +30,9 @@ class Strict(BaseModel):
 class DistillConfig(Strict):
     """Everything a distillation run depends on; written to RUN_DIR/config.yaml."""
 
+    plugins: PluginNames = Field(default_factory=list, description=PLUGINS_HELP)
     method: str = "vanilla"
-    arch: str = "resnet20"
+    arch: str = Field("resnet20", description="a registered backbone, timm:NAME or torchvision:NAME")
     students: Optional[int] = Field(None, ge=1, le=16, description="number of peers; None = the method's default")
     dataset: str = "fashion-mnist"
     data_dir: Optional[str] = None
@@ -70,6 +72,11 @@ class DistillConfig(Strict):
         description="data-parallel processes, one GPU each on CUDA; batch_size is the global batch, split evenly",
     )
     eval_batch_size: int = Field(512, ge=1)
+    init: Optional[str] = Field(
+        None,
+        description="initial weights for every student: a state dict, an okdpipe MODEL.pt, or a timm or torchvision "
+        "checkpoint (.pth, .safetensors); a local file, never downloaded",
+    )
     method_params: dict[str, Any] = Field(default_factory=dict)
     data_options: dict[str, Any] = Field(default_factory=dict, description="extra dataset loader options")
     loggers: list[Literal["tensorboard", "mlflow"]] = Field(
@@ -79,6 +86,13 @@ class DistillConfig(Strict):
     mlflow_uri: Optional[str] = Field(
         None, description="MLflow tracking URI; None = $MLFLOW_TRACKING_URI, else a file store ./mlruns"
     )
+
+    @field_validator("init")
+    @classmethod
+    def _init_is_a_local_path(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and ("://" in value or not value.strip()):
+            raise ValueError("init must be the path of a local file (okdpipe never downloads weights)")
+        return value
 
     @model_validator(mode="after")
     def _milestones_in_range(self) -> DistillConfig:

@@ -9,6 +9,8 @@ export needs: the architecture and its arguments, the input it expects, its labe
       "arch": "resnet20", "arch_kwargs": {}, "num_classes": 10, "in_channels": 1,
       "input_size": [28, 28], "mean": [...], "std": [...], "labels": [...], "dataset": "fashion-mnist",
       "provenance": {"run_dir": ..., "method": ..., "candidate": ..., "val_top1": ...},
+      "arch_source": {"plugin": "my_models", "module": ..., "package": ..., "version": ...}  (a plug-in's
+                     architecture) or {"library": "timm", "version": "1.0.31"} (timm:/torchvision:); else absent,
       "weights_sha256": "<sha256 over the state dict's names, dtypes, shapes and bytes>",
       "state_dict": {...},
     }
@@ -45,6 +47,9 @@ class ModelInfo:
     dataset: str = ""
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
+    # Where the architecture's code comes from when it is not okdpipe's own: the plug-in or library that must
+    # be loaded to rebuild it (taken from the model's `arch_source` when saved).
+    arch_source: dict[str, str] = field(default_factory=dict)
 
 
 def weights_sha256(state_dict: dict) -> str:
@@ -67,8 +72,10 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
 def save_model_file(model, info: ModelInfo, path: str | os.PathLike) -> str:
     """Save `model` (a plain network from the backbone registry) with `info`; returns the file's sha256.
-    Refused, writing nothing, when a field is invalid or a weight is not finite."""
+    Refused, writing nothing, when a field is invalid or a weight is not finite. The plug-in or library that
+    built the architecture (`model.arch_source`) is recorded so a reader without it gets a one-line error."""
     check_info(info, path)
+    source = dict(info.arch_source or getattr(model, "arch_source", {}) or {})
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     non_finite = [k for k, v in state.items() if v.is_floating_point() and not bool(v.isfinite().all())]
     if non_finite:
@@ -89,6 +96,7 @@ def save_model_file(model, info: ModelInfo, path: str | os.PathLike) -> str:
         "labels": [str(label) for label in info.labels],
         "dataset": info.dataset,
         "provenance": dict(info.provenance),
+        **({"arch_source": {k: str(v) for k, v in source.items()}} if source else {}),
         "weights_sha256": weights_sha256(state),
         "state_dict": state,
     }
@@ -132,6 +140,7 @@ def info_from_payload(payload: dict, where: object) -> ModelInfo:
             labels=tuple(payload["labels"]),
             dataset=payload.get("dataset", ""),
             provenance=payload.get("provenance", {}),
+            arch_source=payload.get("arch_source", {}),
         )
     except (KeyError, TypeError) as exc:
         raise OkdpipeError(f"{where}: the model file lacks or mistypes field {exc}; {MODEL_FILE.fix}") from None
@@ -175,8 +184,11 @@ def _info_problem(info: ModelInfo) -> str | None:
         ),
         (isinstance(info.dataset, str), "dataset must be a string"),
         (
-            isinstance(info.arch_kwargs, dict) and isinstance(info.provenance, dict),
-            "arch_kwargs and provenance must be mappings",
+            isinstance(info.arch_kwargs, dict)
+            and isinstance(info.provenance, dict)
+            and isinstance(info.arch_source, dict)
+            and all(isinstance(v, str) for v in info.arch_source.values()),
+            "arch_kwargs and provenance must be mappings, arch_source a mapping of strings",
         ),
     ]
     return next((problem for ok, problem in checks if not ok), None)

@@ -34,6 +34,7 @@ from okdpipe.distill.select_command import SelectConfig
 from okdpipe.errors import OkdpipeError
 from okdpipe.export.config import ExportConfig
 from okdpipe.files import atomic_write_json, file_sha256
+from okdpipe.plugins import PLUGINS_HELP, PluginNames
 from okdpipe.run import RunDir, now_iso
 
 STATE_FILE = "pipeline.json"
@@ -50,12 +51,20 @@ STATE = FileFormat(
 class PipelineConfig(Strict):
     """Each section is that stage's own config model (the one its command and Python function take)."""
 
+    plugins: PluginNames = Field(default_factory=list, description=PLUGINS_HELP + " (for every stage)")
     out: Optional[str] = None
     distill: DistillConfig = Field(default_factory=DistillConfig)
     select: SelectConfig = Field(default_factory=SelectConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     bench: BenchConfig = Field(default_factory=BenchConfig)
     gate: list[str] = Field(default_factory=list, description='e.g. ["top1>=0.80", "p99_ms@1<=20"]')
+
+    @model_validator(mode="after")
+    def _run_records_plugins(self) -> PipelineConfig:
+        """The distill run records the pipeline's plug-ins, so a later `okdpipe select` of it loads them too."""
+        if any(p not in self.distill.plugins for p in self.plugins):
+            self.distill.plugins = list(dict.fromkeys([*self.plugins, *self.distill.plugins]))
+        return self
 
     @model_validator(mode="after")
     def _gates_in_one_place(self) -> PipelineConfig:
@@ -87,11 +96,11 @@ def check_names(cfg: PipelineConfig) -> None:
     from okdpipe.config import validate_params
     from okdpipe.datasets import DATASETS
     from okdpipe.distill.methods import METHODS
-    from okdpipe.distill.models import MODELS
+    from okdpipe.distill.models import check_arch
 
     method = METHODS.get(cfg.distill.method)
     validate_params(method.Params, cfg.distill.method_params, cfg.distill.method)
-    MODELS.get(cfg.distill.arch)
+    check_arch(cfg.distill.arch)
     DATASETS.get(cfg.distill.dataset)
     validate_gates(cfg.gate, None, None, tuple(cfg.bench.batch_sizes))
 

@@ -1,4 +1,7 @@
-"""One generic name -> object registry, used for backbones, methods and datasets."""
+"""One generic name -> object registry, used for backbones, methods and datasets.
+
+A name a registry does not hold may come from a plug-in not imported yet (okdpipe/plugins.py): the registry
+loads the pending ones (installed entry points, the environment's OKDPIPE_PLUGINS) before it gives up."""
 
 from __future__ import annotations
 
@@ -28,11 +31,14 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         if name not in self._items:
+            _load_pending_plugins()
+        if name not in self._items:
             known = ", ".join(sorted(self._items))
             raise OkdpipeError(f"unknown {self.kind} {name!r}; choose one of: {known}")
         return self._items[name]
 
     def names(self) -> list[str]:
+        """The names registered so far (installed plug-ins are not imported for this: see get)."""
         return sorted(self._items)
 
     def __contains__(self, name: str) -> bool:
@@ -40,3 +46,9 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+def _load_pending_plugins() -> None:
+    from okdpipe.plugins import load_pending
+
+    load_pending()

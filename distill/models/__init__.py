@@ -2,16 +2,19 @@
 
     from okdpipe.distill.models import MODELS, create_model
     model = create_model("resnet32", num_classes=100, in_channels=3)
+    model = create_model("timm:resnet10t", num_classes=10, in_channels=1)  # a timm/torchvision classifier
+
+Plug-ins add their own with `@MODELS.register("name")` (okdpipe/plugins.py).
 
 Importing this package registers every architecture below in MODELS.
 """
 
 from okdpipe.distill.models import cifar_resnet, densenet, mobilenetv2, torchvision_resnet, vgg, wide_resnet
-from okdpipe.distill.models.base import MODELS, Backbone, create_model, init_weights
+from okdpipe.distill.models.base import MODELS, Backbone, check_arch, create_model, init_weights
 from okdpipe.distill.models.load import load_model_file
 from okdpipe.distill.models.macs import count_macs
 
-__all__ = ["MODELS", "Backbone", "count_macs", "create_model", "init_weights", "load_model_file"]
+__all__ = ["MODELS", "Backbone", "check_arch", "count_macs", "create_model", "init_weights", "load_model_file"]
 
 # The architecture modules are imported for their registrations only.
 del cifar_resnet, densenet, mobilenetv2, torchvision_resnet, vgg, wide_resnet

@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from okdpipe.distill.models.external import check_external, create_external, is_external
 from okdpipe.errors import OkdpipeError
+from okdpipe.plugins import provider
 from okdpipe.registry import Registry
 
 
@@ -48,6 +50,7 @@ class Backbone(nn.Module):
         # Filled in by create_model, so that a network says how to rebuild itself.
         self.arch = ""
         self.arch_kwargs: dict[str, Any] = {}
+        self.arch_source: dict[str, str] = {}  # the plug-in that built it; {} for okdpipe's own
         init_weights(self)
 
     def forward_features(self, x: torch.Tensor, return_stages: bool = False):
@@ -109,16 +112,37 @@ MODELS: Registry[ModelBuilder] = Registry("backbone")
 
 
 def create_model(name: str, num_classes: int, in_channels: int = 3, **kwargs: Any) -> Backbone:
-    """Build a registered backbone; (name, num_classes, in_channels, kwargs) fully determine its shape."""
-    builder = MODELS.get(name)
+    """Build a registered backbone, or a timm/torchvision one (`timm:NAME`, `torchvision:NAME`, see external.py);
+    (name, num_classes, in_channels, kwargs) fully determine its shape. The model says how to rebuild itself
+    (`arch`, `arch_kwargs`) and, when a plug-in or library built it, where it came from (`arch_source`)."""
     for what, value in (("num_classes", num_classes), ("in_channels", in_channels)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise OkdpipeError(f"backbone {name!r}: {what} must be a positive integer, got {value!r}")
+    if is_external(name):
+        return create_external(name, num_classes, in_channels, **kwargs)
+    builder = registered_builder(name)
     _check_options(name, builder, kwargs)
     model = builder(num_classes=num_classes, in_channels=in_channels, **kwargs)
     model.arch = name
     model.arch_kwargs = dict(kwargs)
+    model.arch_source = provider(builder)
     return model
+
+
+def registered_builder(name: str) -> ModelBuilder:
+    """The builder of a registered backbone; an unknown name's error also offers the timm/torchvision forms."""
+    try:
+        return MODELS.get(name)
+    except OkdpipeError as exc:
+        raise OkdpipeError(f"{exc}, or timm:NAME / torchvision:NAME") from None
+
+
+def check_arch(name: str) -> None:
+    """Fail now, in one line, for a name create_model would refuse (unknown, or its library missing)."""
+    if is_external(name):
+        check_external(name)
+    else:
+        registered_builder(name)
 
 
 def _check_options(name: str, builder: ModelBuilder, kwargs: dict[str, Any]) -> None:

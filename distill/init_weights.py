@@ -1,0 +1,188 @@
+"""`--init PATH`: start every student from weights in a local file instead of a random initialisation.
+
+The file may be a plain state dict (`torch.save(model.state_dict())`), an okdpipe MODEL.pt, a training
+checkpoint that wraps a state dict (`state_dict`, `model`, `state_dict_ema`; `module.` prefixes from
+DataParallel are dropped), or a `.safetensors` file, as timm and torchvision publish and cache them. Files are
+read with `weights_only=True`: nothing in them is executed, and nothing is ever downloaded.
+
+Keys are matched to each student's own (for timm:/torchvision: students the library's checkpoint keys map onto
+`net.*` and its classifier onto `classifier.*`, see models/external.py). What happens to each entry:
+
+- same name and shape: loaded;
+- the classifier (`classifier.*`) with another class count: left at its fresh initialisation (fine-tuning to
+  this dataset's classes);
+- the first convolution of a 3-channel (RGB) file for a 1-channel dataset: its weights summed over the colour
+  channels, as timm adapts pretrained weights to grayscale (a grey image x gives the RGB conv's response to
+  (x, x, x));
+- any other shape difference: an error naming the first such entry;
+- in the file but not in the student ("unexpected") or in the student but not in the file ("missing"):
+  reported; a file sharing no entry with the student is an error.
+
+The report (counts, the first names of each kind, the file's sha256) is printed and kept in the run's manifest.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from okdpipe.errors import OkdpipeError
+from okdpipe.files import file_sha256
+
+WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "state_dict_ema", "model_ema")
+SHOWN = 5  # names of each kind listed in the report
+
+
+def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str, str]:
+    """The tensors of a weights file by name, what kind of file it was, and the architecture when the file
+    names it (an okdpipe MODEL.pt; "" otherwise)."""
+    path = Path(path)
+    if not path.is_file():
+        raise OkdpipeError(f"--init {path}: no such file; pass the path of a local weights file")
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path), "safetensors", ""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for foreign or corrupt files
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise OkdpipeError(f"--init {path}: not a readable weights file ({reason})") from None
+    if isinstance(payload, dict) and payload.get("format") == "okdpipe-model":
+        from okdpipe.modelfile import read_model_file
+
+        state, info = read_model_file(path)
+        return state, "okdpipe-model", info.arch
+    return _unwrap(payload, path), "state-dict", ""
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise OkdpipeError(f"--init {path}: not a readable .safetensors file ({str(exc)[:160]})") from None
+
+
+def _unwrap(payload: Any, path: Path) -> dict[str, torch.Tensor]:
+    """The state dict inside a checkpoint: the payload itself, or the first wrapper key that holds one."""
+    for key in WRAPPER_KEYS:
+        if isinstance(payload, dict) and isinstance(payload.get(key), dict):
+            payload = payload[key]
+            break
+    tensors = {k: v for k, v in payload.items() if torch.is_tensor(v)} if isinstance(payload, dict) else {}
+    if not tensors:
+        raise OkdpipeError(
+            f"--init {path}: holds no state dict of tensors; save one with torch.save(model.state_dict())"
+        )
+    if all(k.startswith("module.") for k in tensors):
+        tensors = {k.removeprefix("module."): v for k, v in tensors.items()}
+    return tensors
+
+
+def library_keys(weights: dict[str, torch.Tensor], classifier_path: str) -> dict[str, torch.Tensor]:
+    """A timm/torchvision checkpoint's keys as an ExternalBackbone names them (`net.*`, `classifier.*`)."""
+    head = classifier_path + "."
+    return {("classifier." + k[len(head) :] if k.startswith(head) else "net." + k): v for k, v in weights.items()}
+
+
+def match(target: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], where: str) -> dict[str, Any]:
+    """Which entries of `weights` a student with state `target` takes (see the module docstring)."""
+    loaded, reinitialised, adapted = {}, [], []
+    first_conv = next((k for k, v in target.items() if v.dim() == 4), None)
+    for key, value in weights.items():
+        if key not in target:
+            continue
+        want = target[key]
+        if value.shape == want.shape:
+            loaded[key] = value.to(want.dtype)
+        elif key.startswith("classifier.") and value.shape[0] != want.shape[0] and value.shape[1:] == want.shape[1:]:
+            reinitialised.append(key)
+        elif key == first_conv and (value.shape[1], want.shape[1]) == (3, 1) and _same_but_input(value, want):
+            loaded[key] = value.sum(1, keepdim=True).to(want.dtype)
+            adapted.append(key)
+        else:
+            raise OkdpipeError(
+                f"--init {where}: {key} has shape {list(value.shape)} in the file but {list(want.shape)} in the "
+                "students; the file is for another architecture or width (only the classifier's class count "
+                "may differ)"
+            )
+    if not loaded:
+        raise OkdpipeError(
+            f"--init {where}: none of its {len(weights)} entries matches the students' {len(target)} "
+            f"(file: {', '.join(list(weights)[:3])}...; students: {', '.join(list(target)[:3])}...); "
+            "is it for this --arch?"
+        )
+    missing = [k for k in target if k not in loaded and k not in reinitialised]
+    unexpected = [k for k in weights if k not in target]
+    return {
+        "loaded": loaded,
+        "reinitialised": reinitialised,
+        "adapted": adapted,
+        "missing": missing,
+        "unexpected": unexpected,
+    }
+
+
+def _same_but_input(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Two conv weights [out, in, kh, kw] that differ at most in their input channels."""
+    return a.dim() == b.dim() == 4 and a.shape[0] == b.shape[0] and a.shape[2:] == b.shape[2:]
+
+
+def initialise(students, path: str | Path, method=None) -> dict[str, Any]:
+    """Load `path` into every student (each keeps its own fresh classifier when that is re-initialised), and
+    into any copy of the students `method` holds (PCL's mean teacher starts as a copy of the students);
+    returns the report the manifest keeps."""
+    weights, kind, arch = read_weights(path)
+    if arch and arch != students.arch:
+        raise OkdpipeError(
+            f"--init {path}: the model file holds a {arch}, the students are {students.arch}; "
+            f"pass --arch {arch} or a file for {students.arch}"
+        )
+    template = students.member_state(0)
+    path_in_library = getattr(students.extract(0), "classifier_path", None)  # timm:/torchvision: students only
+    if path_in_library:  # the library's own checkpoint, or one of okdpipe's: whichever names match more
+        renamed = library_keys(weights, path_in_library)
+        weights = max(weights, renamed, key=lambda named: sum(k in template for k in named))
+    found = match(template, weights, str(path))
+    states = []
+    for i in range(students.count):
+        state = students.member_state(i)
+        state.update(found["loaded"])
+        states.append(state)
+    students.load_member_states(states)
+    copies = [m for m in (method.modules() if method is not None else []) if type(m) is type(students)]
+    for copy in copies:
+        copy.load_state_dict(students.state_dict())
+    return report(path, kind, found, len(template))
+
+
+def report(path: str | Path, kind: str, found: dict[str, Any], total: int) -> dict[str, Any]:
+    return {
+        "path": str(Path(path).resolve()),
+        "sha256": file_sha256(path),
+        "kind": kind,
+        "loaded": len(found["loaded"]),
+        "of": total,
+        "reinitialised": found["reinitialised"],
+        "adapted_to_grayscale": found["adapted"],
+        "missing": len(found["missing"]),
+        "missing_first": found["missing"][:SHOWN],
+        "unexpected": len(found["unexpected"]),
+        "unexpected_first": found["unexpected"][:SHOWN],
+    }
+
+
+def summary_line(record: dict[str, Any]) -> str:
+    """One line for the console: what --init did."""
+    parts = [f"init: loaded {record['loaded']} of {record['of']} tensors from {record['path']} ({record['kind']})"]
+    if record["reinitialised"]:
+        parts.append(f"re-initialised {', '.join(record['reinitialised'])} (another class count)")
+    if record["adapted_to_grayscale"]:
+        parts.append(f"summed RGB->grey: {', '.join(record['adapted_to_grayscale'])}")
+    for kind in ("missing", "unexpected"):
+        if record[kind]:
+            parts.append(f"{record[kind]} {kind} (e.g. {', '.join(record[kind + '_first'][:3])})")
+    return "; ".join(parts)

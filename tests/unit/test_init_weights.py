@@ -1,0 +1,150 @@
+"""`--init PATH` (distill/init_weights.py): students start from a state dict, an okdpipe MODEL.pt, or a timm or
+torchvision checkpoint (.pth, .safetensors); the classifier of another class count is re-initialised, an RGB
+first conv is summed for grayscale, any other mismatch is one line; the report is exact and kept in the
+manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from okdpipe.distill.init_weights import initialise
+from okdpipe.distill.models import create_model
+from okdpipe.distill.students import Students
+from okdpipe.errors import OkdpipeError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_torchvision_checkpoint_fine_tunes_to_another_class_count(tmp_path):
+    from torchvision.models import mobilenet_v3_small
+
+    torch.manual_seed(1)
+    source = mobilenet_v3_small(weights=None, num_classes=1000).state_dict()  # as torchvision publishes them
+    torch.save(source, tmp_path / "mobilenet_v3_small.pth")
+    students = Students("torchvision:mobilenet_v3_small", 2, 10, 3)
+    fresh = [students.member_state(i)["classifier.weight"].clone() for i in range(2)]
+    record = initialise(students, tmp_path / "mobilenet_v3_small.pth")
+    for i in range(2):
+        state = students.member_state(i)
+        for key, value in source.items():
+            if not key.startswith("classifier.3."):
+                assert torch.equal(state["net." + key], value), key
+        assert torch.equal(state["classifier.weight"], fresh[i])  # each keeps its own fresh classifier
+    assert record["loaded"] == len(source) - 2 and record["of"] == len(source)
+    assert record["reinitialised"] == ["classifier.weight", "classifier.bias"]
+    assert record["missing"] == record["unexpected"] == 0 and record["kind"] == "state-dict"
+    digest = hashlib.sha256((tmp_path / "mobilenet_v3_small.pth").read_bytes()).hexdigest()
+    assert record["sha256"] == digest
+
+
+def test_timm_safetensors_for_rgb_is_summed_into_a_grayscale_first_conv(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    source = timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=4).state_dict()
+    save_file(source, str(tmp_path / "model.safetensors"))
+    students = Students("timm:mobilenetv3_small_050", 1, 4, 1)
+    record = initialise(students, tmp_path / "model.safetensors")
+    state = students.member_state(0)
+    assert torch.allclose(state["net.conv_stem.weight"], source["conv_stem.weight"].sum(1, keepdim=True))
+    assert torch.equal(state["classifier.weight"], source["classifier.weight"])  # same class count: loaded
+    assert record["adapted_to_grayscale"] == ["net.conv_stem.weight"] and record["loaded"] == len(source)
+
+
+def test_wrapped_checkpoints_and_dataparallel_prefixes_are_unwrapped(tmp_path):
+    torch.manual_seed(2)
+    source = create_model("resnet8", 4, 3).state_dict()
+    torch.save({"epoch": 3, "state_dict": {"module." + k: v for k, v in source.items()}}, tmp_path / "ckpt.pth")
+    students = Students("resnet8", 2, 4, 3)
+    record = initialise(students, tmp_path / "ckpt.pth")
+    assert all(torch.equal(students.member_state(1)[k], v) for k, v in source.items())
+    assert record["loaded"] == len(source) and record["missing"] == 0
+
+
+def test_shared_trunk_students_and_pcls_mean_teacher_start_from_the_file(tmp_path):
+    from okdpipe.distill.methods import METHODS
+
+    torch.manual_seed(3)
+    source = create_model("resnet8", 4, 3).state_dict()
+    torch.save(source, tmp_path / "resnet8.pt")
+    students = Students("resnet8", 3, 4, 3, layout="branches")
+    pcl = METHODS.get("pcl")
+    method = pcl(students, pcl.Params(), 4)
+    initialise(students, tmp_path / "resnet8.pt", method)
+    for i in range(3):
+        assert all(torch.equal(students.member_state(i)[k], v) for k, v in source.items())
+        assert all(torch.equal(method.mean_teacher.member_state(i)[k], v) for k, v in source.items())
+
+
+def test_anything_else_that_does_not_fit_is_one_line(tmp_path):
+    from okdpipe.modelfile import ModelInfo, save_model_file
+
+    source = create_model("resnet8", 4, 3).state_dict()
+    source["stages.0.0.residual.0.0.weight"] = torch.zeros(8, 16, 3, 3)
+    torch.save(source, tmp_path / "narrow.pt")
+    with pytest.raises(OkdpipeError) as error:
+        initialise(Students("resnet8", 1, 4, 3), tmp_path / "narrow.pt")
+    assert str(error.value).startswith(
+        f"--init {tmp_path / 'narrow.pt'}: stages.0.0.residual.0.0.weight has shape [8, 16, 3, 3] in the file but "
+        "[16, 16, 3, 3] in the students"
+    )
+    torch.save({"fc.weight": torch.zeros(3, 3)}, tmp_path / "foreign.pt")
+    with pytest.raises(OkdpipeError, match="none of its 1 entries matches the students' 56"):
+        initialise(Students("resnet8", 1, 4, 3), tmp_path / "foreign.pt")
+    info = ModelInfo("resnet20", 4, 3, (16, 16), (0.5,) * 3, (0.25,) * 3, ("a", "b", "c", "d"))
+    save_model_file(create_model("resnet20", 4, 3), info, tmp_path / "model.pt")
+    with pytest.raises(OkdpipeError, match="the model file holds a resnet20, the students are resnet8"):
+        initialise(Students("resnet8", 1, 4, 3), tmp_path / "model.pt")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(OkdpipeError, match="not a readable weights file"):
+        initialise(Students("resnet8", 1, 4, 3), tmp_path / "junk.pth")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 16)
+    with pytest.raises(OkdpipeError, match="not a readable .safetensors file"):
+        initialise(Students("resnet8", 1, 4, 3), tmp_path / "junk.safetensors")
+
+
+def test_init_must_be_a_local_file():
+    from okdpipe.config import DistillConfig
+
+    with pytest.raises(Exception, match="init must be the path of a local file"):
+        DistillConfig(init="https://example.com/resnet18.pth")
+
+
+def okdpipe(*args) -> subprocess.CompletedProcess:
+    python = ROOT / ".venv" / "bin" / "python"
+    command = [str(python if python.exists() else sys.executable), "-m", "okdpipe", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+
+@pytest.mark.slow
+def test_cli_fine_tunes_a_saved_model_with_another_class_count_and_records_it(tmp_path):
+    from okdpipe.modelfile import ModelInfo, save_model_file
+
+    torch.manual_seed(4)
+    model = create_model("resnet8", 4, 3)
+    info = ModelInfo("resnet8", 4, 3, (16, 16), (0.5,) * 3, (0.25,) * 3, ("a", "b", "c", "d"), "synthetic")
+    save_model_file(model, info, tmp_path / "model.pt")
+    run = tmp_path / "run"
+    common = ["distill", "--arch", "resnet8", "--dataset", "synthetic", "--set", "data_options.num_classes=6"]
+    result = okdpipe(*common, "--epochs", "1", "--batch-size", "16", "--init", tmp_path / "model.pt", "--out", run)
+    assert result.returncode == 0, result.stderr
+    assert "init: loaded 54 of 56 tensors" in result.stdout
+    manifest = json.loads((run / "manifest.json").read_text())
+    record = manifest["init"]
+    assert record["path"] == str((tmp_path / "model.pt").resolve()) and record["kind"] == "okdpipe-model"
+    assert record["sha256"] == hashlib.sha256((tmp_path / "model.pt").read_bytes()).hexdigest()
+    assert (record["loaded"], record["reinitialised"]) == (54, ["classifier.weight", "classifier.bias"])
+    assert manifest["config"]["init"] == str(tmp_path / "model.pt")
+    mismatch = okdpipe(*common, "--arch", "resnet20", "--init", tmp_path / "model.pt", "--out", tmp_path / "bad")
+    assert mismatch.returncode == 2 and mismatch.stderr.startswith("error: --init ")
+    assert "the model file holds a resnet8, the students are resnet20" in mismatch.stderr.splitlines()[0]
+    assert "Traceback" not in mismatch.stderr
+    absent = okdpipe(*common, "--init", tmp_path / "absent.pt", "--out", tmp_path / "absent")
+    assert absent.returncode == 2 and "absent.pt: no such file" in absent.stderr

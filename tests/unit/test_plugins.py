@@ -1,0 +1,177 @@
+"""Plug-ins (okdpipe/plugins.py): loading by module name, by .py file, by installed entry point and through the
+environment; what a model file records about the plug-in that built its architecture, and the one-line errors
+when a plug-in is missing, broken or not loaded."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from okdpipe import plugins
+from okdpipe.errors import OkdpipeError
+
+ROOT = Path(__file__).resolve().parents[2]
+PYTHON = ROOT / ".venv" / "bin" / "python"
+PLUGIN_SOURCE = textwrap.dedent(
+    '''
+    """A plug-in as a single file: one backbone."""
+    from torch import nn
+
+    from okdpipe.distill.models import MODELS, Backbone
+
+
+    @MODELS.register("filecnn")
+    def filecnn(num_classes: int, in_channels: int = 3) -> Backbone:
+        """conv-BN-ReLU stem (8), one conv stage (8), Linear."""
+        stem = nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        stage = nn.Sequential(nn.Conv2d(8, 8, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        return Backbone(stem, [stage], nn.Linear(8, num_classes), [8])
+    '''
+)
+
+
+@pytest.fixture(scope="module")
+def plugin_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("plugin") / "okdpipe_test_file_plugin.py"
+    path.write_text(PLUGIN_SOURCE)
+    return path
+
+
+@pytest.fixture()
+def clean_environment(monkeypatch):
+    """Loading a plug-in writes OKDPIPE_PLUGINS for child processes; restore it after each test."""
+    monkeypatch.delenv(plugins.ENVIRONMENT, raising=False)
+
+
+def python(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """A fresh interpreter (no plug-in imported yet), without any inherited OKDPIPE_PLUGINS unless given."""
+    base = {k: v for k, v in os.environ.items() if k != plugins.ENVIRONMENT}
+    executable = PYTHON if PYTHON.exists() else Path(sys.executable)
+    return subprocess.run(
+        [str(executable), "-c", code], capture_output=True, text=True, timeout=120, env={**base, **(env or {})}
+    )
+
+
+def test_a_file_plugin_registers_its_backbone_and_the_model_records_it(plugin_file, clean_environment):
+    from okdpipe.distill.models import MODELS, create_model
+
+    [loaded] = plugins.load_plugins([str(plugin_file)])
+    assert loaded.module == "okdpipe_test_file_plugin" and loaded.spec == str(plugin_file.resolve())
+    assert plugins.load_plugins([str(plugin_file)]) == [loaded]  # idempotent: imported once
+    assert MODELS.get("filecnn").__module__ == "okdpipe_test_file_plugin"
+    model = create_model("filecnn", num_classes=3, in_channels=1)
+    assert model.arch_source == {"plugin": str(plugin_file.resolve()), "module": "okdpipe_test_file_plugin",
+                                 "package": "", "version": ""}  # fmt: skip
+    assert os.environ[plugins.ENVIRONMENT] == str(plugin_file.resolve())  # inherited by child processes
+
+
+def test_model_file_records_the_plugin_and_loading_without_it_names_it(plugin_file, tmp_path, clean_environment):
+    from okdpipe.distill.models import create_model, load_model_file
+    from okdpipe.modelfile import ModelInfo, save_model_file
+
+    plugins.load_plugins([str(plugin_file)])
+    model = create_model("filecnn", num_classes=2, in_channels=1)
+    info = ModelInfo("filecnn", 2, 1, (8, 8), (0.5,), (0.25,), ("a", "b"), "toy")
+    save_model_file(model, info, tmp_path / "model.pt")
+    payload = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert payload["arch_source"]["plugin"] == str(plugin_file.resolve())
+    reloaded, read = load_model_file(tmp_path / "model.pt")  # the plug-in is loaded here: it works
+    assert read.arch_source == payload["arch_source"]
+    # The same file where the plug-in is missing: one line naming it and how to load it.
+    ghost = ModelInfo("ghostnet_plugin_only", 2, 1, (8, 8), (0.5,), (0.25,), ("a", "b"), "toy",
+                      arch_source={"plugin": "ghost_models", "module": "ghost_models", "package": "ghost-pkg",
+                                   "version": "1.0"})  # fmt: skip
+    save_model_file(model, ghost, tmp_path / "ghost.pt")
+    with pytest.raises(OkdpipeError) as error:
+        load_model_file(tmp_path / "ghost.pt")
+    assert str(error.value) == (
+        f"{tmp_path / 'ghost.pt'}: architecture 'ghostnet_plugin_only' comes from plug-in 'ghost_models', which "
+        "is not loaded; pass --plugin ghost_models or install ghost-pkg"
+    )
+
+
+def test_a_missing_or_broken_plugin_is_one_line_naming_it(tmp_path, clean_environment):
+    with pytest.raises(OkdpipeError, match=r"^plug-in 'okdpipe_no_such_plugin' not found: install"):
+        plugins.load_plugins(["okdpipe_no_such_plugin"])
+    with pytest.raises(OkdpipeError, match=r"^plug-in file .*absent\.py not found"):
+        plugins.load_plugins([str(tmp_path / "absent.py")])
+    broken = tmp_path / "okdpipe_test_broken_plugin.py"
+    broken.write_text("raise RuntimeError('the registration went wrong')\n")
+    with pytest.raises(OkdpipeError) as error:
+        plugins.load_plugins([str(broken)])
+    assert str(error.value) == (
+        f"plug-in '{broken}' failed to load (RuntimeError: the registration went wrong); fix or update the plug-in"
+    )
+    needs = tmp_path / "okdpipe_test_needy_plugin.py"
+    needs.write_text("import okdpipe_missing_dependency\n")
+    with pytest.raises(OkdpipeError, match="No module named 'okdpipe_missing_dependency'"):
+        plugins.load_plugins([str(needs)])
+    assert "okdpipe_test_broken_plugin" not in sys.modules  # a failed import leaves nothing half-registered
+
+
+def test_config_plugins_key_is_loaded_when_the_config_is_validated(plugin_file, clean_environment):
+    from okdpipe.config import DistillConfig
+    from okdpipe.distill.models import MODELS
+    from okdpipe.pipeline import PipelineConfig
+
+    cfg = DistillConfig(plugins=[str(plugin_file)], arch="filecnn")
+    assert "filecnn" in MODELS and cfg.plugins == [str(plugin_file)]
+    with pytest.raises(OkdpipeError, match="okdpipe_no_such_plugin"):
+        DistillConfig(plugins=["okdpipe_no_such_plugin"])
+    pipeline = PipelineConfig.model_validate({"plugins": [str(plugin_file)], "distill": {"arch": "filecnn"}})
+    assert pipeline.distill.plugins == [str(plugin_file)]  # the run records the pipeline's plug-ins
+
+
+def test_installed_example_plugin_is_found_through_its_entry_point():
+    entries = {e.name: e.value for e in importlib.metadata.entry_points(group=plugins.ENTRY_POINT_GROUP)}
+    assert entries.get("example") == "okdpipe_example", "run `make setup` (installs examples/plugin)"
+    code = (
+        "from okdpipe.distill.models import MODELS, create_model\n"
+        "from okdpipe.datasets import DATASETS\n"
+        "from okdpipe.distill.methods import METHODS\n"
+        "assert 'example_cnn' not in MODELS\n"  # nothing is imported before a name is asked for
+        "print(MODELS.get('example_cnn').__module__, DATASETS.get('fmnist-footwear').__module__,"
+        " METHODS.get('ensemble-kd').__module__)\n"
+        "print(create_model('example_cnn', 3, 1).arch_source)\n"
+    )
+    result = python(code)
+    assert result.returncode == 0, result.stderr
+    modules, source = result.stdout.splitlines()
+    assert modules == "okdpipe_example.backbones okdpipe_example.datasets okdpipe_example.methods"
+    version = importlib.metadata.version("okdpipe-example-plugin")
+    assert source == str(
+        {
+            "plugin": "okdpipe_example",
+            "module": "okdpipe_example",
+            "package": "okdpipe-example-plugin",
+            "version": version,
+        }  # fmt: skip
+    )
+
+
+def test_child_processes_load_the_plugins_the_environment_names(plugin_file):
+    code = "from okdpipe.distill.models import MODELS\nprint(MODELS.get('filecnn').__module__)"
+    assert python(code, {plugins.ENVIRONMENT: str(plugin_file)}).stdout.strip() == "okdpipe_test_file_plugin"
+    without = python(code)
+    assert without.returncode != 0 and "unknown backbone 'filecnn'" in without.stderr
+
+
+def test_example_backbone_keeps_the_backbone_contract_and_its_stated_size():
+    from okdpipe.distill.models import MODELS, create_model
+
+    model = create_model("example_cnn", num_classes=10, in_channels=1).eval()
+    count = sum(p.numel() for p in model.parameters())
+    # stem 1*16*9 + BN 32; stages 16*16*9 + 32, 16*32*9 + 64, 32*64*9 + 128; Linear 64*10 + 10
+    assert count == 176 + 2336 + 4672 + 18560 + 650 == 26_394
+    assert f"{count:,} parameters" in MODELS.get("example_cnn").__doc__
+    x = torch.randn(2, 1, 28, 28)
+    fmap, stages = model.forward_features(x, return_stages=True)
+    assert [m.shape[1:] for m in stages] == [(16, 28, 28), (32, 14, 14), (64, 7, 7)]
+    assert torch.equal(model(x), model.forward_head(fmap))
