@@ -28,7 +28,7 @@ from okdpipe.export.sensitivity import Probe, analyse
 from okdpipe.files import file_sha256
 from okdpipe.modelfile import ModelInfo
 from okdpipe.ortsession import create_session
-from okdpipe.scoring import first_batch, normalised_batches, score
+from okdpipe.scoring import first_batch, score
 
 ONNX_FILE = "model.onnx"
 STAGING_PREFIX = ".export-"
@@ -180,12 +180,7 @@ def convert(ctx: ExportContext, fp32_path: Path, onnx_path: Path, precision: str
 
 
 def calibration_reader(ctx: ExportContext) -> quantize.BatchReader:
-    """The first --calib-size training images, normalised as served, streamed one batch at a time."""
-    samples = min(ctx.config.calib_size, len(ctx.train))
-    batches = normalised_batches(ctx.train, quantize.CALIB_BATCH, ctx.preprocess, limit=samples)
-    return quantize.BatchReader(
-        (inputs for inputs, _ in batches), -(-samples // quantize.CALIB_BATCH), onnx_export.INPUT_NAME
-    )
+    return quantize.calibration_reader(ctx.train, ctx.preprocess, ctx.config.calib_size, onnx_export.INPUT_NAME)
 
 
 def build_int8(ctx: ExportContext, fp32_path: Path, onnx_path: Path) -> dict:

@@ -83,6 +83,15 @@ class BatchReader(CalibrationDataReader):
         return {self._input_name: batch}
 
 
+def calibration_reader(train, preprocess, calib_size: int, input_name: str) -> BatchReader:
+    """The first `calib_size` training images, normalised as served, streamed one batch at a time."""
+    from okdpipe.scoring import normalised_batches
+
+    samples = min(calib_size, len(train))
+    batches = normalised_batches(train, CALIB_BATCH, preprocess, limit=samples)
+    return BatchReader((inputs for inputs, _ in batches), -(-samples // CALIB_BATCH), input_name)
+
+
 def quantize_int8_static(fp32_path, out_path, reader: BatchReader, method: str, settings: dict) -> dict:
     """Pre-process (shape inference, Conv+BN folding), calibrate on the reader's batches, write a QDQ int8 model
     with the CPU's recommended settings (one shot; `Int8Workbench` when a search quantizes many times)."""

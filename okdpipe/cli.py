@@ -16,10 +16,10 @@ from okdpipe.bench.command import bench_command
 from okdpipe.cli_support import friendly_errors, one_line
 from okdpipe.console import NORMAL, QUIET, VERBOSE, set_verbosity
 from okdpipe.distill.command import distill_command
-from okdpipe.distill.select_command import select_command
 from okdpipe.env_command import env_command
 from okdpipe.export.command import export_command
 from okdpipe.pipeline_command import pipeline_command
+from okdpipe.select_command import select_command
 from okdpipe.serve.command import serve_command
 
 app = typer.Typer(
