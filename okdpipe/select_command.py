@@ -49,7 +49,8 @@ def select_command(
 
     shipped = "" if chosen.shipped is None else f", {cfg.precision} {chosen.ship_top1:.2%}"
     say(f"chose {chosen.name} (val top-1 {chosen.top1:.2%}{shipped}) -> {path}")
-    say(f"next: okdpipe export {path} --format onnx --out {path.parent / 'export'}")
+    quantize = " --quantize int8" if cfg.precision == "int8" else ""
+    say(f"next: okdpipe export {path} --format onnx{quantize} --out {path.parent / 'export'}")
 
 
 def print_candidates(run_dir: Path, rows: list[dict], ensemble: dict) -> None:

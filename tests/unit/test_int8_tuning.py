@@ -242,3 +242,44 @@ def test_without_a_budget_or_within_too_small_a_one_the_miss_is_one_line(outlier
         assert expected in str(failed.value) and "\n" not in str(failed.value)
         assert failed.value.exit_code == 1
         assert [p.name for p in (tmp_path / budget).iterdir()] == [LOCK_FILE]  # nothing published
+
+
+# ---------------------------------------------------------------- the card's quantization section
+
+
+def int8_fields(**quantization) -> dict:
+    from test_contracts import valid_fields
+
+    trial = {"trial": 0, "phase": "plain", "val_top1": 0.5, "drop_points": 1.0, "meets_limit": True}
+    section = {
+        "fp32_nodes": ["conv_a"],
+        "tuning": {"trials": [trial]},
+        "sensitivity": {"nodes": [{"rank": 1, "node": "conv_a"}, {"rank": 2, "node": "conv_b"}]},
+    }
+    return {**valid_fields(), "precision": "int8", "quantization": {**section, **quantization}}
+
+
+@pytest.mark.parametrize(
+    "quantization, fine",
+    [
+        ({}, True),
+        ({"tuning": {"trials": [{"val_top1": None, "failure": "non-finite logits"}]}}, True),
+        ({"tuning": {"trials": [{"val_top1": None}]}}, False),  # no accuracy and no failure
+        ({"tuning": {"trials": [{"val_top1": 1.5}]}}, False),
+        ({"tuning": {"trials": [{"val_top1": float("nan")}]}}, False),
+        ({"tuning": {"trials": [{"val_top1": True}]}}, False),
+        ({"fp32_nodes": "conv_a"}, False),
+        ({"fp32_nodes": [""]}, False),
+        ({"sensitivity": {"nodes": [{"rank": 2, "node": "a"}, {"rank": 1, "node": "b"}]}}, False),
+    ],
+)
+def test_the_card_checks_the_quantization_section(tmp_path, quantization, fine):
+    from okdpipe.contracts.card import write_card
+
+    (tmp_path / "model.onnx").write_bytes(b"onnx")
+    if fine:
+        assert write_card(tmp_path, int8_fields(**quantization)).raw["quantization"]["fp32_nodes"] is not None
+        return
+    with pytest.raises(OkdpipeError, match="quantization") as error:
+        write_card(tmp_path, int8_fields(**quantization))
+    assert "\n" not in str(error.value) and not (tmp_path / "model.json").exists()
