@@ -43,9 +43,9 @@ def test_the_choice_ranks_int8_and_ties_go_to_the_smaller():
 
 
 @pytest.fixture(scope="module")
-def three_students(tmp_path_factory):
+def two_students(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs") / "dml"
-    fit(DistillConfig(method="dml", students=3, **CFG), RunDir(root), echo=lambda _: None)
+    fit(DistillConfig(method="dml", students=2, **CFG), RunDir(root), echo=lambda _: None)
     return root
 
 
@@ -61,18 +61,19 @@ def fresh_int8_top1(onnx_path, val) -> float:
 
 
 @pytest.mark.slow
-def test_select_int8_from_the_cli_ships_the_best_int8_candidate(three_students, tmp_path):
+@pytest.mark.timeout(900)  # each candidate is exported, calibrated and scored: minutes on a loaded 2-core box
+def test_select_int8_from_the_cli_ships_the_best_int8_candidate(two_students, tmp_path):
     done = subprocess.run(
-        [sys.executable, "-m", "okdpipe", "select", str(three_students), "--precision", "int8", "--bn-batches", "2"],
+        [sys.executable, "-m", "okdpipe", "select", str(two_students), "--precision", "int8", "--bn-batches", "2"],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert done.returncode == 0, done.stderr
-    selection = json.loads((three_students / "selection.json").read_text())
+    selection = json.loads((two_students / "selection.json").read_text())
     assert selection["precision"] == "int8" and selection["int8"]["calibration"]["method"] == "minmax"
     rows = selection["candidates"]
-    assert [r["candidate"] for r in rows] == ["student:0", "student:1", "student:2", "soup"]
+    assert [r["candidate"] for r in rows] == ["student:0", "student:1", "soup"]
     for row in rows:
         assert row["fp32"]["val_top1"] == row["val_top1"] and 0 <= row["int8"]["val_top1"] <= 1
         assert row["int8"]["drop_points"] == pytest.approx((row["val_top1"] - row["int8"]["val_top1"]) * 100)
@@ -81,7 +82,7 @@ def test_select_int8_from_the_cli_ships_the_best_int8_candidate(three_students, 
     assert f"int8 {best['int8']['val_top1']:.2%}" in done.stdout
     # independently: export the shipped file at plain INT8 and score it in a fresh session
     config = ExportConfig(quantize="int8", max_accuracy_drop=100.0, tune_budget="0", sensitivity_samples=16)
-    export_model(three_students / "model.pt", tmp_path / "export", config)
+    export_model(two_students / "model.pt", tmp_path / "export", config)
     val = load_dataset("synthetic", val_split=0.25, seed=0).val
     assert fresh_int8_top1(tmp_path / "export" / "int8" / "model.onnx", val) == pytest.approx(
         best["int8"]["val_top1"], abs=1e-12
@@ -102,7 +103,7 @@ class BrokenForStudentZero:
         return {"val_top1": 0.5, "val_top5": 1.0, "val_samples": 1}
 
 
-def test_a_candidate_with_non_finite_int8_logits_is_refused(three_students, monkeypatch, tmp_path):
+def test_a_candidate_with_non_finite_int8_logits_is_refused(two_students, monkeypatch, tmp_path):
     precision = BrokenForStudentZero()
     from okdpipe.distill import select as select_module
 
@@ -115,9 +116,9 @@ def test_a_candidate_with_non_finite_int8_logits_is_refused(three_students, monk
         return scored
 
     monkeypatch.setattr(select_module.Selection, "score", remember_first)
-    rows, _, chosen, _ = select(three_students, "auto", tmp_path / "m.pt", 2, precision=precision)
-    selection = json.loads((three_students / "selection.json").read_text())
-    assert [r["candidate"] for r in rows] == ["student:1", "student:2", "soup"]
+    rows, _, chosen, _ = select(two_students, "auto", tmp_path / "m.pt", 2, precision=precision)
+    selection = json.loads((two_students / "selection.json").read_text())
+    assert [r["candidate"] for r in rows] == ["student:1", "soup"]
     assert selection["refused"] == [
         {"candidate": "student:0", "reason": "int8: the int8 model of a candidate gives non-finite logits (NaN or inf)"}
     ]
