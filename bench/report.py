@@ -16,6 +16,8 @@ from okdpipe.files import atomic_write, atomic_write_json, atomic_write_text
 
 SUMMARY_HEADERS = ("model", "kind", "precision", "top-1", "top-5", "params", "MACs/image", "start ms", "peak RSS MB")
 LATENCY_HEADERS = ("model", "batch", "p50 ms", "p90 ms", "p99 ms", "mean ms", "images/s", "GFLOP/s", "% of peak")
+SENSITIVITY_HEADERS = ("rank", "node", "op type", "error", "top-1 drop (points)", "kept in FP32")
+SENSITIVITY_ROWS = 10  # the most sensitive nodes shown; the card holds the full ranking
 GATE_HEADERS = ("gate", "entry", "value", "threshold", "result", "detail")
 KIND_MARKERS = {"onnx": "o", "pytorch": "s", "ensemble": "*"}
 
@@ -85,6 +87,29 @@ def latency_rows(report: BenchReport) -> list[list[str]]:
     return rows
 
 
+def sensitivity_rows(entry: Entry) -> list[list[str]]:
+    """The entry's most sensitive INT8 nodes (measured at export on validation images, one node quantized at a
+    time): the error that node alone introduces, relative to the FP32 logits."""
+    return [
+        [
+            str(row["rank"]),
+            row["node"],
+            row["op_type"],
+            "non-finite" if row["error"] is None else f"{row['error']:.4g}",
+            "-" if row["top1_drop_points"] is None else f"{row['top1_drop_points']:.2f}",
+            "yes" if row["fp32"] else "",
+        ]
+        for row in entry.sensitivity[:SENSITIVITY_ROWS]
+    ]
+
+
+def sensitivity_title(entry: Entry) -> str:
+    kept = sum(1 for row in entry.sensitivity if row["fp32"])
+    more = len(entry.sensitivity) - SENSITIVITY_ROWS
+    tail = f"; {more} more nodes in its model card" if more > 0 else ""
+    return f"INT8 sensitivity of {entry.name} (most sensitive first; {kept} node(s) kept in FP32{tail})"
+
+
 def gate_rows(results: list[GateResult]) -> list[list[str]]:
     return [
         [r.name or r.expression, r.artifact, fmt(r.value), fmt(r.threshold), "pass" if r.passed else "FAIL", r.detail]
@@ -144,6 +169,8 @@ def markdown(report: BenchReport, gate_results: list[GateResult]) -> str:
     savings = savings_lines(report)
     if savings:
         lines += ["", "### What the student saves", "", *(f"- {line}" for line in savings)]
+    for entry in (e for e in report.artifacts if e.sensitivity):
+        lines += ["", f"### {sensitivity_title(entry)}", "", _md_table(SENSITIVITY_HEADERS, sensitivity_rows(entry))]
     if gate_results:
         bad = failed(gate_results)
         verdict = (
@@ -257,6 +284,8 @@ def print_summary(report: BenchReport, gate_results: list[GateResult], console: 
     console.print(machine_line(report), style="dim")
     console.print(_rich_table("models (test split)", SUMMARY_HEADERS, summary_rows(report)))
     console.print(_rich_table("latency", LATENCY_HEADERS, latency_rows(report)))
+    for entry in (e for e in report.artifacts if e.sensitivity):
+        console.print(_rich_table(sensitivity_title(entry), SENSITIVITY_HEADERS, sensitivity_rows(entry)))
     for line in savings_lines(report) + [f"note: {note}" for note in report.notes]:
         console.print(line)
     if gate_results:

@@ -102,6 +102,7 @@ class Bench:
             memory=memory.result,
             accuracy=test_accuracy(predict, split, card.preprocess, card.name),
             latency=latency,
+            sensitivity=sensitivity_rows(card),
         )
 
     def latency(
@@ -146,6 +147,14 @@ class Bench:
     def note(self, text: str) -> None:
         if text not in self.notes:
             self.notes.append(text)
+
+
+def sensitivity_rows(card: ModelCard) -> list[dict]:
+    """The card's INT8 per-node sensitivity ranking, each node marked if export kept it in FP32."""
+    quantization = card.raw.get("quantization") or {}
+    kept = set(quantization.get("fp32_nodes") or [])
+    rows = (quantization.get("sensitivity") or {}).get("nodes") or []
+    return [{**row, "fp32": row["node"] in kept} for row in rows]
 
 
 def session_predict(session, card: ModelCard) -> Callable[[np.ndarray], np.ndarray]:

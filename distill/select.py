@@ -8,13 +8,17 @@ class-balanced sample of training images, recorded in selection.json; their accu
 reported too. A candidate whose weights or validation logits are not finite is refused: never scored as a
 number, never shipped (selection.json lists it under "refused"). The ensemble of all students is scored as the
 reference the shipped model tries to approach. The test split is never read here.
+
+With a shipping precision (`select --precision int8`), each candidate is also scored as it would ship (the
+export stage quantizes it: `okdpipe.export.select_int8`, passed in by the command, since this stage may not
+import export), and the choice ranks that figure; selection.json records both precisions per candidate.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
 import torch
 from torch import nn
@@ -44,6 +48,12 @@ class Scored:
     top1_without_bn_recalibration: Optional[float] = None
     extra: dict[str, Any] = field(default_factory=dict)
     refused: Optional[str] = None  # why the candidate can never ship (non-finite weights or logits)
+    shipped: Optional[dict[str, Any]] = None  # its validation figures at the shipping precision, when not fp32
+
+    @property
+    def ship_top1(self) -> float:
+        """The top-1 the choice ranks: at the precision it ships in."""
+        return self.top1 if self.shipped is None else self.shipped["val_top1"]
 
     def row(self) -> dict[str, Any]:
         row = {
@@ -56,7 +66,23 @@ class Scored:
         }
         if self.weight_averaged:
             row["val_top1_without_bn_recalibration"] = self.top1_without_bn_recalibration
+        if self.shipped is not None:
+            row["fp32"] = {"val_top1": self.top1, "val_top5": self.top5}
+            row[self.shipped["precision"]] = {k: v for k, v in self.shipped.items() if k != "precision"}
         return row
+
+
+class ShippingPrecision(Protocol):
+    """Scores a candidate as it would ship in another precision (e.g. INT8); built by a higher stage."""
+
+    name: str
+
+    def settings(self) -> dict[str, Any]:
+        """How candidates are converted, for selection.json."""
+
+    def score(self, model: nn.Module, session: Selection) -> dict[str, Any]:
+        """{"val_top1", ...} of the converted model on the validation split; OkdpipeError if it cannot be
+        scored (non-finite logits), which refuses the candidate."""
 
 
 def soup(students) -> nn.Module:
@@ -190,7 +216,7 @@ def choose(scored: list[Scored], strategy: str, method_ships: str) -> Scored:
             f"--strategy {strategy}: {refused}, so it is never shipped (the run diverged); "
             f"retrain it, e.g. with a lower --lr"
         )
-    return min(shippable, key=lambda s: (-s.top1, s.params, s.name))
+    return min(shippable, key=lambda s: (-s.ship_top1, s.params, s.name))
 
 
 def strategy_pool(scored: list[Scored], strategy: str, method_ships: str) -> list[Scored]:
@@ -216,10 +242,21 @@ def strategy_pool(scored: list[Scored], strategy: str, method_ships: str) -> lis
     return pool
 
 
-def select(run_dir: Path, strategy: str, out: Optional[Path], bn_batches: int, device: str = "auto"):
-    """Score, choose, write selection.json and MODEL.pt; returns (rows, ensemble row, chosen, model path)."""
+def select(
+    run_dir: Path,
+    strategy: str,
+    out: Optional[Path],
+    bn_batches: int,
+    device: str = "auto",
+    precision: Optional[ShippingPrecision] = None,
+):
+    """Score, choose, write selection.json and MODEL.pt; returns (rows, ensemble row, chosen, model path).
+    With `precision`, every shippable candidate is also scored converted, and the choice ranks that score."""
     session = Selection(run_dir, bn_batches, device)
     scored = [session.score(name, c) for name, c in session.candidates().items()]
+    if precision is not None:
+        for candidate in scored:
+            score_shipped(candidate, precision, session)
     chosen = choose(scored, strategy, session.method.ships)
     ensemble = session.ensemble_row()
     out = out or session.run.root / "model.pt"
@@ -230,6 +267,8 @@ def select(run_dir: Path, strategy: str, out: Optional[Path], bn_batches: int, d
         {
             "created": now_iso(),
             "strategy": strategy,
+            "precision": "fp32" if precision is None else precision.name,
+            **({} if precision is None else {precision.name: precision.settings()}),
             "split": "val",
             "bn_recalibration_batches": bn_batches,
             "bn_recalibration_sample": session.calibration.record(session.bundle.spec.num_classes),
@@ -248,9 +287,23 @@ def select(run_dir: Path, strategy: str, out: Optional[Path], bn_batches: int, d
             "model_file": str(out),
             "model_sha256": sha,
             "val_top1": chosen.top1,
+            **({} if precision is None else {f"{precision.name}_val_top1": chosen.ship_top1}),
         }
     )
     return rows, ensemble, chosen, out
+
+
+def score_shipped(candidate: Scored, precision: ShippingPrecision, session: Selection) -> None:
+    """The candidate's figures at the shipping precision; refused if it cannot be scored there."""
+    if candidate.refused is not None:
+        return
+    try:
+        figures = precision.score(candidate.model, session)
+    except OkdpipeError as error:
+        candidate.refused = f"{precision.name}: {error}"
+        return
+    drop = (candidate.top1 - figures["val_top1"]) * 100.0
+    candidate.shipped = {"precision": precision.name, **figures, "drop_points": drop}
 
 
 def model_info(session: Selection, chosen: Scored) -> ModelInfo:

@@ -1,14 +1,14 @@
-"""`okdpipe select RUN_DIR`: SelectConfig (its options, declared once) and the typer command."""
+"""SelectConfig: the options of `okdpipe select RUN_DIR`, declared once. The typer command is
+okdpipe/select_command.py, an entry point: `--precision int8` composes this stage's selection with the export
+stage's INT8 scoring, which this stage may not import."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Literal
 
-import typer
 from pydantic import Field
 
-from okdpipe.stage_config import StageConfig, flag
+from okdpipe.stage_config import StageConfig
 
 
 class SelectConfig(StageConfig):
@@ -24,64 +24,6 @@ class SelectConfig(StageConfig):
         description="training batches used to recompute BatchNorm statistics of weight-averaged candidates",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when visible, else CPU")
-
-
-def select_command(
-    run_dir: Annotated[Path, typer.Argument(help="A finished distill run directory.")],
-    strategy: Annotated[Optional[str], flag(SelectConfig, "strategy")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Where to write the model (default RUN_DIR/model.pt).")] = None,
-    bn_batches: Annotated[Optional[int], flag(SelectConfig, "bn_batches")] = None,
-    device: Annotated[Optional[str], flag(SelectConfig, "device")] = None,
-    config: Annotated[
-        Optional[Path],
-        typer.Option(help="YAML holding these options (as the pipeline's select: section); flags override it."),
-    ] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and exit.")] = False,
-    json_output: Annotated[bool, typer.Option("--json", help="Print selection.json's content on stdout.")] = False,
-) -> None:
-    """Score every candidate on the validation split, pick the model to ship, write a self-describing MODEL.pt."""
-    from okdpipe.stage_config import resolve_or_show
-
-    cfg = resolve_or_show(SelectConfig, config, dict(strategy=strategy, bn_batches=bn_batches, device=device), dry_run)
-    if cfg is None:
-        return
-    from okdpipe.distill.methods import METHODS  # noqa: F401  (registers every method)
-    from okdpipe.distill.select import select
-
-    rows, ensemble, chosen, path = select(run_dir, cfg.strategy, out, cfg.bn_batches, cfg.device)
-    if json_output:
-        import json
-
-        from okdpipe.console import emit_json
-
-        emit_json(json.loads((Path(run_dir) / "selection.json").read_text()))
-        return
-    print_candidates(run_dir, rows, ensemble)
-    from okdpipe.console import say
-
-    say(f"chose {chosen.name} (val top-1 {chosen.top1:.2%}) -> {path}")
-    say(f"next: okdpipe export {path} --format onnx --out {path.parent / 'export'}")
-
-
-def print_candidates(run_dir: Path, rows: list[dict], ensemble: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    from okdpipe.console import QUIET, verbosity
-
-    if verbosity() == QUIET:
-        return
-    table = Table(title=f"candidates of {run_dir} (validation split)")
-    for column in ("candidate", "val top-1", "no BN recal.", "params", "MMACs", ""):
-        table.add_column(column, justify="left" if column == "candidate" else "right")
-    for row in [*rows, ensemble]:
-        recal = row.get("val_top1_without_bn_recalibration")
-        table.add_row(
-            row["candidate"],
-            f"{row['val_top1']:.2%}",
-            "" if recal is None else f"{recal:.2%}",
-            f"{row['params']:,}",
-            f"{row['macs'] / 1e6:.1f}",
-            "chosen" if row.get("chosen") else ("reference" if row.get("reference") else ""),
-        )
-    Console().print(table)
+    precision: Literal["fp32", "int8"] = Field(
+        "fp32", description="rank candidates as they ship: int8 quantizes each (export's defaults) and scores that"
+    )

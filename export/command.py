@@ -1,6 +1,7 @@
 """`okdpipe export MODEL.pt --out DIR`: the typer command (torch and onnx are imported only when it runs).
 
-Exit codes (okdpipe/errors.py): 0 exported, 1 a check failed (parity, INT8 accuracy drop, non-finite weights),
+Exit codes (okdpipe/errors.py): 0 exported, 1 a check failed (parity, INT8 accuracy drop that the search within
+--tune-budget could not bring under --max-accuracy-drop, non-finite weights),
 2 bad input or usage. Nothing is written to DIR unless every check passes.
 """
 
@@ -26,6 +27,8 @@ def export_command(
     calib_method: Annotated[Optional[str], flag(ExportConfig, "calib_method")] = None,
     opset: Annotated[Optional[int], flag(ExportConfig, "opset")] = None,
     max_accuracy_drop: Annotated[Optional[float], flag(ExportConfig, "max_accuracy_drop")] = None,
+    tune_budget: Annotated[Optional[str], flag(ExportConfig, "tune_budget")] = None,
+    sensitivity_samples: Annotated[Optional[int], flag(ExportConfig, "sensitivity_samples")] = None,
     data_dir: Annotated[Optional[str], flag(ExportConfig, "data_dir")] = None,
     triton_max_batch_size: Annotated[Optional[int], flag(ExportConfig, "triton_max_batch_size")] = None,
     triton_instance: Annotated[Optional[str], flag(ExportConfig, "triton_instance")] = None,
@@ -51,6 +54,8 @@ def export_command(
         calib_method=calib_method,
         opset=opset,
         max_accuracy_drop=max_accuracy_drop,
+        tune_budget=tune_budget,
+        sensitivity_samples=sensitivity_samples,
         data_dir=data_dir,
         triton_max_batch_size=triton_max_batch_size,
         triton_instance=triton_instance,

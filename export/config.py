@@ -4,9 +4,10 @@ export touches its destination."""
 
 from __future__ import annotations
 
+import re
 from typing import Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from okdpipe.plugins import PLUGINS_HELP, PluginNames
 from okdpipe.stage_config import StageConfig
@@ -25,8 +26,23 @@ class ExportConfig(StageConfig):
     max_accuracy_drop: float = Field(
         1.0, ge=0, le=100, description="fail if validation top-1 drops more (percentage points)"
     )
+    tune_budget: str = Field(
+        "30",
+        description="int8 search when plain int8 misses the limit: trials (30) or seconds (300s); 0 = off",
+    )
+    sensitivity_samples: int = Field(
+        512, ge=16, le=1_000_000, description="validation images the per-node int8 sensitivity analysis uses"
+    )
     data_dir: Optional[str] = Field(None, description="dataset directory, overriding the one the model file records")
     parity_batch: int = Field(32, ge=2, le=4096, description="validation images in the parity check's batch")
     triton_max_batch_size: int = Field(64, ge=1, le=1 << 16, description="Triton max_batch_size")
     triton_instance: Literal["cpu", "gpu"] = Field("cpu", description="Triton instance_group kind")
     plugins: PluginNames = Field(default_factory=list, description=PLUGINS_HELP + " (a model file names its own)")
+
+    @field_validator("tune_budget", mode="before")
+    @classmethod
+    def _budget_is_trials_or_seconds(cls, value: object) -> str:
+        text = str(value).strip()
+        if not re.fullmatch(r"\d+s?", text):
+            raise ValueError(f"tune_budget {value!r} must be a number of trials (30) or of seconds (300s)")
+        return text

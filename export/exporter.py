@@ -22,12 +22,13 @@ from okdpipe import __version__
 from okdpipe.contracts.card import PIXEL_SCALE, ModelCard, Preprocess, write_card
 from okdpipe.contracts.data import DataSource
 from okdpipe.errors import GateFailed, OkdpipeError
-from okdpipe.export import onnx_export, quantize
+from okdpipe.export import onnx_export, quantize, tune
 from okdpipe.export.config import ExportConfig
+from okdpipe.export.sensitivity import Probe, analyse
 from okdpipe.files import file_sha256
 from okdpipe.modelfile import ModelInfo
 from okdpipe.ortsession import create_session
-from okdpipe.scoring import first_batch, normalised_batches, score
+from okdpipe.scoring import first_batch, score
 
 ONNX_FILE = "model.onnx"
 STAGING_PREFIX = ".export-"
@@ -161,7 +162,10 @@ def build_fp32(ctx: ExportContext, directory: Path) -> ModelCard:
 def build_variant(ctx: ExportContext, fp32_path: Path, directory: Path, precision: str) -> ModelCard:
     directory.mkdir(parents=True)
     onnx_path = directory / ONNX_FILE
-    quantization = convert(ctx, fp32_path, onnx_path, precision)
+    if precision == "int8":
+        quantization = build_int8(ctx, fp32_path, onnx_path)
+    else:
+        quantization = convert(ctx, fp32_path, onnx_path, precision)
     predict = ort_predict(onnx_path)
     tolerance = onnx_export.FP16_TOLERANCE if precision == "fp16" else None
     parity = onnx_export.parity_report(torch_predict(ctx.model), predict, ctx.parity_inputs, tolerance, "pytorch-fp32")
@@ -173,15 +177,73 @@ def build_variant(ctx: ExportContext, fp32_path: Path, directory: Path, precisio
 def convert(ctx: ExportContext, fp32_path: Path, onnx_path: Path, precision: str) -> dict:
     if precision == "fp16":
         return quantize.convert_fp16(fp32_path, onnx_path)
+    return quantize.quantize_int8_dynamic(fp32_path, onnx_path, quantize.int8_settings(quantize.cpu_features()))
+
+
+def calibration_reader(ctx: ExportContext) -> quantize.BatchReader:
+    return quantize.calibration_reader(ctx.train, ctx.preprocess, ctx.config.calib_size, onnx_export.INPUT_NAME)
+
+
+def build_int8(ctx: ExportContext, fp32_path: Path, onnx_path: Path) -> dict:
+    """Plain static INT8 and, when it misses --max-accuracy-drop, the accuracy-aware search (export/tune.py)
+    within --tune-budget; the card records the recipe shipped, the nodes kept in FP32, every trial and the
+    per-node sensitivity ranking. GateFailed when nothing within the budget meets the limit."""
     settings = quantize.int8_settings(quantize.cpu_features())
-    if precision == "int8-dynamic":
-        return quantize.quantize_int8_dynamic(fp32_path, onnx_path, settings)
-    samples = min(ctx.config.calib_size, len(ctx.train))
-    batches = normalised_batches(ctx.train, quantize.CALIB_BATCH, ctx.preprocess, limit=samples)
-    reader = quantize.BatchReader(
-        (inputs for inputs, _ in batches), -(-samples // quantize.CALIB_BATCH), onnx_export.INPUT_NAME
+    budget = tune.TuneBudget.parse(ctx.config.tune_budget)
+    with tempfile.TemporaryDirectory(dir=onnx_path.parent.parent, prefix=".tune-") as work:
+        # one calibration pass per calibration setting, shared by the plain model, the analysis and the trials
+        workbench = quantize.Int8Workbench(fp32_path, Path(work), lambda: calibration_reader(ctx), settings)
+        plain_recipe = quantize.Recipe(ctx.config.calib_method, per_channel=settings["per_channel"])
+        workbench.quantize(plain_recipe, onnx_path)
+        plain = int8_trial(ctx, onnx_path, plain_recipe)
+        probe = Probe.from_split(ctx.val, ctx.preprocess, ctx.config.sensitivity_samples, ort_predict(fp32_path))
+        if plain.meets or budget.off:
+            outcome = tune.Outcome(plain if plain.meets else None, [plain], None, "plain int8", budget)
+        else:
+            evaluate = lambda path: val_top1(ctx, path, "an int8 tuning trial")  # noqa: E731
+            outcome = tune.Int8Tuner(
+                workbench, ort_predict, evaluate, ctx.fp32_top1, ctx.config.max_accuracy_drop, budget, probe
+            ).run(plain)
+        if outcome.chosen is None:
+            raise GateFailed(missed_limit(ctx, outcome))
+        if outcome.chosen is not plain:
+            shutil.copyfile(outcome.chosen.path, onnx_path)
+        sensitivity = outcome.sensitivity or analyse(workbench, outcome.chosen.recipe, probe, ort_predict, Path(work))
+        record = workbench.record(outcome.chosen.recipe)
+    return {**record, "sensitivity": sensitivity, "tuning": outcome.record()}
+
+
+def int8_trial(ctx: ExportContext, onnx_path: Path, recipe: quantize.Recipe) -> tune.Trial:
+    """The plain INT8 model as trial 0 of the search (a failed trial when its logits are not finite)."""
+    try:
+        top1 = val_top1(ctx, onnx_path, f"the int8 export of {ctx.model_path}")
+    except GateFailed as failed:
+        return tune.Trial(0, "plain", recipe, None, None, False, 0.0, onnx_path, str(failed))
+    drop = (ctx.fp32_top1 - top1) * 100.0
+    return tune.Trial(0, "plain", recipe, top1, drop, drop <= ctx.config.max_accuracy_drop, 0.0, onnx_path)
+
+
+def val_top1(ctx: ExportContext, onnx_path: Path, what: str) -> float:
+    return score(ort_predict(onnx_path), ctx.val, ctx.preprocess, what=what).top1
+
+
+def missed_limit(ctx: ExportContext, outcome: tune.Outcome) -> str:
+    """One line: how close the best trial came, what the search tried and what to change."""
+    limit = ctx.config.max_accuracy_drop
+    scored = [t for t in outcome.trials if t.drop_points is not None]
+    if not scored:
+        return f"int8 gives non-finite logits in every trial ({outcome.trials[0].failure}); the export is refused"
+    best = min(scored, key=lambda t: (t.drop_points, t.number))
+    loss = (
+        f"int8 loses {best.drop_points:.2f} points of validation top-1 ({ctx.fp32_top1:.4f} -> {best.val_top1:.4f}), "
+        f"over --max-accuracy-drop {limit:g}"
     )
-    return quantize.quantize_int8_static(fp32_path, onnx_path, reader, ctx.config.calib_method, settings)
+    if outcome.budget.off:
+        return f"{loss}; allow an accuracy-aware search with --tune-budget 30 (trials) or 300s, or raise the limit"
+    return (
+        f"{loss}, at best in {len(outcome.trials)} trials ({best.recipe.label()}; {outcome.stopped}); "
+        "raise --tune-budget or --max-accuracy-drop"
+    )
 
 
 def accuracy_with_drop(ctx: ExportContext, predict, precision: str) -> dict:

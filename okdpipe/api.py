@@ -66,13 +66,10 @@ class Selected:
 
 def select(run_dir: PathLike, config: SelectConfig | None = None, *, out: PathLike | None = None) -> Selected:
     """`okdpipe select`: score every candidate on validation, write MODEL.pt (default RUN_DIR/model.pt)."""
-    from okdpipe.distill.methods import METHODS  # noqa: F401
-    from okdpipe.distill.select import select as choose
+    from okdpipe.export.select_int8 import select_shipping
 
     cfg = config or SelectConfig()
-    rows, ensemble, chosen, path = choose(
-        Path(run_dir), cfg.strategy, None if out is None else Path(out), cfg.bn_batches, cfg.device
-    )
+    rows, ensemble, chosen, path = select_shipping(Path(run_dir), cfg, None if out is None else Path(out))
     return Selected(Path(path), chosen.name, chosen.top1, rows, ensemble)
 
 

@@ -17,11 +17,11 @@ from okdpipe.cli_support import friendly_errors, one_line
 from okdpipe.compare.command import compare_command
 from okdpipe.console import NORMAL, QUIET, VERBOSE, set_verbosity
 from okdpipe.distill.command import distill_command
-from okdpipe.distill.select_command import select_command
 from okdpipe.env_command import env_command
 from okdpipe.export.command import export_command
 from okdpipe.pipeline_command import pipeline_command
 from okdpipe.report.command import report_command
+from okdpipe.select_command import select_command
 from okdpipe.serve.command import serve_command
 
 app = typer.Typer(

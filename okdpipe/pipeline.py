@@ -281,12 +281,9 @@ class Pipeline:
         return ["distill/checkpoints/last.pt"], {"resumed": resume}
 
     def _select(self) -> tuple[list[str], dict]:
-        from okdpipe.distill.select import select
+        from okdpipe.export.select_int8 import select_shipping
 
-        section = self.cfg.select
-        _, _, chosen, path = select(
-            self.run_dir, section.strategy, self.out / "model.pt", section.bn_batches, section.device
-        )
+        _, _, chosen, path = select_shipping(self.run_dir, self.cfg.select, self.out / "model.pt")
         self.echo(f"  chose {chosen.name} (val top-1 {chosen.top1:.2%})")
         return [str(path.relative_to(self.out))], {"chosen": chosen.name, "val_top1": chosen.top1}
 

@@ -134,6 +134,7 @@ def parse_card(raw: dict[str, Any], artifact_dir: Path) -> ModelCard:
     model_path = _checked_model_file(artifact_dir, raw)
     channels, height, width = _checked_input_shape(raw)
     num_classes = _checked_num_classes(raw)
+    _checked_quantization(raw)
     return ModelCard(
         name=_checked_name(raw),
         precision=_checked_precision(raw),
@@ -346,6 +347,28 @@ def _checked_provenance(card: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(provenance, dict):
         raise _fail("model card provenance must be a JSON object")
     return provenance
+
+
+def _checked_quantization(card: dict[str, Any]) -> None:
+    """INT8 cards: the nodes kept in FP32, every tuning trial's accuracy and the sensitivity ranking, when recorded,
+    are well formed; an accuracy is a finite fraction or absent (a failed trial names its failure instead)."""
+    section = card.get("quantization")
+    if section is None:
+        return
+    if not isinstance(section, dict):
+        raise _fail("model card quantization must be a JSON object or null")
+    nodes = section.get("fp32_nodes", [])
+    if not (isinstance(nodes, list) and all(isinstance(node, str) and node for node in nodes)):
+        raise _fail("model card quantization.fp32_nodes must list node names")
+    trials = (section.get("tuning") or {}).get("trials", [])
+    for trial in trials if isinstance(trials, list) else [None]:
+        top1 = trial.get("val_top1") if isinstance(trial, dict) else "missing"
+        if not (top1 is None and trial.get("failure")) and not (_is_finite_number(top1) and 0 <= top1 <= 1):
+            raise _fail(f"model card quantization trial {trial!r} has no finite val_top1 in [0, 1] nor a failure")
+    ranking = (section.get("sensitivity") or {}).get("nodes", [])
+    ranks = [row.get("rank") if isinstance(row, dict) else None for row in ranking]
+    if ranks != list(range(1, len(ranks) + 1)) or not all(isinstance(row.get("node"), str) for row in ranking):
+        raise _fail("model card quantization.sensitivity.nodes must be node rows ranked 1, 2, 3, ...")
 
 
 def _is_positive_int(value: Any) -> bool:

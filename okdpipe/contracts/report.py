@@ -11,7 +11,9 @@ JSON form (`format: okdpipe-bench-report`, version 2; version 1, keyed `schema_v
              "params", "macs" (per image), "start_ms", "memory": {"peak_rss_delta_mb", "method"},
              "accuracy": {"split", "top1", "top5", "samples"},
              "latency": {"<batch>": {"batch_size", "runs", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms",
-                                     "images_per_s", "gflops_per_s", "peak_fraction"}}}
+                                     "images_per_s", "gflops_per_s", "peak_fraction"}},
+             "sensitivity": INT8 artifacts: the card's per-node ranking, [{"rank", "node", "op_type", "error",
+                            "top1_drop_points", "fp32": kept in FP32}] (empty otherwise; absent in older reports)}
 
 Every key is always present, null where not measured. Latency keys are strings in JSON (batch sizes here).
 """
@@ -83,6 +85,7 @@ class Entry:
     memory: Memory = field(default_factory=Memory)
     accuracy: Accuracy | None = None
     latency: dict[int, LatencyPoint] = field(default_factory=dict)
+    sensitivity: list[dict[str, Any]] = field(default_factory=list)
 
     def labels(self) -> set[str]:
         """What a gate selector may call this entry: name, kind, precision or directory name."""

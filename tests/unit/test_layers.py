@@ -23,6 +23,7 @@ ENTRY_POINTS = {
     "okdpipe.api",
     "okdpipe.pipeline",
     "okdpipe.pipeline_command",
+    "okdpipe.select_command",
     "okdpipe.env_command",
     "okdpipe.__main__",
     "okdpipe.compare.runner",
