@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from okdpipe import __version__
-from okdpipe.contracts.card import PIXEL_SCALE, ModelCard, Preprocess, write_card
+from okdpipe.contracts.card import PIXEL_SCALE, PRECISIONS, ModelCard, Preprocess, read_card, write_card
 from okdpipe.contracts.data import DataSource
 from okdpipe.errors import GateFailed, OkdpipeError
 from okdpipe.export import onnx_export, quantize, tune
@@ -337,14 +337,16 @@ def provenance(ctx: ExportContext) -> dict:
 
 def publish(staged: dict[str, ModelCard], out_dir: Path, ctx: ExportContext, staging: Path) -> list[ModelCard]:
     """Move the verified artifacts into OUT together (or lay out a Triton repository), replacing earlier exports:
-    the old ones are first moved aside into the staging folder, so a failure between renames can be undone."""
+    the old ones are first moved aside into the staging folder, so a failure between renames can be undone. Every
+    earlier precision folder goes, not only those exported now: an old model's int8 beside this model's fp32 would
+    ship two models as one export."""
     if ctx.config.format == "triton":
         return publish_triton(staged, out_dir, ctx)
     aside = staging / ".replaced"
     aside.mkdir()
     moved: list[tuple[Path, Path]] = []
     try:
-        for precision in staged:
+        for precision in sorted(set(staged) | set(PRECISIONS)):
             if (out_dir / precision).exists():
                 os.replace(out_dir / precision, aside / precision)
                 moved.append((aside / precision, out_dir / precision))
@@ -357,13 +359,10 @@ def publish(staged: dict[str, ModelCard], out_dir: Path, ctx: ExportContext, sta
         raise OkdpipeError(
             f"--out {out_dir}: could not publish the export ({exc.strerror or exc}); the earlier artifacts are kept"
         ) from None
-    from okdpipe.contracts.card import read_card
-
     return [read_card(out_dir / precision) for precision in staged]
 
 
 def publish_triton(staged: dict[str, ModelCard], out_dir: Path, ctx: ExportContext) -> list[ModelCard]:
-    from okdpipe.contracts.card import read_card
     from okdpipe.export.triton import write_triton_model
 
     written = []

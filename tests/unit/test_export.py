@@ -286,3 +286,12 @@ def test_graph_precision_is_read_from_the_graph_not_the_card(exported, tmp_path)
     (swapped / "model.json").write_text(json.dumps(card))
     with pytest.raises(OkdpipeError, match="model.onnx computes in int8 but its card says fp32"):
         check_graph_precision(read_card(swapped))
+
+
+def test_a_new_export_replaces_every_earlier_precision(exported, tmp_path):
+    """OUT held model A's fp32 + int8; exporting fp32 alone into it must not leave A's int8 beside the new fp32."""
+    out = tmp_path / "out"
+    shutil.copytree(exported["out"], out)
+    cards = export_model(exported["model_path"], out, ExportConfig())
+    assert [card.precision for card in cards] == ["fp32"]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["fp32"]
