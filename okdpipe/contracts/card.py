@@ -337,8 +337,6 @@ def _checked_records(card: dict[str, Any]) -> dict[str, Any]:
         samples = record.get("val_samples")
         if samples is not None and not _is_positive_int(samples):
             raise _fail(f"model card '{section}.val_samples' is {samples!r}, not a positive integer")
-    if card.get("quantization") is not None and not isinstance(card["quantization"], dict):
-        raise _fail("model card 'quantization' must be a JSON object or null")
     return card
 
 

@@ -49,6 +49,8 @@ def test_card_reads_what_serving_needs(artifact_dir):
         (lambda d: _edit_card(d, file="missing.onnx"), "'missing.onnx' named by the card is not in"),
         (lambda d: _edit_card(d, file="../model.onnx"), "is not in"),
         (lambda d: _edit_card(d, sha256={}), "no sha256 for 'model.onnx'"),
+        (lambda d: _edit_card(d, sha256={"model.onnx": 12345}), "no sha256 for 'model.onnx'"),
+        (lambda d: _edit_card(d, sha256={"model.onnx": "0" * 64, "extra.bin": 7}), "model.onnx sha256 is"),
         (
             lambda d: _edit_card(d, input={"name": "input", "shape": [None, 1, 28], "dtype": "float32"}),
             "is not [null, C, H, W] NCHW",
@@ -78,7 +80,7 @@ def test_card_reads_what_serving_needs(artifact_dir):
         (lambda d: _edit_card(d, accuracy={"val_samples": 0}), "'accuracy.val_samples' is 0, not a positive integer"),
         (lambda d: _edit_card(d, parity={"max_abs_diff": -1}), "'parity.max_abs_diff' is -1"),
         (lambda d: _edit_card(d, parity={"top1_agreement": True}), "'parity.top1_agreement' is True"),
-        (lambda d: _edit_card(d, quantization=[]), "'quantization' must be a JSON object or null"),
+        (lambda d: _edit_card(d, quantization=[]), "quantization must be a JSON object or null"),
     ],
 )
 def test_bad_card_is_one_line_okdpipe_error(artifact_copy, damage, message):

@@ -292,3 +292,22 @@ def test_non_finite_metric_fails_its_gate(report, value):
     report.artifacts[0].accuracy.top1 = 0.92  # finite now, but the baseline's value is not
     [result] = evaluate_gates(report, ["net:top1>=baseline-0.01"], baseline=baseline)
     assert not result.passed
+
+
+@pytest.mark.parametrize(
+    "gate, passed",
+    [
+        ("net:top1>=0.92", True),  # equal to the threshold: inclusive operators pass on equality
+        ("net:top1<=0.92", True),
+        ("net:top1==0.92", True),
+        ("net:top1>0.92", False),  # strict operators fail on equality
+        ("net:top1<0.92", False),
+        ("net:p99_ms@1<=2.0", True),
+        ("net:p99_ms@1<2.0", False),
+        ("net:top1>=0.9200001", False),
+        ("net:top1<=0.9199999", False),
+    ],
+)
+def test_each_operator_at_its_boundary(report, gate, passed):
+    [result] = evaluate_gates(report, [gate])
+    assert result.passed is passed
