@@ -145,10 +145,31 @@ def first_mismatch(recorded: dict[str, Optional[str]], current: dict[str, Option
     return next((rel for rel in sorted(set(recorded) | set(current)) if recorded.get(rel) != current.get(rel)), None)
 
 
+def well_formed(record: Any) -> bool:
+    """A stage record as `record` writes it: a config hash and {relative path: sha256 or null} maps."""
+
+    def hashes(value: Any) -> bool:
+        return isinstance(value, dict) and all(
+            isinstance(k, str) and (v is None or isinstance(v, str)) for k, v in value.items()
+        )
+
+    return (
+        isinstance(record, dict)
+        and isinstance(record.get("config_sha256"), str)
+        and hashes(record.get("inputs"))
+        and hashes(record.get("outputs"))
+    )
+
+
 def decide(stage: Stage, record: Optional[dict], out: Path, upstream_runs: Optional[str]) -> Decision:
-    """Run when the config, an input or an output differs from the last successful run's record."""
+    """Run when the config, an input or an output differs from the last successful run's record. The gate always
+    runs (it only reads bench.json): a verdict is never read back from the state file, which anyone can edit."""
+    if stage.name == "gate":
+        return Decision(stage, True, "gates are evaluated on every run")
     if record is None:
         return Decision(stage, True, "no successful run recorded")
+    if not well_formed(record):
+        return Decision(stage, True, f"its record in {STATE_FILE} is damaged")
     if record["config_sha256"] != section_sha256(stage.section):
         return Decision(stage, True, f"its config section ({stage.name}) changed")
     if upstream_runs:

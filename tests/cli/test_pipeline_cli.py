@@ -149,7 +149,7 @@ def test_dry_run_reports_the_plan_and_runs_nothing(finished, tmp_path):
         "skip  select   config, inputs and outputs unchanged",
         "run   export   its config section (export) changed",
         "run   bench    upstream stage export runs first and may change its inputs",
-        "run   gate     upstream stage export runs first and may change its inputs",
+        "run   gate     gates are evaluated on every run",
     ]
     assert (finished / "pipeline.json").read_bytes() == before and not (finished / "export/fp16").exists()
 

@@ -116,13 +116,13 @@ def fake(tmp_path):
     return stages
 
 
-def test_second_run_skips_every_stage(fake):
+def test_second_run_skips_every_stage_but_the_gate(fake):
     pipeline, lines = fake.pipeline()
     assert pipeline.run() == 0
-    assert fake.calls == {"upstream": 1, "gate": 1}
+    assert fake.calls == {"upstream": 1, "gate": 2}
     assert lines[:2] == [
         "skip  upstream config, inputs and outputs unchanged",
-        "skip  gate     config, inputs and outputs unchanged",
+        "run   gate     gates are evaluated on every run",
     ]
     assert lines[2] == "  pass  a==x  (value x)"
 
@@ -143,7 +143,10 @@ def test_changed_upstream_output_reruns_downstream(fake):
     pipeline, lines = fake.pipeline()
     assert pipeline.run() == 1  # the gate now fails: exit code 1
     assert fake.calls == {"upstream": 2, "gate": 2}
-    assert lines[:2] == ["run   upstream its config section (upstream) changed", "run   gate     input a.txt changed"]
+    assert lines[:2] == [
+        "run   upstream its config section (upstream) changed",
+        "run   gate     gates are evaluated on every run",
+    ]
     assert (fake.out / "b.txt").read_text() == "Y"
 
 
@@ -151,15 +154,15 @@ def test_config_change_with_identical_output_leaves_downstream_skipped(fake):
     fake.upstream_config["note"] = 2  # reruns upstream, which writes the same bytes
     pipeline, lines = fake.pipeline()
     assert pipeline.run() == 0
-    assert fake.calls == {"upstream": 2, "gate": 1}
-    assert lines[1] == "skip  gate     config, inputs and outputs unchanged"
+    assert fake.calls == {"upstream": 2, "gate": 2}
+    assert lines[1] == "run   gate     gates are evaluated on every run"
 
 
 def test_replaced_output_reruns_its_stage_only(fake):
     (fake.out / "b.txt").write_text("tampered")
     pipeline, lines = fake.pipeline()
     assert pipeline.run() == 0 and fake.calls == {"upstream": 1, "gate": 2}
-    assert lines[1] == "run   gate     output b.txt is missing or was replaced"
+    assert lines[1] == "run   gate     gates are evaluated on every run"
     assert (fake.out / "b.txt").read_text() == "X"
 
 
@@ -169,7 +172,7 @@ def test_dry_run_plan_runs_nothing_and_marks_downstream(fake):
     plan = [describe(decision) for decision in pipeline.plan()]
     assert plan == [
         "run   upstream its config section (upstream) changed",
-        "run   gate     upstream stage upstream runs first and may change its inputs",
+        "run   gate     gates are evaluated on every run",
     ]
     assert fake.calls == {"upstream": 1, "gate": 1} and (fake.out / "a.txt").read_text() == "x"
 
@@ -188,7 +191,41 @@ def test_a_failed_stage_keeps_the_finished_ones(fake):
         pipeline.run()
     pipeline, lines = fake.pipeline()
     pipeline.run()
-    assert lines[:2] == ["skip  upstream config, inputs and outputs unchanged", "run   gate     input a.txt changed"]
+    assert lines[:2] == [
+        "skip  upstream config, inputs and outputs unchanged",
+        "run   gate     gates are evaluated on every run",
+    ]
+
+
+def test_a_verdict_edited_into_the_state_file_is_never_trusted(tmp_path):
+    failing = FakeStages(tmp_path / "out", {"text": "x"}, passing="z")
+    assert failing.pipeline()[0].run() == 1
+    path = failing.out / "pipeline.json"
+    state = json.loads(path.read_text())
+    state["stages"]["gate"]["passed"] = True
+    state["stages"]["gate"]["results"][0]["passed"] = True
+    path.write_text(json.dumps(state))
+    pipeline, lines = failing.pipeline()
+    assert pipeline.run() == 1 and lines[-1].startswith("gate FAILED")
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda r: r.pop("config_sha256"),
+        lambda r: r.update(inputs=[1, 2]),
+        lambda r: r.update(outputs=None),
+        lambda r: r.update(outputs={"a.txt": 5}),
+    ],
+)
+def test_a_damaged_stage_record_reruns_that_stage(fake, damage):
+    path = fake.out / "pipeline.json"
+    state = json.loads(path.read_text())
+    damage(state["stages"]["upstream"])
+    path.write_text(json.dumps(state))
+    pipeline, lines = fake.pipeline()
+    assert pipeline.run() == 0 and fake.calls == {"upstream": 2, "gate": 2}
+    assert lines[0] == "run   upstream its record in pipeline.json is damaged"
 
 
 def test_corrupt_state_file_names_the_fix(fake):
@@ -246,10 +283,10 @@ def test_state_file_has_a_format_header_and_version_1_still_reads(fake):
     old = {"state_version": 1, **{k: v for k, v in state.items() if k not in ("format", "format_version")}}
     path.write_text(json.dumps(old))  # as okdpipe wrote it before the common header
     pipeline, lines = fake.pipeline()
-    assert pipeline.run() == 0 and fake.calls == {"upstream": 1, "gate": 1}
+    assert pipeline.run() == 0 and fake.calls == {"upstream": 1, "gate": 2}
     assert lines[:2] == [
         "skip  upstream config, inputs and outputs unchanged",
-        "skip  gate     config, inputs and outputs unchanged",
+        "run   gate     gates are evaluated on every run",
     ]
     path.write_text(json.dumps({**state, "format_version": 3}))
     with pytest.raises(OkdpipeError, match="format_version 3 is not supported"):
