@@ -28,6 +28,7 @@ from okdpipe.distill.evaluate import Accuracy, calibration_sample, recalibrate_b
 from okdpipe.distill.finished import FinishedRun, load_run
 from okdpipe.distill.methods import Candidate
 from okdpipe.distill.models import count_macs
+from okdpipe.distill.trackers import log_selection
 from okdpipe.errors import OkdpipeError
 from okdpipe.files import atomic_write_json, file_sha256
 from okdpipe.modelfile import ModelInfo, save_model_file
@@ -290,6 +291,7 @@ def select(
             **({} if precision is None else {f"{precision.name}_val_top1": chosen.ship_top1}),
         }
     )
+    log_selection(session.run.root)  # a run tracked in MLflow gets selection.json and the model file
     return rows, ensemble, chosen, out
 
 
