@@ -113,6 +113,7 @@ def test_card_schema(exported):
         "scale": 1 / 255,
         "mean": list(spec.mean),
         "std": list(spec.std),
+        "resize": "stretch",  # the synthetic images already have the input size; stretch is the default policy
     }
     assert card["labels"] == list(spec.labels) and card["opset"] == 18
     assert card["provenance"]["candidate"] == "s0" and len(card["provenance"]["model_sha256"]) == 64
