@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,8 +195,9 @@ def build_int8(ctx: ExportContext, fp32_path: Path, onnx_path: Path) -> dict:
         # one calibration pass per calibration setting, shared by the plain model, the analysis and the trials
         workbench = quantize.Int8Workbench(fp32_path, Path(work), lambda: calibration_reader(ctx), settings)
         plain_recipe = quantize.Recipe(ctx.config.calib_method, per_channel=settings["per_channel"])
+        started = time.monotonic()
         workbench.quantize(plain_recipe, onnx_path)
-        plain = int8_trial(ctx, onnx_path, plain_recipe)
+        plain = int8_trial(ctx, onnx_path, plain_recipe, started)
         probe = Probe.from_split(ctx.val, ctx.preprocess, ctx.config.sensitivity_samples, ort_predict(fp32_path))
         if plain.meets or budget.off:
             outcome = tune.Outcome(plain if plain.meets else None, [plain], None, "plain int8", budget)
@@ -213,14 +215,15 @@ def build_int8(ctx: ExportContext, fp32_path: Path, onnx_path: Path) -> dict:
     return {**record, "sensitivity": sensitivity, "tuning": outcome.record()}
 
 
-def int8_trial(ctx: ExportContext, onnx_path: Path, recipe: quantize.Recipe) -> tune.Trial:
+def int8_trial(ctx: ExportContext, onnx_path: Path, recipe: quantize.Recipe, started: float) -> tune.Trial:
     """The plain INT8 model as trial 0 of the search (a failed trial when its logits are not finite)."""
     try:
         top1 = val_top1(ctx, onnx_path, f"the int8 export of {ctx.model_path}")
     except GateFailed as failed:
-        return tune.Trial(0, "plain", recipe, None, None, False, 0.0, onnx_path, str(failed))
+        return tune.Trial(0, "plain", recipe, None, None, False, time.monotonic() - started, onnx_path, str(failed))
     drop = (ctx.fp32_top1 - top1) * 100.0
-    return tune.Trial(0, "plain", recipe, top1, drop, drop <= ctx.config.max_accuracy_drop, 0.0, onnx_path)
+    meets = drop <= ctx.config.max_accuracy_drop
+    return tune.Trial(0, "plain", recipe, top1, drop, meets, time.monotonic() - started, onnx_path)
 
 
 def val_top1(ctx: ExportContext, onnx_path: Path, what: str) -> float:

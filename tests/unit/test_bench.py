@@ -93,7 +93,9 @@ def test_report_schema(tiny):
             "memory",
             "accuracy",
             "latency",
+            "sensitivity",
         ]
+        assert entry["sensitivity"] == []  # an fp32 artifact (and the references) have no INT8 ranking
         assert list(entry["latency"]) == ["1", "4"]
     assert set(report["machine"]["cpu_features"]) >= {"avx2", "avx512_vnni", "avx_vnni", "amx_int8"}
     assert report["machine"]["threads"] == 1 and report["machine"]["peak_gflops"]["gflops"] > 0
