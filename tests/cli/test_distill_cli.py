@@ -157,3 +157,10 @@ def test_resume_of_a_damaged_run_directory_is_one_line(tmp_path):
         ["distill", "--dataset", "synthetic", "--out", str(tmp_path / "r"), "--resume"],
         "corrupt manifest (a list, not an object)",
     )
+
+
+def test_no_validation_split_is_refused_before_training(tmp_path):
+    one_line_error(
+        ["distill", "--dataset", "synthetic", "--arch", "resnet8", "--val-split", "0", "--out", str(tmp_path / "r")],
+        "synthetic has no validation images (--val-split 0 and no val split of its own); pass e.g. --val-split 0.1",
+    )
