@@ -79,6 +79,8 @@ def test_binary_input_is_read_in_its_datatype_and_served_as_fp32(datatype):
         (_json_request([1, 2, 3]), None, "has 3 values, the shape needs 4"),
         (_json_request([1, 2, 3, 4], shape=(1, 1, 2, 3)), None, "does not match [B, 1, 2, 2]"),
         (_json_request([1] * 20, shape=(5, 1, 2, 2)), None, "batch of 5 images is larger than the allowed 4"),
+        (_json_request([], shape=(0, 1, 2, 2)), None, "input shape [0, 1, 2, 2] does not match [B, 1, 2, 2]"),
+        (_json_request([], shape=(-1, 1, 2, 2)), None, "input shape [-1, 1, 2, 2] does not match"),
         (_json_request([1, 2, 3, 4], datatype="INT32"), None, "datatype 'INT32' is not accepted"),
         (_json_request([1, "2", 3, 4]), None, "list of numbers"),
         (_json_request([[1, 2], [3]]), None, "list of numbers"),
