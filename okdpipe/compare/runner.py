@@ -146,13 +146,31 @@ def run_protocol(protocol: dict, plan: list[tuple[str, int]]) -> None:
         )
 
 
+def read_record(path: Path) -> dict:
+    try:
+        record = json.loads(path.read_text())
+    except (ValueError, OSError) as exc:
+        raise OkdpipeError(
+            f"{path}: not a readable record ({exc}); delete it (the run is trained again) or restore it"
+        ) from None
+    if not isinstance(record, dict) or not isinstance(record.get("method"), str):
+        raise OkdpipeError(f"{path}: not a comparison record (no method); delete it (the run is trained again)")
+    return record
+
+
 def write_summary(protocol: dict, records: Path) -> str:
     """records/summary.md (and summary.png) from every record in the folder; returns the Markdown."""
     from okdpipe.compare.figure import write_figure
     from okdpipe.compare.summary import summarise
 
-    results = [json.loads(p.read_text()) for p in sorted(records.glob("*-s*.json"))]
-    summary = summarise(protocol, results)
+    results = [read_record(p) for p in sorted(records.glob("*-s*.json"))]
+    try:
+        summary = summarise(protocol, results)
+    except (KeyError, TypeError, ValueError) as exc:  # a record that parses but lacks a field the tables read
+        raise OkdpipeError(
+            f"{records}: a record lacks what the summary reads ({type(exc).__name__}: {exc}); delete the damaged "
+            "record (its run is then trained again) or restore it from git"
+        ) from None
     atomic_write_text(records / "summary.md", summary + "\n")
     write_figure(protocol, results, records / "summary.png")
     return summary

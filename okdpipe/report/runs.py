@@ -128,7 +128,30 @@ def read_selection(path: Path) -> Optional[dict[str, Any]]:
         raise OkdpipeError(f"{path}: not a readable selection ({exc}); run `okdpipe select` again") from None
     if not isinstance(selection, dict) or not isinstance(selection.get("candidates"), list):
         raise OkdpipeError(f"{path}: not an okdpipe selection (no candidate list); run `okdpipe select` again")
+    problem = selection_problem(selection)
+    if problem:
+        raise OkdpipeError(f"{path}: damaged selection ({problem}); run `okdpipe select` again")
     return selection
+
+
+def selection_problem(selection: dict[str, Any]) -> Optional[str]:
+    """What the report reads of a selection, checked: candidates with a name and a top-1 in [0, 1], an ensemble
+    object with one; None when it is all there."""
+
+    def top1_ok(row: Any) -> bool:
+        value = row.get("val_top1") if isinstance(row, dict) else None
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+
+    candidates = selection["candidates"]
+    if not candidates:
+        return "no candidates"
+    for row in candidates:
+        if not (isinstance(row, dict) and isinstance(row.get("candidate"), str) and top1_ok(row)):
+            return f"candidate {row!r:.80} lacks a name or a val_top1 in [0, 1]"
+    ensemble = selection.get("ensemble")
+    if ensemble is not None and not top1_ok(ensemble):
+        return f"ensemble {ensemble!r:.80} lacks a val_top1 in [0, 1]"
+    return None
 
 
 def read_run(path: Path) -> RunHistory:

@@ -198,3 +198,22 @@ def test_a_tiny_protocol_runs_end_to_end_and_a_second_call_trains_nothing(tmp_pa
     assert second.returncode == 0, second.stderr
     assert "2 of 2 runs already have a record; 0 to run" in second.stdout
     assert (tmp_path / "runs" / "vanilla-s3" / "metrics.jsonl").read_bytes() == metrics
+
+
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        ('{"method": "vanilla"', "not a readable record"),
+        ("", "not a readable record"),
+        ("[]", "not a comparison record"),
+        ("{}", "not a comparison record"),
+        ('{"method": "vanilla"}', "a record lacks what the summary reads"),
+    ],
+)
+def test_a_damaged_record_is_one_line_exit_2(tmp_path, content, fragment):
+    shutil.copytree(ROOT / "results", tmp_path / "results")
+    shutil.copytree(ROOT / "configs", tmp_path / "configs")
+    (tmp_path / "results" / "fmnist-compare" / "vanilla-s0.json").write_text(content)
+    done = okdpipe("compare", "configs/fmnist-compare.yaml", "--summary-only", cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.startswith("error: ") and fragment in done.stderr, done.stderr
+    assert len(done.stderr.splitlines()) == 1

@@ -159,3 +159,21 @@ def test_cli_writes_the_report_and_refuses_a_folder_that_is_not_a_run(tmp_path, 
     (finished / "selection.json").write_text("{not json")
     damaged = okdpipe("report", finished, "--out", tmp_path / "out3")
     assert damaged.returncode == 2 and "run `okdpipe select` again" in damaged.stderr
+
+
+@pytest.mark.parametrize(
+    "damage, fragment",
+    [
+        ({"candidates": [1, "x", None]}, "lacks a name or a val_top1"),
+        ({"candidates": [{"candidate": "student:0", "val_top1": "high"}]}, "lacks a name or a val_top1"),
+        ({"candidates": [{"candidate": "student:0"}]}, "lacks a name or a val_top1"),
+        ({"candidates": []}, "no candidates"),
+        ({"ensemble": "x"}, "ensemble 'x' lacks a val_top1"),
+    ],
+)
+def test_a_selection_that_parses_but_is_damaged_is_one_line(tmp_path, damage, fragment):
+    from okdpipe.errors import OkdpipeError
+
+    run = write_run(tmp_path / "run", [epoch(1, 0.5, 0.6, 0.7)], selection={**SELECTION, **damage})
+    with pytest.raises(OkdpipeError, match=f"damaged selection .*{re.escape(fragment)}"):
+        read_run(run)
