@@ -210,7 +210,16 @@ def open_trackers(
             backends.append(TensorBoard(run, config_yaml, resumed_after))
         else:
             chosen = mlflow_uri(uri, previous.get("mlflow", {}))
-            backends.append(MLflow(chosen, run.root.name, flat_params(config), previous.get("mlflow", {})))
+            try:
+                backends.append(MLflow(chosen, run.root.name, flat_params(config), previous.get("mlflow", {})))
+            except OkdpipeError:
+                raise
+            except Exception as exc:  # MLflow's own errors: an unreachable server, a store path it cannot create
+                first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+                raise OkdpipeError(
+                    f"MLflow tracking URI {chosen!r} cannot be used ({type(exc).__name__}: {first}); "
+                    "pass a reachable server or a writable folder with --mlflow-uri"
+                ) from None
     if backends:
         names = dict.fromkeys(loggers)
         run.update_manifest(trackers={name: b.record() for name, b in zip(names, backends)})

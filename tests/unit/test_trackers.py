@@ -178,3 +178,13 @@ def test_metric_names_suit_both_backends():
         "val/top5/student_0": 0.9,
         "val/top1/hybrid": 0.6,
     }
+
+
+def test_an_unusable_mlflow_uri_is_one_line(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    run = RunDir(tmp_path / "run")
+    run.prepare()
+    uri = f"file:{tmp_path / 'a-file' / 'sub'}"
+    with pytest.raises(OkdpipeError, match=r"MLflow tracking URI .* cannot be used \(NotADirectoryError") as raised:
+        trackers.open_trackers(run, {}, "", ["mlflow"], uri, 0)
+    assert "\n" not in str(raised.value)
