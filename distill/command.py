@@ -71,7 +71,7 @@ def distill_command(
         [],
         "--logger",
         help="Experiment tracker beside metrics.jsonl: tensorboard or mlflow (repeatable; pip install "
-        "'okdpipe[tracking]').",
+        "'okdpipe\\[tracking]').",
     ),
     mlflow_uri: Optional[str] = typer.Option(
         None, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else a file store ./mlruns)."
