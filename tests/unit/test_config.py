@@ -111,7 +111,7 @@ def test_bad_config_files_are_one_line_and_fast(tmp_path, content, fragment):
     started = time.perf_counter()
     with pytest.raises(OkdpipeError) as err:
         read_yaml(path)
-    assert time.perf_counter() - started < 2.0
+    assert time.perf_counter() - started < 10.0  # unbounded, the 1.4 KB alias bomb ran for over a minute
     assert fragment in str(err.value) and "\n" not in str(err.value)
 
 
