@@ -60,7 +60,7 @@ def gap_panel(ax, results: list[dict], pairs: list[tuple[str, str]]) -> None:
     ax.set_yticks(range(len(labels)), labels)
     ax.invert_yaxis()
     ax.set_xlabel("test top-1 gap, paired by seed (points)  [bar: ± larger seed std]")
-    ax.set_title("Paired gaps: a - b (green: a ahead by more than the seed spread; red: behind by more)")
+    ax.set_title("Paired gaps: a - b\ngreen: a ahead by more than the seed spread; red: behind by more", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
 
 
