@@ -93,7 +93,7 @@ def test_run_directory_contents(tmp_path):
     assert manifest["dataset"]["fingerprint"]
     assert set(manifest["test"]) == {"student:0", "student:1", "ensemble"}
     assert "checkpoints/last.pt" in manifest["artifacts"]
-    assert (tmp_path / "r" / "config.yaml").read_text().startswith("method: vanilla")
+    assert (tmp_path / "r" / "config.yaml").read_text().startswith("plugins: []\nmethod: vanilla\n")
 
 
 def top1_by_hand(net, split, spec) -> float:
