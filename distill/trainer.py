@@ -153,11 +153,6 @@ def build_session(cfg: DistillConfig, run: RunDir, group: Group = Group()) -> Se
     device = group.device(resolve_device(cfg.device))
     METHODS.get(cfg.method)  # an unknown method fails before the data is read
     bundle = DataSource.of_run(cfg).load()
-    if len(bundle.val) == 0:  # every choice (best epoch, select, export's INT8 check) is made on validation
-        raise OkdpipeError(
-            f"{cfg.dataset} has no validation images (--val-split 0 and no val split of its own); "
-            "pass e.g. --val-split 0.1"
-        )
     spec = bundle.spec
     students, method = build_models(cfg, spec, device)
     optimizer = build_optimizer(cfg, [{"params": list(students.parameters())}, *method.param_groups()])
@@ -538,6 +533,11 @@ def train(
         run.prepare()
     configure_determinism()
     s = build_session(cfg, run, group)
+    if len(s.bundle.val) == 0:  # every choice (best epoch, select, export's INT8 check) is made on validation
+        raise OkdpipeError(
+            f"{cfg.dataset} has no validation images (--val-split 0 and no val split of its own); "
+            "pass e.g. --val-split 0.1"
+        )
     start = restore(s) if resume else 0
     initial = initialise(s.students, cfg.init, s.method) if cfg.init and not resume else None
     group.copy_from_main(s.students, s.method)
