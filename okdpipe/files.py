@@ -53,6 +53,16 @@ def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
+def loads_finite(text: str) -> Any:
+    """json.loads that refuses NaN and Infinity (ValueError "non-finite number (NaN)"): okdpipe writes strict JSON
+    (allow_nan=False), so a file holding them is damaged or not ours, never a figure to report or gate on."""
+
+    def refuse(token: str) -> None:
+        raise ValueError(f"non-finite number ({token})")
+
+    return json.loads(text, parse_constant=refuse)
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     """Hex sha256, streamed in 1 MiB chunks."""
     digest = hashlib.sha256()

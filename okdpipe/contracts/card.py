@@ -20,7 +20,7 @@ from typing import Any
 
 from okdpipe.contracts.versioned import FileFormat
 from okdpipe.errors import OkdpipeError
-from okdpipe.files import atomic_write_text, file_sha256
+from okdpipe.files import atomic_write_text, file_sha256, loads_finite
 
 CARD = FileFormat("okdpipe-card", 1, "model card", "re-run `okdpipe export` to rewrite the artifact")
 CARD_NAME = "model.json"
@@ -171,18 +171,14 @@ def _load_card_json(artifact_dir: Path) -> dict[str, Any]:
     if not card_path.is_file():
         raise _fail(f"no {CARD_NAME} in {artifact_dir}", "pass the folder `okdpipe export` wrote")
     try:
-        card = json.loads(card_path.read_text(encoding="utf-8"), parse_constant=_refuse_non_finite)
+        card = loads_finite(card_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise _fail(f"{card_path} is not valid JSON ({error})") from None
     except ValueError as error:  # NaN / Infinity: a card never records a non-finite figure as if it were fine
-        raise _fail(f"{card_path}: {error}") from None
+        raise _fail(f"{card_path}: the card holds a {error}") from None
     if not isinstance(card, dict):
         raise _fail(f"{card_path} must hold a JSON object")
     return card
-
-
-def _refuse_non_finite(constant: str) -> None:
-    raise ValueError(f"the card holds a non-finite number ({constant})")
 
 
 def _required_str(section: dict[str, Any], key: str, where: str) -> str:

@@ -7,13 +7,13 @@ or foreign line is skipped and counted, a missing selection leaves the candidate
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from okdpipe.errors import OkdpipeError
+from okdpipe.files import loads_finite
 from okdpipe.run import RunDir
 
 MAX_METRICS_BYTES = 256 << 20  # a 10,000-epoch run logs a few MB; more is not a metrics file
@@ -62,15 +62,6 @@ def model_order(name: str) -> tuple:
     return (1 if name == "ensemble" else 2, 0, name)
 
 
-def finite_json(line: str) -> Any:
-    """json.loads that refuses NaN and Infinity (metrics.jsonl is strict JSON; such a line is not ours)."""
-
-    def refuse(token: str) -> float:
-        raise ValueError(f"non-finite {token}")
-
-    return json.loads(line, parse_constant=refuse)
-
-
 def numbers_are_finite(record: dict[str, Any]) -> bool:
     """Every number in a metrics record (nested ones too) is finite and not a bool posing as one."""
     values = list(record.values())
@@ -96,7 +87,7 @@ def read_metrics(path: Path) -> tuple[list[dict], list[dict], int]:
     steps, epochs, skipped = [], [], 0
     for line in text.splitlines():
         try:
-            record = finite_json(line)
+            record = loads_finite(line)
         except ValueError:
             skipped += 1
             continue
@@ -123,7 +114,7 @@ def read_selection(path: Path) -> Optional[dict[str, Any]]:
     if not path.is_file():
         return None
     try:
-        selection = finite_json(path.read_text())
+        selection = loads_finite(path.read_text())
     except (ValueError, OSError) as exc:
         raise OkdpipeError(f"{path}: not a readable selection ({exc}); run `okdpipe select` again") from None
     if not isinstance(selection, dict) or not isinstance(selection.get("candidates"), list):
