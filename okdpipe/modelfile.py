@@ -19,13 +19,14 @@ export needs: the architecture and its arguments, the input it expects, its labe
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from okdpipe import __version__
+from okdpipe.contracts import inputs
+from okdpipe.contracts.card import PIXEL_SCALE
 from okdpipe.contracts.versioned import FileFormat
 from okdpipe.errors import OkdpipeError
 from okdpipe.files import atomic_write, file_sha256
@@ -156,39 +157,21 @@ def check_info(info: ModelInfo, where: object) -> None:
 
 
 def _info_problem(info: ModelInfo) -> str | None:
-    def positive_int(value) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-    def finite(values) -> bool:
-        return all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
-
+    """The card's rules (okdpipe.contracts.inputs) for the fields a card is built from, then the file's own."""
+    size = tuple(info.input_size)
     checks = [
-        (isinstance(info.arch, str) and bool(info.arch), f"arch {info.arch!r} must be a non-empty string"),
-        (
-            positive_int(info.num_classes) and info.num_classes >= 2,
-            f"num_classes {info.num_classes!r} must be an integer >= 2",
-        ),
-        (positive_int(info.in_channels), f"in_channels {info.in_channels!r} must be a positive integer"),
-        (
-            len(info.input_size) == 2 and all(positive_int(s) for s in info.input_size),
-            f"input_size {list(info.input_size)} must be two positive integers",
-        ),
-        (
-            len(info.mean) == len(info.std) == info.in_channels and finite((*info.mean, *info.std)),
-            f"mean/std must be {info.in_channels} finite numbers each",
-        ),
-        (finite(info.std) and min(info.std, default=0) > 0, "std must be > 0 for every channel"),
-        (
-            len(info.labels) == info.num_classes and all(isinstance(x, str) for x in info.labels),
-            f"labels must be {info.num_classes} strings, one per class (got {len(info.labels)})",
-        ),
-        (isinstance(info.dataset, str), "dataset must be a string"),
-        (
-            isinstance(info.arch_kwargs, dict)
-            and isinstance(info.provenance, dict)
-            and isinstance(info.arch_source, dict)
-            and all(isinstance(v, str) for v in info.arch_source.values()),
-            "arch_kwargs and provenance must be mappings, arch_source a mapping of strings",
-        ),
+        None if isinstance(info.arch, str) and info.arch else f"arch {info.arch!r} must be a non-empty string",
+        inputs.num_classes_problem(info.num_classes),
+        None if len(size) == 2 else f"input_size {list(size)} must be two integers (height, width)",
+        inputs.input_shape_problem(info.in_channels, *size) if len(size) == 2 else None,
+        inputs.normalisation_problem(PIXEL_SCALE, info.mean, info.std, info.in_channels),
+        inputs.labels_problem(info.labels, info.num_classes),
+        None if isinstance(info.dataset, str) else "dataset must be a string",
+        None
+        if isinstance(info.arch_kwargs, dict)
+        and isinstance(info.provenance, dict)
+        and isinstance(info.arch_source, dict)
+        and all(isinstance(v, str) for v in info.arch_source.values())
+        else "arch_kwargs and provenance must be mappings, arch_source a mapping of strings",
     ]
-    return next((problem for ok, problem in checks if not ok), None)
+    return next((problem for problem in checks if problem), None)

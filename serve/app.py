@@ -264,7 +264,7 @@ def _add_model_routes_under(app: FastAPI, state: ServingState, prefix: str) -> N
     @app.post(prefix + "/classify")
     async def classify(request: Request, name: str, version: str | None = None) -> dict:
         _checked_model(state, name, version)
-        top_k = _query_top_k(request.query_params.get("top_k", "1"), state.card.num_classes)
+        top_k = _query_top_k(request.query_params.getlist("top_k") or ["1"], state.card.num_classes)
         async with state.admission.body(request) as body:
             images = await state.off_loop(_image_batch, body, request.headers.get("content-type", ""), state.card)
             logits = await state.logits(images)
@@ -284,7 +284,10 @@ def _image_batch(body: bytes, content_type: str, card: ModelCard) -> np.ndarray:
     return image_to_tensor(image, card.preprocess)
 
 
-def _query_top_k(text: str, num_classes: int) -> int:
+def _query_top_k(values: list[str], num_classes: int) -> int:
+    if len(values) > 1:
+        raise ClientError(400, f"top_k is given {len(values)} times; give it once")
+    text = values[0]
     value = plain_int(text, max_digits=6)
     if value is None or not 1 <= value <= num_classes:
         raise ClientError(400, f"top_k must be an integer between 1 and {num_classes}, got {text[:40]!r}")

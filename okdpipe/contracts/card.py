@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from okdpipe.contracts import inputs
 from okdpipe.contracts.versioned import FileFormat
 from okdpipe.errors import OkdpipeError
 from okdpipe.files import atomic_write_text, file_sha256, loads_finite
@@ -220,9 +221,11 @@ def _check_sha256(artifact_dir: Path, filename: str, expected: object) -> None:
 def _checked_input_shape(card: dict[str, Any]) -> tuple[int, int, int]:
     shape = card["input"].get("shape")
     layout = card["input"].get("layout", "NCHW")
-    valid = isinstance(shape, list) and len(shape) == 4 and shape[0] in (None, -1)
-    if not valid or not all(_is_positive_int(dim) for dim in shape[1:]) or layout != "NCHW":
-        raise _fail(f"model card input shape {shape} / layout {layout!r} is not [null, C, H, W] NCHW")
+    if not (isinstance(shape, list) and len(shape) == 4 and shape[0] in (None, -1)) or layout != "NCHW":
+        raise _fail(f"model card input shape {str(shape)[:80]} / layout {layout!r} is not [null, C, H, W] NCHW")
+    problem = inputs.input_shape_problem(*shape[1:])
+    if problem:
+        raise _fail(f"model card {problem}")
     return shape[1], shape[2], shape[3]
 
 
@@ -235,26 +238,22 @@ def _checked_input_dtype(card: dict[str, Any]) -> str:
 
 def _checked_num_classes(card: dict[str, Any]) -> int:
     shape = card["output"].get("shape")
-    if not (isinstance(shape, list) and len(shape) == 2 and _is_positive_int(shape[1]) and shape[1] >= 2):
-        raise _fail(f"model card output shape {shape} is not [null, num_classes] with num_classes >= 2")
+    if not (isinstance(shape, list) and len(shape) == 2 and shape[0] in (None, -1)):
+        raise _fail(f"model card output shape {str(shape)[:80]} is not [null, num_classes]")
+    problem = inputs.num_classes_problem(shape[1])
+    if problem:
+        raise _fail(f"model card output {problem}")
     return shape[1]
 
 
 def _checked_preprocess(card: dict[str, Any], channels: int, height: int, width: int) -> Preprocess:
     section = card["preprocess"]
-    mean, std = section.get("mean"), section.get("std")
+    mean, std, scale = section.get("mean"), section.get("std"), section.get("scale", PIXEL_SCALE)
     if section.get("channels") != channels or section.get("size") != [height, width]:
         raise _fail(f"preprocess channels/size {section.get('channels')}/{section.get('size')} disagree with input")
-    for key, values in (("mean", mean), ("std", std)):
-        if not (isinstance(values, list) and all(_is_finite_number(value) for value in values)):
-            raise _fail(f"preprocess {key} is {values!r}, not a list of finite numbers")
-        if len(values) != channels:
-            raise _fail(f"preprocess {key} lists {len(values)} values, the input has {channels} channels")
-    if min(std) <= 0:
-        raise _fail(f"preprocess std {std} must have std > 0 for every channel")
-    scale = section.get("scale", PIXEL_SCALE)
-    if not _is_finite_number(scale) or scale <= 0:
-        raise _fail(f"preprocess scale {scale!r} must be a positive number")
+    problem = inputs.normalisation_problem(scale, mean, std, channels)
+    if problem:
+        raise _fail(f"preprocess {problem}")
     resize = section.get("resize", "stretch")
     if resize not in RESIZE_POLICIES:
         raise _fail(f"preprocess resize {resize!r} is not one of: {', '.join(RESIZE_POLICIES)}")
@@ -267,8 +266,9 @@ def _checked_labels(card: dict[str, Any], num_classes: int) -> tuple[str, ...]:
     labels = card.get("labels")
     if labels is None:
         return tuple(str(index) for index in range(num_classes))
-    if not (isinstance(labels, list) and len(labels) == num_classes and all(isinstance(x, str) for x in labels)):
-        raise _fail(f"model card labels must be {num_classes} strings (one per output class)")
+    problem = inputs.labels_problem(labels, num_classes)
+    if problem:
+        raise _fail(f"model card {problem}")
     return tuple(labels)
 
 
@@ -328,7 +328,7 @@ def _checked_records(card: dict[str, Any]) -> dict[str, Any]:
             raise _fail(f"model card '{section}' must be a JSON object")
         for key, (low, high) in ranges.items():
             value = record.get(key)
-            if value is not None and not (_is_finite_number(value) and low <= value <= high):
+            if value is not None and not (inputs.is_finite_number(value) and low <= value <= high):
                 raise _fail(f"model card '{section}.{key}' is {value!r}, not a number in [{low:g}, {high:g}]")
         samples = record.get("val_samples")
         if samples is not None and not _is_positive_int(samples):
@@ -357,7 +357,7 @@ def _checked_quantization(card: dict[str, Any]) -> None:
     trials = (section.get("tuning") or {}).get("trials", [])
     for trial in trials if isinstance(trials, list) else [None]:
         top1 = trial.get("val_top1") if isinstance(trial, dict) else "missing"
-        if not (top1 is None and trial.get("failure")) and not (_is_finite_number(top1) and 0 <= top1 <= 1):
+        if not (top1 is None and trial.get("failure")) and not (inputs.is_finite_number(top1) and 0 <= top1 <= 1):
             raise _fail(f"model card quantization trial {trial!r} has no finite val_top1 in [0, 1] nor a failure")
     ranking = (section.get("sensitivity") or {}).get("nodes", [])
     ranks = [row.get("rank") if isinstance(row, dict) else None for row in ranking]
@@ -366,8 +366,5 @@ def _checked_quantization(card: dict[str, Any]) -> None:
 
 
 def _is_positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+    return inputs.is_int(value) and value > 0
 
-
-def _is_finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -81,6 +81,34 @@ def test_card_reads_what_serving_needs(artifact_dir):
         (lambda d: _edit_card(d, parity={"max_abs_diff": -1}), "'parity.max_abs_diff' is -1"),
         (lambda d: _edit_card(d, parity={"top1_agreement": True}), "'parity.top1_agreement' is True"),
         (lambda d: _edit_card(d, quantization=[]), "quantization must be a JSON object or null"),
+        (
+            lambda d: _edit_card(d, input={"name": "input", "shape": [None, 1, 10**9, 28], "dtype": "float32"}),
+            "input height 1000000000 must be an integer from 1 to 8192",
+        ),
+        (
+            lambda d: _edit_card(d, input={"name": "input", "shape": [None, 64, 8192, 8192], "dtype": "float32"}),
+            "holds more than 67,108,864 values per image",
+        ),
+        (lambda d: _edit_card(d, output={"name": "logits", "shape": [None, 10**7]}), "from 2 to 100,000"),
+        (
+            lambda d: _edit_card(d, preprocess={"size": [28, 28], "channels": 1, "mean": [0], "std": [1e-300]}),
+            "std > 0 for every channel, and within float32 range",
+        ),
+        (
+            lambda d: _edit_card(
+                d, preprocess={"size": [28, 28], "channels": 1, "mean": [0], "std": [1], "scale": 1e300}
+            ),
+            "pixel scale 1e+300 must be a positive number float32 can hold",
+        ),
+        (
+            lambda d: _edit_card(
+                d, preprocess={"size": [28, 28], "channels": 1, "mean": [0], "std": [1e-37], "scale": 1}
+            ),
+            "overflow float32",
+        ),
+        (lambda d: _edit_card(d, labels=["a"] * 9 + [""]), "label '' must be printable text"),
+        (lambda d: _edit_card(d, labels=["a", "a", *"cdefghij"]), "label 'a' names two classes"),
+        (lambda d: _edit_card(d, labels=[*"abcdefghi", "x\ny"]), "must be printable text"),
     ],
 )
 def test_bad_card_is_one_line_okdpipe_error(artifact_copy, damage, message):

@@ -256,6 +256,7 @@ def test_unknown_routes_and_models_are_json_errors(client, method, path, status,
         (b"GIF89a-not-really", "", "not a decodable image"),
         (b"", "", "body is empty"),
         (png_bytes(np.zeros((28, 28), np.uint8)), "?top_k=11", "top_k must be an integer between 1 and 10"),
+        (png_bytes(np.zeros((28, 28), np.uint8)), "?top_k=1&top_k=5", "top_k is given 2 times; give it once"),
     ],
 )
 def test_bad_classify_requests_are_400(client, body, query, message):

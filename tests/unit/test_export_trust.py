@@ -5,6 +5,7 @@ on the written graph, options checked before OUT is touched, INT8 calibration in
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -190,11 +191,22 @@ def test_save_model_file_refuses_nan_and_inf_weights(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "change", [dict(std=(0.2, 0.0, 0.2)), dict(labels=("a", "b")), dict(num_classes=1), dict(mean=(0.5, 0.5))]
+    ("change", "message"),
+    [
+        (dict(std=(0.2, 0.0, 0.2)), "std > 0"),
+        (dict(std=(0.2, 1e-300, 0.2)), "std > 0"),
+        (dict(labels=("a", "b")), "labels must be 4 strings"),
+        (dict(labels=("a", "b", "c", "a")), "label 'a' names two classes"),
+        (dict(labels=("a", "b", "c", " ")), "must be printable text"),
+        (dict(num_classes=1), "num_classes 1"),
+        (dict(mean=(0.5, 0.5)), "mean lists 2 values"),
+        (dict(input_size=(32, 10**6)), "input width 1000000 must be an integer from 1 to 8192"),
+        (dict(input_size=(32,)), "input_size [32] must be two integers"),
+    ],
 )
-def test_save_model_file_refuses_invalid_info(tmp_path, change):
+def test_save_model_file_refuses_invalid_info(tmp_path, change, message):
     info = model_info(**change)
-    with pytest.raises(OkdpipeError):
+    with pytest.raises(OkdpipeError, match=re.escape(message)):
         save_model_file(create_model("resnet8", 4, 3), info, tmp_path / "bad.pt")
     assert not (tmp_path / "bad.pt").exists()
 
