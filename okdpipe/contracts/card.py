@@ -367,4 +367,3 @@ def _checked_quantization(card: dict[str, Any]) -> None:
 
 def _is_positive_int(value: Any) -> bool:
     return inputs.is_int(value) and value > 0
-
