@@ -6,13 +6,14 @@ The Markdown is written for a CI job summary or a PR comment; the JUnit file has
 
 from __future__ import annotations
 
+import io
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
 from okdpipe.bench.gate import failed, fmt
 from okdpipe.contracts.report import BenchReport, Entry, GateResult
-from okdpipe.files import atomic_write, atomic_write_json, atomic_write_text
+from okdpipe.files import atomic_write_files, json_text
 
 SUMMARY_HEADERS = ("model", "kind", "precision", "top-1", "top-5", "params", "MACs/image", "start ms", "peak RSS MB")
 LATENCY_HEADERS = ("model", "batch", "p50 ms", "p90 ms", "p99 ms", "mean ms", "images/s", "GFLOP/s", "% of peak")
@@ -32,11 +33,11 @@ def report_paths(out_json: Path, junit: Path | None = None) -> dict[str, Path]:
 def write_reports(report: BenchReport, out_json: Path, junit: Path | None = None) -> dict[str, Path]:
     """Every rendering of `report` (its gate results included); returns the paths written."""
     paths = report_paths(out_json, junit)
-    atomic_write_json(paths["json"], report.to_dict())
-    atomic_write_text(paths["md"], markdown(report, report.gates))
-    write_plot(report, paths["png"])
+    texts = {"json": json_text(report.to_dict(), paths["json"]), "md": markdown(report, report.gates)}
     if junit is not None:
-        atomic_write_text(paths["junit"], junit_xml(report.gates))
+        texts["junit"] = junit_xml(report.gates)
+    contents = {paths[kind]: text.encode() for kind, text in texts.items()}
+    atomic_write_files({**contents, paths["png"]: plot_png(report)})  # all or none: never a half-updated set
     return paths
 
 
@@ -192,7 +193,7 @@ def _md_table(headers: tuple[str, ...], rows: list[list[str]]) -> str:
 # ---------------------------------------------------------------- plot
 
 
-def write_plot(report: BenchReport, path: Path) -> None:
+def plot_png(report: BenchReport) -> bytes:
     """Top-1 against p50 latency (log scale), one line per entry through its batch sizes; the ensemble a star.
 
     Uses matplotlib's object API with the Agg canvas, so no display and no global backend switch."""
@@ -211,8 +212,9 @@ def write_plot(report: BenchReport, path: Path) -> None:
     if report.entries():
         axes.legend(fontsize=8, loc="best")
     figure.tight_layout()
-    canvas = FigureCanvasAgg(figure)
-    atomic_write(path, lambda handle: canvas.print_png(handle))
+    buffer = io.BytesIO()
+    FigureCanvasAgg(figure).print_png(buffer)
+    return buffer.getvalue()
 
 
 def _plot_entry(axes: Any, e: Entry) -> None:

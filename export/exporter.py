@@ -81,12 +81,18 @@ def export_model(model_path: str | os.PathLike, out_dir: str | os.PathLike, conf
         onnx_export.parity_batches(first),
         config,
     )
+    created = not Path(out_dir).exists()
     out_dir = writable_dir(Path(out_dir))
     with exclusive_lock(out_dir / LOCK_FILE, f"another export is writing {out_dir}"):
-        remove_stale_staging(out_dir)
-        with tempfile.TemporaryDirectory(dir=out_dir, prefix=STAGING_PREFIX) as staging:
-            staged = build_artifacts(ctx, Path(staging))
-            return publish(staged, out_dir, ctx, Path(staging))
+        try:
+            remove_stale_staging(out_dir)
+            with tempfile.TemporaryDirectory(dir=out_dir, prefix=STAGING_PREFIX) as staging:
+                staged = build_artifacts(ctx, Path(staging))
+                return publish(staged, out_dir, ctx, Path(staging))
+        except BaseException:
+            if created:  # a failed or interrupted export into a new OUT leaves no folder holding only its lock
+                shutil.rmtree(out_dir, ignore_errors=True)
+            raise
 
 
 def recorded_source(info: ModelInfo, where: object) -> DataSource:

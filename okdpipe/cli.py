@@ -2,7 +2,7 @@
 happen inside them, so `okdpipe --help` stays instant.
 
 Exit codes, the same for every command: see okdpipe/errors.py (0 ok, 1 a check or gate failed, 2 bad input or
-usage, 130 interrupted).
+usage, 130 interrupted by Ctrl-C, 143 by SIGTERM).
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def main() -> None:
         typer.echo(f"error: {one_line(exc.format_message()).rstrip('.')}; see `{where} --help`", err=True)
         code = 2
     except typer.Abort:
-        typer.echo("interrupted", err=True)
+        typer.echo("error: interrupted (Ctrl-C)", err=True)
         code = 130
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -3,29 +3,54 @@
 from __future__ import annotations
 
 import functools
+import signal
+import threading
 from collections.abc import Callable
 
 import typer
 
 from okdpipe.errors import OkdpipeError
+from okdpipe.files import disk_error
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that every `finally` and `with` unwinds: staging folders
+    are removed, locks released, nothing half-written is published."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
 
 
 def friendly_errors(command: Callable) -> Callable:
-    """OkdpipeError -> 'error: ...' on stderr and its exit code (2 for bad input, 1 for a failed check);
-    Ctrl-C -> exit 130. Bugs keep their traceback."""
+    """OkdpipeError -> 'error: ...' on stderr and its exit code (2 for bad input, 1 for a failed check); a full
+    or read-only disk -> exit 2; Ctrl-C -> exit 130, SIGTERM -> 143, both after cleaning up. Bugs keep their
+    traceback."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _raise_terminated)  # serve installs its own while it serves
         try:
             return command(*args, **kwargs)
         except OkdpipeError as exc:
-            typer.echo(f"error: {one_line(exc)}", err=True)
-            raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            typer.echo("interrupted", err=True)
-            raise typer.Exit(130) from None
+            fail(one_line(exc), exc.exit_code)
+        except KeyboardInterrupt as exc:
+            terminated = isinstance(exc, Terminated)
+            fail(f"interrupted ({'SIGTERM' if terminated else 'Ctrl-C'})", 143 if terminated else 130)
+        except Exception as exc:
+            full = disk_error(exc)
+            if full is None:
+                raise
+            where = f"{full.filename}: " if full.filename else ""
+            fail(f"{where}cannot write ({full.strerror}); free space or choose another --out", 2)
 
     return wrapper
+
+
+def fail(message: str, code: int) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code) from None
 
 
 def one_line(exc: BaseException) -> str:

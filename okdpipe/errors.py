@@ -8,7 +8,8 @@ Exit codes, the same for every command (`distill`, `select`, `export`, `bench`, 
     2    bad input or usage: a bad flag or config, missing or corrupt data, a damaged run directory, a file
          that is not okdpipe's, an output that cannot be written (read-only, disk full), a run directory
          another run holds                                                                     -> OkdpipeError
-    130  interrupted (Ctrl-C)
+    130  interrupted by Ctrl-C (SIGINT)
+    143  interrupted by SIGTERM; both unwind first: staging removed, locks released, the last checkpoint kept
 
 A bug (any other exception) keeps its traceback and exits 1 through Python itself.
 """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -10,7 +11,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from okdpipe.errors import OkdpipeError
+from okdpipe.errors import GateFailed, OkdpipeError
+
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
 
 
 def _default_mode() -> int:
@@ -25,24 +28,65 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     """Call `write` on a temp file in the same directory, fsync, then rename: never a half-written file. A
     failure to write (disk full, read-only, permissions) is one OkdpipeError line, with the old file intact."""
     path = Path(path)
+    tmp = _written_temp(path, write)
+    try:
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _cannot_write(path, exc) from None
+
+
+def atomic_write_files(contents: dict[Path, bytes]) -> None:
+    """Replace several files together (a report and its companions): every temp file is written and synced
+    before the first rename, so a full disk leaves all the old files and none of the new."""
+    written: list[tuple[Path, Path]] = []
+    try:
+        for path, data in contents.items():
+            written.append((_written_temp(Path(path), lambda handle, data=data: handle.write(data)), Path(path)))
+        for tmp, path in written:
+            os.replace(tmp, path)
+    except OSError as exc:
+        raise _cannot_write(path, exc) from None
+    finally:
+        for tmp, _ in written:
+            tmp.unlink(missing_ok=True)
+
+
+def _written_temp(path: Path, write: Callable[[BinaryIO], None]) -> Path:
+    """A synced temp file beside `path` holding what `write` wrote; nothing left behind when it fails."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as exc:
         raise OkdpipeError(f"{path}: cannot write ({exc.strerror or exc})") from None
+    tmp = Path(name)
     try:
         os.chmod(tmp, _default_mode())
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
     except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError):
-            reason = exc.strerror or exc
-            raise OkdpipeError(f"{path}: cannot write ({reason}); the previous file is unchanged") from None
+            raise _cannot_write(path, exc) from None
         raise
+    return tmp
+
+
+def disk_error(exc: BaseException) -> OSError | None:
+    """The full-disk, quota or read-only error behind `exc` (libraries wrap it in their own exception types), or
+    None: such a failure is the machine's state, not a bug, and deserves one line rather than a traceback."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in DISK_ERRNOS:
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _cannot_write(path: Path, exc: OSError) -> OkdpipeError:
+    return OkdpipeError(f"{path}: cannot write ({exc.strerror or exc}); the previous file is unchanged")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -50,7 +94,15 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+    atomic_write_text(path, json_text(data, path))
+
+
+def json_text(data: Any, path: str | os.PathLike) -> str:
+    """Strict JSON (what loads_finite reads back): a NaN or infinity is never recorded as if it were a figure."""
+    try:
+        return json.dumps(data, indent=2, allow_nan=False) + "\n"
+    except ValueError:
+        raise GateFailed(f"{path}: not written: it would record a non-finite number (NaN or inf)") from None
 
 
 def loads_finite(text: str) -> Any:

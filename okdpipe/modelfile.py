@@ -66,9 +66,15 @@ def weights_sha256(state_dict: dict) -> str:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save, atomically. It serialises to memory first: writing to a file itself, torch wraps a full disk's
+    OSError in a RuntimeError, which would be a traceback instead of one line."""
+    import io
+
     import torch
 
-    atomic_write(path, lambda handle: torch.save(obj, handle))
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, lambda handle: handle.write(buffer.getbuffer()))
 
 
 def save_model_file(model, info: ModelInfo, path: str | os.PathLike) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from okdpipe.errors import OkdpipeError
-from okdpipe.files import atomic_write, atomic_write_text
+from okdpipe.files import atomic_write_files
 from okdpipe.report import figures
 from okdpipe.report.document import Block, Figure, Heading, Paragraph, Table, to_html, to_markdown
 from okdpipe.report.runs import RunHistory, read_run, unique_names
@@ -188,11 +188,8 @@ def write_report(paths: list[Path], out: Path) -> list[Path]:
     if out.exists() and not out.is_dir():
         raise OkdpipeError(f"--out {out}: is a file; give a folder for the report")
     title, blocks = build(paths)
-    written = []
-    for block in blocks:
-        if isinstance(block, Figure):
-            atomic_write(out / block.filename, lambda handle, data=block.data: handle.write(data))
-            written.append(out / block.filename)
-    atomic_write_text(out / "report.html", to_html(title, blocks))
-    atomic_write_text(out / "report.md", to_markdown(title, blocks))
-    return [*written, out / "report.html", out / "report.md"]
+    contents = {out / block.filename: block.data for block in blocks if isinstance(block, Figure)}
+    contents[out / "report.html"] = to_html(title, blocks).encode()
+    contents[out / "report.md"] = to_markdown(title, blocks).encode()
+    atomic_write_files(contents)  # all or none: a full disk never leaves figures of one report beside another's
+    return list(contents)

@@ -18,7 +18,7 @@ from okdpipe.contracts.card import PIXEL_SCALE, Preprocess, read_card
 from okdpipe.datasets import load_dataset
 from okdpipe.distill.models import create_model
 from okdpipe.errors import GateFailed, OkdpipeError
-from okdpipe.export import onnx_export, quantize
+from okdpipe.export import exporter, onnx_export, quantize
 from okdpipe.export.config import ExportConfig
 from okdpipe.export.exporter import export_model
 from okdpipe.modelfile import ModelInfo, read_model_file, save_model_file, weights_sha256
@@ -433,3 +433,22 @@ def test_int8_calibration_is_normalised_and_honours_the_calib_method(model_file,
     assert fed.dtype == np.float32 and fed.shape == expected.shape
     np.testing.assert_array_equal(fed, expected)
     assert [len(batch) for batch in reader.fed] == [quantize.CALIB_BATCH, 40 - quantize.CALIB_BATCH]
+
+
+@pytest.mark.parametrize("failure", [GateFailed("parity failed"), KeyboardInterrupt()])
+def test_a_failed_export_into_a_new_out_leaves_no_folder_and_an_old_out_untouched(
+    model_file, exported13, workdir, tmp_path, monkeypatch, failure
+):
+    def fail(ctx, staging):
+        (staging / "fp32").mkdir()  # half-built work in the staging folder
+        raise failure
+
+    monkeypatch.setattr(exporter, "build_artifacts", fail)
+    with pytest.raises(type(failure)):
+        export_model(model_file, tmp_path / "new" / "out", ExportConfig(opset=13))
+    assert not (tmp_path / "new" / "out").exists() and (tmp_path / "new").is_dir()
+    artifacts = lambda: {name: data for name, data in tree(workdir / "out13").items() if name != ".export.lock"}  # noqa: E731
+    before = artifacts()
+    with pytest.raises(type(failure)):
+        export_model(model_file, workdir / "out13", ExportConfig(opset=13))
+    assert artifacts() == before and not list((workdir / "out13").glob(".export-*"))

@@ -1,0 +1,133 @@
+"""A full disk, a NaN figure or a signal never leaves a half-written set of files nor a traceback: writes of
+several files are all-or-none, torch.save's wrapped ENOSPC is one line, and SIGTERM unwinds like Ctrl-C."""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import signal
+import time
+
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from okdpipe import files
+from okdpipe.cli_support import friendly_errors
+from okdpipe.errors import GateFailed, OkdpipeError
+from okdpipe.modelfile import atomic_torch_save
+
+
+class FillingDisk(io.BufferedWriter):
+    """A file on a disk with `space` bytes left, shared by every file: a write past it fails as ENOSPC does."""
+
+    space = 0
+
+    def write(self, data) -> int:
+        size = memoryview(data).nbytes
+        if size > FillingDisk.space:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        FillingDisk.space -= size
+        return super().write(data)
+
+
+@pytest.fixture
+def disk_space(monkeypatch):
+    def arm(space: int) -> None:
+        FillingDisk.space = space
+        monkeypatch.setattr(files.os, "fdopen", lambda fd, mode: FillingDisk(io.FileIO(fd, "wb")))
+
+    return arm
+
+
+def test_several_files_are_replaced_all_or_none(tmp_path, disk_space):
+    old = {tmp_path / name: f"old {name}".encode() for name in ("report.json", "report.md", "report.png")}
+    for path, data in old.items():
+        path.write_bytes(data)
+    disk_space(6)
+    with pytest.raises(OkdpipeError, match="report.png: cannot write \\(No space left on device\\)"):
+        files.atomic_write_files({path: b"new" for path in old})
+    assert {path: path.read_bytes() for path in old} == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "report.md", "report.png"]  # no temps
+
+
+def test_torch_save_on_a_full_disk_is_one_line_and_writes_nothing(tmp_path, disk_space):
+    disk_space(100)
+    with pytest.raises(OkdpipeError, match="MODEL.pt: cannot write \\(No space left on device\\)"):
+        atomic_torch_save({"w": torch.ones(3)}, tmp_path / "MODEL.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_non_finite_figure_is_never_recorded(tmp_path):
+    files.atomic_write_json(tmp_path / "keep.json", {"top1": 0.5})
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(GateFailed, match="non-finite number"):
+            files.atomic_write_json(tmp_path / "keep.json", {"nested": [{"top1": bad}]})
+    assert json.loads((tmp_path / "keep.json").read_text()) == {"top1": 0.5}
+
+
+def test_disk_error_is_found_behind_a_library_wrapper():
+    no_space = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    try:
+        try:
+            raise no_space
+        except OSError as inner:
+            raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed") from inner
+    except RuntimeError as wrapped:
+        assert files.disk_error(wrapped) is no_space
+    assert files.disk_error(RuntimeError("a bug")) is None
+    assert files.disk_error(OSError(errno.ENOENT, "missing")) is None  # not the disk's state: stays a bug
+
+
+def run_command(body) -> tuple[int, str, list[str]]:
+    events: list[str] = []
+
+    def command() -> None:
+        try:
+            body()
+        finally:
+            events.append("unwound")
+
+    app = typer.Typer()
+    app.command()(friendly_errors(command))
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        result = CliRunner().invoke(app, [])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return result.exit_code, result.output, events
+
+
+def test_a_wrapped_full_disk_error_is_one_line_exit_2():
+    def body():
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/out/model.onnx")
+        except OSError as exc:
+            raise RuntimeError("export failed") from exc
+
+    code, output, events = run_command(body)
+    assert (code, output) == (
+        2,
+        "error: /out/model.onnx: cannot write (No space left on device); free space or choose another --out\n",
+    )
+    assert events == ["unwound"]
+
+
+def test_a_bug_keeps_its_traceback():
+    code, _, _ = run_command(lambda: 1 / 0)
+    assert code == 1  # CliRunner caught the ZeroDivisionError itself: it was not turned into a user error
+
+
+@pytest.mark.parametrize(("sig", "code", "message"), [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "Ctrl-C")])
+def test_signals_unwind_then_exit_with_error_line(sig, code, message):
+    def body():
+        os.kill(os.getpid(), sig)
+        time.sleep(5)  # the handler runs at the next bytecode: never reached
+        raise AssertionError("the signal did not interrupt the command")
+
+    got_code, output, events = run_command(body)
+    assert (got_code, output) == (code, f"error: interrupted ({message})\n")
+    assert events == ["unwound"]
