@@ -33,7 +33,6 @@ A policy file (YAML) holds the same expressions: a list, or {"gates": list}; eac
 
 from __future__ import annotations
 
-import json
 import math
 import operator
 import re
@@ -42,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from okdpipe.contracts.report import BenchReport, Entry, GateResult, is_finite
+from okdpipe.contracts.report import BenchReport, Entry, GateResult, is_finite, read_report
 from okdpipe.errors import OkdpipeError
 
 OPERATORS: dict[str, Callable[[float, float], bool]] = {
@@ -156,10 +155,12 @@ def load_policy(path: Path) -> list[tuple[str, str | None]]:
 
 
 def _read_text(path: Path, flag: str) -> str:
+    from okdpipe.config import read_text_file
+
     try:
-        return Path(path).read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise GateUsageError(f"{flag} {path}: cannot read it ({getattr(exc, 'strerror', None) or exc})") from None
+        return read_text_file(path, flag)
+    except OkdpipeError as exc:
+        raise GateUsageError(str(exc)) from None
 
 
 def _policy_item(path: Path, item: Any) -> tuple[str, str | None]:
@@ -180,13 +181,8 @@ def load_baseline(path: Path | None) -> BenchReport | None:
     """A previous report.json (None when not given)."""
     if path is None:
         return None
-    text = _read_text(path, "--baseline")
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise GateUsageError(f"--baseline {path}: not valid JSON ({exc.msg})") from None
-    try:
-        return BenchReport.from_dict(data, f"--baseline {path}")
+        return read_report(path, "--baseline")
     except OkdpipeError as exc:
         raise GateUsageError(str(exc)) from None
 

@@ -14,16 +14,22 @@ import csv
 from pathlib import Path
 
 from okdpipe.errors import OkdpipeError
+from okdpipe.files import read_user_file
 
 HEADER = ["path", "label"]
+MAX_LIST_BYTES = 1 << 30  # ten million rows of long paths
 
 
 def read_list(list_file: Path) -> tuple[list[Path], list[str]]:
     """The listed paths (resolved against the list file's folder) and their label names, in file order."""
+    raw = read_user_file(list_file, "list file", MAX_LIST_BYTES)
     try:
-        text = list_file.read_text(encoding="utf-8-sig")  # a BOM, as spreadsheet programs write, is not data
-    except (OSError, UnicodeDecodeError) as error:
-        raise OkdpipeError(f"{list_file}: cannot read the list file ({error}); pass a UTF-8 `path,label` CSV") from None
+        text = raw.decode("utf-8-sig")  # a BOM, as spreadsheet programs write, is not data
+    except UnicodeDecodeError as error:
+        raise OkdpipeError(
+            f"{list_file}: the list file is not UTF-8 ({error.reason} at byte {error.start}); "
+            "pass a UTF-8 `path,label` CSV"
+        ) from None
     paths, labels = [], []
     for number, row in enumerate(csv.reader(text.splitlines()), start=1):
         if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):

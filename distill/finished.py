@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from okdpipe.config import DistillConfig
+from okdpipe.config import DistillConfig, validated
 from okdpipe.contracts.data import DataSource
 from okdpipe.distill.checkpoint import load_checkpoint
 from okdpipe.distill.models import count_macs
@@ -70,7 +70,7 @@ def load_run(run_dir: str | Path, device: str = "auto") -> FinishedRun:
     run = RunDir(Path(run_dir))
     check_run(run)
     checkpoint = load_checkpoint(run)
-    cfg = DistillConfig(**{**checkpoint["config"], "device": device})
+    cfg = validated(DistillConfig, {**checkpoint["config"], "device": device}, f"{run.root}: damaged run config")
     resolved = resolve_device(device)
     data = DataSource.of_run(cfg)
     bundle = data.load()

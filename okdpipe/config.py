@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from okdpipe.errors import OkdpipeError
+from okdpipe.files import read_user_file
 from okdpipe.plugins import PLUGINS_HELP, PluginNames
 
 MAX_CONFIG_BYTES = 1 << 20  # configs are a few hundred bytes; a bigger file is a mistake or an attack
@@ -137,18 +138,13 @@ def parse_yaml(text: str, where: str) -> Any:
 
 
 def read_text_file(path: str | Path, what: str = "config file", limit: int = MAX_CONFIG_BYTES) -> str:
-    """A small UTF-8 text file's contents, or one line saying why not (missing, a folder, too big, binary)."""
-    path = Path(path)
-    if not path.is_file():
-        raise OkdpipeError(f"{path}: {what} not found" + (" (it is a folder)" if path.is_dir() else ""))
+    """A small UTF-8 text file's contents, or one line saying why not (missing, a folder, too big, binary, a
+    silent pipe)."""
+    raw = read_user_file(path, what, limit)
     try:
-        if path.stat().st_size > limit:
-            raise OkdpipeError(f"{path}: {what} larger than {limit // 1024} KiB; is it the right file?")
-        return path.read_bytes().decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise OkdpipeError(f"{path}: {what} is not UTF-8 text (byte {exc.start})") from None
-    except OSError as exc:
-        raise OkdpipeError(f"{path}: cannot read the {what} ({exc.strerror})") from None
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

@@ -6,13 +6,17 @@ import errno
 import hashlib
 import json
 import os
+import select
+import stat
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from okdpipe.errors import GateFailed, OkdpipeError
 
+PIPE_WAIT_S = 10.0  # how long a named pipe may stay silent (a writer like `<(cat key)` answers in milliseconds)
 DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
 
 
@@ -113,6 +117,50 @@ def loads_finite(text: str) -> Any:
         raise ValueError(f"non-finite number ({token})")
 
     return json.loads(text, parse_constant=refuse)
+
+
+def read_user_file(path: str | os.PathLike, what: str, limit: int, wait_s: float | None = None) -> bytes:
+    """A small file a user names (a config, a key, a list, a policy), read boundedly in size and time: a folder, an
+    unreadable path or more than `limit` bytes (/dev/zero) is one line, and so is a pipe that stays silent for
+    `wait_s` (a FIFO nobody writes blocks open() and read() forever). Process substitution, `<(vault read ...)`,
+    works: its writer answers at once."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # never blocks, even on a FIFO without a writer
+    except IsADirectoryError:
+        raise OkdpipeError(f"{path}: the {what} is a folder; pass a file") from None
+    except OSError as exc:
+        reason = "not found" if isinstance(exc, FileNotFoundError) else f"cannot read it ({exc.strerror})"
+        raise OkdpipeError(f"{path}: {what} {reason}") from None
+    if stat.S_ISDIR(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OkdpipeError(f"{path}: the {what} is a folder; pass a file")
+    with os.fdopen(fd, "rb", buffering=0) as handle:
+        data = _read_within(handle, limit + 1, PIPE_WAIT_S if wait_s is None else wait_s, f"{path}: the {what}")
+    if len(data) > limit:
+        raise OkdpipeError(f"{path}: the {what} is larger than {limit:,} bytes; is it the right file?")
+    return data
+
+
+def _read_within(handle, size: int, wait_s: float, what: str) -> bytes:
+    """Up to `size` bytes until end of file; a pipe or device that sends nothing for `wait_s` is an error."""
+    deadline = time.monotonic() + wait_s
+    chunks: list[bytes] = []
+    received = 0
+    while received < size:
+        if not select.select([handle], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            raise OkdpipeError(f"{what} sent nothing for {wait_s:g} s (a pipe nobody writes?); pass a file")
+        try:
+            chunk = handle.read(size - received)
+        except OSError as exc:
+            raise OkdpipeError(f"{what}: cannot read it ({exc.strerror})") from None
+        if chunk is None:  # a pipe with nothing after all
+            continue
+        if not chunk:  # end of file (a regular file is always "ready")
+            break
+        chunks.append(chunk)
+        received += len(chunk)
+    return b"".join(chunks)
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -332,10 +332,10 @@ class Pipeline:
 
         from okdpipe.bench.gate import evaluate_gates
         from okdpipe.bench.report import write_reports
-        from okdpipe.contracts.report import BenchReport
+        from okdpipe.contracts.report import read_report
 
         path = self.out / "bench.json"
-        report = BenchReport.from_dict(json.loads(path.read_text()), path)
+        report = read_report(path)
         results = evaluate_gates(report, list(self.cfg.gate))
         written = write_reports(
             replace(report, gates=results), self.out / "report.json", junit=self.out / "report.junit.xml"

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import uvicorn
 
+from okdpipe.config import read_text_file
 from okdpipe.errors import OkdpipeError
 from okdpipe.serve.app import ServeSettings, ServingState, create_app
 from okdpipe.serve.connections import guarded_h11_protocol
@@ -83,17 +84,7 @@ def read_api_key(path: Path | None, environment: Mapping[str, str] = os.environ)
 
 
 def _read_key_file(path: Path) -> str:
-    try:
-        with open(path, "rb") as handle:
-            raw = handle.read(MAX_API_KEY_BYTES + 1)  # bounded: a key "file" may be /dev/zero
-    except OSError as error:
-        raise OkdpipeError(f"cannot read --api-key-file {path} ({error.strerror}); pass a readable file") from None
-    if len(raw) > MAX_API_KEY_BYTES:
-        raise OkdpipeError(f"--api-key-file {path} is larger than {MAX_API_KEY_BYTES} bytes; it must hold one token")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise OkdpipeError(f"--api-key-file {path} is not UTF-8 text; it must hold one token") from None
+    return read_text_file(path, "--api-key-file", MAX_API_KEY_BYTES)
 
 
 def _checked_key(text: str, source: str) -> str:

@@ -20,12 +20,15 @@ Every key is always present, null where not measured. Latency keys are strings i
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from okdpipe.contracts.versioned import FileFormat
 from okdpipe.errors import OkdpipeError
+from okdpipe.files import loads_finite, read_user_file
 
 REPORT = FileFormat(
     "okdpipe-bench-report",
@@ -36,6 +39,7 @@ REPORT = FileFormat(
     legacy_key="schema_version",
 )
 KINDS = ("onnx", "pytorch", "ensemble")
+MAX_REPORT_BYTES = 64 << 20  # a report is kilobytes; many entries with their sensitivity tables stay far below
 
 
 @dataclass
@@ -153,7 +157,7 @@ class BenchReport:
         REPORT.check(data, where)
         try:
             # a v1 report may carry no more than its artifacts; everything descriptive defaults to empty
-            return cls(
+            report = cls(
                 created=str(data.get("created", "")),
                 options=dict(data.get("options") or {}),
                 machine=dict(data.get("machine") or {}),
@@ -165,6 +169,59 @@ class BenchReport:
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise OkdpipeError(f"{where}: a damaged bench report ({type(exc).__name__}: {exc}); {REPORT.fix}") from None
+        problem = next(filter(None, map(entry_problem, report.entries())), None)
+        if problem:
+            raise OkdpipeError(f"{where}: a damaged bench report ({problem}); {REPORT.fix}")
+        return report
+
+
+def read_report(path: str | os.PathLike, what: str = "bench report") -> BenchReport:
+    """A report.json from disk (a `--baseline`, the pipeline's bench.json): strict JSON, every figure in range."""
+    where = f"{path}"
+    try:
+        data = loads_finite(read_user_file(path, what, MAX_REPORT_BYTES).decode("utf-8"))
+    except UnicodeDecodeError:
+        raise OkdpipeError(f"{where}: the {what} is not UTF-8 JSON; {REPORT.fix}") from None
+    except json.JSONDecodeError as exc:
+        raise OkdpipeError(f"{where}: the {what} is not valid JSON ({exc.msg}); {REPORT.fix}") from None
+    except ValueError as exc:  # NaN or Infinity: never a figure to gate against
+        raise OkdpipeError(f"{where}: the {what} holds a {exc}; {REPORT.fix}") from None
+    return BenchReport.from_dict(data, where)
+
+
+def entry_problem(entry: Entry) -> str | None:
+    """What is out of range in an entry read back (a baseline is gated against: its figures must be real ones)."""
+    where = f"entry {str(entry.name)[:60]!r}"
+    if not isinstance(entry.name, str) or entry.kind not in KINDS:
+        return f"{where}: kind {entry.kind!r} is not one of {', '.join(KINDS)}"
+    accuracy = entry.accuracy
+    if accuracy is not None and not (
+        _count(accuracy.samples)
+        and accuracy.samples > 0
+        and all(_within(v, 0, 1) for v in (accuracy.top1, accuracy.top5))
+    ):
+        return f"{where}: accuracy {asdict(accuracy)} is not top-1/top-5 in [0, 1] over a positive sample count"
+    for batch, point in entry.latency.items():
+        if not (_count(point.batch_size) and point.batch_size == batch > 0 and _count(point.runs) and point.runs > 0):
+            return f"{where}: latency at batch {batch} has batch_size {point.batch_size!r} and runs {point.runs!r}"
+        timings = [v for k, v in asdict(point).items() if k not in ("batch_size", "runs") and v is not None]
+        if not all(_within(v, 0, math.inf) for v in timings):
+            return f"{where}: latency at batch {batch} holds a negative or non-numeric figure"
+    for key, value in (("params", entry.params), ("macs", entry.macs)):
+        if value is not None and not (_count(value) and value >= 0):
+            return f"{where}: {key} {value!r} is not a count"
+    for key, value in (("start_ms", entry.start_ms), ("memory.peak_rss_delta_mb", entry.memory.peak_rss_delta_mb)):
+        if value is not None and not is_finite(value):
+            return f"{where}: {key} {value!r} is not a number"
+    return None
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _within(value: Any, low: float, high: float) -> bool:
+    return is_finite(value) and low <= value <= high
 
 
 def is_finite(value: Any) -> bool:

@@ -96,7 +96,7 @@ def test_bad_option_values_are_one_line(artifact_dir, options, message):
         (b"", "must hold one non-empty token"),
         (b"\xff\xfe\x00binary", "is not UTF-8 text"),
         (b"two tokens\n", "must hold one non-empty token of printable ASCII without spaces"),
-        (b"k" * 5000, "is larger than 4096 bytes"),
+        (b"k" * 5000, "is larger than 4,096 bytes"),
     ],
 )
 def test_api_key_file_that_is_not_one_text_token_is_one_line(artifact_dir, tmp_path, content, message):
@@ -106,7 +106,7 @@ def test_api_key_file_that_is_not_one_text_token_is_one_line(artifact_dir, tmp_p
 
 
 def test_api_key_file_that_is_a_device_is_read_boundedly(tmp_path):
-    with pytest.raises(OkdpipeError, match="is larger than 4096 bytes"):
+    with pytest.raises(OkdpipeError, match="is larger than 4,096 bytes"):
         read_api_key("/dev/zero", environment={})
 
 

@@ -102,7 +102,7 @@ BOMB = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
         (BOMB.encode(), "aliases (*name) are not allowed, line 2"),
         (b"x: " + b"[" * 5000, "nested deeper than 32 levels"),
         (b"x: " + b"[" * 33 + b"]" * 33, "nested deeper than 32 levels"),
-        (b"# " + b"x" * (1 << 20), "larger than 1024 KiB"),
+        (b"# " + b"x" * (1 << 20), "larger than 1,048,576 bytes"),
     ],
 )
 def test_bad_config_files_are_one_line_and_fast(tmp_path, content, fragment):
@@ -116,7 +116,7 @@ def test_bad_config_files_are_one_line_and_fast(tmp_path, content, fragment):
 
 
 def test_a_folder_is_not_a_config_file(tmp_path):
-    with pytest.raises(OkdpipeError, match="config file not found \\(it is a folder\\)"):
+    with pytest.raises(OkdpipeError, match="the config file is a folder; pass a file"):
         read_yaml(tmp_path)
 
 

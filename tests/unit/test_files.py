@@ -1,6 +1,14 @@
 import os
+import re
+import subprocess
+import time
+from pathlib import Path
 
-from okdpipe.files import atomic_write_json, atomic_write_text, file_sha256
+import pytest
+
+from okdpipe import files
+from okdpipe.errors import OkdpipeError
+from okdpipe.files import atomic_write_json, atomic_write_text, file_sha256, read_user_file
 
 
 def test_atomic_write_replaces_whole_files_with_normal_permissions(tmp_path):
@@ -17,3 +25,52 @@ def test_atomic_write_replaces_whole_files_with_normal_permissions(tmp_path):
 def test_file_sha256_known_value(tmp_path):
     (tmp_path / "f").write_bytes(b"abc")
     assert file_sha256(tmp_path / "f") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+@pytest.fixture
+def fifo(tmp_path):
+    path = tmp_path / "pipe"
+    os.mkfifo(path)
+    return path
+
+
+def test_a_silent_named_pipe_is_one_line_not_a_hang(fifo):
+    started = time.monotonic()
+    with pytest.raises(OkdpipeError, match=r"pipe: the key sent nothing for 0.3 s \(a pipe nobody writes\?\)"):
+        read_user_file(fifo, "key", 4096, wait_s=0.3)
+    assert time.monotonic() - started < 5
+
+
+def test_a_pipe_with_a_writer_is_read_like_process_substitution(fifo):
+    writer = subprocess.Popen(["sh", "-c", f"sleep 0.2; printf token > '{fifo}'"])
+    try:
+        assert read_user_file(fifo, "key", 4096, wait_s=10) == b"token"
+    finally:
+        writer.wait(timeout=10)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda tmp: Path("/dev/zero"), "/dev/zero: the key is larger than 4,096 bytes"),
+        (lambda tmp: tmp, "the key is a folder; pass a file"),
+        (lambda tmp: tmp / "absent", "absent: key not found"),
+    ],
+)
+def test_unusable_user_files_are_one_line(tmp_path, make, message):
+    with pytest.raises(OkdpipeError, match=re.escape(message)):
+        read_user_file(make(tmp_path), "key", 4096)
+
+
+def test_every_user_named_file_goes_through_the_bounded_reader(fifo, monkeypatch):
+    """Config files, API keys, gate policies, baselines and image lists: none may hang on a silent pipe."""
+    from okdpipe.bench.gate import GateUsageError, load_baseline, load_policy
+    from okdpipe.config import read_yaml
+    from okdpipe.datasets.listfile import read_list
+    from okdpipe.serve.server import read_api_key
+
+    monkeypatch.setattr(files, "PIPE_WAIT_S", 0.2)
+    readers = [read_yaml, lambda p: read_api_key(p, environment={}), load_policy, load_baseline, read_list]
+    for read in readers:
+        with pytest.raises((OkdpipeError, GateUsageError), match="sent nothing for 0.2 s"):
+            read(fifo)

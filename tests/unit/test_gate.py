@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import json
+import re
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -20,9 +22,9 @@ from okdpipe.bench.report import junit_xml, markdown
 from okdpipe.contracts.report import BenchReport
 
 
-def point(p99: float, images_per_s: float) -> dict:
+def point(p99: float, images_per_s: float, batch: int = 1) -> dict:
     return {
-        "batch_size": 1,
+        "batch_size": batch,
         "runs": 20,
         "p50_ms": p99 / 2,
         "p90_ms": p99 * 0.8,
@@ -50,7 +52,7 @@ def entry(name: str, kind: str, precision: str, top1: float, p99: float, macs: i
         "start_ms": 5.0,
         "memory": {"peak_rss_delta_mb": 3.0, "method": "VmRSS growth"},
         "accuracy": {"split": "test", "top1": top1, "top5": 1.0, "samples": 100},
-        "latency": {"1": point(p99, 500.0), "64": point(p99 * 10, 4000.0)},
+        "latency": {"1": point(p99, 500.0), "64": point(p99 * 10, 4000.0, batch=64)},
     }
 
 
@@ -215,7 +217,7 @@ def test_bad_policy_files_are_usage_errors(tmp_path, text, message):
     policy.write_text(text)
     with pytest.raises(GateUsageError, match=message):
         load_policy(policy)
-    with pytest.raises(GateUsageError, match="cannot read it"):
+    with pytest.raises(GateUsageError, match="missing.yaml: --policy not found"):
         load_policy(tmp_path / "missing.yaml")
 
 
@@ -225,7 +227,10 @@ def test_load_baseline(tmp_path, report):
     old = load_baseline(tmp_path / "old.json")  # a v1 report still reads
     assert isinstance(old, BenchReport) and old.artifacts == [] and old.references == []
     (tmp_path / "bad.json").write_text('{"schema_version": 1')
-    for path, message in [(tmp_path / "bad.json", "not valid JSON"), (tmp_path / "none.json", "cannot read it")]:
+    for path, message in [
+        (tmp_path / "bad.json", "not valid JSON"),
+        (tmp_path / "none.json", "none.json: --baseline not found"),
+    ]:
         with pytest.raises(GateUsageError, match=message):
             load_baseline(path)
     (tmp_path / "other.json").write_text("[1, 2]")
@@ -311,3 +316,48 @@ def test_non_finite_metric_fails_its_gate(report, value):
 def test_each_operator_at_its_boundary(report, gate, passed):
     [result] = evaluate_gates(report, [gate])
     assert result.passed is passed
+
+
+def damaged_entry(**changes) -> dict:
+    record = entry("net", "onnx", "fp32", 0.92, 2.0)
+    for path, value in changes.items():
+        *parents, leaf = path.split("__")
+        node = record
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return record
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"accuracy__top1": 1.5}, "is not top-1/top-5 in [0, 1]"),
+        ({"accuracy__top5": -0.1}, "is not top-1/top-5 in [0, 1]"),
+        ({"accuracy__samples": 0}, "over a positive sample count"),
+        ({"accuracy__top1": "0.9"}, "is not top-1/top-5 in [0, 1]"),
+        ({"latency__1__p99_ms": -2.0}, "latency at batch 1 holds a negative or non-numeric figure"),
+        ({"latency__1__p50_ms": "fast"}, "latency at batch 1 holds a negative or non-numeric figure"),
+        ({"latency__64__batch_size": 8}, "latency at batch 64 has batch_size 8"),
+        ({"latency__1__runs": 0}, "and runs 0"),
+        ({"macs": -5}, "macs -5 is not a count"),
+        ({"params": 1.5}, "params 1.5 is not a count"),
+        ({"start_ms": True}, "start_ms True is not a number"),
+        ({"kind": "teacher"}, "kind 'teacher' is not one of onnx, pytorch, ensemble"),
+    ],
+)
+def test_a_baseline_with_figures_out_of_range_is_a_usage_error(tmp_path, changes, message):
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({"schema_version": 1, "artifacts": [damaged_entry(**changes)]}))
+    with pytest.raises(GateUsageError, match=re.escape(message)) as caught:
+        load_baseline(path)
+    assert caught.value.exit_code == 2 and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("token", ["NaN", "Infinity", "-Infinity"])
+def test_a_baseline_holding_nan_or_infinity_is_refused(tmp_path, token):
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({"schema_version": 1, "artifacts": [entry("net", "onnx", "fp32", 0.5, 2.0)]}))
+    path.write_text(path.read_text().replace("0.5", token))
+    with pytest.raises(GateUsageError, match=f"holds a non-finite number \\({token}\\)"):
+        load_baseline(path)

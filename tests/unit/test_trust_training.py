@@ -219,11 +219,14 @@ enospc = raises(errno.ENOSPC)
 def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_leaves_the_old_file(damaged, monkeypatch):
     before = file_sha256(damaged.checkpoints / "last.pt")
 
-    def disk_fills_while_saving(obj, handle):
-        handle.write(b"PK\x03\x04")
-        enospc()
+    real_fsync = os.fsync
 
-    monkeypatch.setattr(torch, "save", disk_fills_while_saving)
+    def disk_fills_while_saving(fd):  # only the checkpoint's temp file meets the full disk
+        if "last.pt.pending" in os.readlink(f"/proc/self/fd/{fd}"):
+            enospc()
+        real_fsync(fd)
+
+    monkeypatch.setattr("okdpipe.files.os.fsync", disk_fills_while_saving)
     with pytest.raises(OkdpipeError, match=r"last\.pt\.pending: cannot write \(No space left on device\)"):
         fit(tiny(), damaged, resume=True, echo=quiet)
     assert file_sha256(damaged.checkpoints / "last.pt") == before
@@ -327,3 +330,22 @@ def test_a_save_killed_between_recording_and_renaming_is_finished_on_load(damage
     assert sorted(p.name for p in damaged.checkpoints.iterdir()) == ["last.pt"]
     torch.save({"not": "recorded"}, damaged.checkpoints / PENDING)  # killed before its hash was recorded
     assert load_checkpoint(damaged)["epoch"] == 2 and not (damaged.checkpoints / PENDING).exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        ({"lr": float("nan")}, "damaged run config: lr: Input should be a finite number"),
+        ({"epochs": "two"}, "damaged run config: epochs: Input should be a valid integer"),
+        ({"surprise": 1}, "damaged run config: surprise: Extra inputs are not permitted"),
+    ],
+)
+def test_a_finished_run_with_a_damaged_config_is_one_line_for_select(tmp_path, change, fragment):
+    from okdpipe.distill.finished import load_run
+
+    run = RunDir(tmp_path / "r")
+    fit(tiny(epochs=1), run, echo=quiet)
+    resave_checkpoint(run, lambda state: state["config"].update(change))
+    with pytest.raises(OkdpipeError) as err:
+        load_run(run.root, device="cpu")
+    assert fragment in str(err.value) and "\n" not in str(err.value)
