@@ -122,6 +122,11 @@ def eager_predict(model, device: str) -> Callable[[np.ndarray], np.ndarray]:
     return predict
 
 
+def students_label(archs: list[str]) -> str:
+    """`3 x resnet20` for peers of one architecture, `resnet8 + mobilenetv2` for one each."""
+    return f"{len(archs)} x {archs[0]}" if len(set(archs)) == 1 else " + ".join(archs)
+
+
 def ensemble_entry(bench: Bench, run_dir: Path, of: list[str]) -> Entry:
     """The run's students + method from the verified checkpoint; accuracy on the run's own test split."""
     import torch
@@ -140,9 +145,9 @@ def ensemble_entry(bench: Bench, run_dir: Path, of: list[str]) -> Entry:
     macs = run.ensemble_macs()
     with torch_threads(bench.config.threads), PeakMemory() as memory:
         latency = bench.latency(predict, test, preprocess, macs)
-    students = run.students.count
+    students, archs = run.students.count, run.students.archs
     return Entry(
-        f"ensemble ({students} x {cfg.arch}, {cfg.method})",
+        f"ensemble ({students_label(archs)}, {cfg.method})",
         "ensemble",
         "fp32",
         str(run_dir),

@@ -33,7 +33,8 @@ def distill_command(
     ),
     arch: Optional[str] = typer.Option(
         None,
-        help="Backbone name, e.g. resnet20 (see the README), or timm:NAME / torchvision:NAME.",
+        help="Backbone name, e.g. resnet20 (see the README), or timm:NAME / torchvision:NAME; one for every "
+        "student, or one per student: resnet8,mobilenetv2 (dml and vanilla only).",
         autocompletion=lambda incomplete: complete("models", incomplete),
     ),
     students: Optional[int] = typer.Option(None, help="Number of peer students (default: the method's)."),
@@ -87,7 +88,9 @@ def distill_command(
         help="Import this module (or .py file) first: it registers backbones, datasets or methods. Repeatable; "
         "adds to the config's plugins.",
     ),
-    out: Optional[Path] = typer.Option(None, help="Run directory (default runs/METHOD-ARCH-DATASET-sSEED)."),
+    out: Optional[Path] = typer.Option(
+        None, help="Run directory (default runs/METHOD-ARCH-DATASET-sSEED; ARCH a+b for one per student)."
+    ),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     config: Optional[Path] = typer.Option(None, help="YAML config; flags override it."),
     set_: list[str] = typer.Option([], "--set", help="Override any key, e.g. --set okdph.gamma=0.5."),
@@ -136,7 +139,8 @@ def distill_command(
         return
     if cfg.init and not resume and not Path(cfg.init).is_file():
         raise OkdpipeError(f"--init {cfg.init}: no such file; pass the path of a local weights file")
-    run_dir = out or Path("runs") / f"{cfg.method}-{cfg.arch.replace(':', '-')}-{cfg.dataset}-s{cfg.seed}"
+    archs = cfg.arch.replace(":", "-").replace(",", "+")  # one per student: resnet8+mobilenetv2
+    run_dir = out or Path("runs") / f"{cfg.method}-{archs}-{cfg.dataset}-s{cfg.seed}"
     run(cfg, run_dir, resume)
 
 

@@ -48,7 +48,7 @@ from okdpipe.distill.models import Backbone, create_model
 from okdpipe.distill.models.cifar_resnet import ResidualBlock
 from okdpipe.distill.models.mobilenetv2 import InvertedResidual
 from okdpipe.distill.models.wide_resnet import WideBlock
-from okdpipe.distill.students import StudentOutputs, Students
+from okdpipe.distill.students import Archs, StudentOutputs, Students, arch_label, per_student
 from okdpipe.errors import OkdpipeError
 
 MEMBER_PREFIX = "members."
@@ -165,14 +165,26 @@ class FusedStudents(nn.Module):
     layout = "peers"
 
     def __init__(
-        self, arch: str, count: int, num_classes: int, in_channels: int, layout: str = "peers", same_init: bool = False
+        self,
+        arch: Archs,
+        count: int,
+        num_classes: int,
+        in_channels: int,
+        layout: str = "peers",
+        same_init: bool = False,
     ):
         super().__init__()
         if layout != "peers":
             raise OkdpipeError(
                 f"fused students support the peers layout only, not {layout!r}; train this method with fused: false"
             )
-        self.arch, self.count = arch, count
+        self.archs = per_student(arch, count)
+        if len(set(self.archs)) > 1:
+            raise OkdpipeError(
+                f"--fused runs peers of one architecture as one grouped network, and {arch_label(self.archs)} "
+                "differ; train them with fused: false"
+            )
+        self.arch, self.count = self.archs[0], count
         self.num_classes, self.in_channels = num_classes, in_channels
         self.channels_last = False
         # The members are drawn exactly as Students draws them, so a seed gives the loop's initial weights.

@@ -18,7 +18,12 @@ Keys are matched to each student's own (for timm:/torchvision: students the libr
 - in the file but not in the student ("unexpected") or in the student but not in the file ("missing"):
   reported; a file sharing no entry with the student is an error.
 
-The report (counts, the first names of each kind, the file's sha256) is printed and kept in the run's manifest.
+Peers of different architectures (`--arch resnet8,mobilenetv2`): an okdpipe MODEL.pt names its architecture, so
+it initialises the students of that architecture and the others keep their random initialisation; any other file
+does not say which architecture it is for and is refused (a partial match of another depth would pass unnoticed).
+
+The report (counts, the first names of each kind, the file's sha256, the students it initialised) is printed and
+kept in the run's manifest.
 """
 
 from __future__ import annotations
@@ -132,31 +137,41 @@ def _same_but_input(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def initialise(students, path: str | Path, method=None) -> dict[str, Any]:
-    """Load `path` into every student (each keeps its own fresh classifier when that is re-initialised), and
-    into any copy of the students `method` holds (PCL's mean teacher starts as a copy of the students);
-    returns the report the manifest keeps."""
+    """Load `path` into every student it is for (`initialised_students`; each keeps its own fresh classifier when
+    that is re-initialised), and into any copy of the students `method` holds (PCL's mean teacher starts as a copy
+    of the students); returns the report the manifest keeps."""
     weights, kind, arch = read_weights(path)
-    if arch and arch != students.arch:
-        raise OkdpipeError(
-            f"--init {path}: the model file holds a {arch}, the students are {students.arch}; "
-            f"pass --arch {arch} or a file for {students.arch}"
-        )
-    template = students.member_state(0)
-    path_in_library = getattr(students.extract(0), "classifier_path", None)  # timm:/torchvision: students only
+    targets = initialised_students(students, arch, path)
+    template = students.member_state(targets[0])
+    path_in_library = getattr(students.extract(targets[0]), "classifier_path", None)  # timm:/torchvision: only
     if path_in_library:  # the library's own checkpoint, or one of okdpipe's: whichever names match more
         renamed = library_keys(weights, path_in_library)
         weights = max(weights, renamed, key=lambda named: sum(k in template for k in named))
     found = match(template, weights, str(path))
-    states = []
-    for i in range(students.count):
-        state = students.member_state(i)
-        state.update(found["loaded"])
-        states.append(state)
+    states = [students.member_state(i) for i in range(students.count)]
+    for i in targets:
+        states[i].update(found["loaded"])
     students.load_member_states(states)
     copies = [m for m in (method.modules() if method is not None else []) if type(m) is type(students)]
     for copy in copies:
         copy.load_state_dict(students.state_dict())
-    return report(path, kind, found, len(template))
+    return {**report(path, kind, found, len(template)), "students": targets}
+
+
+def initialised_students(students, arch: str, path: str | Path) -> list[int]:
+    """Every student, or with peers of different architectures those of the architecture the file names."""
+    if not arch and len(set(students.archs)) > 1:
+        raise OkdpipeError(
+            f"--init {path}: the students have different architectures ({students.arch}) and this file does not "
+            "say which it is for; pass an okdpipe MODEL.pt (it names its architecture), or one --arch"
+        )
+    targets = [i for i, name in enumerate(students.archs) if not arch or name == arch]
+    if not targets:
+        raise OkdpipeError(
+            f"--init {path}: the model file holds a {arch}, the students are {students.arch}; "
+            f"pass --arch {arch} or a file for {students.arch}"
+        )
+    return targets
 
 
 def report(path: str | Path, kind: str, found: dict[str, Any], total: int) -> dict[str, Any]:
@@ -178,6 +193,7 @@ def report(path: str | Path, kind: str, found: dict[str, Any], total: int) -> di
 def summary_line(record: dict[str, Any]) -> str:
     """One line for the console: what --init did."""
     parts = [f"init: loaded {record['loaded']} of {record['of']} tensors from {record['path']} ({record['kind']})"]
+    parts.append(f"into students {','.join(map(str, record['students']))}")
     if record["reinitialised"]:
         parts.append(f"re-initialised {', '.join(record['reinitialised'])} (another class count)")
     if record["adapted_to_grayscale"]:

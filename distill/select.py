@@ -2,12 +2,13 @@
 write it as a self-describing MODEL.pt.
 
 Candidates: each student (extracted to a plain network), the method's extras (FFSD's leader, PCL's mean
-teachers, OKDPH's hybrid) and a uniform weight average of the students ("soup"). Weight-averaged candidates get
-their BatchNorm statistics recomputed first (averaging weights invalidates them) on a seeded, shuffled,
-class-balanced sample of training images, recorded in selection.json; their accuracy without recalibration is
-reported too. A candidate whose weights or validation logits are not finite is refused: never scored as a
-number, never shipped (selection.json lists it under "refused"). The ensemble of all students is scored as the
-reference the shipped model tries to approach. The test split is never read here.
+teachers, OKDPH's hybrid) and, when every student has the same architecture, a uniform weight average of the
+students ("soup"). Weight-averaged candidates get their BatchNorm statistics recomputed first (averaging weights
+invalidates them) on a seeded, shuffled, class-balanced sample of training images, recorded in selection.json;
+their accuracy without recalibration is reported too. A candidate whose weights or validation logits are not
+finite is refused: never scored as a number, never shipped (selection.json lists it under "refused"). The ensemble
+of all students is scored as the reference the shipped model tries to approach. The test split is never read here.
+Each row records the candidate's own architecture, parameters and MACs (peers may differ in all three).
 
 With a shipping precision (`select --precision int8`), each candidate is also scored as it would ship (the
 export stage quantizes it: `okdpipe.export.select_int8`, passed in by the command, since this stage may not
@@ -59,6 +60,7 @@ class Scored:
     def row(self) -> dict[str, Any]:
         row = {
             "candidate": self.name,
+            "arch": self.model.arch,
             "val_top1": self.top1,
             "val_top5": self.top5,
             "params": self.params,
@@ -160,7 +162,7 @@ class Selection:
     def candidates(self) -> dict[str, Candidate]:
         found = {f"student:{i}": Candidate(self.students.extract(i)) for i in range(self.students.count)}
         found.update(self.method.candidates())
-        if self.students.count > 1:
+        if self.students.count > 1 and len(set(self.students.archs)) == 1:  # weights average only within one arch
             found["soup"] = Candidate(soup(self.students), weight_averaged=True)
         return found
 
@@ -311,7 +313,7 @@ def score_shipped(candidate: Scored, precision: ShippingPrecision, session: Sele
 def model_info(session: Selection, chosen: Scored) -> ModelInfo:
     spec, cfg = session.bundle.spec, session.cfg
     return ModelInfo(
-        arch=cfg.arch,
+        arch=chosen.model.arch,  # the shipped network's own: peers may differ (`--arch resnet8,mobilenetv2`)
         num_classes=spec.num_classes,
         in_channels=spec.in_channels,
         input_size=spec.input_size,

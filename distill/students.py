@@ -1,10 +1,11 @@
 """N students trained together, in one of two layouts, and how each extracts to a plain network.
 
-- `peers`: N independent backbones of one architecture (vanilla, DML, FFSD, OKDPH).
+- `peers`: N independent backbones, of one architecture or one each (`--arch resnet8,mobilenetv2`: only for
+  methods that couple students through their logits alone, `Method.mixed_archs`).
 - `branches`: one shared trunk (stem + all stages but the last) and N branches (a copy of the last stage and
   the classifier each) (ONE, PCL, MBDE). Branch i plus the trunk extracts to a plain backbone.
 
-`extract(i)` always returns a standalone `Backbone` of the base architecture: the only thing select and
+`extract(i)` always returns a standalone `Backbone` of student i's architecture: the only thing select and
 export ever see. timm/torchvision architectures (distill/models/external.py) have no stages to split, so they
 come only as peers; their first forward pass turns an input they cannot take into one line naming the shape.
 """
@@ -12,8 +13,9 @@ come only as peers; their first forward pass turns an input they cannot take int
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -21,6 +23,8 @@ from torch import nn
 from okdpipe.distill.models import Backbone, create_model
 from okdpipe.distill.models.external import first_line, is_external
 from okdpipe.errors import OkdpipeError
+
+Archs = Union[str, Sequence[str]]  # one architecture for every student, or one per student
 
 
 @dataclass
@@ -43,23 +47,34 @@ class Students(nn.Module):
     """The students of one run. Parameters live in `members` (peers) or `trunk` + `branches`."""
 
     def __init__(
-        self, arch: str, count: int, num_classes: int, in_channels: int, layout: str = "peers", same_init: bool = False
+        self,
+        arch: Archs,
+        count: int,
+        num_classes: int,
+        in_channels: int,
+        layout: str = "peers",
+        same_init: bool = False,
     ):
+        """`arch`: one architecture for every student, or a list with one per student (peers layout only)."""
         super().__init__()
         if layout not in ("peers", "branches"):
             raise ValueError(f"unknown student layout {layout!r}")
-        if layout == "branches" and is_external(arch):
+        self.archs = per_student(arch, count)
+        self.arch = arch_label(self.archs)
+        if layout == "branches" and len(set(self.archs)) > 1:
+            raise OkdpipeError(f"--arch {self.arch}: a shared trunk needs every student of one architecture")
+        if layout == "branches" and is_external(self.archs[0]):
             raise OkdpipeError(
-                f"--arch {arch}: shared-trunk methods (one, pcl, mbde) split a backbone into okdpipe's stem and "
+                f"--arch {self.arch}: shared-trunk methods (one, pcl, mbde) split a backbone into okdpipe's stem and "
                 "stages, which timm/torchvision models do not have; use a peers method (vanilla, dml, okdph) "
                 "or an okdpipe backbone"
             )
-        self.arch, self.count, self.layout = arch, count, layout
-        self._input_checked = not is_external(arch)
+        self.count, self.layout = count, layout
+        self._input_checked = not any(is_external(name) for name in self.archs)
         self.channels_last = False
         self.num_classes, self.in_channels = num_classes, in_channels
-        first = self._new_backbone()
-        others = [copy.deepcopy(first) if same_init else self._new_backbone() for _ in range(count - 1)]
+        first = self._new_backbone(0)
+        others = [copy.deepcopy(first) if same_init else self._new_backbone(i) for i in range(1, count)]
         if layout == "peers":
             self.members = nn.ModuleList([first, *others])
         else:
@@ -69,8 +84,8 @@ class Students(nn.Module):
             )
             self._template = [first]  # kept out of the module tree: only pool() and the layout are used
 
-    def _new_backbone(self) -> Backbone:
-        return create_model(self.arch, num_classes=self.num_classes, in_channels=self.in_channels)
+    def _new_backbone(self, i: int) -> Backbone:
+        return create_model(self.archs[i], num_classes=self.num_classes, in_channels=self.in_channels)
 
     def forward(self, views: torch.Tensor, features: bool = False, stages: bool = False) -> StudentOutputs:
         """views: [V, B, C, H, W]; V = 1: every student sees view 0; V >= N: student i sees view i
@@ -137,12 +152,12 @@ class Students(nn.Module):
         )
 
     def extract(self, i: int) -> Backbone:
-        """Student i as a standalone network of the base architecture (a copy: training is unaffected)."""
+        """Student i as a standalone network of its own architecture (a copy: training is unaffected)."""
         if not 0 <= i < self.count:
             raise IndexError(f"student {i} does not exist (0..{self.count - 1})")
         if self.layout == "peers":
             return copy.deepcopy(self.members[i])
-        net = self._new_backbone().to(next(self.parameters()).device)
+        net = self._new_backbone(i).to(next(self.parameters()).device)
         net.load_state_dict(self.member_state(i))
         return net
 
@@ -172,6 +187,19 @@ class Students(nn.Module):
         state.update({f"stages.{last}.{k}": v for k, v in self.branches[i]["stage"].state_dict().items()})
         state.update({f"classifier.{k}": v for k, v in self.branches[i]["classifier"].state_dict().items()})
         return state
+
+
+def per_student(arch: Archs, count: int) -> list[str]:
+    """One architecture name per student from one name (every student) or a list of `count` names."""
+    names = [arch] * count if isinstance(arch, str) else list(arch)
+    if len(names) != count:
+        raise ValueError(f"expected {count} architectures, one per student, got {len(names)}: {names}")
+    return names
+
+
+def arch_label(archs: Sequence[str]) -> str:
+    """How a config names these students' architectures: the one name, or the names joined by commas."""
+    return archs[0] if len(set(archs)) == 1 else ",".join(archs)
 
 
 def _under(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -32,7 +32,14 @@ from typing import Any, Optional
 
 import torch
 
-from okdpipe.config import OPTIMIZER_KEYS, DistillConfig, dump_yaml, validate_params, with_method_defaults
+from okdpipe.config import (
+    OPTIMIZER_KEYS,
+    DistillConfig,
+    dump_yaml,
+    student_archs,
+    validate_params,
+    with_method_defaults,
+)
 from okdpipe.contracts.data import DataSource
 from okdpipe.datasets import make_loader
 from okdpipe.datasets.views import view_policy
@@ -136,10 +143,12 @@ def build_models(cfg: DistillConfig, spec, device: torch.device) -> tuple[Studen
     hp = validate_params(method_cls.Params, cfg.method_params, cfg.method)
     if cfg.fused and not method_cls.fusable:
         raise OkdpipeError(f"--fused: method {cfg.method} needs per-student modules; train it without --fused")
+    archs = student_archs(cfg, count)
+    method_cls.check_archs(cfg.method, archs)
     container = FusedStudents if cfg.fused else Students
     torch.manual_seed(cfg.seed)
     students = container(
-        cfg.arch, count, spec.num_classes, spec.in_channels, layout=method_cls.layout, same_init=method_cls.same_init
+        archs, count, spec.num_classes, spec.in_channels, layout=method_cls.layout, same_init=method_cls.same_init
     ).to(device)
     method = method_cls(students, hp, spec.num_classes).to(device)
     if cfg.channels_last:
@@ -614,6 +623,7 @@ def manifest_header(s: Session) -> dict[str, Any]:
             "count": s.students.count,
             "layout": s.students.layout,
             "arch": s.cfg.arch,
+            "archs": s.students.archs,  # student i's architecture
             "method_ships": s.method.ships,
         },
         "dataset": {

@@ -101,6 +101,40 @@ class DistillConfig(Strict):
             raise ValueError("milestones are fractions of the run, each strictly between 0 and 1")
         return self
 
+    @model_validator(mode="before")
+    @classmethod
+    def _one_arch_per_student(cls, values: Any) -> Any:
+        """`arch` names one backbone for every student, or one per student (a YAML list or `a,b`), kept as one
+        comma-separated string so a single-arch config reads as before and config.yaml round-trips. A list sets
+        `students` when that is unset; a list of another length than an explicit `students` is refused."""
+        if not isinstance(values, dict) or "arch" not in values:
+            return values
+        names = arch_names(values["arch"])
+        count = values.get("students")
+        if len(names) > 1 and count is not None and count != len(names):
+            raise ValueError(
+                f"arch names {len(names)} architectures ({', '.join(names)}) but students is {count}; "
+                "give one architecture per student, or one for all"
+            )
+        return {**values, "arch": ",".join(names), **({"students": len(names)} if len(names) > 1 else {})}
+
+
+def arch_names(value: Any) -> list[str]:
+    """The backbone names of an `arch` value: one name, `a,b`, or a list of names."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    if not all(isinstance(item, str) for item in items):
+        raise ValueError(f"arch must be a backbone name or a list of names, not {value!r}")
+    names = [name.strip() for item in items for name in item.split(",")]
+    if not all(names):
+        raise ValueError(f"arch {value!r} has an empty name; write e.g. resnet8,mobilenetv2")
+    return names
+
+
+def student_archs(cfg: DistillConfig, count: int) -> list[str]:
+    """Student i's architecture, for each of the run's `count` students: `arch`'s one name for all, or its i-th."""
+    names = arch_names(cfg.arch)
+    return names * count if len(names) == 1 else names
+
 
 def validation_message(error: ValidationError) -> str:
     """The first validation problem as `where: what`, for one-line errors."""

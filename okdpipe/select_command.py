@@ -62,13 +62,14 @@ def print_candidates(run_dir: Path, rows: list[dict], ensemble: dict) -> None:
     if verbosity() == QUIET:
         return
     table = Table(title=f"candidates of {run_dir} (validation split)")
-    for column in ("candidate", "val top-1", "int8 top-1", "no BN recal.", "params", "MMACs", ""):
-        table.add_column(column, justify="left" if column == "candidate" else "right")
+    for column in ("candidate", "arch", "val top-1", "int8 top-1", "no BN recal.", "params", "MMACs", ""):
+        table.add_column(column, justify="left" if column in ("candidate", "arch") else "right")
     for row in [*rows, ensemble]:
         recal = row.get("val_top1_without_bn_recalibration")
         int8 = row.get("int8", {}).get("val_top1")
         table.add_row(
             row["candidate"],
+            row.get("arch", ""),
             f"{row['val_top1']:.2%}",
             "" if int8 is None else f"{int8:.2%}",
             "" if recal is None else f"{recal:.2%}",

@@ -17,6 +17,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from okdpipe.errors import OkdpipeError
 from okdpipe.registry import Registry
 
 METHODS: Registry[type[Method]] = Registry("method")
@@ -61,6 +62,10 @@ class Method(nn.Module):
     augment_policy: ClassVar[str] = "same"  # per-view augmentation kinds (datasets/views.py): "same" or "okdph"
     same_init: ClassVar[bool] = False
     fusable: ClassVar[bool] = False  # peers layout and never reads students.members (see distill/fused.py)
+    # Peers of different architectures (`--arch resnet8,mobilenetv2`): only for a method that couples its students
+    # through their logits alone; any other may say in `single_arch_reason` why it needs one architecture.
+    mixed_archs: ClassVar[bool] = False
+    single_arch_reason: ClassVar[str] = ""  # "" = the layout's reason (see check_archs)
     # What the method's paper ships, named in messages and the README's method table; `select --strategy auto`
     # still ships whichever candidate validates best.
     ships: ClassVar[str] = "best-student"
@@ -75,6 +80,21 @@ class Method(nn.Module):
         self.__dict__["students"] = students
         self.hp = hp
         self.num_classes = num_classes
+
+    @classmethod
+    def check_archs(cls, name: str, archs: list[str]) -> None:
+        """One line, before anything is built, when `archs` (one per student) differ and the method cannot mix them."""
+        if len(set(archs)) <= 1 or cls.mixed_archs:
+            return
+        reason = cls.single_arch_reason or (
+            "its branches share one trunk (the backbone's stem and all stages but the last)"
+            if cls.layout == "branches"
+            else "it does not declare that it allows them (Method.mixed_archs)"
+        )
+        raise OkdpipeError(
+            f"--method {name} cannot train peers of different architectures ({','.join(archs)}): {reason}; "
+            "use dml or vanilla, or one --arch for every student"
+        )
 
     def step(self, views: torch.Tensor, labels: torch.Tensor, out, ctx: StepContext) -> dict[str, torch.Tensor]:
         """Return {"loss": scalar to backpropagate, "<term>/s<i>": detached scalars for logging}."""

@@ -47,6 +47,7 @@ class DML(Method):
     """Sum over peers of L_i (see the module docstring); the teachers are detached, so peers stay independent."""
 
     fusable = True
+    mixed_archs = True  # peers meet only through their logits (KD on [B, K]), whatever their architectures
 
     Params = DMLParams
     layout = "peers"

@@ -180,6 +180,10 @@ class FFSD(Method):
     Params = FFSDParams
     optimizer_defaults = {"optimizer": "nesterov", "weight_decay": 1e-4}  # Li et al. 2022 (methods.md, Recipes)
     layout = "peers"
+    single_arch_reason = (
+        "its fusion module concatenates the students' last feature maps and its decoders are sized for one "
+        "architecture's stage widths"
+    )
     default_students = 3
     min_students = 3
     needs_stages = True

@@ -119,6 +119,7 @@ class OKDPH(Method):
     min_students = 2
     per_student_views = True
     same_init = True
+    single_arch_reason = "it averages the students' weights (the hybrid and the weight fusion), parameter by parameter"
     augment_policy = "okdph"  # each model its own augmentation kind, as the official code (datasets/views.py)
     fusable = True
     ships = "hybrid-or-best"

@@ -12,6 +12,7 @@ class Vanilla(Method):
     """L = sum_i CE(z_i, y). With N > 1 the students are independent runs sharing a data order."""
 
     fusable = True
+    mixed_archs = True  # independent students: nothing couples them
 
     def step(self, views, labels, out, ctx):
         losses = {f"ce/s{i}": F.cross_entropy(z, labels) for i, z in enumerate(out.logits)}
