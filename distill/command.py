@@ -133,8 +133,9 @@ def distill_command(
     if skip_bad_images:  # a loader option, so select/export/bench rebuild the same splits from the record
         cfg.data_options = {**cfg.data_options, "skip_bad_images": True}
     if dry_run:
-        from okdpipe.distill.trainer import with_method_defaults_of
+        from okdpipe.distill.trainer import check_config, with_method_defaults_of
 
+        check_config(cfg)  # what training would refuse before reading data is refused here too
         typer.echo(dump_yaml(with_method_defaults_of(cfg)), nl=False)
         return
     if cfg.init and not resume and not Path(cfg.init).is_file():

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ from okdpipe.config import (
     with_method_defaults,
 )
 from okdpipe.contracts.data import DataSource
-from okdpipe.datasets import make_loader
+from okdpipe.datasets import DATASETS, make_loader
 from okdpipe.datasets.views import view_policy
 from okdpipe.distill import distributed
 from okdpipe.distill.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
@@ -50,6 +51,8 @@ from okdpipe.distill.evaluate import calibration_sample, evaluate_run, recalibra
 from okdpipe.distill.fused import FusedStudents
 from okdpipe.distill.init_weights import initialise, summary_line
 from okdpipe.distill.methods import METHODS, Method, StepContext
+from okdpipe.distill.methods.base import Hparams
+from okdpipe.distill.models import check_arch
 from okdpipe.distill.students import Students
 from okdpipe.distill.trackers import Trackers, open_trackers, require
 from okdpipe.errors import GateFailed, OkdpipeError
@@ -134,8 +137,10 @@ class Session:
         return [p for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]]
 
 
-def build_models(cfg: DistillConfig, spec, device: torch.device) -> tuple[Students, Method]:
-    """The students and the method of `cfg`, initialised from its seed (select rebuilds them the same way)."""
+def check_config(cfg: DistillConfig) -> tuple[type[Method], Hparams, list[str]]:
+    """Every check that needs neither data nor a run directory: method, its parameters, student count, backbones
+    and whether the method can mix them, dataset name. `--dry-run`, the pipeline and fit run it first, so a bad
+    config is refused before anything is read or written. Returns the method, its parameters, one arch per student."""
     method_cls = METHODS.get(cfg.method)
     count = cfg.students or method_cls.default_students
     if count < method_cls.min_students:
@@ -144,7 +149,17 @@ def build_models(cfg: DistillConfig, spec, device: torch.device) -> tuple[Studen
     if cfg.fused and not method_cls.fusable:
         raise OkdpipeError(f"--fused: method {cfg.method} needs per-student modules; train it without --fused")
     archs = student_archs(cfg, count)
+    for arch in dict.fromkeys(archs):
+        check_arch(arch)
     method_cls.check_archs(cfg.method, archs)
+    DATASETS.get(cfg.dataset)
+    return method_cls, hp, archs
+
+
+def build_models(cfg: DistillConfig, spec, device: torch.device) -> tuple[Students, Method]:
+    """The students and the method of `cfg`, initialised from its seed (select rebuilds them the same way)."""
+    method_cls, hp, archs = check_config(cfg)
+    count = len(archs)
     container = FusedStudents if cfg.fused else Students
     torch.manual_seed(cfg.seed)
     students = container(
@@ -483,23 +498,35 @@ def fit(
     writes the run directory holds its lock throughout: a second run into the same directory fails at once."""
     cfg = with_method_defaults_of(with_world_size(cfg))
     require(cfg.loggers)
+    check_config(cfg)
+    created = not run.root.exists()
     with run.locked() if distributed.holds_run_lock() else contextlib.nullcontext():
-        if has_checkpoint(run) and not resume:
-            raise OkdpipeError(f"{run.root} already holds a run; pass --resume to continue it or choose another --out")
-        if resume and not has_checkpoint(run):
-            raise OkdpipeError(f"--resume: {run.root} has no checkpoint to resume from")
-        if distributed.needs_launch(cfg.nproc_per_node):
-            return distributed.launch(
-                fit,
-                cfg.nproc_per_node,
-                cfg,
-                run,
-                resume=resume,
-                stop_after_steps=stop_after_steps,
-                echo=distributed.picklable(echo, print),
-            )
-        with distributed.joined(resolve_device(cfg.device)) as group:
-            return train(cfg, run, group, resume, stop_after_steps, echo if group.is_main else quiet)[1]
+        try:
+            return fit_locked(cfg, run, resume, stop_after_steps, echo)
+        except OkdpipeError as exc:
+            if created and not isinstance(exc, GateFailed) and not any(run.checkpoints.glob("*")):
+                shutil.rmtree(run.root, ignore_errors=True)  # a refused start (bad data...) leaves no folder behind
+            raise
+
+
+def fit_locked(cfg: DistillConfig, run: RunDir, resume: bool, stop_after_steps: Optional[int], echo) -> dict[str, Any]:
+    """fit() once the run directory is held."""
+    if has_checkpoint(run) and not resume:
+        raise OkdpipeError(f"{run.root} already holds a run; pass --resume to continue it or choose another --out")
+    if resume and not has_checkpoint(run):
+        raise OkdpipeError(f"--resume: {run.root} has no checkpoint to resume from")
+    if distributed.needs_launch(cfg.nproc_per_node):
+        return distributed.launch(
+            fit,
+            cfg.nproc_per_node,
+            cfg,
+            run,
+            resume=resume,
+            stop_after_steps=stop_after_steps,
+            echo=distributed.picklable(echo, print),
+        )
+    with distributed.joined(resolve_device(cfg.device)) as group:
+        return train(cfg, run, group, resume, stop_after_steps, echo if group.is_main else quiet)[1]
 
 
 def with_method_defaults_of(cfg: DistillConfig) -> DistillConfig:

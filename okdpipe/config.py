@@ -8,7 +8,7 @@ hostile file cannot expand into gigabytes ("billion laughs").
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -25,7 +25,7 @@ OPTIMIZER_KEYS = ("optimizer", "momentum", "weight_decay")  # what a method may 
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False, strict=True)
 
 
 class DistillConfig(Strict):
@@ -161,6 +161,19 @@ class _BoundedLoader(yaml.SafeLoader):
             return super().compose_node(parent, index)
         finally:
             self.depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        """A key given twice is an error: YAML would silently keep the last one, and which one the user meant is
+        a guess (as with `--set`)."""
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, Hashable):
+                continue  # the mapping's own construction refuses it
+            if key in seen:
+                raise yaml.YAMLError(f"key {key!r} is given twice (line {key_node.start_mark.line + 1}); keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def parse_yaml(text: str, where: str) -> Any:

@@ -93,16 +93,9 @@ def load_pipeline_config(path: str | Path) -> PipelineConfig:
 def check_names(cfg: PipelineConfig) -> None:
     """Unknown method, backbone, dataset, method parameter or gate fail now, not after minutes of training."""
     from okdpipe.bench.gate import validate_gates
-    from okdpipe.config import arch_names, validate_params
-    from okdpipe.datasets import DATASETS
-    from okdpipe.distill.methods import METHODS
-    from okdpipe.distill.models import check_arch
+    from okdpipe.distill.trainer import check_config
 
-    method = METHODS.get(cfg.distill.method)
-    validate_params(method.Params, cfg.distill.method_params, cfg.distill.method)
-    for arch in arch_names(cfg.distill.arch):
-        check_arch(arch)
-    DATASETS.get(cfg.distill.dataset)
+    check_config(cfg.distill)
     validate_gates(cfg.gate, None, None, tuple(cfg.bench.batch_sizes))
 
 

@@ -21,7 +21,7 @@ C = TypeVar("C", bound="StageConfig")
 class StageConfig(BaseModel):
     """Strict: a typo is an error, not a silently ignored key; NaN and inf are refused everywhere."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False, strict=True)
 
 
 def resolve(cls: type[C], config_file: Path | None, flags: dict[str, Any]) -> C:

@@ -26,7 +26,7 @@ METHODS: Registry[type[Method]] = Registry("method")
 class Hparams(BaseModel):
     """Base for method hyperparameters: unknown keys are errors, and so is a NaN or infinite value."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 @dataclass

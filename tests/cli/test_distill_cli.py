@@ -164,3 +164,36 @@ def test_no_validation_split_is_refused_before_training(tmp_path):
         ["distill", "--dataset", "synthetic", "--arch", "resnet8", "--val-split", "0", "--out", str(tmp_path / "r")],
         "synthetic has no validation images (--val-split 0 and no val split of its own); pass e.g. --val-split 0.1",
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (
+            ["--method", "okdph", "--set", "okdph.gamma=nan"],
+            "bad okdph parameter gamma: Input should be a",
+        ),
+        (["--method", "dml", "--set", "dml.temperature=-1"], "bad dml parameter temperature"),
+        (["--method", "okdph", "--students", "1"], "--method okdph needs at least 2 students, got 1"),
+        (["--method", "pcl", "--arch", "resnet8,resnet20"], "--method pcl cannot train peers of different"),
+        (["--arch", "nonet"], "unknown backbone 'nonet'"),
+        (["--dataset", "nope"], "unknown dataset 'nope'"),
+    ],
+)
+def test_dry_run_refuses_what_training_would_refuse(args, fragment):
+    one_line_error(["distill", *args, "--dry-run"], fragment)
+
+
+def test_a_refused_start_leaves_no_run_folder_but_keeps_an_existing_one(tmp_path):
+    fresh = tmp_path / "fresh"
+    one_line_error(
+        ["distill", "--dataset", "cifar10", "--data-dir", str(tmp_path / "none"), "--out", str(fresh)], "data directory"
+    )
+    assert not fresh.exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    one_line_error(
+        ["distill", "--dataset", "cifar10", "--data-dir", str(tmp_path / "none"), "--out", str(mine)], "data directory"
+    )
+    assert (mine / "notes.txt").read_text() == "keep"

@@ -3,6 +3,7 @@ import time
 import pytest
 
 from okdpipe.config import DistillConfig, build_config, parse_set, read_yaml, with_method_defaults
+from okdpipe.distill.trainer import check_config
 from okdpipe.errors import OkdpipeError
 
 
@@ -103,6 +104,8 @@ BOMB = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
         (b"x: " + b"[" * 5000, "nested deeper than 32 levels"),
         (b"x: " + b"[" * 33 + b"]" * 33, "nested deeper than 32 levels"),
         (b"# " + b"x" * (1 << 20), "larger than 1,048,576 bytes"),
+        (b"epochs: 1\nlr: 0.1\nepochs: 5\n", "key 'epochs' is given twice (line 3); keep one"),
+        (b"method_params:\n  gamma: 1\n  gamma: 2\n", "key 'gamma' is given twice (line 3)"),
     ],
 )
 def test_bad_config_files_are_one_line_and_fast(tmp_path, content, fragment):
@@ -112,6 +115,26 @@ def test_bad_config_files_are_one_line_and_fast(tmp_path, content, fragment):
     with pytest.raises(OkdpipeError) as err:
         read_yaml(path)
     assert time.perf_counter() - started < 10.0  # unbounded, the 1.4 KB alias bomb ran for over a minute
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("fused: 'yes'\n", "fused: Input should be a valid boolean"),
+        ("fused: 1\n", "fused: Input should be a valid boolean"),
+        ("epochs: '3'\n", "epochs: Input should be a valid integer"),
+        ("epochs: 3.0\n", "epochs: Input should be a valid integer"),
+        ("dataset: 7\n", "dataset: Input should be a valid string"),
+        ("method: okdph\nmethod_params: {hwm_grad: 'false'}\n", "hwm_grad: Input should be a valid boolean"),
+    ],
+)
+def test_config_values_are_not_coerced_across_types(tmp_path, text, fragment):
+    """A quoted 'false' is a string, and bool('false') would be True: a value of the wrong type is refused."""
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(OkdpipeError) as err:
+        check_config(build_config(read_yaml(path), {}, []))
     assert fragment in str(err.value) and "\n" not in str(err.value)
 
 

@@ -27,8 +27,9 @@ OPSET = ExportConfig().opset
 
 
 def written(out):
-    """What an export left in OUT besides its (released) advisory lock file."""
-    return [p for p in out.iterdir() if p.name != LOCK_FILE]
+    """What an export left in OUT besides its (released) advisory lock file (a failed export into a new OUT
+    leaves no folder at all)."""
+    return [p for p in out.iterdir() if p.name != LOCK_FILE] if out.exists() else []
 
 
 def cpu_session(path):
