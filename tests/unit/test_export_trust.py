@@ -452,3 +452,16 @@ def test_a_failed_export_into_a_new_out_leaves_no_folder_and_an_old_out_untouche
     with pytest.raises(type(failure)):
         export_model(model_file, workdir / "out13", ExportConfig(opset=13))
     assert artifacts() == before and not list((workdir / "out13").glob(".export-*"))
+
+
+@pytest.mark.parametrize("fp32_top1", [float("nan"), 0.9])
+def test_a_non_finite_accuracy_drop_is_a_failure_not_a_pass(monkeypatch, fp32_top1):
+    """The drop check must fail on NaN (a `drop > limit` test would pass it): nothing non-finite is gated as fine."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(exporter, "score", lambda *a, **k: SimpleNamespace(top1=float("nan"), samples=10))
+    ctx = SimpleNamespace(
+        fp32_top1=fp32_top1, val=None, preprocess=None, model_path="m.pt", config=SimpleNamespace(max_accuracy_drop=1.0)
+    )
+    with pytest.raises(GateFailed, match="loses nan points"):
+        exporter.accuracy_with_drop(ctx, predict=None, precision="fp16")
