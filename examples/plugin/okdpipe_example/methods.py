@@ -4,7 +4,7 @@
 
 with the mean detached (a teacher, not a student), KD_T the temperature-softened KL divergence scaled by T^2
 (`okdpipe.distill.losses.kd`). It reads only the logits, so any architecture trains with it, timm and
-torchvision ones included. A method is a `Method` subclass with typed hyperparameters and one `step`.
+torchvision ones included, and peers of different architectures (`--arch resnet8,example_cnn`). A method is a `Method` subclass with typed hyperparameters and one `step`.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ class EnsembleKD(Method):
 
     Params = EnsembleKDParams
     layout = "peers"
+    mixed_archs = True  # logits-only coupling: the peers need not share an architecture
     default_students = 2
     min_students = 2
 
