@@ -8,17 +8,28 @@ from typing import Optional
 import typer
 
 
-def names_list(text: Optional[str]) -> Optional[list[str]]:
-    return [part.strip() for part in text.split(",") if part.strip()] if text else None
+def names_list(text: Optional[str], flag: str = "--only") -> Optional[list[str]]:
+    """`a,b` -> ["a", "b"]; an empty or repeated item is an error (it would silently run nothing, or twice)."""
+    from okdpipe.errors import OkdpipeError
+
+    if text is None:
+        return None
+    names = [part.strip() for part in text.split(",")]
+    if not all(names):
+        raise OkdpipeError(f"{flag} {text!r}: an empty item; write a comma-separated list, e.g. {flag} a,b")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise OkdpipeError(f"{flag} {text!r}: {', '.join(repeated)} given twice; give each once")
+    return names
 
 
 def seeds_list(text: Optional[str]) -> Optional[list[int]]:
     from okdpipe.errors import OkdpipeError
 
-    try:
-        return [int(part) for part in names_list(text)] if text else None
-    except ValueError:
-        raise OkdpipeError(f"--seeds {text!r}: expected comma-separated integers, e.g. --seeds 0,1") from None
+    seeds = names_list(text, "--seeds")
+    if seeds is not None and not all(seed.isascii() and seed.isdigit() for seed in seeds):
+        raise OkdpipeError(f"--seeds {text!r}: expected comma-separated non-negative integers, e.g. --seeds 0,1")
+    return None if seeds is None else [int(seed) for seed in seeds]
 
 
 def compare_command(

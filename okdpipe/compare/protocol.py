@@ -32,12 +32,12 @@ class Protocol(Strict):
     variant_seeds: Optional[list[int]] = None
     variants: dict[str, Variant] = Field(default_factory=dict)
 
-    @field_validator("methods")
+    @field_validator("methods", "seeds", "variant_seeds")
     @classmethod
-    def _distinct(cls, names: list[str]) -> list[str]:
-        if len(set(names)) != len(names):
-            raise ValueError("a method is listed twice")
-        return names
+    def _distinct(cls, items: Optional[list]) -> Optional[list]:
+        if items is not None and len(set(items)) != len(items):
+            raise ValueError("an item is listed twice (a run would be trained and counted twice)")
+        return items
 
 
 def read_protocol(path: Path) -> dict[str, Any]:

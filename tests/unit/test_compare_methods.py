@@ -3,6 +3,7 @@
 protocol run end to end, resumed without retraining."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -169,6 +170,32 @@ def test_the_protocol_is_checked_before_anything_runs(tmp_path):
         + ", ".join([*protocol["methods"], *protocol["variants"]])
         + "\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--only", "", "--only '': an empty item"),
+        ("--only", "pcl,,okdph", "--only 'pcl,,okdph': an empty item"),
+        ("--only", "pcl,pcl", "--only 'pcl,pcl': pcl given twice; give each once"),
+        ("--seeds", "0,0", "--seeds '0,0': 0 given twice"),
+        ("--seeds", "1,-2", "expected comma-separated non-negative integers"),
+        ("--seeds", "\u0663", "expected comma-separated non-negative integers"),  # an Arabic-Indic three
+    ],
+)
+def test_compare_lists_with_empty_repeated_or_odd_items_are_refused(flag, value, message):
+    from okdpipe.compare.command import names_list, seeds_list
+
+    with pytest.raises(OkdpipeError, match=re.escape(message)):
+        (seeds_list(value) if flag == "--seeds" else names_list(value, flag))
+
+
+def test_a_protocol_listing_a_seed_twice_is_refused(tmp_path):
+    protocol = yaml.safe_load((ROOT / "configs" / "fmnist-compare.yaml").read_text())
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**protocol, "seeds": [0, 1, 0]}))
+    with pytest.raises(OkdpipeError, match="seeds: Value error, an item is listed twice"):
+        read_protocol(bad)
 
 
 @pytest.mark.slow
