@@ -43,6 +43,7 @@ from okdpipe.distill.evaluate import calibration_sample, evaluate_run, recalibra
 from okdpipe.distill.fused import FusedStudents
 from okdpipe.distill.init_weights import initialise, summary_line
 from okdpipe.distill.methods import METHODS, Method, StepContext
+from okdpipe.distill.models import backbone_recipe
 from okdpipe.distill.students import Students
 from okdpipe.distill.trackers import Trackers, open_trackers, require
 from okdpipe.errors import GateFailed, OkdpipeError
@@ -495,8 +496,9 @@ def fit(
 
 def with_method_defaults_of(cfg: DistillConfig) -> DistillConfig:
     """`cfg` with its method's optimiser defaults (`Method.optimizer_defaults`, e.g. FFSD's Nesterov and weight
-    decay) wherever the config file, flags and --set left a key unset."""
-    return with_method_defaults(cfg, method_optimizer_defaults(cfg.method))
+    decay) and, beneath those, its backbone's recipe (`backbone_recipe`, e.g. MobileNetV2's lr and warm-up)
+    wherever the config file, flags and --set left a key unset."""
+    return with_method_defaults(cfg, method_optimizer_defaults(cfg.method), backbone_recipe(cfg.arch))
 
 
 def method_optimizer_defaults(method: str) -> dict[str, Any]:
@@ -609,6 +611,7 @@ def manifest_header(s: Session) -> dict[str, Any]:
         "optimizer": {
             **{k: getattr(s.cfg, k) for k in OPTIMIZER_KEYS},
             "method_defaults": method_optimizer_defaults(s.cfg.method),
+            "backbone_recipe": backbone_recipe(s.cfg.arch),
         },
         "students": {
             "count": s.students.count,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from okdpipe.distill.models import MODELS, Backbone, create_model
+from okdpipe.distill.models import MODELS, Backbone, backbone_recipe, create_model, recipe
 from okdpipe.errors import OkdpipeError
 
 # Exact trainable-parameter counts for num_classes=100, in_channels=3 (each builder's docstring states its own).
@@ -185,3 +185,13 @@ def test_vgg_survives_odd_maps_and_larger_inputs():
     with torch.no_grad():
         assert model.forward_features(sample(3, 64)).shape == (2, 512, 2, 2)
         assert model(sample(3, 64)).shape == (2, NUM_CLASSES)
+
+
+def test_backbone_recipes_are_declared_per_backbone_and_empty_elsewhere():
+    assert backbone_recipe("mobilenetv2") == {"lr": 0.05, "warmup_epochs": 1.0, "channels_last": True}
+    assert backbone_recipe("resnet8") == {}
+    assert backbone_recipe("timm:resnet10t") == {} and backbone_recipe("torchvision:resnet18") == {}
+    with pytest.raises(OkdpipeError, match="unknown backbone 'resnet9'"):
+        backbone_recipe("resnet9")
+    with pytest.raises(ValueError, match=r"may set only .* not \['epochs'\]"):
+        recipe(lr=0.1, epochs=3)
