@@ -38,6 +38,7 @@ from okdpipe.datasets import make_loader
 from okdpipe.datasets.views import view_policy
 from okdpipe.distill import distributed
 from okdpipe.distill.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from okdpipe.distill.diagnose import chance_warning
 from okdpipe.distill.distributed import Group
 from okdpipe.distill.evaluate import calibration_sample, evaluate_run, recalibrate_bn
 from okdpipe.distill.fused import FusedStudents
@@ -121,6 +122,7 @@ class Session:
     forward: Any = None
     group: Group = field(default_factory=Group)
     trackers: Trackers = field(default_factory=Trackers)
+    warned_at_chance: bool = False
 
     def trained_parameters(self) -> list[torch.Tensor]:
         """Every parameter some optimiser steps: the ones whose gradients data parallelism averages."""
@@ -567,7 +569,18 @@ def train(
             if group.is_main:
                 record_epoch(s, summary)
             echo(epoch_line(summary, cfg.epochs))
+            warn_at_chance(s, echo)
         return s, finish(s)
+
+
+def warn_at_chance(s: Session, echo) -> None:
+    """Once per run: validation at chance while the training loss falls (distill/diagnose.py)."""
+    if s.warned_at_chance:
+        return
+    line = chance_warning(s.history, s.bundle.spec.num_classes, len(s.bundle.val), s.cfg)
+    if line:
+        echo(line)
+        s.warned_at_chance = True
 
 
 def record_epoch(s: Session, summary: dict[str, Any]) -> None:
