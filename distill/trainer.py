@@ -46,13 +46,14 @@ from okdpipe.datasets import DATASETS, make_loader
 from okdpipe.datasets.views import view_policy
 from okdpipe.distill import distributed
 from okdpipe.distill.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from okdpipe.distill.diagnose import chance_warning
 from okdpipe.distill.distributed import Group
 from okdpipe.distill.evaluate import calibration_sample, evaluate_run, recalibrate_bn
 from okdpipe.distill.fused import FusedStudents
 from okdpipe.distill.init_weights import initialise, summary_line
 from okdpipe.distill.methods import METHODS, Method, StepContext
 from okdpipe.distill.methods.base import Hparams
-from okdpipe.distill.models import check_arch
+from okdpipe.distill.models import backbone_recipe, check_arch
 from okdpipe.distill.students import Students
 from okdpipe.distill.trackers import Trackers, open_trackers, require
 from okdpipe.errors import GateFailed, OkdpipeError
@@ -130,6 +131,7 @@ class Session:
     forward: Any = None
     group: Group = field(default_factory=Group)
     trackers: Trackers = field(default_factory=Trackers)
+    warned_at_chance: bool = False
 
     def trained_parameters(self) -> list[torch.Tensor]:
         """Every parameter some optimiser steps: the ones whose gradients data parallelism averages."""
@@ -531,8 +533,9 @@ def fit_locked(cfg: DistillConfig, run: RunDir, resume: bool, stop_after_steps: 
 
 def with_method_defaults_of(cfg: DistillConfig) -> DistillConfig:
     """`cfg` with its method's optimiser defaults (`Method.optimizer_defaults`, e.g. FFSD's Nesterov and weight
-    decay) wherever the config file, flags and --set left a key unset."""
-    return with_method_defaults(cfg, method_optimizer_defaults(cfg.method))
+    decay) and, beneath those, its backbone's recipe (`backbone_recipe`, e.g. MobileNetV2's lr and warm-up)
+    wherever the config file, flags and --set left a key unset."""
+    return with_method_defaults(cfg, method_optimizer_defaults(cfg.method), backbone_recipe(cfg.arch))
 
 
 def method_optimizer_defaults(method: str) -> dict[str, Any]:
@@ -601,7 +604,18 @@ def train(
             if group.is_main:
                 record_epoch(s, summary)
             echo(epoch_line(summary, cfg.epochs))
+            warn_at_chance(s, echo)
         return s, finish(s)
+
+
+def warn_at_chance(s: Session, echo) -> None:
+    """Once per run: validation at chance while the training loss falls (distill/diagnose.py)."""
+    if s.warned_at_chance:
+        return
+    line = chance_warning(s.history, s.bundle.spec.num_classes, len(s.bundle.val), s.cfg)
+    if line:
+        echo(line)
+        s.warned_at_chance = True
 
 
 def record_epoch(s: Session, summary: dict[str, Any]) -> None:
@@ -645,6 +659,7 @@ def manifest_header(s: Session) -> dict[str, Any]:
         "optimizer": {
             **{k: getattr(s.cfg, k) for k in OPTIMIZER_KEYS},
             "method_defaults": method_optimizer_defaults(s.cfg.method),
+            "backbone_recipe": backbone_recipe(s.cfg.arch),
         },
         "students": {
             "count": s.students.count,

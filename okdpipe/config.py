@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal, Optional
 
 import yaml
@@ -22,6 +23,8 @@ from okdpipe.plugins import PLUGINS_HELP, PluginNames
 MAX_CONFIG_BYTES = 1 << 20  # configs are a few hundred bytes; a bigger file is a mistake or an attack
 MAX_YAML_DEPTH = 32  # the deepest okdpipe config nests 3 levels
 OPTIMIZER_KEYS = ("optimizer", "momentum", "weight_decay")  # what a method may default (Method.optimizer_defaults)
+# what a backbone may default (distill/models/base.py `recipe`): how it trains well, as timm's per-model configs
+RECIPE_KEYS = ("lr", "warmup_epochs", "schedule", "grad_clip", "channels_last", *OPTIMIZER_KEYS)
 
 
 class Strict(BaseModel):
@@ -252,14 +255,18 @@ def validated(model: type[BaseModel], values: Any, context: str) -> Any:
         raise OkdpipeError(f"{context}: {validation_message(exc)}") from None
 
 
-def with_method_defaults(cfg: DistillConfig, defaults: Mapping[str, Any]) -> DistillConfig:
-    """`cfg` with a method's optimiser defaults (Method.optimizer_defaults) for every key the user did not set:
-    config files, flags and --set override them. Idempotent: the result has every key set."""
-    unknown = set(defaults) - set(OPTIMIZER_KEYS)
-    if unknown:
-        raise ValueError(f"optimizer_defaults may set only {OPTIMIZER_KEYS}, not {sorted(unknown)}")
+def with_method_defaults(
+    cfg: DistillConfig, defaults: Mapping[str, Any], recipe: Mapping[str, Any] = MappingProxyType({})
+) -> DistillConfig:
+    """`cfg` with defaults for every key the user did not set. Precedence: config files, flags and --set, then
+    the method's optimiser defaults (Method.optimizer_defaults), then the backbone's recipe (`backbone_recipe`),
+    then DistillConfig's own. Idempotent: the result has every key set."""
+    for what, values, allowed in (("optimizer_defaults", defaults, OPTIMIZER_KEYS), ("a recipe", recipe, RECIPE_KEYS)):
+        unknown = set(values) - set(allowed)
+        if unknown:
+            raise ValueError(f"{what} may set only {allowed}, not {sorted(unknown)}")
     chosen = cfg.model_dump(exclude_unset=True)
-    return validated(DistillConfig, {**cfg.model_dump(), **defaults, **chosen}, f"{cfg.method} defaults")
+    return validated(DistillConfig, {**cfg.model_dump(), **recipe, **defaults, **chosen}, f"{cfg.method} defaults")
 
 
 def validate_params(model: type[BaseModel], params: dict[str, Any], method: str) -> BaseModel:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from okdpipe.config import RECIPE_KEYS, arch_names
 from okdpipe.distill.models.external import check_external, create_external, is_external
 from okdpipe.errors import OkdpipeError
 from okdpipe.plugins import provider
@@ -127,6 +128,43 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, **kwargs: An
     model.arch_kwargs = dict(kwargs)
     model.arch_source = provider(builder)
     return model
+
+
+def recipe(**defaults: Any) -> Callable[[ModelBuilder], ModelBuilder]:
+    """Decorator declaring the training defaults a backbone needs (timm keeps such defaults beside each model):
+    `@MODELS.register("name")` above `@recipe(lr=0.05, warmup_epochs=1)`. Config files, flags, --set and the
+    method's optimizer_defaults override them; the keys are okdpipe.config.RECIPE_KEYS."""
+    unknown = sorted(set(defaults) - set(RECIPE_KEYS))
+    if unknown:
+        raise ValueError(f"a backbone recipe may set only {RECIPE_KEYS}, not {unknown}")
+
+    def attach(builder: ModelBuilder) -> ModelBuilder:
+        builder.recipe = dict(defaults)  # type: ignore[attr-defined]
+        return builder
+
+    return attach
+
+
+def backbone_recipe(arch: str) -> dict[str, Any]:
+    """The recipe defaults `arch` declared with `recipe`: {} for timm:/torchvision: names (their libraries'
+    recipes assume ImageNet-scale training) and for backbones that declare none. Peers of several architectures
+    (`resnet8,mobilenetv2`) share one optimiser schedule, so they get the cautious blend: the lowest lr and the
+    longest warm-up any of them declares; any other key only where every one declares the same value."""
+    recipes = [_own_recipe(name) for name in dict.fromkeys(arch_names(arch))]
+    if len(recipes) == 1:
+        return recipes[0]
+    lrs = [r["lr"] for r in recipes if "lr" in r]
+    warmups = [r["warmup_epochs"] for r in recipes if "warmup_epochs" in r]
+    blend = {**({"lr": min(lrs)} if lrs else {}), **({"warmup_epochs": max(warmups)} if warmups else {})}
+    shared = set.intersection(*(set(r) for r in recipes)) - {"lr", "warmup_epochs"}
+    blend.update({key: recipes[0][key] for key in shared if all(r[key] == recipes[0][key] for r in recipes)})
+    return blend
+
+
+def _own_recipe(arch: str) -> dict[str, Any]:
+    if is_external(arch):
+        return {}
+    return dict(getattr(registered_builder(arch), "recipe", {}))
 
 
 def registered_builder(name: str) -> ModelBuilder:

@@ -152,3 +152,17 @@ def test_method_defaults_fill_only_what_the_user_left_unset():
     assert with_method_defaults(resolved, {"optimizer": "sgd"}).optimizer == "nesterov"  # idempotent once resolved
     with pytest.raises(ValueError, match="may set only"):
         with_method_defaults(resolved, {"lr": 1.0})
+
+
+def test_a_backbone_recipe_sits_below_the_method_defaults_and_everything_the_user_sets():
+    method = {"weight_decay": 1e-4}
+    backbone = {"lr": 0.05, "warmup_epochs": 1.0, "weight_decay": 0.0, "channels_last": True}
+    plain = with_method_defaults(build_config({}, {}, []), method, backbone)
+    assert (plain.lr, plain.warmup_epochs, plain.weight_decay, plain.channels_last) == (0.05, 1.0, 1e-4, True)
+    chosen = with_method_defaults(
+        build_config({"warmup_epochs": 0}, {"lr": 0.2}, ["channels_last=false"]), {}, backbone
+    )
+    assert (chosen.lr, chosen.warmup_epochs, chosen.weight_decay, chosen.channels_last) == (0.2, 0.0, 0.0, False)
+    assert with_method_defaults(plain, {}, {"lr": 0.3}).lr == 0.05  # idempotent once resolved
+    with pytest.raises(ValueError, match="a recipe may set only"):
+        with_method_defaults(build_config({}, {}, []), {}, {"epochs": 3})

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from okdpipe.distill.models import MODELS, Backbone, create_model
+from okdpipe.distill.models import MODELS, Backbone, backbone_recipe, create_model, recipe
 from okdpipe.errors import OkdpipeError
 
 # Exact trainable-parameter counts for num_classes=100, in_channels=3 (each builder's docstring states its own).
@@ -185,3 +185,48 @@ def test_vgg_survives_odd_maps_and_larger_inputs():
     with torch.no_grad():
         assert model.forward_features(sample(3, 64)).shape == (2, 512, 2, 2)
         assert model(sample(3, 64)).shape == (2, NUM_CLASSES)
+
+
+def test_backbone_recipes_are_declared_per_backbone_and_empty_elsewhere():
+    assert backbone_recipe("mobilenetv2") == {"lr": 0.05, "warmup_epochs": 1.0, "channels_last": True}
+    assert backbone_recipe("resnet8") == {}
+    assert backbone_recipe("timm:resnet10t") == {} and backbone_recipe("torchvision:resnet18") == {}
+    with pytest.raises(OkdpipeError, match="unknown backbone 'resnet9'"):
+        backbone_recipe("resnet9")
+    with pytest.raises(ValueError, match=r"may set only .* not \['epochs'\]"):
+        recipe(lr=0.1, epochs=3)
+
+
+def test_peers_of_several_architectures_get_the_cautious_blend_of_their_recipes(monkeypatch):
+    """One optimiser schedule for all peers: the lowest lr, the longest warm-up, other keys only where all agree."""
+    recipes = {"a": {"lr": 0.05, "warmup_epochs": 1.0, "channels_last": True}, "b": {"lr": 0.02, "channels_last": True}}
+    for name, values in recipes.items():
+        monkeypatch.setitem(MODELS._items, name, recipe(**values)(lambda num_classes, in_channels=3: None))
+    assert backbone_recipe("a,b") == {"lr": 0.02, "warmup_epochs": 1.0, "channels_last": True}
+    assert backbone_recipe("resnet8,mobilenetv2") == {"lr": 0.05, "warmup_epochs": 1.0}  # resnet8 is NCHW
+    assert backbone_recipe("mobilenetv2,mobilenetv2") == backbone_recipe("mobilenetv2")
+
+
+def test_mobilenetv2_trains_channels_last_as_nchw_does():
+    """Its recipe trains it channels-last for speed (trainer.build_models). Not bit-identical: oneDNN sums in
+    another order, and 52 BatchNorm layers in train mode amplify rounding (even NCHW float32 gradients are about
+    1% from float64's, measured), so the two layouts agree on the loss to 1e-5 and on the gradients to 5%."""
+    from types import SimpleNamespace
+
+    from okdpipe.config import DistillConfig
+    from okdpipe.distill.trainer import build_models
+
+    spec = SimpleNamespace(num_classes=10, in_channels=1)
+    runs = [
+        build_models(DistillConfig(arch="mobilenetv2", channels_last=cl), spec, torch.device("cpu"))[0] for cl in (0, 1)
+    ]
+    images, labels = torch.randn(1, 8, 1, 16, 16), torch.arange(8)
+    losses, gradients = [], []
+    for students in runs:
+        loss = nn.functional.cross_entropy(students(images).logits[0], labels)
+        loss.backward()
+        losses.append(loss.item())
+        gradients.append(torch.cat([p.grad.flatten() for p in students.parameters()]))
+    assert next(runs[1].parameters()).is_contiguous(memory_format=torch.channels_last)
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    assert (gradients[1] - gradients[0]).norm() / gradients[0].norm() < 0.05

@@ -3,6 +3,7 @@ unwritable output are one-line errors, a batch that cannot fit is refused before
 
 import errno
 import json
+import math
 import os
 import signal
 import subprocess
@@ -295,11 +296,33 @@ def test_a_methods_optimizer_defaults_apply_unless_set_and_are_recorded(tmp_path
         "momentum": 0.9,
         "weight_decay": 1e-4,
         "method_defaults": {"optimizer": "nesterov", "weight_decay": 1e-4},
+        "backbone_recipe": {},
     }
     assert manifest["config"]["optimizer"] == "nesterov"
     groups = load_checkpoint(run)["optimizer"]["param_groups"]
     assert groups[0]["nesterov"] is True and groups[0]["weight_decay"] == 1e-4
     fit(tiny(method="nesterov-vanilla"), run, resume=True, echo=quiet)  # the resolved config resumes
+
+
+def test_a_backbones_recipe_trains_unless_overridden_and_is_recorded(tmp_path, monkeypatch):
+    from okdpipe.distill.models import MODELS, recipe
+    from okdpipe.distill.models.cifar_resnet import resnet8
+
+    slow_resnet8 = recipe(lr=0.02, warmup_epochs=0.5)(lambda **kw: resnet8(**kw))
+    monkeypatch.setitem(MODELS._items, "slow-resnet8", slow_resnet8)
+    cfg = {k: v for k, v in TINY.items() if k != "lr"}  # TINY sets lr, which would hide the recipe's
+    run = RunDir(tmp_path / "r")
+    fit(DistillConfig(**{**cfg, "arch": "slow-resnet8"}), run, stop_after_steps=STEPS_PER_EPOCH + 1, echo=quiet)
+    manifest = json.loads(run.manifest_path.read_text())
+    assert manifest["optimizer"]["backbone_recipe"] == {"lr": 0.02, "warmup_epochs": 0.5}
+    assert (manifest["config"]["lr"], manifest["config"]["warmup_epochs"]) == (0.02, 0.5)
+    assert "lr: 0.02\n" in run.config_path.read_text()
+    group = load_checkpoint(run)["optimizer"]["param_groups"][0]
+    # the last step of epoch 1 (step 5 of 12, warm-up 3 steps) is 2/9 of the way down the cosine
+    assert group["base_lr"] == 0.02 and group["lr"] == pytest.approx(0.02 * 0.5 * (1 + math.cos(2 * math.pi / 9)))
+    overridden = RunDir(tmp_path / "o")
+    fit(DistillConfig(**{**cfg, "arch": "slow-resnet8", "lr": 0.1}), overridden, stop_after_steps=7, echo=quiet)
+    assert json.loads(overridden.manifest_path.read_text())["config"]["lr"] == 0.1
 
 
 def test_a_full_disk_while_recording_the_checkpoint_keeps_the_old_one_resumable(damaged, monkeypatch):
