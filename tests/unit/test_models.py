@@ -218,7 +218,8 @@ def test_mobilenetv2_trains_channels_last_as_nchw_does():
 
     spec = SimpleNamespace(num_classes=10, in_channels=1)
     runs = [
-        build_models(DistillConfig(arch="mobilenetv2", channels_last=cl), spec, torch.device("cpu"))[0] for cl in (0, 1)
+        build_models(DistillConfig(arch="mobilenetv2", channels_last=cl), spec, torch.device("cpu"))[0]
+        for cl in (False, True)
     ]
     images, labels = torch.randn(1, 8, 1, 16, 16), torch.arange(8)
     losses, gradients = [], []

@@ -4,7 +4,8 @@
 
 with the mean detached (a teacher, not a student), KD_T the temperature-softened KL divergence scaled by T^2
 (`okdpipe.distill.losses.kd`). It reads only the logits, so any architecture trains with it, timm and
-torchvision ones included, and peers of different architectures (`--arch resnet8,example_cnn`). A method is a `Method` subclass with typed hyperparameters and one `step`.
+torchvision ones included, and peers of different architectures (`--arch resnet8,example_cnn`). A method is a
+`Method` subclass with typed hyperparameters and one `step`.
 """
 
 from __future__ import annotations
