@@ -13,7 +13,7 @@ The classifier is Linear(1280 -> classes) without the paper's dropout (the class
 
 Its recipe (issue 17) is channels-last memory: oneDNN's 1x1 and depthwise convolutions run 1.4x faster per
 training step on CPU (BENCHMARKS.md). Short runs need enough steps: with 200 Fashion-MNIST images a class and 2
-epochs (32 steps) validation stays at chance while the training loss falls, whether at lr 0.1 or at lr 0.05 with
+epochs (about 30 steps) validation stays at chance while the training loss falls, whether at lr 0.1 or at lr 0.05 with
 a warm-up epoch, because the running statistics of its 52 BatchNorm layers lag the weights (recomputed on 1,280
 training images, the same weights score 67% instead of 9%); with 500 a class both reach 76% in 2 epochs.
 """
