@@ -47,19 +47,25 @@ def test_the_loss_must_have_fallen_clearly_from_the_first_epochs():
     assert chance_warning([epoch(2.3, 0.5), epoch(0.9, 0.5)], 2, 6000, CFG) is not None  # chance is 1/K
 
 
-def test_the_line_names_the_cause_and_the_fix():
+def test_the_line_names_the_cause_and_the_fix(monkeypatch):
     line = chance_warning([epoch(2.3, 0.1), epoch(0.9, 0.1)], 10, 6000, CFG)
     assert line == (
         "warning: validation top-1 10.00% is at chance (1/10) while the training loss fell from 2.300 to 0.900: "
         "the BatchNorm running statistics likely lag the weights, the learning rate (0.1) being too high for "
-        "resnet8; try --lr 0.05 --set warmup_epochs=1"
+        "resnet8; give it more steps (more --epochs or --train-subset, or a smaller --batch-size) or a gentler "
+        "start (--lr 0.05 --set warmup_epochs=1)"
     )
-    overridden = DistillConfig(arch="mobilenetv2", lr=0.1, warmup_epochs=0.0, channels_last=True)
+    from okdpipe.distill.models import MODELS, recipe
+    from okdpipe.distill.models.cifar_resnet import resnet8
+
+    monkeypatch.setitem(
+        MODELS._items, "gentle-resnet8", recipe(lr=0.02, channels_last=True)(lambda **kw: resnet8(**kw))
+    )
+    overridden = DistillConfig(arch="gentle-resnet8", lr=0.1, channels_last=True)
     line = chance_warning([epoch(2.3, 0.1), epoch(0.9, 0.1)], 10, 6000, overridden)
-    assert line.endswith(
-        "train with mobilenetv2's recipe (lr=0.05 warmup_epochs=1.0 channels_last=True): "
-        "drop the flags or config keys that override it"
-    )
+    assert line.endswith("train with gentle-resnet8's recipe (lr=0.02): drop the flags or config keys that override it")
+    kept = DistillConfig(arch="gentle-resnet8", lr=0.02, channels_last=False)  # only a speed setting overridden
+    assert chance_warning([epoch(2.3, 0.1), epoch(0.9, 0.1)], 10, 6000, kept).endswith("warmup_epochs=1)")
 
 
 TINY = dict(method="vanilla", arch="resnet8", students=1, dataset="synthetic", batch_size=16, eval_batch_size=64)

@@ -188,7 +188,7 @@ def test_vgg_survives_odd_maps_and_larger_inputs():
 
 
 def test_backbone_recipes_are_declared_per_backbone_and_empty_elsewhere():
-    assert backbone_recipe("mobilenetv2") == {"lr": 0.05, "warmup_epochs": 1.0, "channels_last": True}
+    assert backbone_recipe("mobilenetv2") == {"channels_last": True}
     assert backbone_recipe("resnet8") == {}
     assert backbone_recipe("timm:resnet10t") == {} and backbone_recipe("torchvision:resnet18") == {}
     with pytest.raises(OkdpipeError, match="unknown backbone 'resnet9'"):
