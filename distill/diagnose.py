@@ -43,8 +43,11 @@ def chance_warning(history: list[dict[str, Any]], num_classes: int, val_size: in
 
 
 def fix(cfg: DistillConfig) -> str:
-    """The suggested change: the backbone's recipe where the user overrode its lr or warm-up, else more steps or a
-    halved, warmed-up learning rate (more steps is what measurably helps MobileNetV2, see its module)."""
+    """The suggested change: PreciseBN where it is off (it recovers what the lagging running statistics hide),
+    then the backbone's recipe where the user overrode its lr or warm-up, else more steps or a halved, warmed-up
+    learning rate (more steps is what measurably helps MobileNetV2, see its module)."""
+    if not cfg.precise_bn:
+        return "evaluate with recomputed BatchNorm statistics (--set precise_bn=true) and give it more steps"
     tuned = {k: v for k, v in backbone_recipe(cfg.arch).items() if k in ("lr", "warmup_epochs")}
     if any(getattr(cfg, key) != value for key, value in tuned.items()):
         shown = " ".join(f"{key}={value}" for key, value in tuned.items())

@@ -86,13 +86,18 @@ def calibration_sample(split, count: int, num_classes: int, seed: int) -> Calibr
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, batches: Iterable, max_batches: int) -> nn.Module:
+def recalibrate_bn(
+    model: nn.Module, batches: Iterable, max_batches: int, forward: Callable[[nn.Module, Any], Any] | None = None
+) -> nn.Module:
     """Recompute BatchNorm running statistics as a cumulative average over up to `max_batches` batches
-    (as SWA's bn_update does): weight averaging invalidates the averaged running statistics. `batches` should
-    come from a `calibration_sample`, not the training files in order."""
+    (as SWA's bn_update does; PreciseBN, Wu & Johnson 2021): weight averaging invalidates the averaged running
+    statistics, and fast-moving weights outrun the running averages. `batches` should come from a
+    `calibration_sample`, not the training files in order; `forward(model, batch)` runs one (default: the plain
+    network on view 0). Each layer's momentum is restored, so training can go on from the new statistics."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return model
+    momenta = [norm.momentum for norm in norms]
     for norm in norms:
         norm.reset_running_stats()
         norm.momentum = None  # cumulative moving average
@@ -100,8 +105,14 @@ def recalibrate_bn(model: nn.Module, batches: Iterable, max_batches: int) -> nn.
     for i, batch in enumerate(batches):
         if i >= max_batches:
             break
-        model(batch.views[0])
+        (forward or _plain_forward)(model, batch)
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
     return model.eval()
+
+
+def _plain_forward(model: nn.Module, batch) -> None:
+    model(batch.views[0])
 
 
 @torch.no_grad()

@@ -599,6 +599,8 @@ def train(
             bad = first_nonfinite_tensor([s.students, s.method])
             if bad is not None:
                 stop_if_diverged(s, (epoch + 1) * len(s.train_loader) - 1, f"the weight {bad}")
+            if cfg.precise_bn:  # every rank alike: the calibration sample is not sharded
+                recalibrate_bn(s.students, s.calib_loader.epoch(0), BN_CALIBRATION_BATCHES, forward=on_view_0)
             summary["val"] = evaluate(s, s.val_loader)
             s.history.append(summary)
             if group.is_main:
@@ -606,6 +608,11 @@ def train(
             echo(epoch_line(summary, cfg.epochs))
             warn_at_chance(s, echo)
         return s, finish(s)
+
+
+def on_view_0(students, batch) -> None:
+    """All students on the batch's first view (the shared trunk once): how precise_bn runs the students."""
+    students(batch.views[:1])
 
 
 def warn_at_chance(s: Session, echo) -> None:

@@ -24,7 +24,7 @@ MAX_CONFIG_BYTES = 1 << 20  # configs are a few hundred bytes; a bigger file is 
 MAX_YAML_DEPTH = 32  # the deepest okdpipe config nests 3 levels
 OPTIMIZER_KEYS = ("optimizer", "momentum", "weight_decay")  # what a method may default (Method.optimizer_defaults)
 # what a backbone may default (distill/models/base.py `recipe`): how it trains well, as timm's per-model configs
-RECIPE_KEYS = ("lr", "warmup_epochs", "schedule", "grad_clip", "channels_last", *OPTIMIZER_KEYS)
+RECIPE_KEYS = ("lr", "warmup_epochs", "schedule", "grad_clip", "channels_last", "precise_bn", *OPTIMIZER_KEYS)
 
 
 class Strict(BaseModel):
@@ -56,6 +56,12 @@ class DistillConfig(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     channels_last: bool = False
+    precise_bn: bool = Field(
+        False,
+        description="recompute the students' BatchNorm statistics on a class-balanced training sample before each "
+        "validation (PreciseBN), so eval-mode accuracy reflects the weights where running averages lag them (small "
+        "data, many BN layers); training itself is unchanged",
+    )
     compile: bool = False
     fused: bool = Field(
         False,

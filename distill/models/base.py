@@ -149,14 +149,17 @@ def backbone_recipe(arch: str) -> dict[str, Any]:
     """The recipe defaults `arch` declared with `recipe`: {} for timm:/torchvision: names (their libraries'
     recipes assume ImageNet-scale training) and for backbones that declare none. Peers of several architectures
     (`resnet8,mobilenetv2`) share one optimiser schedule, so they get the cautious blend: the lowest lr and the
-    longest warm-up any of them declares; any other key only where every one declares the same value."""
+    longest warm-up any of them declares, PreciseBN if any asks for it (it never changes training); any other key
+    only where every one declares the same value."""
     recipes = [_own_recipe(name) for name in dict.fromkeys(arch_names(arch))]
     if len(recipes) == 1:
         return recipes[0]
     lrs = [r["lr"] for r in recipes if "lr" in r]
     warmups = [r["warmup_epochs"] for r in recipes if "warmup_epochs" in r]
     blend = {**({"lr": min(lrs)} if lrs else {}), **({"warmup_epochs": max(warmups)} if warmups else {})}
-    shared = set.intersection(*(set(r) for r in recipes)) - {"lr", "warmup_epochs"}
+    if any(r.get("precise_bn") for r in recipes):
+        blend["precise_bn"] = True
+    shared = set.intersection(*(set(r) for r in recipes)) - {"lr", "warmup_epochs", "precise_bn"}
     blend.update({key: recipes[0][key] for key in shared if all(r[key] == recipes[0][key] for r in recipes)})
     return blend
 

@@ -11,11 +11,11 @@ paper (no expansion conv when t = 1, residual only when stride 1 and widths matc
   4     t6 c160 n3 (s2), t6 c320 n1, conv1x1(1280) + BN + ReLU6            4x4, 1280 ch
 The classifier is Linear(1280 -> classes) without the paper's dropout (the classifier must be a bare Linear).
 
-Its recipe (issue 17) is channels-last memory: oneDNN's 1x1 and depthwise convolutions run 1.4x faster per
-training step on CPU (BENCHMARKS.md). Short runs need enough steps: with 200 Fashion-MNIST images a class and 2
-epochs (about 30 steps) validation stays at chance while the training loss falls, whether at lr 0.1 or at lr 0.05 with
-a warm-up epoch, because the running statistics of its 52 BatchNorm layers lag the weights (recomputed on 1,280
-training images, the same weights score 67% instead of 9%); with 500 a class both reach 76% in 2 epochs.
+Its recipe (issue 17): channels-last memory, since oneDNN's 1x1 and depthwise convolutions run 1.4x faster per
+training step on CPU (BENCHMARKS.md); and PreciseBN (`precise_bn`), since in short runs the running statistics of its
+52 BatchNorm layers lag the weights: with 200 Fashion-MNIST images a class and 2 epochs (about 30 steps) validation
+stays at chance while the training loss falls, whether at lr 0.1 or at lr 0.05 with a warm-up epoch, and the same
+weights with statistics recomputed on 1,280 training images score 67% instead of 9%; with 500 a class both reach 76%.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def inverted_residual_stages(in_channels: int) -> tuple[list[list[nn.Module]], l
 
 
 @MODELS.register("mobilenetv2")
-@recipe(channels_last=True)
+@recipe(channels_last=True, precise_bn=True)
 def mobilenetv2(num_classes: int, in_channels: int = 3) -> Backbone:
     """MobileNetV2 1.0 (CIFAR strides): 17 inverted residuals in 4 stages, stage channels 24/32/96/1280.
     2,351,972 parameters (100 classes, RGB)."""

@@ -52,6 +52,10 @@ def test_the_line_names_the_cause_and_the_fix(monkeypatch):
     assert line == (
         "warning: validation top-1 10.00% is at chance (1/10) while the training loss fell from 2.300 to 0.900: "
         "the BatchNorm running statistics likely lag the weights, the learning rate (0.1) being too high for "
+        "resnet8; evaluate with recomputed BatchNorm statistics (--set precise_bn=true) and give it more steps"
+    )
+    precise = CFG.model_copy(update={"precise_bn": True})
+    assert chance_warning([epoch(2.3, 0.1), epoch(0.9, 0.1)], 10, 6000, precise).endswith(
         "resnet8; give it more steps (more --epochs or --train-subset, or a smaller --batch-size) or a gentler "
         "start (--lr 0.05 --set warmup_epochs=1)"
     )
@@ -61,10 +65,10 @@ def test_the_line_names_the_cause_and_the_fix(monkeypatch):
     monkeypatch.setitem(
         MODELS._items, "gentle-resnet8", recipe(lr=0.02, channels_last=True)(lambda **kw: resnet8(**kw))
     )
-    overridden = DistillConfig(arch="gentle-resnet8", lr=0.1, channels_last=True)
+    overridden = DistillConfig(arch="gentle-resnet8", lr=0.1, channels_last=True, precise_bn=True)
     line = chance_warning([epoch(2.3, 0.1), epoch(0.9, 0.1)], 10, 6000, overridden)
     assert line.endswith("train with gentle-resnet8's recipe (lr=0.02): drop the flags or config keys that override it")
-    kept = DistillConfig(arch="gentle-resnet8", lr=0.02, channels_last=False)  # only a speed setting overridden
+    kept = DistillConfig(arch="gentle-resnet8", lr=0.02, channels_last=False, precise_bn=True)  # speed only
     assert chance_warning([epoch(2.3, 0.1), epoch(0.9, 0.1)], 10, 6000, kept).endswith("warmup_epochs=1)")
 
 

@@ -188,7 +188,7 @@ def test_vgg_survives_odd_maps_and_larger_inputs():
 
 
 def test_backbone_recipes_are_declared_per_backbone_and_empty_elsewhere():
-    assert backbone_recipe("mobilenetv2") == {"channels_last": True}
+    assert backbone_recipe("mobilenetv2") == {"channels_last": True, "precise_bn": True}
     assert backbone_recipe("resnet8") == {}
     assert backbone_recipe("timm:resnet10t") == {} and backbone_recipe("torchvision:resnet18") == {}
     with pytest.raises(OkdpipeError, match="unknown backbone 'resnet9'"):
@@ -199,11 +199,14 @@ def test_backbone_recipes_are_declared_per_backbone_and_empty_elsewhere():
 
 def test_peers_of_several_architectures_get_the_cautious_blend_of_their_recipes(monkeypatch):
     """One optimiser schedule for all peers: the lowest lr, the longest warm-up, other keys only where all agree."""
-    recipes = {"a": {"lr": 0.05, "warmup_epochs": 1.0, "channels_last": True}, "b": {"lr": 0.02, "channels_last": True}}
+    recipes = {
+        "a": {"lr": 0.05, "warmup_epochs": 1.0, "channels_last": True},
+        "b": {"lr": 0.02, "channels_last": True, "precise_bn": True},
+    }
     for name, values in recipes.items():
         monkeypatch.setitem(MODELS._items, name, recipe(**values)(lambda num_classes, in_channels=3: None))
-    assert backbone_recipe("a,b") == {"lr": 0.02, "warmup_epochs": 1.0, "channels_last": True}
-    assert backbone_recipe("resnet8,mobilenetv2") == {"lr": 0.05, "warmup_epochs": 1.0}  # resnet8 is NCHW
+    assert backbone_recipe("a,b") == {"lr": 0.02, "warmup_epochs": 1.0, "channels_last": True, "precise_bn": True}
+    assert backbone_recipe("resnet8,mobilenetv2") == {"precise_bn": True}  # resnet8 trains NCHW
     assert backbone_recipe("mobilenetv2,mobilenetv2") == backbone_recipe("mobilenetv2")
 
 

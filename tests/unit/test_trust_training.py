@@ -372,3 +372,47 @@ def test_a_finished_run_with_a_damaged_config_is_one_line_for_select(tmp_path, c
     with pytest.raises(OkdpipeError) as err:
         load_run(run.root, device="cpu")
     assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_precise_bn_sets_statistics_from_the_calibration_sample_and_leaves_training_alone(tmp_path):
+    """PreciseBN recomputes the students' BN statistics before each validation: the weights train exactly as
+    without it, and the stem's statistics are the stem convolution's output moments over the calibration sample
+    (one batch of eval_batch_size here), computed here from the weights and the normalised images."""
+    import torch.nn.functional as F
+
+    from okdpipe.contracts.card import PIXEL_SCALE, Preprocess
+    from okdpipe.datasets import load_dataset
+    from okdpipe.distill.evaluate import calibration_sample
+
+    states = {}
+    for precise in (False, True):
+        run = RunDir(tmp_path / str(precise))
+        fit(tiny(precise_bn=precise), run, echo=quiet)
+        states[precise] = load_checkpoint(run)["students"]
+    plain, precise = states[False], states[True]
+    statistics = ("running_mean", "running_var", "num_batches_tracked")
+    assert all(torch.equal(plain[k], precise[k]) for k in plain if not k.endswith(statistics))
+    bundle = load_dataset("synthetic", val_split=0.25, seed=0)
+    spec = bundle.spec
+    sample = calibration_sample(bundle.train, 20 * TINY["eval_batch_size"], spec.num_classes, 0).split
+    assert len(sample) <= TINY["eval_batch_size"]  # one calibration batch: the statistics are its moments
+    pixels = torch.cat([images for images, _ in sample.iter_batches(1000)]).numpy()
+    normalised = Preprocess(*spec.input_size, spec.in_channels, PIXEL_SCALE, spec.mean, spec.std).normalise(pixels)
+    stem = F.conv2d(torch.from_numpy(normalised), precise["members.0.stem.0.weight"], padding=1).double()
+    torch.testing.assert_close(
+        precise["members.0.stem.1.running_mean"].double(), stem.mean((0, 2, 3)), atol=1e-5, rtol=0
+    )
+    torch.testing.assert_close(precise["members.0.stem.1.running_var"].double(), stem.var((0, 2, 3)), atol=0, rtol=1e-4)
+    assert not torch.allclose(plain["members.0.stem.1.running_mean"], precise["members.0.stem.1.running_mean"])
+
+
+def test_recalibration_restores_each_batchnorm_momentum():
+    from types import SimpleNamespace
+
+    from okdpipe.distill.evaluate import recalibrate_bn
+
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(2, momentum=0.3), torch.nn.BatchNorm2d(2))
+    batches = [SimpleNamespace(views=torch.arange(16.0).reshape(1, 2, 2, 2, 2))]
+    recalibrate_bn(model, batches, max_batches=1)
+    assert [m.momentum for m in model] == [0.3, 0.1]
+    torch.testing.assert_close(model[0].running_mean, torch.tensor([5.5, 9.5]))  # channel means of the batch
