@@ -8,6 +8,7 @@ hostile file cannot expand into gigabytes ("billion laughs").
 
 from __future__ import annotations
 
+import re
 from collections.abc import Hashable, Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -152,12 +153,28 @@ def validation_message(error: ValidationError) -> str:
     return f"{where}: {first['msg']}" if where else first["msg"]
 
 
+# Plain scalars read by YAML 1.2's core schema, not PyYAML's YAML 1.1 rules: under 1.1 `1e-3` is a string (no dot),
+# `010` is octal 8, `1:30` is 90 (base 60) and `yes`/`off` are booleans; here numbers are decimal, `0x10`/`1:30` stay
+# strings (which a numeric field then refuses), and only true/false are booleans.
+INT_TAG, FLOAT_TAG, BOOL_TAG = (f"tag:yaml.org,2002:{kind}" for kind in ("int", "float", "bool"))
+CORE_INT = re.compile(r"^[-+]?[0-9]+$")
+CORE_FLOAT = re.compile(
+    r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+)
+CORE_BOOL = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
+
+
 class _BoundedLoader(yaml.SafeLoader):
-    """safe_load without aliases and with bounded nesting. An alias is a reference, so nine lines of them expand
-    to 9**9 items when the config is validated or printed ("billion laughs"); okdpipe's configs never need one,
-    nor more than a few levels of nesting (deep nesting exhausts the recursion of every later reader)."""
+    """safe_load without aliases and with bounded nesting, reading numbers and booleans as YAML 1.2 does (above).
+    An alias is a reference, so nine lines of them expand to 9**9 items when the config is validated or printed
+    ("billion laughs"); okdpipe's configs never need one, nor more than a few levels of nesting (deep nesting
+    exhausts the recursion of every later reader)."""
 
     depth = 0
+    yaml_implicit_resolvers = {
+        first: [(tag, pattern) for tag, pattern in resolvers if tag not in (INT_TAG, FLOAT_TAG, BOOL_TAG)]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
 
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
@@ -183,6 +200,19 @@ class _BoundedLoader(yaml.SafeLoader):
                 raise yaml.YAMLError(f"key {key!r} is given twice (line {key_node.start_mark.line + 1}); keep one")
             seen.add(key)
         return super().construct_mapping(node, deep)
+
+
+def _decimal_int(loader: yaml.SafeLoader, node: yaml.Node) -> int:
+    text = loader.construct_scalar(node)
+    if not CORE_INT.match(text):  # an explicit `!!int 0x10` is still refused
+        raise yaml.YAMLError(f"{text!r} is not a decimal integer (line {node.start_mark.line + 1})")
+    return int(text)
+
+
+_BoundedLoader.add_implicit_resolver(BOOL_TAG, CORE_BOOL, list("tTfF"))
+_BoundedLoader.add_implicit_resolver(INT_TAG, CORE_INT, list("-+0123456789"))  # before float: `1` is an int
+_BoundedLoader.add_implicit_resolver(FLOAT_TAG, CORE_FLOAT, list("-+.0123456789"))
+_BoundedLoader.add_constructor(INT_TAG, _decimal_int)
 
 
 def parse_yaml(text: str, where: str) -> Any:

@@ -2,7 +2,7 @@ import time
 
 import pytest
 
-from okdpipe.config import DistillConfig, build_config, parse_set, read_yaml, with_method_defaults
+from okdpipe.config import DistillConfig, build_config, parse_set, parse_yaml, read_yaml, with_method_defaults
 from okdpipe.distill.trainer import check_config
 from okdpipe.errors import OkdpipeError
 
@@ -136,6 +136,34 @@ def test_config_values_are_not_coerced_across_types(tmp_path, text, fragment):
     with pytest.raises(OkdpipeError) as err:
         check_config(build_config(read_yaml(path), {}, []))
     assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("lr: 1e-3", {"lr": 0.001}),  # YAML 1.1 (PyYAML's default) reads this as the string '1e-3'
+        ("lr: 5.0e-4", {"lr": 0.0005}),
+        ("lr: .5", {"lr": 0.5}),
+        ("seed: 010", {"seed": 10}),  # octal 8 under YAML 1.1
+        ("epochs: 1:30", {"epochs": "1:30"}),  # 90 (base 60) under YAML 1.1; a string a numeric field refuses
+        ("epochs: 0x10", {"epochs": "0x10"}),
+        ("fused: yes", {"fused": "yes"}),  # a boolean under YAML 1.1; only true/false are, as in YAML 1.2
+        ("fused: false", {"fused": False}),
+        ("x: [-2, +3e2, .inf]", {"x": [-2, 300.0, float("inf")]}),
+    ],
+)
+def test_plain_scalars_are_read_by_yaml_1_2_rules(text, expected):
+    assert parse_yaml(text, "c.yaml") == expected
+
+
+def test_a_config_with_scientific_notation_and_a_leading_zero_resolves_as_written(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 1e-3\nseed: 010\nepochs: 1:30\n")
+    with pytest.raises(OkdpipeError, match="epochs: Input should be a valid integer"):
+        build_config(read_yaml(path), {}, [])
+    path.write_text("lr: 1e-3\nseed: 010\n")
+    cfg = build_config(read_yaml(path), {}, ["weight_decay=1e-4"])
+    assert (cfg.lr, cfg.seed, cfg.weight_decay) == (0.001, 10, 0.0001)
 
 
 def test_a_folder_is_not_a_config_file(tmp_path):
