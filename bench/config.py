@@ -46,8 +46,8 @@ class BenchConfig(StageConfig):
     def _parse_batch_sizes(cls, value: Any) -> Any:
         """'1,8,64' (a flag) or [1, 8, 64] (YAML); each in 1..65536, duplicates dropped."""
         if isinstance(value, str):
-            parts = [part.strip() for part in value.split(",") if part.strip()]
-            if not parts or not all(part.isascii() and part.isdigit() for part in parts):
+            parts = [part.strip() for part in value.split(",")]
+            if not all(part.isascii() and part.isdigit() for part in parts):
                 raise ValueError(f"{value!r}: expected comma-separated positive integers, e.g. 1,8,64")
             value = [int(part) for part in parts]
         if isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):

@@ -225,7 +225,8 @@ def evaluate_one(gate: Gate, target: Entry, baseline: BenchReport | None) -> Gat
     threshold = gate.threshold(reference)
     if not (is_finite(value) and is_finite(threshold)):
         detail = f"{gate.label} is {fmt(value)} against {fmt(threshold)}: not a finite number, so it fails"
-        return GateResult(gate.expression, gate.label, value, threshold, False, detail, target.name, gate.name)
+        recorded = [number if is_finite(number) else None for number in (value, threshold)]  # JSON has no NaN
+        return GateResult(gate.expression, gate.label, *recorded, False, detail, target.name, gate.name)
     passed = OPERATORS[gate.op](value, threshold)
     return GateResult(
         gate.expression,

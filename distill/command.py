@@ -101,7 +101,6 @@ def distill_command(
     Exit code: 0 trained; 1 training diverged (a NaN/inf loss or weight; the last good checkpoint is kept);
     2 bad input (flags, config, data, a damaged or busy run directory, an output that cannot be written)."""
     from okdpipe.config import build_config, dump_yaml, read_yaml
-    from okdpipe.errors import OkdpipeError
 
     flags = dict(
         method=method,
@@ -138,8 +137,10 @@ def distill_command(
         check_config(cfg)  # what training would refuse before reading data is refused here too
         typer.echo(dump_yaml(with_method_defaults_of(cfg)), nl=False)
         return
-    if cfg.init and not resume and not Path(cfg.init).is_file():
-        raise OkdpipeError(f"--init {cfg.init}: no such file; pass the path of a local weights file")
+    if cfg.init and not resume:
+        from okdpipe.distill.init_weights import check_weights_file
+
+        check_weights_file(cfg.init)
     archs = cfg.arch.replace(":", "-").replace(",", "+")  # one per student: resnet8+mobilenetv2
     run_dir = out or Path("runs") / f"{cfg.method}-{archs}-{cfg.dataset}-s{cfg.seed}"
     run(cfg, run_dir, resume)

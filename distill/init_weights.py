@@ -40,12 +40,20 @@ WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "state_dict_ema", "mo
 SHOWN = 5  # names of each kind listed in the report
 
 
+def check_weights_file(path: str | Path) -> Path:
+    """`path` as a regular file, or one line saying what it is instead (missing, a folder, a pipe or device)."""
+    path = Path(path)
+    if not path.exists():
+        raise OkdpipeError(f"--init {path}: no such file; pass the path of a local weights file")
+    if not path.is_file():
+        raise OkdpipeError(f"--init {path}: not a regular file (a folder, pipe or device); pass a weights file")
+    return path
+
+
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str, str]:
     """The tensors of a weights file by name, what kind of file it was, and the architecture when the file
     names it (an okdpipe MODEL.pt; "" otherwise)."""
-    path = Path(path)
-    if not path.is_file():
-        raise OkdpipeError(f"--init {path}: no such file; pass the path of a local weights file")
+    path = check_weights_file(path)
     if path.suffix == ".safetensors":
         return _read_safetensors(path), "safetensors", ""
     try:

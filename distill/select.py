@@ -17,6 +17,7 @@ import export), and the choice ranks that figure; selection.json records both pr
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Protocol
@@ -31,8 +32,8 @@ from okdpipe.distill.methods import Candidate
 from okdpipe.distill.models import count_macs
 from okdpipe.distill.trackers import log_selection
 from okdpipe.errors import OkdpipeError
-from okdpipe.files import atomic_write_json, file_sha256
-from okdpipe.modelfile import ModelInfo, save_model_file
+from okdpipe.files import atomic_write_files, file_sha256, json_text
+from okdpipe.modelfile import ModelInfo, model_file_bytes
 from okdpipe.run import now_iso
 
 STRATEGIES = "auto, best, leader, mean-teacher, hybrid, soup, student:N, or a candidate's name"
@@ -263,10 +264,10 @@ def select(
     chosen = choose(scored, strategy, session.method.ships)
     ensemble = session.ensemble_row()
     out = out or session.run.root / "model.pt"
-    sha = save_model_file(chosen.model.cpu(), model_info(session, chosen), out)
+    model_bytes = model_file_bytes(chosen.model.cpu(), model_info(session, chosen), out)
+    sha = hashlib.sha256(model_bytes).hexdigest()
     rows = [dict(s.row(), chosen=s is chosen) for s in scored if s.refused is None]
-    atomic_write_json(
-        session.run.root / "selection.json",
+    selection = json_text(
         {
             "created": now_iso(),
             "strategy": strategy,
@@ -282,7 +283,10 @@ def select(
             "refused": [{"candidate": s.name, "reason": s.refused} for s in scored if s.refused],
             "ensemble": ensemble,
         },
+        "selection.json",
     )
+    # together or not at all: a full disk never leaves a new MODEL.pt beside an old selection.json
+    atomic_write_files({Path(out): model_bytes, session.run.root / "selection.json": selection.encode()})
     session.run.update_manifest(
         selection={
             "strategy": strategy,

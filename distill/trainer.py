@@ -516,7 +516,10 @@ def fit_locked(cfg: DistillConfig, run: RunDir, resume: bool, stop_after_steps: 
     if has_checkpoint(run) and not resume:
         raise OkdpipeError(f"{run.root} already holds a run; pass --resume to continue it or choose another --out")
     if resume and not has_checkpoint(run):
-        raise OkdpipeError(f"--resume: {run.root} has no checkpoint to resume from")
+        raise OkdpipeError(
+            f"--resume: {run.root} has no checkpoint to resume from (none is written before the first epoch ends); "
+            "run the same command without --resume"
+        )
     if distributed.needs_launch(cfg.nproc_per_node):
         return distributed.launch(
             fit,

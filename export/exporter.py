@@ -62,6 +62,7 @@ def export_model(model_path: str | os.PathLike, out_dir: str | os.PathLike, conf
     check_finite_weights(model, model_path)
     source = recorded_source(info, model_path).with_data_dir(config.data_dir)
     bundle = source.load()
+    check_fits_dataset(info, bundle.spec, model_path)
     if len(bundle.val) == 0:
         raise OkdpipeError(
             f"dataset {source.dataset!r} has an empty validation split; export needs one to check "
@@ -93,6 +94,18 @@ def export_model(model_path: str | os.PathLike, out_dir: str | os.PathLike, conf
             if created:  # a failed or interrupted export into a new OUT leaves no folder holding only its lock
                 shutil.rmtree(out_dir, ignore_errors=True)
             raise
+
+
+def check_fits_dataset(info: ModelInfo, spec, where: object) -> None:
+    """The model file's input and classes must be its dataset's: parity and accuracy run the dataset's images."""
+    recorded = (info.in_channels, *info.input_size, info.num_classes)
+    actual = (spec.in_channels, *spec.input_size, spec.num_classes)
+    if recorded != actual:
+        shape = "{}x{}x{} inputs and {} classes"
+        raise OkdpipeError(
+            f"{where}: the model file says {shape.format(*recorded)}, its dataset {spec.name!r} gives "
+            f"{shape.format(*actual)}; create the file again with `okdpipe select RUN_DIR`"
+        )
 
 
 def recorded_source(info: ModelInfo, where: object) -> DataSource:

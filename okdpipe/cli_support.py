@@ -12,14 +12,22 @@ import typer
 from okdpipe.errors import OkdpipeError
 from okdpipe.files import disk_error
 
+TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # a stop request; a closed terminal or ssh session
+
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that every `finally` and `with` unwinds: staging folders
-    are removed, locks released, nothing half-written is published."""
+    """SIGTERM or SIGHUP, raised like Ctrl-C's KeyboardInterrupt so that every `finally` and `with` unwinds: staging
+    folders are removed, locks released, nothing half-written is published. Exit 128 + the signal's number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _raise_terminated(signum, frame) -> None:
-    raise Terminated()
+    for sig in TERMINATING_SIGNALS:  # unwind once: a second signal must not interrupt the clean-up itself
+        signal.signal(sig, signal.SIG_IGN)
+    raise Terminated(signum)
 
 
 def friendly_errors(command: Callable) -> Callable:
@@ -30,14 +38,16 @@ def friendly_errors(command: Callable) -> Callable:
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, _raise_terminated)  # serve installs its own while it serves
+            for sig in TERMINATING_SIGNALS:  # serve installs its own while it serves
+                signal.signal(sig, _raise_terminated)
         try:
             return command(*args, **kwargs)
         except OkdpipeError as exc:
             fail(one_line(exc), exc.exit_code)
-        except KeyboardInterrupt as exc:
-            terminated = isinstance(exc, Terminated)
-            fail(f"interrupted ({'SIGTERM' if terminated else 'Ctrl-C'})", 143 if terminated else 130)
+        except Terminated as exc:
+            fail(f"interrupted ({signal.Signals(exc.signum).name})", 128 + exc.signum)
+        except KeyboardInterrupt:
+            fail("interrupted (Ctrl-C)", 130)
         except Exception as exc:
             full = disk_error(exc)
             if full is None:

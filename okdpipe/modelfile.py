@@ -29,7 +29,7 @@ from okdpipe.contracts import inputs
 from okdpipe.contracts.card import PIXEL_SCALE
 from okdpipe.contracts.versioned import FileFormat
 from okdpipe.errors import OkdpipeError
-from okdpipe.files import atomic_write, file_sha256
+from okdpipe.files import atomic_write
 
 MODEL_FILE = FileFormat("okdpipe-model", 1, "model file", "create it again with `okdpipe select RUN_DIR`")
 
@@ -79,8 +79,20 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
 def save_model_file(model, info: ModelInfo, path: str | os.PathLike) -> str:
     """Save `model` (a plain network from the backbone registry) with `info`; returns the file's sha256.
-    Refused, writing nothing, when a field is invalid or a weight is not finite. The plug-in or library that
-    built the architecture (`model.arch_source`) is recorded so a reader without it gets a one-line error."""
+    Refused, writing nothing, when a field is invalid or a weight is not finite (see model_file_bytes)."""
+    data = model_file_bytes(model, info, path)
+    atomic_write(path, lambda handle: handle.write(data))
+    return hashlib.sha256(data).hexdigest()
+
+
+def model_file_bytes(model, info: ModelInfo, path: str | os.PathLike) -> bytes:
+    """The bytes of `model`'s MODEL.pt (`path` names it in errors), for a caller that writes it together with
+    other files. The plug-in or library that built the architecture (`model.arch_source`) is recorded so a
+    reader without it gets a one-line error."""
+    import io
+
+    import torch
+
     check_info(info, path)
     source = dict(info.arch_source or getattr(model, "arch_source", {}) or {})
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -107,8 +119,9 @@ def save_model_file(model, info: ModelInfo, path: str | os.PathLike) -> str:
         "weights_sha256": weights_sha256(state),
         "state_dict": state,
     }
-    atomic_torch_save(payload, path)
-    return file_sha256(path)
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return buffer.getvalue()
 
 
 def read_model_file(path: str | os.PathLike) -> tuple[dict, ModelInfo]:
@@ -125,12 +138,19 @@ def read_model_file(path: str | os.PathLike) -> tuple[dict, ModelInfo]:
         raise OkdpipeError(f"{path}: not a readable okdpipe model file ({reason})") from None
     MODEL_FILE.check(payload, path)
     state = payload.get("state_dict")
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise OkdpipeError(f"{path}: the model file holds no state_dict of tensors; {MODEL_FILE.fix}")
+    if not isinstance(state, dict) or not state or not all(_is_dense_tensor(v) for v in state.values()):
+        raise OkdpipeError(f"{path}: the model file holds no state_dict of dense tensors; {MODEL_FILE.fix}")
     if weights_sha256(state) != payload.get("weights_sha256"):
         raise OkdpipeError(f"{path}: weights do not match their recorded sha256; the file is corrupt")
     info = info_from_payload(payload, path)
     return state, info
+
+
+def _is_dense_tensor(value: Any) -> bool:
+    """A plain (strided) tensor: what a network's state dict holds; a sparse one cannot even be hashed."""
+    import torch
+
+    return isinstance(value, torch.Tensor) and value.layout == torch.strided
 
 
 def info_from_payload(payload: dict, where: object) -> ModelInfo:

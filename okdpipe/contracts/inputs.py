@@ -8,6 +8,7 @@ Each check returns the problem as text, or None; the callers add where and how t
 from __future__ import annotations
 
 import math
+import unicodedata
 from typing import Any
 
 MAX_CHANNELS = 64  # multispectral stacks at most; an image has 1, 3 or 4
@@ -25,7 +26,14 @@ def is_int(value: Any) -> bool:
 
 
 def is_finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A real number a float holds finitely (a bool is not one; nor is a JSON integer of 400 digits, which
+    math.isfinite cannot even convert)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def input_shape_problem(channels: Any, height: Any, width: Any) -> str | None:
@@ -60,8 +68,10 @@ def normalisation_problem(scale: Any, mean: Any, std: Any, channels: int) -> str
         return f"std {list(std)} must have std > 0 for every channel, and within float32 range"
     if any(abs(m) > FLOAT32_MAX for m in mean):
         return f"mean {list(mean)} is beyond float32's range"
-    largest = (MAX_PIXEL * scale + max(abs(m) for m in mean)) / min(std)
-    if largest > FLOAT32_MAX:
+    # each float32 step of normalise(): pixel * scale, then minus mean, then divided by std
+    steps = (MAX_PIXEL * scale, MAX_PIXEL * scale + max(abs(m) for m in mean))
+    largest = steps[1] / min(std)
+    if max(*steps, largest) > FLOAT32_MAX:
         return f"scale {scale:g}, mean and std {list(std)} overflow float32 for some pixel values"
     return None
 
@@ -76,9 +86,11 @@ def labels_problem(labels: Any, num_classes: int) -> str | None:
     if bad is not None:
         return f"label {bad[:40]!r} must be printable text of 1 to {MAX_LABEL_CHARS} characters"
     seen: set[str] = set()
-    duplicate = next((label for label in labels if label in seen or seen.add(label)), None)
-    if duplicate is not None:
-        return f"label {duplicate!r} names two classes; every class needs its own label"
+    for label in labels:  # "é" composed or decomposed, "Shirt" and "Shirt ": one name to a reader
+        key = unicodedata.normalize("NFC", label.strip())
+        if key in seen:
+            return f"label {label!r} names two classes (once written another way); every class needs its own label"
+        seen.add(key)
     return None
 
 

@@ -21,11 +21,11 @@ Every key is always present, null where not measured. Latency keys are strings i
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from okdpipe.contracts.inputs import is_finite_number
 from okdpipe.contracts.versioned import FileFormat
 from okdpipe.errors import OkdpipeError
 from okdpipe.files import loads_finite, read_user_file
@@ -40,6 +40,7 @@ REPORT = FileFormat(
 )
 KINDS = ("onnx", "pytorch", "ensemble")
 MAX_REPORT_BYTES = 64 << 20  # a report is kilobytes; many entries with their sensitivity tables stay far below
+MAX_FIGURE = 1e9  # a latency of 11 days in ms, a billion images per second: beyond any real measurement
 
 
 @dataclass
@@ -116,8 +117,8 @@ class GateResult:
 
     expression: str
     metric: str
-    value: float
-    threshold: float
+    value: float | None  # None: the metric or threshold was not a finite number (such a gate fails)
+    threshold: float | None
     passed: bool
     detail: str
     artifact: str = ""
@@ -205,8 +206,8 @@ def entry_problem(entry: Entry) -> str | None:
         if not (_count(point.batch_size) and point.batch_size == batch > 0 and _count(point.runs) and point.runs > 0):
             return f"{where}: latency at batch {batch} has batch_size {point.batch_size!r} and runs {point.runs!r}"
         timings = [v for k, v in asdict(point).items() if k not in ("batch_size", "runs") and v is not None]
-        if not all(_within(v, 0, math.inf) for v in timings):
-            return f"{where}: latency at batch {batch} holds a negative or non-numeric figure"
+        if not all(_within(v, 0, MAX_FIGURE) for v in timings):
+            return f"{where}: latency at batch {batch} holds a negative, huge or non-numeric figure"
     for key, value in (("params", entry.params), ("macs", entry.macs)):
         if value is not None and not (_count(value) and value >= 0):
             return f"{where}: {key} {value!r} is not a count"
@@ -226,4 +227,4 @@ def _within(value: Any, low: float, high: float) -> bool:
 
 def is_finite(value: Any) -> bool:
     """A real, finite number (a bool is not one): what a gate may compare and a report may record as measured."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return is_finite_number(value)

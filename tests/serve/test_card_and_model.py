@@ -108,6 +108,12 @@ def test_card_reads_what_serving_needs(artifact_dir):
         ),
         (lambda d: _edit_card(d, labels=["a"] * 9 + [""]), "label '' must be printable text"),
         (lambda d: _edit_card(d, labels=["a", "a", *"cdefghij"]), "label 'a' names two classes"),
+        (
+            lambda d: _edit_card(
+                d, preprocess={"size": [28, 28], "channels": 1, "mean": [0], "std": [1e38], "scale": 1e38}
+            ),
+            "overflow float32",  # x = (255 * 1e38 - 0) / 1e38 is 255, but 255 * 1e38 is inf in float32
+        ),
         (lambda d: _edit_card(d, labels=[*"abcdefghi", "x\ny"]), "must be printable text"),
     ],
 )

@@ -166,6 +166,7 @@ def rewrite(model_file: Path, target: Path, change) -> Path:
         ("format_version 99", lambda p: p.__setitem__("format_version", 99)),
         ("no state_dict", lambda p: p.pop("state_dict")),
         ("no hash", lambda p: p.pop("weights_sha256")),
+        ("a sparse weight", lambda p: p["state_dict"].__setitem__("classifier.weight", torch.eye(4).to_sparse())),
     ],
 )
 def test_a_missing_or_mistyped_field_is_one_line(model_file, tmp_path, case, change):
@@ -197,6 +198,9 @@ def test_save_model_file_refuses_nan_and_inf_weights(tmp_path):
         (dict(std=(0.2, 1e-300, 0.2)), "std > 0"),
         (dict(labels=("a", "b")), "labels must be 4 strings"),
         (dict(labels=("a", "b", "c", "a")), "label 'a' names two classes"),
+        (dict(labels=("a", "b", "Shirt", "Shirt ")), "label 'Shirt ' names two classes (once written another way)"),
+        (dict(labels=("a", "b", "caf\u00e9", "cafe\u0301")), "names two classes (once written another way)"),
+        (dict(std=(3.0e35,) * 3), None),  # 255 / 3e35 is tiny but finite: accepted
         (dict(labels=("a", "b", "c", " ")), "must be printable text"),
         (dict(num_classes=1), "num_classes 1"),
         (dict(mean=(0.5, 0.5)), "mean lists 2 values"),
@@ -206,6 +210,9 @@ def test_save_model_file_refuses_nan_and_inf_weights(tmp_path):
 )
 def test_save_model_file_refuses_invalid_info(tmp_path, change, message):
     info = model_info(**change)
+    if message is None:
+        save_model_file(create_model("resnet8", 4, 3), info, tmp_path / "ok.pt")
+        return
     with pytest.raises(OkdpipeError, match=re.escape(message)):
         save_model_file(create_model("resnet8", 4, 3), info, tmp_path / "bad.pt")
     assert not (tmp_path / "bad.pt").exists()
@@ -465,3 +472,18 @@ def test_a_non_finite_accuracy_drop_is_a_failure_not_a_pass(monkeypatch, fp32_to
     )
     with pytest.raises(GateFailed, match="loses nan points"):
         exporter.accuracy_with_drop(ctx, predict=None, precision="fp16")
+
+
+@pytest.mark.parametrize(
+    ("changes", "says"),
+    [
+        ({"input_size": [32, 32]}, "says 3x32x32 inputs and 4 classes"),
+        ({"input_size": [16, 8]}, "says 3x16x8 inputs and 4 classes"),  # weights fit any size: only this check
+    ],
+)
+def test_a_model_file_that_does_not_fit_its_dataset_is_one_line(model_file, tmp_path, changes, says):
+    path = rewrite(model_file, tmp_path / "misfit.pt", lambda payload: payload.update(changes))
+    result = export_cli(path, "--out", tmp_path / "out", "--opset", "13")
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: ") and says in result.output and "Traceback" not in result.output
+    assert "gives 3x16x16 inputs and 4 classes" in result.output and not (tmp_path / "out").exists()

@@ -93,11 +93,12 @@ def run_command(body) -> tuple[int, str, list[str]]:
 
     app = typer.Typer()
     app.command()(friendly_errors(command))
-    previous = signal.getsignal(signal.SIGTERM)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         result = CliRunner().invoke(app, [])
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return result.exit_code, result.output, events
 
 
@@ -121,7 +122,10 @@ def test_a_bug_keeps_its_traceback():
     assert code == 1  # CliRunner caught the ZeroDivisionError itself: it was not turned into a user error
 
 
-@pytest.mark.parametrize(("sig", "code", "message"), [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "Ctrl-C")])
+@pytest.mark.parametrize(
+    ("sig", "code", "message"),
+    [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGHUP, 129, "SIGHUP"), (signal.SIGINT, 130, "Ctrl-C")],
+)
 def test_signals_unwind_then_exit_with_error_line(sig, code, message):
     def body():
         os.kill(os.getpid(), sig)
@@ -131,3 +135,19 @@ def test_signals_unwind_then_exit_with_error_line(sig, code, message):
     got_code, output, events = run_command(body)
     assert (got_code, output) == (code, f"error: interrupted ({message})\n")
     assert events == ["unwound"]
+
+
+def test_a_second_sigterm_does_not_interrupt_the_clean_up():
+    cleaned: list[str] = []
+
+    def body():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)  # impatient: a second stop request while unwinding
+            time.sleep(0.05)
+            cleaned.append("staging removed")
+
+    code, output, events = run_command(body)
+    assert (code, output, cleaned, events) == (143, "error: interrupted (SIGTERM)\n", ["staging removed"], ["unwound"])
