@@ -34,7 +34,7 @@ from okdpipe.export.exporter import check_finite_weights
 from okdpipe.run import RunDir
 from okdpipe.scoring import TopK, score
 from okdpipe.serve.config import ServeConfig
-from okdpipe.stage_config import StageConfig
+from okdpipe.stage_config import StageConfig, resolve
 
 NON_FINITE = [float("nan"), float("inf"), -float("inf")]
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -163,6 +163,12 @@ def test_stage_configs_refuse_inf_and_nan(cls, field, bad):
 def test_an_unbounded_stage_float_names_the_finite_rule():
     with pytest.raises(ValidationError, match="finite number"):
         UnboundedFloat(value=float("inf"))
+
+
+def test_an_inf_flag_is_a_one_line_error_naming_the_flag():
+    with pytest.raises(OkdpipeError, match="^--max-accuracy-drop inf: ") as err:
+        resolve(ExportConfig, None, {"max_accuracy_drop": float("inf")})
+    assert "\n" not in str(err.value)
 
 
 # ---------------------------------------------------------------- plant 6: input contract bounds, at the boundary
