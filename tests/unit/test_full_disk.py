@@ -93,7 +93,9 @@ def run_command(body) -> tuple[int, str, list[str]]:
 
     app = typer.Typer()
     app.command()(friendly_errors(command))
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
+    # Python's Ctrl-C handler, as in a terminal: a job started in the background by a script ignores SIGINT
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         result = CliRunner().invoke(app, [])
     finally:
