@@ -154,6 +154,11 @@ def read_run(path: Path) -> RunHistory:
         raise OkdpipeError(f"{path}: not a run directory (no metrics.jsonl or manifest.json); give a distill --out")
     steps, epochs, skipped = read_metrics(run.metrics_path)
     manifest = run.read_manifest() if run.manifest_path.is_file() else {}
+    if manifest.get("status") == "finished" and not epochs:  # a finished run logged every epoch: damaged
+        raise OkdpipeError(
+            f"{run.metrics_path}: the run finished but no epoch line can be read ({skipped} lines skipped); "
+            "the metrics file is damaged or replaced"
+        )
     return RunHistory(
         name=path.resolve().name,
         root=path,

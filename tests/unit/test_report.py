@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from okdpipe.errors import OkdpipeError
 from okdpipe.report.build import write_report
 from okdpipe.report.runs import read_run
 
@@ -139,8 +140,17 @@ def test_several_runs_are_overlaid_and_tabled_side_by_side(tmp_path, finished, t
 def test_non_finite_and_foreign_lines_are_skipped_not_plotted(tmp_path):
     lines = [step(4, 2.0, 0.1), '{"kind": "step", "epoch": 1, "step": 8, "lr": NaN, "loss": 1.0}\n', "[1, 2]\n"]
     lines += [{"kind": "epoch", "epoch": 1, "val": {"student:0": {"top1": 1e400}}}]  # 1e400 parses as inf
-    run = read_run(write_run(tmp_path / "r", lines))
+    run = read_run(write_run(tmp_path / "r", lines, status="training"))
     assert [s["step"] for s in run.steps] == [4] and run.epochs == [] and run.skipped_lines == 3
+
+
+@pytest.mark.parametrize("text", ["", "[]\n", "\x00\xff garbage\n", '{"kind": "step", "step": 4}\n'])
+def test_a_finished_run_without_one_readable_epoch_line_is_damaged(tmp_path, text):
+    root = write_run(tmp_path / "r", [text])
+    with pytest.raises(OkdpipeError, match="the run finished but no epoch line can be read"):
+        read_run(root)
+    done = okdpipe("report", root, "--out", tmp_path / "out")
+    assert done.returncode == 2 and done.stderr.startswith("error: ") and "Traceback" not in done.stderr
 
 
 def okdpipe(*args):
@@ -172,8 +182,6 @@ def test_cli_writes_the_report_and_refuses_a_folder_that_is_not_a_run(tmp_path, 
     ],
 )
 def test_a_selection_that_parses_but_is_damaged_is_one_line(tmp_path, damage, fragment):
-    from okdpipe.errors import OkdpipeError
-
     run = write_run(tmp_path / "run", [epoch(1, 0.5, 0.6, 0.7)], selection={**SELECTION, **damage})
     with pytest.raises(OkdpipeError, match=f"damaged selection .*{re.escape(fragment)}"):
         read_run(run)
