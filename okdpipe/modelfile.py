@@ -65,8 +65,8 @@ def weights_sha256(state_dict: dict) -> str:
     return digest.hexdigest()
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save, atomically. It serialises to memory first: writing to a file itself, torch wraps a full disk's
+def torch_bytes(obj: Any) -> bytes:
+    """What torch.save writes for `obj`, serialised in memory: writing to a file itself, torch wraps a full disk's
     OSError in a RuntimeError, which would be a traceback instead of one line."""
     import io
 
@@ -74,7 +74,12 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    atomic_write(path, lambda handle: handle.write(buffer.getbuffer()))
+    return buffer.getvalue()
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    data = torch_bytes(obj)
+    atomic_write(path, lambda handle: handle.write(data))
 
 
 def save_model_file(model, info: ModelInfo, path: str | os.PathLike) -> str:
@@ -89,10 +94,6 @@ def model_file_bytes(model, info: ModelInfo, path: str | os.PathLike) -> bytes:
     """The bytes of `model`'s MODEL.pt (`path` names it in errors), for a caller that writes it together with
     other files. The plug-in or library that built the architecture (`model.arch_source`) is recorded so a
     reader without it gets a one-line error."""
-    import io
-
-    import torch
-
     check_info(info, path)
     source = dict(info.arch_source or getattr(model, "arch_source", {}) or {})
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -119,9 +120,7 @@ def model_file_bytes(model, info: ModelInfo, path: str | os.PathLike) -> bytes:
         "weights_sha256": weights_sha256(state),
         "state_dict": state,
     }
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    return buffer.getvalue()
+    return torch_bytes(payload)
 
 
 def read_model_file(path: str | os.PathLike) -> tuple[dict, ModelInfo]:

@@ -25,7 +25,9 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from okdpipe.contracts.inputs import is_finite_number
+# what a gate may compare and a report record as measured: a real, finite number (a bool is not one)
+from okdpipe.contracts.inputs import is_finite_number as is_finite
+from okdpipe.contracts.inputs import is_int
 from okdpipe.contracts.versioned import FileFormat
 from okdpipe.errors import OkdpipeError
 from okdpipe.files import loads_finite, read_user_file
@@ -197,19 +199,19 @@ def entry_problem(entry: Entry) -> str | None:
         return f"{where}: kind {entry.kind!r} is not one of {', '.join(KINDS)}"
     accuracy = entry.accuracy
     if accuracy is not None and not (
-        _count(accuracy.samples)
+        is_int(accuracy.samples)
         and accuracy.samples > 0
         and all(_within(v, 0, 1) for v in (accuracy.top1, accuracy.top5))
     ):
         return f"{where}: accuracy {asdict(accuracy)} is not top-1/top-5 in [0, 1] over a positive sample count"
     for batch, point in entry.latency.items():
-        if not (_count(point.batch_size) and point.batch_size == batch > 0 and _count(point.runs) and point.runs > 0):
+        if not (is_int(point.batch_size) and point.batch_size == batch > 0 and is_int(point.runs) and point.runs > 0):
             return f"{where}: latency at batch {batch} has batch_size {point.batch_size!r} and runs {point.runs!r}"
         timings = [v for k, v in asdict(point).items() if k not in ("batch_size", "runs") and v is not None]
         if not all(_within(v, 0, MAX_FIGURE) for v in timings):
             return f"{where}: latency at batch {batch} holds a negative, huge or non-numeric figure"
     for key, value in (("params", entry.params), ("macs", entry.macs)):
-        if value is not None and not (_count(value) and value >= 0):
+        if value is not None and not (is_int(value) and value >= 0):
             return f"{where}: {key} {value!r} is not a count"
     for key, value in (("start_ms", entry.start_ms), ("memory.peak_rss_delta_mb", entry.memory.peak_rss_delta_mb)):
         if value is not None and not is_finite(value):
@@ -217,14 +219,5 @@ def entry_problem(entry: Entry) -> str | None:
     return None
 
 
-def _count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _within(value: Any, low: float, high: float) -> bool:
     return is_finite(value) and low <= value <= high
-
-
-def is_finite(value: Any) -> bool:
-    """A real, finite number (a bool is not one): what a gate may compare and a report may record as measured."""
-    return is_finite_number(value)
