@@ -1,5 +1,7 @@
 """Connection deadlines uvicorn does not have: a socket must deliver a complete request head within
-`--header-timeout-s` of connecting (or of its previous response), or it is closed.
+`--header-timeout-s` of connecting (or of its previous response), or it is closed. And a request h11 cannot
+parse (a non-ASCII byte in the target, a malformed header) is answered in JSON like every other error, not with
+uvicorn's text/plain 400.
 
 uvicorn only times out a keep-alive connection after a response; a socket that connects and sends nothing,
 or dribbles its headers a byte at a time (slowloris), would be held open forever. Body deadlines are the
@@ -9,6 +11,7 @@ app's (`Admission`, answered 408), since by then there is a request to answer.
 from __future__ import annotations
 
 import asyncio
+import json
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -40,6 +43,14 @@ class _HeadDeadlineProtocol(H11Protocol):
     def _arm_head_deadline(self) -> None:
         self._cancel_head_deadline()
         self._head_deadline = self.loop.call_later(self.head_timeout_s, self._close_if_stalled)
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's 400 for an unparseable request, with the JSON body {"error": ...} every other error has."""
+        body = json.dumps({"error": f"malformed HTTP request: {msg}"}).encode()
+        headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+        for event in (h11.Response(status_code=400, headers=headers), h11.Data(data=body), h11.EndOfMessage()):
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
 
     def _close_if_stalled(self) -> None:
         """Close quietly, as uvicorn's keep-alive timeout does, when the client still has not sent a request head

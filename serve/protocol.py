@@ -100,9 +100,19 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     return body[:length], body[length:]
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refusing a key given twice (json.loads would keep the last one silently)."""
+    value: dict[str, Any] = {}
+    for key, item in pairs:
+        if key in value:
+            raise ClientError(400, f"request JSON gives the key {key[:40]!r} more than once")
+        value[key] = item
+    return value
+
+
 def _parse_json_object(data: bytes) -> dict[str, Any]:
     try:
-        value = json.loads(data)
+        value = json.loads(data, object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ClientError(400, f"request body is not valid JSON: {error}") from None
     except RecursionError:
@@ -130,9 +140,9 @@ def _decode_input(tensor: dict[str, Any], binary: bytes, spec: ModelSpec) -> np.
     else:
         if binary:
             raise ClientError(400, "binary data follows the JSON header but no input declares binary_data_size")
-        flat = _json_values(tensor.get("data"), math.prod(shape))
-    with np.errstate(over="ignore"):  # FP64 beyond FP32's range becomes inf, rejected just below
-        images = flat.astype(np.float32, copy=False).reshape(shape)
+        flat = _json_values(tensor.get("data"), shape)
+    with np.errstate(over="ignore"):  # values beyond the datatype's or FP32's range become inf, rejected below
+        images = flat.astype(dtype, copy=False).astype(np.float32, copy=False).reshape(shape)
     if not np.isfinite(images).all():
         raise ClientError(400, "input contains NaN or infinite values (after conversion to FP32)")
     return images
@@ -164,19 +174,32 @@ def _binary_values(binary: bytes, size: Any, dtype: np.dtype, count: int) -> np.
     return np.frombuffer(binary, dtype=dtype)
 
 
-def _json_values(data: Any, count: int) -> np.ndarray:
+def _json_values(data: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """`data` flat (row-major) or nested exactly as `shape`; JSON numbers only (numpy would take "1.5" or true)."""
     if not isinstance(data, list):
         raise ClientError(400, "input needs 'data' (a flat or nested list) or parameters.binary_data_size")
     try:
-        values = np.asarray(data).reshape(-1)
+        values = np.asarray(data)
     except (ValueError, TypeError):
         values = None
-    # numpy would happily turn "1.5" or true into numbers; the protocol says FP32 data are JSON numbers.
-    if values is None or values.dtype.kind not in "iuf":
+    if values is None or values.dtype.kind not in "iuf" or _holds_bool(values, data):
         raise ClientError(400, "input 'data' must be a (nested) list of numbers with a regular shape")
-    if values.size != count:
-        raise ClientError(400, f"input 'data' has {values.size} values, the shape needs {count}")
-    return values
+    if values.ndim > 1 and values.shape != shape:
+        raise ClientError(
+            400,
+            f"input 'data' is nested as {list(values.shape)} but the shape is {list(shape)}; send it flat or "
+            "nested exactly as the shape",
+        )
+    if values.size != math.prod(shape):
+        raise ClientError(400, f"input 'data' has {values.size} values, the shape needs {math.prod(shape)}")
+    return values.reshape(-1)
+
+
+def _holds_bool(values: np.ndarray, data: list) -> bool:
+    """True when `data` mixes JSON true/false among numbers (numpy reads them as 1 and 0)."""
+    if values.ndim > 1:
+        return any(type(item) is bool for item in np.asarray(data, dtype=object).reshape(-1))
+    return any(type(item) is bool for item in data)
 
 
 def _requested_outputs(header: dict[str, Any], parameters: dict[str, Any]) -> list[RequestedOutput]:

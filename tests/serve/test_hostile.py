@@ -129,6 +129,23 @@ def test_binary_header_length_that_is_not_a_plain_integer_is_400(client, header_
     one_line_error(response, 400, "Inference-Header-Content-Length must be an integer")
 
 
+@pytest.mark.parametrize(
+    "request_line",
+    [
+        b"GET /v2/health/ready?x=\xff HTTP/1.1",  # a raw non-ASCII byte in the query
+        b"GET /v2/models/\xc3\xa9 HTTP/1.1",  # ... and in the path
+        b"GET /v2 /health HTTP/1.1",  # a space inside the target
+        b"GET /v2/health/ready HTTP/1.1\r\nno colon in this header",  # a malformed header line
+    ],
+)
+def test_requests_http_cannot_parse_get_a_json_400_and_the_server_keeps_serving(server, request_line):
+    sock = open_request(server.port, request_line + b"\r\nHost: x\r\n\r\n")
+    head, _, body = read_until_closed(sock).partition("\r\n\r\n")
+    assert head.startswith("HTTP/1.1 400") and "content-type: application/json" in head.lower()
+    assert strict_json(body)["error"].startswith("malformed HTTP request")
+    assert httpx.get(server.url + "/v2/health/live", timeout=5).status_code == 200
+
+
 def test_non_finite_outputs_are_a_clear_422_never_bare_nan(client):
     huge = np.full((2, 1, 28, 28), 3e38, np.float32)  # finite input; the convolution overflows to inf - inf = NaN
     huge[0] = 0.0

@@ -97,6 +97,20 @@ def test_binary_input_is_read_in_its_datatype_and_served_as_fp32(datatype):
         (_json_request([1, 2, 3, 4]), "abc", "must be an integer"),
         (b"[" * 100_000 + b"]" * 100_000, None, "nested too deeply"),
         (_json_request([1, 2, 3, 4]), "100000", "outside the body"),
+        # nesting must be flat or exactly the shape; JSON true/false are not numbers, even among numbers
+        (_json_request([[1, 2, 3, 4]]), None, "nested as [1, 4] but the shape is [1, 1, 2, 2]"),
+        (_json_request([[[1, 2]], [[3, 4]]]), None, "nested as [2, 1, 2] but the shape is [1, 1, 2, 2]"),
+        (_json_request([1, 2, True, 4]), None, "list of numbers"),
+        (_json_request([[[[1, 2], [False, 4]]]]), None, "list of numbers"),
+        # the declared datatype bounds JSON values as it bounds binary ones
+        (_json_request([1, 2, 3, 70000], datatype="FP16"), None, "NaN or infinite"),
+        (b'{"inputs": [], "inputs": []}', None, "gives the key 'inputs' more than once"),
+        (
+            b'{"inputs": [{"name": "input", "name": "x", "shape": [1, 1, 2, 2], "datatype": "FP32", '
+            b'"data": [1, 2, 3, 4]}]}',
+            None,
+            "gives the key 'name' more than once",
+        ),
     ],
 )
 def test_malformed_requests_are_400_with_a_reason(body, header_length, message):
