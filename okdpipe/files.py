@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -31,35 +32,59 @@ def _default_mode() -> int:
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
     """Call `write` on a temp file in the same directory, fsync, then rename: never a half-written file. A
     failure to write (disk full, read-only, permissions) is one OkdpipeError line, with the old file intact."""
-    path = Path(path)
-    tmp = _written_temp(path, write)
-    try:
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise _cannot_write(path, exc) from None
+    _replace_together({Path(path): write})
 
 
 def atomic_write_files(contents: dict[Path, bytes]) -> None:
     """Replace several files together (a report and its companions): every temp file is written and synced
     before the first rename, so a full disk leaves all the old files and none of the new."""
+    _replace_together({Path(path): lambda handle, data=data: handle.write(data) for path, data in contents.items()})
+
+
+def _replace_together(writers: dict[Path, Callable[[BinaryIO], None]]) -> None:
+    """Write every file to a synced temp, then rename them all. Any failure or interrupt removes the temps and
+    the folders this call created, so nothing is left half-written and no empty folder is left behind."""
+    created = _make_parents(list(writers))
     written: list[tuple[Path, Path]] = []
     try:
-        for path, data in contents.items():
-            written.append((_written_temp(Path(path), lambda handle, data=data: handle.write(data)), Path(path)))
+        for path, write in writers.items():
+            written.append((_written_temp(path, write), path))
         for tmp, path in written:
             os.replace(tmp, path)
-    except OSError as exc:
-        raise _cannot_write(path, exc) from None
-    finally:
+    except BaseException as exc:
         for tmp, _ in written:
             tmp.unlink(missing_ok=True)
+        _remove_empty(created)
+        if isinstance(exc, OSError):
+            raise _cannot_write(path, exc) from None
+        raise
+
+
+def _make_parents(paths: list[Path]) -> list[Path]:
+    """Create the folders `paths` need; returns those it created, deepest first, so that a failed write can
+    remove them again (an interrupted or failed report must not leave an empty folder behind)."""
+    created: list[Path] = []
+    for path in paths:
+        missing = [folder for folder in [path.parent, *path.parent.parents] if not folder.exists()]
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            _remove_empty(created)
+            raise OkdpipeError(f"{path}: cannot write ({exc.strerror or exc})") from None
+        created = missing + created
+    return created
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only ever removes an empty folder
 
 
 def _written_temp(path: Path, write: Callable[[BinaryIO], None]) -> Path:
-    """A synced temp file beside `path` holding what `write` wrote; nothing left behind when it fails."""
+    """A synced temp file beside `path` (whose folder exists) holding what `write` wrote; nothing left behind when
+    it fails."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as exc:
         raise OkdpipeError(f"{path}: cannot write ({exc.strerror or exc})") from None
@@ -174,13 +199,13 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 def check_can_write_file(path: str | os.PathLike, what: str) -> None:
     """Refuse, before minutes of work, an output file path that cannot be written: a folder, a path through a
-    file, or a read-only folder. The folder is created if missing (as the atomic write would)."""
+    file, or a read-only folder. Nothing is created here: the write creates missing folders (and removes them
+    again if it fails), so a refused or interrupted run leaves no empty folder behind."""
     path = Path(path)
     if path.is_dir():
         raise OkdpipeError(f"{what} {path} is a folder; pass a file path such as {path / 'report.json'}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OkdpipeError(f"{what} {path}: cannot create its folder ({exc.strerror or exc})") from None
-    if not os.access(path.parent, os.W_OK | os.X_OK):
-        raise OkdpipeError(f"{what} {path}: its folder is not writable; choose another path")
+    existing = next(folder for folder in [path.parent, *path.parent.parents] if folder.exists())
+    if not existing.is_dir():
+        raise OkdpipeError(f"{what} {path}: {existing} is a file, not a folder; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OkdpipeError(f"{what} {path}: {existing} is not writable; choose another path")

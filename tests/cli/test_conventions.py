@@ -283,7 +283,7 @@ MISTAKES = [
     (["bench", "A", *QUICK, "--gate", "top1 high"], "top1 high"),
     (["bench", "A", *QUICK, "--report", "T"], "is a folder"),
     (["bench", "A", *QUICK, "--report", "T/r.json", "--junit", "T"], "is a folder"),
-    (["bench", "A", *QUICK, "--report", "T/list.yaml/report.json"], "cannot create its folder"),
+    (["bench", "A", *QUICK, "--report", "T/list.yaml/report.json"], "is a file, not a folder"),
     (["select", "T", "--bn-batches", "0"], "bn"),
     (["select", "T", "--config", "@list"], "mapping"),
 ]

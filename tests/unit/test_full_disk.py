@@ -54,6 +54,32 @@ def test_several_files_are_replaced_all_or_none(tmp_path, disk_space):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "report.md", "report.png"]  # no temps
 
 
+@pytest.mark.parametrize("failure", ["full disk", "interrupt"])
+def test_a_failed_write_removes_the_folders_it_created_and_keeps_the_others(tmp_path, disk_space, monkeypatch, failure):
+    (tmp_path / "kept").mkdir()
+    new = {tmp_path / "kept" / "a" / "b" / "report.json": b"{}", tmp_path / "kept" / "c" / "report.md": b"# r"}
+    if failure == "full disk":
+        disk_space(3)
+        expected = pytest.raises(OkdpipeError, match="No space left on device")
+    else:
+        monkeypatch.setattr(files.os, "replace", lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+        expected = pytest.raises(KeyboardInterrupt)
+    with expected:
+        files.atomic_write_files(new)
+    assert [p.name for p in tmp_path.rglob("*")] == ["kept"]  # a/, a/b/ and c/ are gone; kept/ stays
+    with pytest.raises(KeyboardInterrupt if failure == "interrupt" else OkdpipeError):
+        files.atomic_write(tmp_path / "kept" / "d" / "model.json", lambda handle: handle.write(b"{}"))
+    assert [p.name for p in tmp_path.rglob("*")] == ["kept"]
+
+
+def test_checking_an_output_path_creates_nothing(tmp_path):
+    files.check_can_write_file(tmp_path / "new" / "deeper" / "report.json", "the json report")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(OkdpipeError, match="a-file is a file, not a folder"):
+        files.check_can_write_file(tmp_path / "a-file" / "sub" / "report.json", "the json report")
+
+
 def test_torch_save_on_a_full_disk_is_one_line_and_writes_nothing(tmp_path, disk_space):
     disk_space(100)
     with pytest.raises(OkdpipeError, match="MODEL.pt: cannot write \\(No space left on device\\)"):
