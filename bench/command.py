@@ -8,12 +8,15 @@ written before the exit, so CI can upload them whatever the verdict.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from okdpipe.bench.config import BenchConfig
-from okdpipe.stage_config import flag
+from okdpipe.stage_config import flag, resolve, show
+
+if TYPE_CHECKING:
+    from okdpipe.bench.gate import GatePlan
 
 
 def bench_command(
@@ -47,7 +50,6 @@ def bench_command(
 ) -> None:
     """Benchmark exported models (latency, throughput, memory, test accuracy) against PyTorch and the
     ensemble, write report.json/.md/.png, and fail (exit 1) when a deployment gate fails."""
-    from okdpipe.stage_config import resolve_or_show
 
     flags = dict(
         dataset=dataset,
@@ -63,30 +65,45 @@ def bench_command(
         gates=gate or None,
         plugins=plugin or None,
     )
-    cfg = resolve_or_show(BenchConfig, config, flags, dry_run)
-    if cfg is None:
+    cfg = resolve(BenchConfig, config, flags)
+    plan = check_inputs(cfg, artifacts, policy, baseline, report, junit)
+    if dry_run:
+        show(cfg)
         return
-    run(artifacts, cfg, policy=policy, baseline=baseline, report=report, junit=junit, json_output=json_output)
+    run(artifacts, cfg, plan, report=report, junit=junit, json_output=json_output)
 
 
-def run(
-    artifacts: list[Path],
+def check_inputs(
     cfg: BenchConfig,
-    *,
+    artifacts: list[Path],
     policy: Path | None,
     baseline: Path | None,
     report: Path,
     junit: Path | None,
-    json_output: bool,
-) -> None:
-    from okdpipe.bench.report import print_summary, report_paths, write_reports
-    from okdpipe.bench.run import bench
-    from okdpipe.console import QUIET, emit_json, say, verbosity
+) -> GatePlan:
+    """What bench refuses before timing anything (and `--dry-run` too): unreadable cards, gates, the policy file,
+    the baseline report, and report paths that cannot be written. Returns the gates, each file read once."""
+    from okdpipe.bench.gate import plan_gates
+    from okdpipe.bench.report import report_paths
+    from okdpipe.contracts.card import read_card
     from okdpipe.files import check_can_write_file
 
+    for artifact in artifacts:
+        read_card(artifact)
+    plan = plan_gates(cfg.gates, policy, baseline, tuple(cfg.batch_sizes))
     for what, path in report_paths(report, junit).items():
         check_can_write_file(path, f"the {what} report")
-    result = bench(artifacts, cfg, policy=policy, baseline=baseline)
+    return plan
+
+
+def run(
+    artifacts: list[Path], cfg: BenchConfig, plan: GatePlan, *, report: Path, junit: Path | None, json_output: bool
+) -> None:
+    from okdpipe.bench.report import print_summary, write_reports
+    from okdpipe.bench.run import bench
+    from okdpipe.console import QUIET, emit_json, say, verbosity
+
+    result = bench(artifacts, cfg, plan)
     paths = write_reports(result, report, junit)
     if json_output:
         emit_json(result.to_dict())

@@ -207,15 +207,34 @@ def _require_baseline(gate: Gate, baseline: BenchReport | None) -> None:
         raise GateUsageError(f"gate {gate.expression!r} compares with a baseline; pass --baseline OLD_REPORT.json")
 
 
+@dataclass(frozen=True)
+class GatePlan:
+    """The gates to evaluate and the baseline they compare with, each file read once: a policy or baseline given
+    as `<(...)` can only be read once, and one reading means the gates checked are the gates evaluated."""
+
+    gates: list[Gate]
+    baseline: BenchReport | None = None
+
+
+def plan_gates(gates: list[str], policy: Path | None, baseline: Path | None, batch_sizes: tuple[int, ...]) -> GatePlan:
+    """Read the policy and the baseline report, and check every gate against them, before any timing."""
+    previous = load_baseline(baseline)
+    return GatePlan(validate_gates(gates, policy, previous, batch_sizes), previous)
+
+
 def evaluate_gates(
     report: BenchReport, gates: list[str], policy: Path | None = None, baseline: BenchReport | None = None
 ) -> list[GateResult]:
     """Every gate on every entry it selects; raises GateUsageError for gates that cannot be evaluated."""
+    return evaluate_plan(report, GatePlan(parse_gates(gates, policy), baseline))
+
+
+def evaluate_plan(report: BenchReport, plan: GatePlan) -> list[GateResult]:
     results = []
-    for gate in parse_gates(gates, policy):
-        _require_baseline(gate, baseline)
+    for gate in plan.gates:
+        _require_baseline(gate, plan.baseline)
         for target in select_entries(report, gate):
-            results.append(evaluate_one(gate, target, baseline))
+            results.append(evaluate_one(gate, target, plan.baseline))
     return results
 
 

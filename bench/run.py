@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from okdpipe.bench.config import BenchConfig
+from okdpipe.bench.gate import GatePlan, evaluate_plan, plan_gates
 from okdpipe.bench.measure import (
     PeakMemory,
     latency_point,
@@ -202,16 +203,12 @@ def check_input_shape(card: ModelCard, split, dataset: str) -> None:
         )
 
 
-def bench(
-    artifacts: list[Path], config: BenchConfig, *, policy: Path | None = None, baseline: Path | None = None
-) -> BenchReport:
-    """Measure, then evaluate the config's gates (and a policy file's) into `report.gates`. Everything wrong
-    with the gates (syntax, metric, batch size, baseline) is raised before minutes of timing."""
+def bench(artifacts: list[Path], config: BenchConfig, plan: GatePlan | None = None) -> BenchReport:
+    """Measure, then evaluate the gates into `report.gates`: `plan` (from `plan_gates`, which reads a policy file
+    and a baseline), else the config's own gates. Everything wrong with the gates (syntax, metric, batch size,
+    baseline) is raised before minutes of timing."""
     from dataclasses import replace
 
-    from okdpipe.bench.gate import evaluate_gates, load_baseline, validate_gates
-
-    previous = load_baseline(baseline)
-    validate_gates(config.gates, policy, previous, tuple(config.batch_sizes))
+    plan = plan or plan_gates(config.gates, None, None, tuple(config.batch_sizes))
     report = run_bench([Path(a) for a in artifacts], config)
-    return replace(report, gates=evaluate_gates(report, config.gates, policy, previous))
+    return replace(report, gates=evaluate_plan(report, plan))

@@ -131,16 +131,16 @@ def distill_command(
     cfg = build_config(file_values, flags, set_)
     if skip_bad_images:  # a loader option, so select/export/bench rebuild the same splits from the record
         cfg.data_options = {**cfg.data_options, "skip_bad_images": True}
+    if cfg.init and not resume:
+        from okdpipe.distill.init_weights import check_weights_file
+
+        check_weights_file(cfg.init)
     if dry_run:
         from okdpipe.distill.trainer import check_config, with_method_defaults_of
 
         check_config(cfg)  # what training would refuse before reading data is refused here too
         typer.echo(dump_yaml(with_method_defaults_of(cfg)), nl=False)
         return
-    if cfg.init and not resume:
-        from okdpipe.distill.init_weights import check_weights_file
-
-        check_weights_file(cfg.init)
     archs = cfg.arch.replace(":", "-").replace(",", "+")  # one per student: resnet8+mobilenetv2
     run_dir = out or Path("runs") / f"{cfg.method}-{archs}-{cfg.dataset}-s{cfg.seed}"
     run(cfg, run_dir, resume)

@@ -43,6 +43,7 @@ from okdpipe.config import (
 )
 from okdpipe.contracts.data import DataSource
 from okdpipe.datasets import DATASETS, make_loader
+from okdpipe.datasets.load import check_options
 from okdpipe.datasets.views import view_policy
 from okdpipe.distill import distributed
 from okdpipe.distill.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
@@ -141,8 +142,9 @@ class Session:
 
 def check_config(cfg: DistillConfig) -> tuple[type[Method], Hparams, list[str]]:
     """Every check that needs neither data nor a run directory: method, its parameters, student count, backbones
-    and whether the method can mix them, dataset name. `--dry-run`, the pipeline and fit run it first, so a bad
-    config is refused before anything is read or written. Returns the method, its parameters, one arch per student."""
+    and whether the method can mix them, dataset name and the names of its options. `--dry-run`, the pipeline
+    and fit run it first, so a bad config is refused before anything is read or written. Returns the method, its
+    parameters, one arch per student."""
     method_cls = METHODS.get(cfg.method)
     count = cfg.students or method_cls.default_students
     if count < method_cls.min_students:
@@ -154,7 +156,7 @@ def check_config(cfg: DistillConfig) -> tuple[type[Method], Hparams, list[str]]:
     for arch in dict.fromkeys(archs):
         check_arch(arch)
     method_cls.check_archs(cfg.method, archs)
-    DATASETS.get(cfg.dataset)
+    check_options(cfg.dataset, DATASETS.get(cfg.dataset), cfg.data_options)
     return method_cls, hp, archs
 
 

@@ -91,15 +91,13 @@ def bench(
 ):
     """`okdpipe bench`: a `BenchReport` with the config's gates evaluated (`report.gates`; nothing is raised
     for a failed gate: check each `report.gates[i].passed`). Writes report.json/.md/.png when `report` is given."""
+    from okdpipe.bench.gate import plan_gates
     from okdpipe.bench.report import write_reports
     from okdpipe.bench.run import bench as measure
 
-    result = measure(
-        [Path(a) for a in artifacts],
-        config or BenchConfig(),
-        policy=None if policy is None else Path(policy),
-        baseline=None if baseline is None else Path(baseline),
-    )
+    config = config or BenchConfig()
+    paths = [None if path is None else Path(path) for path in (policy, baseline)]
+    result = measure([Path(a) for a in artifacts], config, plan_gates(config.gates, *paths, tuple(config.batch_sizes)))
     if report is not None:
         write_reports(result, Path(report))
     return result

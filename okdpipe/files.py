@@ -204,8 +204,20 @@ def check_can_write_file(path: str | os.PathLike, what: str) -> None:
     path = Path(path)
     if path.is_dir():
         raise OkdpipeError(f"{what} {path} is a folder; pass a file path such as {path / 'report.json'}")
-    existing = next(folder for folder in [path.parent, *path.parent.parents] if folder.exists())
+    check_can_create_folder(path.parent, what)
+
+
+def check_can_create_folder(folder: str | os.PathLike, what: str) -> None:
+    """Refuse a folder that cannot be created or written into, leaving nothing behind: its nearest existing
+    ancestor must be a folder in which a folder can really be made (permission bits say nothing to root, nor about
+    /proc or a read-only mount, so a probe folder is made and removed)."""
+    folder = Path(folder)
+    existing = next(ancestor for ancestor in [folder, *folder.parents] if ancestor.exists())
     if not existing.is_dir():
-        raise OkdpipeError(f"{what} {path}: {existing} is a file, not a folder; choose another path")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise OkdpipeError(f"{what} {path}: {existing} is not writable; choose another path")
+        raise OkdpipeError(f"{what} {folder}: {existing} is a file, not a folder; choose another path")
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".okdpipe-probe-"))
+    except OSError as exc:
+        raise OkdpipeError(
+            f"{what} {folder}: {existing} is not writable ({exc.strerror or exc}); choose another path"
+        ) from None

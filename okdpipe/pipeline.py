@@ -33,7 +33,7 @@ from okdpipe.contracts.versioned import FileFormat
 from okdpipe.distill.select_command import SelectConfig
 from okdpipe.errors import OkdpipeError
 from okdpipe.export.config import ExportConfig
-from okdpipe.files import atomic_write_json, file_sha256
+from okdpipe.files import atomic_write_json, check_can_create_folder, file_sha256
 from okdpipe.plugins import PLUGINS_HELP, PluginNames
 from okdpipe.run import RunDir, now_iso
 
@@ -93,9 +93,12 @@ def load_pipeline_config(path: str | Path) -> PipelineConfig:
 def check_names(cfg: PipelineConfig) -> None:
     """Unknown method, backbone, dataset, method parameter or gate fail now, not after minutes of training."""
     from okdpipe.bench.gate import validate_gates
+    from okdpipe.distill.init_weights import check_weights_file
     from okdpipe.distill.trainer import check_config
 
     check_config(cfg.distill)
+    if cfg.distill.init:
+        check_weights_file(cfg.distill.init)
     validate_gates(cfg.gate, None, None, tuple(cfg.bench.batch_sizes))
 
 
@@ -367,6 +370,7 @@ def run_pipeline(
     """Load and check the config, then plan (--dry-run) or run; returns the exit code (the gate's)."""
     cfg = load_pipeline_config(config_path)
     out = Path(out or cfg.out or default_out(Path(config_path)))
+    check_can_create_folder(out, "the pipeline's out folder")
     pipeline = Pipeline(cfg, out, force, echo)
     if dry_run:
         for decision in pipeline.plan():

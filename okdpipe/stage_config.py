@@ -50,13 +50,18 @@ def problem_source(error: ValidationError, flags: dict[str, Any], config_file: P
 
 def resolve_or_show(cls: type[C], config_file: Path | None, flags: dict[str, Any], dry_run: bool) -> C | None:
     """`resolve`, then for `--dry-run` print the resolved config and return None (the command stops there)."""
-    import typer
-
     config = resolve(cls, config_file, flags)
     if not dry_run:
         return config
-    typer.echo(dump(config), nl=False)
+    show(config)
     return None
+
+
+def show(config: BaseModel) -> None:
+    """`--dry-run`'s output: the resolved config as YAML on stdout."""
+    import typer
+
+    typer.echo(dump(config), nl=False)
 
 
 def dump(config: BaseModel) -> str:

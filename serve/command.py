@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from okdpipe.serve.config import ServeConfig
-from okdpipe.stage_config import flag
+from okdpipe.stage_config import flag, resolve, show
 
 
 def serve_command(
@@ -39,8 +39,6 @@ def serve_command(
 
     The API key comes from --api-key-file or the OKDPIPE_API_KEY environment variable.
     """
-    from okdpipe.stage_config import resolve_or_show
-
     flags = dict(
         host=host,
         port=port,
@@ -55,11 +53,22 @@ def serve_command(
         api_key_file=api_key_file,
         log_level=log_level,
     )
-    cfg = resolve_or_show(ServeConfig, config, flags, dry_run)
-    if cfg is None:
+    cfg = resolve(ServeConfig, config, flags)
+    api_key = check_inputs(cfg, artifact_dir)
+    if dry_run:
+        show(cfg)
         return
-    from okdpipe.serve.server import read_api_key, run_server
+    from okdpipe.serve.server import run_server
 
-    key_file = None if cfg.api_key_file is None else Path(cfg.api_key_file)
-    settings = cfg.settings(artifact_dir, read_api_key(key_file))
+    settings = cfg.settings(artifact_dir, api_key)
     raise typer.Exit(run_server(settings, cfg.host, cfg.port, cfg.log_level))
+
+
+def check_inputs(cfg: ServeConfig, artifact_dir: Path) -> str | None:
+    """What serve refuses before loading the model (and `--dry-run` too): an unreadable or invalid model card,
+    and an API key file that is unreadable or holds no usable token. Returns the key (its file read once)."""
+    from okdpipe.contracts.card import read_card
+    from okdpipe.serve.server import read_api_key
+
+    read_card(artifact_dir)
+    return read_api_key(None if cfg.api_key_file is None else Path(cfg.api_key_file))

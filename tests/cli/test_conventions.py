@@ -166,8 +166,8 @@ CONFIGS = {"select": _select_config, "export": _export_config, "bench": _bench_c
         ),
     ],
 )
-def test_dry_run_prints_yaml_that_config_reproduces(tmp_path, command, flags):
-    target = {"select": tmp_path, "export": tmp_path / "model.pt", "bench": tmp_path}[command]
+def test_dry_run_prints_yaml_that_config_reproduces(tmp_path, artifact, command, flags):
+    target = {"select": tmp_path, "export": tmp_path / "model.pt", "bench": artifact}[command]
     first = okdpipe(command, target, *flags, "--dry-run")
     assert first.returncode == 0, first.stderr
     printed = yaml.safe_load(first.stdout)
@@ -182,8 +182,9 @@ def test_dry_run_prints_yaml_that_config_reproduces(tmp_path, command, flags):
     assert defaults.stdout != first.stdout  # the flags did change something
 
 
-def test_dry_run_values_are_the_flags():
-    printed = yaml.safe_load(okdpipe("bench", ".", "--batch-sizes", "2,1,2", "--threads", "3", "--dry-run").stdout)
+def test_dry_run_values_are_the_flags(artifact):
+    dry_run = okdpipe("bench", artifact, "--batch-sizes", "2,1,2", "--threads", "3", "--dry-run")
+    printed = yaml.safe_load(dry_run.stdout)
     assert printed["batch_sizes"] == [2, 1] and printed["threads"] == 3
     printed = yaml.safe_load(okdpipe("export", "m.pt", "--opset", "17", "--dry-run").stdout)
     assert printed["opset"] == 17 and printed["quantize"] == "none"

@@ -4,11 +4,12 @@ ONNX Runtime session bench times is configured exactly as the one `okdpipe serve
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
 
-from okdpipe.bench.gate import OPERATORS, GateUsageError, evaluate_gates, failed, parse_gate
+from okdpipe.bench.gate import OPERATORS, GateUsageError, evaluate_gates, evaluate_plan, failed, parse_gate, plan_gates
 from okdpipe.contracts.report import Accuracy, BenchReport, Entry, LatencyPoint, Memory
 from okdpipe.ortsession import session_options
 
@@ -47,6 +48,23 @@ def report(*entries: Entry) -> BenchReport:
 
 def verdict(gate: str, *entries: Entry, baseline: BenchReport | None = None) -> list[bool]:
     return [result.passed for result in evaluate_gates(report(*entries), [gate], baseline=baseline)]
+
+
+def test_a_policy_that_can_be_read_only_once_is_checked_and_evaluated_from_one_reading():
+    """`--policy <(cat gates.yaml)` is a pipe: a second reading finds it empty, so the gates checked before
+    timing must be the gates evaluated after it."""
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"- gate: top1>=0.9\n  name: accuracy floor\n")
+    os.close(write_end)
+    try:
+        plan = plan_gates(["params<=1000"], f"/proc/self/fd/{read_end}", None, (1,))
+        results = evaluate_plan(report(entry(top1=0.5)), plan)
+    finally:
+        os.close(read_end)
+    assert [(r.expression, r.passed, r.name) for r in results] == [
+        ("params<=1000", True, None),
+        ("top1>=0.9", False, "accuracy floor"),
+    ]
 
 
 EQUALITY = {">=": True, "<=": True, ">": False, "<": False, "==": True}
