@@ -33,7 +33,7 @@ from okdpipe.distill.models import count_macs
 from okdpipe.distill.trackers import log_selection
 from okdpipe.errors import OkdpipeError
 from okdpipe.files import atomic_write_files, file_sha256, json_text
-from okdpipe.modelfile import ModelInfo, model_file_bytes
+from okdpipe.modelfile import ModelInfo, model_file_bytes, non_finite_tensors
 from okdpipe.run import now_iso
 
 STRATEGIES = "auto, best, leader, mean-teacher, hybrid, soup, student:N, or a candidate's name"
@@ -103,7 +103,7 @@ def soup(students) -> nn.Module:
 
 
 def non_finite_weights(model: nn.Module) -> bool:
-    return any(not bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point())
+    return bool(non_finite_tensors(model.state_dict().items()))
 
 
 class NonFiniteLogits(Exception):

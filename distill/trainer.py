@@ -59,6 +59,7 @@ from okdpipe.distill.students import Students
 from okdpipe.distill.trackers import Trackers, open_trackers, require
 from okdpipe.errors import GateFailed, OkdpipeError
 from okdpipe.files import atomic_write_text
+from okdpipe.modelfile import non_finite_tensors
 from okdpipe.run import RunDir, environment, now_iso
 
 LOG_EVERY_STEPS = 50
@@ -349,13 +350,8 @@ def stop_if_diverged(s: Session, step: int, what: str) -> None:
 
 def first_nonfinite_tensor(modules) -> Optional[str]:
     """The name of the first parameter or floating-point buffer holding a NaN or inf (one sync), else None."""
-    named = [
-        (name, t) for m in modules for name, t in [*m.named_parameters(), *m.named_buffers()] if t.is_floating_point()
-    ]
-    if not named:
-        return None
-    finite = torch.stack([torch.isfinite(t).all() for _, t in named])
-    return None if bool(finite.all()) else named[int((~finite).nonzero()[0])][0]
+    bad = non_finite_tensors(pair for m in modules for pair in [*m.named_parameters(), *m.named_buffers()])
+    return bad[0] if bad else None
 
 
 def log_step(s: Session, advance, losses: dict[str, torch.Tensor], epoch: int, i: int, rate: float) -> None:

@@ -27,7 +27,7 @@ from okdpipe.export import onnx_export, quantize, tune
 from okdpipe.export.config import ExportConfig
 from okdpipe.export.sensitivity import Probe, analyse
 from okdpipe.files import file_sha256
-from okdpipe.modelfile import ModelInfo
+from okdpipe.modelfile import ModelInfo, non_finite_tensors
 from okdpipe.ortsession import create_session
 from okdpipe.scoring import first_batch, score
 
@@ -115,11 +115,7 @@ def recorded_source(info: ModelInfo, where: object) -> DataSource:
 
 
 def check_finite_weights(model, where: object) -> None:
-    bad = [
-        name
-        for name, tensor in model.state_dict().items()
-        if tensor.is_floating_point() and not bool(tensor.isfinite().all())
-    ]
+    bad = non_finite_tensors(model.state_dict().items())
     if bad:
         raise GateFailed(
             f"{where}: weight {bad[0]} (and {len(bad) - 1} more) holds NaN or inf; the model "

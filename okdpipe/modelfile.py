@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,18 @@ def torch_bytes(obj: Any) -> bytes:
     return buffer.getvalue()
 
 
+def non_finite_tensors(named: Iterable[tuple[str, Any]]) -> list[str]:
+    """The names of the floating-point tensors among (name, tensor) pairs that hold a NaN or inf, in order: one
+    device sync for all of them. Training, select, MODEL.pt and export all ask this before trusting weights."""
+    import torch
+
+    floats = [(name, tensor) for name, tensor in named if tensor.is_floating_point()]
+    if not floats:
+        return []
+    finite = torch.stack([torch.isfinite(tensor.detach()).all() for _, tensor in floats]).tolist()
+    return [name for (name, _), ok in zip(floats, finite) if not ok]
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     data = torch_bytes(obj)
     atomic_write(path, lambda handle: handle.write(data))
@@ -97,7 +110,7 @@ def model_file_bytes(model, info: ModelInfo, path: str | os.PathLike) -> bytes:
     check_info(info, path)
     source = dict(info.arch_source or getattr(model, "arch_source", {}) or {})
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    non_finite = [k for k, v in state.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+    non_finite = non_finite_tensors(state.items())
     if non_finite:
         raise OkdpipeError(
             f"{path}: not written: weight {non_finite[0]} (and {len(non_finite) - 1} more) holds "

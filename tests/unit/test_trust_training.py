@@ -108,6 +108,20 @@ def test_first_nonfinite_tensor_names_parameters_and_buffers():
     assert trainer.first_nonfinite_tensor([net]) == "0.bias"
 
 
+def test_non_finite_tensors_lists_every_bad_float_tensor_in_order_and_ignores_integers():
+    from okdpipe.modelfile import non_finite_tensors
+
+    state = {
+        "a": torch.tensor([1.0, float("inf")]),
+        "steps": torch.tensor([7]),  # integers are never non-finite
+        "b": torch.zeros(3, dtype=torch.float16),
+        "c": torch.tensor([[float("nan")]], dtype=torch.float64),
+        "d": torch.tensor(-1e38),
+    }
+    assert non_finite_tensors(state.items()) == ["a", "c"]
+    assert non_finite_tensors([]) == [] and non_finite_tensors([("n", torch.tensor([3]))]) == []
+
+
 def hold_lock_in_another_process(root):
     """A process that takes the run's lock and sleeps; returns it once it holds the lock."""
     code = (
