@@ -29,7 +29,9 @@ import contextlib
 import os
 import pickle
 import queue
+import signal
 import socket
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -39,6 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from okdpipe.cli_support import unwind_on_signals
 from okdpipe.errors import OkdpipeError
 
 LOOPBACK = "127.0.0.1"
@@ -46,6 +49,7 @@ BUCKET_BYTES = 32 * 2**20  # gradients are all-reduced in flat buckets of at mos
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)  # other ranks wait this long while rank 0 evaluates or checkpoints
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 SPAWNED_BY_LAUNCH = "OKDPIPE_LAUNCHED_WORKER"  # set in workers `launch` starts: their launcher holds the run lock
+STOP_GRACE_S = 10.0  # how long interrupted workers get to unwind (one stuck in a collective is then killed)
 
 
 @dataclass(frozen=True)
@@ -233,8 +237,26 @@ def launch(target: Callable[..., Any], world_size: int, *args: Any, **kwargs: An
         if "error" in messages:
             raise OkdpipeError(messages["error"]) from None
         raise
+    except BaseException:  # Ctrl-C, SIGTERM, SIGHUP: the workers stop too before this process unwinds
+        stop_workers(spawned.processes)
+        raise
     drain(outbox, messages)
     return pickle.loads(messages["result"])
+
+
+def stop_workers(processes: list, grace_s: float = STOP_GRACE_S) -> None:
+    """Send each live worker SIGTERM (it unwinds as this process does: temp files removed, nothing half-written),
+    give them `grace_s` seconds together, then kill what is left. Without this they train on, unseen, after
+    the command has said it was interrupted."""
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    deadline = time.monotonic() + grace_s
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+            process.join()
 
 
 def drain(outbox, messages: dict[str, Any]) -> None:
@@ -255,6 +277,7 @@ def worker(local_rank: int, world_size: int, port: int, outbox, target, args, kw
         LOCAL_WORLD_SIZE=str(world_size),
         **{SPAWNED_BY_LAUNCH: "1"},
     )
+    unwind_on_signals((signal.SIGTERM, signal.SIGHUP, signal.SIGINT))  # stop_workers' SIGTERM, or the terminal's
     try:
         result = target(*args, **kwargs)
     except OkdpipeError as exc:

@@ -33,6 +33,7 @@ from typing import Any, Optional
 
 import torch
 
+from okdpipe.cli_support import interruption
 from okdpipe.config import (
     OPTIMIZER_KEYS,
     DistillConfig,
@@ -504,9 +505,21 @@ def fit(
         try:
             return fit_locked(cfg, run, resume, stop_after_steps, echo)
         except OkdpipeError as exc:
-            if created and not isinstance(exc, GateFailed) and not any(run.checkpoints.glob("*")):
-                shutil.rmtree(run.root, ignore_errors=True)  # a refused start (bad data...) leaves no folder behind
+            if created and not isinstance(exc, GateFailed):
+                forget_unstarted(run)  # a refused start (bad data...) leaves no folder behind
             raise
+        except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, SIGHUP: keep what resumes and say it was interrupted
+            if created:
+                forget_unstarted(run)
+            if run.manifest_path.is_file():
+                run.update_manifest(status="interrupted", error=f"interrupted ({interruption(exc)})")
+            raise
+
+
+def forget_unstarted(run: RunDir) -> None:
+    """Remove a run folder this command created when it holds no checkpoint yet: nothing in it could resume."""
+    if not any(run.checkpoints.glob("*")):
+        shutil.rmtree(run.root, ignore_errors=True)
 
 
 def fit_locked(cfg: DistillConfig, run: RunDir, resume: bool, stop_after_steps: Optional[int], echo) -> dict[str, Any]:

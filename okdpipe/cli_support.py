@@ -24,10 +24,22 @@ class Terminated(KeyboardInterrupt):
         self.signum = signum
 
 
-def _raise_terminated(signum, frame) -> None:
-    for sig in TERMINATING_SIGNALS:  # unwind once: a second signal must not interrupt the clean-up itself
-        signal.signal(sig, signal.SIG_IGN)
-    raise Terminated(signum)
+def interruption(exc: KeyboardInterrupt) -> str:
+    """What stopped us: 'SIGTERM', 'SIGHUP' or 'Ctrl-C'."""
+    return signal.Signals(exc.signum).name if isinstance(exc, Terminated) else "Ctrl-C"
+
+
+def unwind_on_signals(signals: tuple[int, ...] = TERMINATING_SIGNALS) -> None:
+    """From now on, the first of `signals` raises Terminated in the main thread and the rest are ignored, so that
+    a second signal cannot interrupt the clean-up itself."""
+
+    def raise_terminated(signum, frame) -> None:
+        for sig in signals:
+            signal.signal(sig, signal.SIG_IGN)
+        raise Terminated(signum)
+
+    for sig in signals:
+        signal.signal(sig, raise_terminated)
 
 
 def friendly_errors(command: Callable) -> Callable:
@@ -38,16 +50,13 @@ def friendly_errors(command: Callable) -> Callable:
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         if threading.current_thread() is threading.main_thread():
-            for sig in TERMINATING_SIGNALS:  # serve installs its own while it serves
-                signal.signal(sig, _raise_terminated)
+            unwind_on_signals()  # serve installs its own while it serves
         try:
             return command(*args, **kwargs)
         except OkdpipeError as exc:
             fail(one_line(exc), exc.exit_code)
-        except Terminated as exc:
-            fail(f"interrupted ({signal.Signals(exc.signum).name})", 128 + exc.signum)
-        except KeyboardInterrupt:
-            fail("interrupted (Ctrl-C)", 130)
+        except KeyboardInterrupt as exc:
+            fail(f"interrupted ({interruption(exc)})", 128 + getattr(exc, "signum", signal.SIGINT))
         except Exception as exc:
             full = disk_error(exc)
             if full is None:

@@ -135,3 +135,30 @@ def test_method_state_updated_after_each_step_stays_identical_across_ranks(tmp_p
     distributed.launch(train_and_save_each_rank, 2, cfg, str(tmp_path / "run"), str(tmp_path))
     assert_ranks_identical(tmp_path)
     assert any("mean_teacher" in k for k in torch.load(tmp_path / "rank0.pt", weights_only=True)["method"])
+
+
+@pytest.mark.slow
+def test_sigterm_stops_every_worker_and_leaves_a_resumable_interrupted_run(tmp_path):
+    """SIGTERM to `distill --nproc-per-node 2`: the workers stop too (before, they trained on, unseen, for as long
+    as the command took to exit), the exit is 143 with one line, and the run says 'interrupted' and keeps a
+    checkpoint to resume from."""
+    import signal
+    import time
+
+    cfg = DistillConfig(**{**TINY, "epochs": 200, "nproc_per_node": 2})
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "okdpipe", "distill", *cli_args(cfg), "--out", str(out)]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoints" / "last.pt").is_file() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert (process.returncode, stderr.splitlines()[-1]) == (143, "error: interrupted (SIGTERM)")
+    time.sleep(1)  # give a worker that outlived its parent a moment to show itself
+    session = subprocess.run(["ps", "-o", "stat=,cmd=", "-s", str(process.pid)], capture_output=True, text=True)
+    alive = [line for line in session.stdout.splitlines() if not line.strip().startswith("Z")]  # Z: already dead
+    assert alive == []  # no worker of the command's session is left
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "interrupted" and 1 <= len(manifest["epochs"]) < 200
+    assert load_checkpoint(RunDir(out))  # the last whole epoch's checkpoint verifies: `--resume` continues there
