@@ -30,6 +30,7 @@ from okdpipe.bench.measure import (
 from okdpipe.contracts.card import ModelCard, Preprocess, check_graph_precision, read_card
 from okdpipe.contracts.data import DataSource
 from okdpipe.contracts.report import Accuracy, BenchReport, Entry, LatencyPoint
+from okdpipe.cpu import cpu_features, native_fp16
 from okdpipe.errors import OkdpipeError
 from okdpipe.ortsession import check_provider, create_session
 from okdpipe.scoring import first_batch, score
@@ -56,8 +57,33 @@ def run_bench(artifact_dirs: list[Path], config: BenchConfig) -> BenchReport:
         runtime=runtime_versions(),
         artifacts=artifacts,
         references=references,
-        notes=bench.notes,
+        notes=bench.notes + fp16_notes(artifacts, config.provider, cpu_features()),
     )
+
+
+def fp16_notes(artifacts: list[Entry], provider: str, features: dict[str, bool]) -> list[str]:
+    """One note per FP16 artifact measured slower than its FP32 twin (exported from the same model file) on the
+    CPU, with the likely reason: FP16 pays off on GPUs, rarely under ONNX Runtime's CPU provider."""
+    if provider != "cpu":
+        return []
+    source = lambda e: (e.provenance.get("model_sha256"), e.dataset)  # noqa: E731
+    fp32 = {source(e): e for e in artifacts if e.precision == "fp32" and e.provenance.get("model_sha256")}
+    notes = []
+    for entry in artifacts:
+        twin = fp32.get(source(entry)) if entry.precision == "fp16" else None
+        shared = sorted(set(entry.latency) & set(twin.latency)) if twin else []
+        slower = [(b, entry.latency[b].p50_ms / twin.latency[b].p50_ms - 1) for b in shared if twin.latency[b].p50_ms]
+        slower = [(batch, extra) for batch, extra in slower if extra > 0]
+        if not slower:
+            continue
+        why = (
+            "this CPU has no native FP16 arithmetic, so ONNX Runtime casts to FP32 around each layer"
+            if not native_fp16(features)
+            else "ONNX Runtime's CPU provider has few FP16 kernels"
+        )
+        measured = ", ".join(f"{extra:.0%} slower at batch {batch}" for batch, extra in slower)
+        notes.append(f"{entry.name} fp16 is slower than fp32 here ({measured}): {why}; on a CPU ship fp32 or int8")
+    return notes
 
 
 class Bench:

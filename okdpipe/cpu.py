@@ -1,5 +1,5 @@
-"""What this CPU is and which int8-relevant instruction sets it has: read by export (INT8 settings), bench
-(the machine it measured) and `okdpipe env`."""
+"""What this CPU is and which int8- and fp16-relevant instruction sets it has: read by export (INT8 settings, the
+FP16 warning), bench (the machine it measured) and `okdpipe env`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import os
 import platform
 from pathlib import Path
 
-CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_tile", "avx512_fp16", "fp16")
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_tile", "avx512_fp16", "fp16", "asimdhp")
+FP16_ARITHMETIC = ("avx512_fp16", "asimdhp")  # x86 AVX512-FP16; Arm's half-precision SIMD (Linux: "asimdhp")
 CPUINFO = "/proc/cpuinfo"
 
 
@@ -22,6 +23,12 @@ def cpu_features(cpuinfo: str | os.PathLike = CPUINFO) -> dict[str, bool]:
         if line.startswith(("flags", "Features")):
             flags.update(line.split(":", 1)[1].split())
     return {flag: flag in flags for flag in CPU_FLAGS}
+
+
+def native_fp16(features: dict[str, bool]) -> bool:
+    """Whether the CPU computes in FP16 itself. Without it, ONNX Runtime's CPU provider runs an FP16 model by
+    casting to FP32 around each layer, which is slower than FP32 throughout (onnxruntime issue 16778)."""
+    return any(features.get(flag, False) for flag in FP16_ARITHMETIC)
 
 
 def cpu_model(cpuinfo: str | os.PathLike = CPUINFO) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -65,6 +66,27 @@ def test_a_policy_that_can_be_read_only_once_is_checked_and_evaluated_from_one_r
         ("params<=1000", True, None),
         ("top1>=0.9", False, "accuracy floor"),
     ]
+
+
+@pytest.mark.parametrize(
+    ("fp16_p99", "provider", "features", "expected"),
+    [
+        (3.0, "cpu", {}, "m fp16 is slower than fp32 here (20% slower at batch 1): this CPU has no native FP16"),
+        (3.0, "cpu", {"avx512_fp16": True}, "(20% slower at batch 1): ONNX Runtime's CPU provider has few FP16"),
+        (2.5, "cpu", {}, None),  # as fast: nothing to say
+        (2.0, "cpu", {}, None),
+        (3.0, "cuda", {}, None),  # on a GPU FP16 is the point
+    ],
+)
+def test_fp16_slower_than_its_fp32_twin_on_a_cpu_is_said_with_the_reason(fp16_p99, provider, features, expected):
+    from okdpipe.bench.run import fp16_notes
+
+    from_model = lambda e, sha: replace(e, provenance={"model_sha256": sha})  # noqa: E731
+    artifacts = [from_model(entry("m-fp32", precision="fp32", p99=2.5), "a"), from_model(entry("m"), "a")]
+    artifacts[1] = replace(artifacts[1], precision="fp16", latency=entry(p99=fp16_p99).latency)
+    other_model = from_model(entry("m", precision="fp16", p99=9.0), "b")  # no fp32 twin: nothing to compare
+    notes = fp16_notes([*artifacts, other_model], provider, features)
+    assert notes == [] if expected is None else len(notes) == 1 and expected in notes[0]
 
 
 EQUALITY = {">=": True, "<=": True, ">": False, "<": False, "==": True}
