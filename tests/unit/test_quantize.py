@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from okdpipe.cpu import cpu_features
+from okdpipe.cpu import cpu_features, native_fp16
 from okdpipe.errors import OkdpipeError
 from okdpipe.export import onnx_export, quantize
 from okdpipe.export.config import ExportConfig
@@ -70,8 +70,12 @@ def test_cpu_features_parses_flags(tmp_path):
         "amx_tile": False,
         "avx512_fp16": False,
         "fp16": False,
+        "asimdhp": False,
     }
     assert not any(cpu_features(tmp_path / "missing").values())
+    (tmp_path / "arm").write_text("processor : 0\nFeatures : fp asimd evtstrm fphp asimdhp cpuid\n")
+    assert cpu_features(tmp_path / "arm")["asimdhp"] and native_fp16(cpu_features(tmp_path / "arm"))
+    assert not native_fp16(cpu_features(tmp_path / "cpuinfo"))
 
 
 def test_reduce_range_only_on_x86_without_vnni(tmp_path):
