@@ -107,14 +107,15 @@ MODEL_CLAIMS = [
 ]  # the paper ships PCL's peer mean teacher
 
 
-def model_claims(results: list[dict]) -> str:
-    """Each claimed model against the student that validated best, seed by seed, on validation and on test."""
+def model_claims(results: list[dict], methods: list[str]) -> str:
+    """Each claimed model of a method in `methods` against the student that validated best, seed by seed, on
+    validation and on test."""
     rows = [
         "| method | model | against (chosen by validation) | val: model - other (points) | "
         "test: model - other (points) |",
         "|---|---|---|---|---|",
     ]
-    for method, model, other, common_only in MODEL_CLAIMS:
+    for method, model, other, common_only in [claim for claim in MODEL_CLAIMS if claim[0] in methods]:
         mine = list(by_entry(results, method).values())
         diffs = {
             split: [candidate_top1(r, model, split) - best_student(r, split, common_only) for r in mine]
@@ -158,19 +159,83 @@ def averaging_table(results: list[dict], names: list[str]) -> str:
     return "\n".join(rows)
 
 
+def architecture_table(results: list[dict], names: list[str]) -> str:
+    """Every student of an entry whose students differ in backbone (`arch: a,b`), by validation and test top-1,
+    so that each backbone trained in the group can be set against the same backbone trained alone."""
+    rows = ["| entry | student | backbone | seeds | val top-1 % | test top-1 % |", "|---|---|---|---|---|---|"]
+    for name in names:
+        mine = list(by_entry(results, name).values())
+        students = sorted({k for r in mine for k in r["students_test_top1"]}, key=lambda k: int(k.split(":")[1]))
+        backbones = {k: sorted({r["candidates_val"][k].get("arch", "?") for r in mine}) for k in students}
+        if len({arch for archs in backbones.values() for arch in archs}) < 2:
+            continue
+        for key in students:
+            val = [r["candidates_val"][key]["val_top1"] for r in mine]
+            test = [r["students_test_top1"][key] for r in mine]
+            rows.append(
+                f"| {name} | {key} | {', '.join(backbones[key])} | {len(mine)} | {percent(val)} | {percent(test)} |"
+            )
+    return "\n".join(rows)
+
+
+def student_with(record: dict, backbone: str) -> str | None:
+    """The one student of `record` built on `backbone` (None when there is none, or more than one)."""
+    keys = [k for k, c in record["candidates_val"].items() if k.startswith("student:") and c.get("arch") == backbone]
+    return keys[0] if len(keys) == 1 else None
+
+
+def backbone_versus_table(results: list[dict], pairs: list[tuple[str, str]]) -> str:
+    """For entries whose students differ in backbone: each backbone's student in entry a against the same
+    backbone's student in entry b (e.g. trained with a peer by DML against trained alone), paired by seed."""
+    rows = [
+        "| a | b | backbone | seeds | val: a - b, paired by seed (points) | test: a - b, paired by seed (points) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for a, b in pairs:
+        mine, theirs = by_entry(results, a), by_entry(results, b)
+        seeds = sorted(mine.keys() & theirs.keys())
+        backbones = sorted({c.get("arch") for s in seeds for c in mine[s]["candidates_val"].values() if "arch" in c})
+        if len(backbones) < 2:
+            continue
+        for backbone in backbones:
+            paired = [
+                (mine[s], theirs[s])
+                for s in seeds
+                if student_with(mine[s], backbone) and student_with(theirs[s], backbone)
+            ]
+            diffs = {
+                split: [best_of(x, backbone, split) - best_of(y, backbone, split) for x, y in paired]
+                for split in ("val", "test")
+            }
+            rows.append(
+                f"| {a} | {b} | {backbone} | {len(paired)} | {points(diffs['val'])} | {points(diffs['test'])} |"
+            )
+    return "\n".join(rows)
+
+
+def best_of(record: dict, backbone: str, split: str) -> float:
+    key = student_with(record, backbone)
+    return record["candidates_val"][key]["val_top1"] if split == "val" else record["students_test_top1"][key]
+
+
 def summarise(protocol: dict, results: list[dict]) -> str:
+    """Every table that has a row for this protocol (a comparison of two methods only shows no seed-paper claim
+    about methods it did not train)."""
     methods, variants = protocol["methods"], list(protocol.get("variants", {}))
     against_vanilla = [(m, "vanilla") for m in methods if m != "vanilla"]
-    seed_claims = [(a, b) for a in ("pcl", "okdph") for b in ("dml", "one")]
+    seed_claims = [(a, b) for a in ("pcl", "okdph") for b in ("dml", "one") if {a, b} <= set(methods)]
     variant_pairs = [(v, protocol["variants"][v]["method"]) for v in variants]
     sections = [
         ("Methods at their paper defaults", results_table(results, methods)),
         ("Against vanilla", versus_table(results, against_vanilla)),
         ("Seed papers: PCL and OKDPH above DML and ONE", versus_table(results, seed_claims)),
-        ("Seed papers: a method's own models", model_claims(results)),
+        ("Seed papers: a method's own models", model_claims(results, methods)),
+        ("Students by backbone", architecture_table(results, methods + variants)),
+        ("Each backbone against vanilla", backbone_versus_table(results, against_vanilla)),
         ("Variants", results_table(results, variants)),
         ("Variants against their method's defaults", versus_table(results, variant_pairs)),
         ("Other outputs (candidates and reference-only)", reference_table(results, methods + variants)),
         ("Weight-averaged candidates", averaging_table(results, methods + variants)),
     ]
-    return "\n\n".join(f"### {title}\n\n{table}" for title, table in sections)
+    with_rows = [(title, table) for title, table in sections if table.count("\n") > 1]  # more than the header
+    return "\n\n".join(f"### {title}\n\n{table}" for title, table in with_rows)

@@ -104,7 +104,7 @@ def test_model_claims_compare_with_the_student_chosen_on_validation():
         extras_val={"leader": 0.99},
         extras_test={"leader": 0.80},
     )
-    rows = {line.split(" | ")[0][2:]: line for line in tables.model_claims([ffsd]).splitlines()[2:]}
+    rows = {line.split(" | ")[0][2:]: line for line in tables.model_claims([ffsd], ["ffsd"]).splitlines()[2:]}
     assert "| +34.00 (1/1 seeds > 0) | +10.00 (1/1 seeds > 0) |" in rows["ffsd"]
     assert tables.best_student(ffsd, "test") == 0.80  # all students: student:2 validates best
     assert tables.best_student(ffsd, "test", common_only=True) == 0.70
@@ -244,3 +244,37 @@ def test_a_damaged_record_is_one_line_exit_2(tmp_path, content, fragment):
     done = okdpipe("compare", "configs/fmnist-compare.yaml", "--summary-only", cwd=tmp_path)
     assert done.returncode == 2 and done.stderr.startswith("error: ") and fragment in done.stderr, done.stderr
     assert len(done.stderr.splitlines()) == 1
+
+
+def mixed_record(entry, seed, resnet, mobilenet):
+    """A run of two students on different backbones: (val, test) top-1 of each."""
+    base = record(entry, seed, mobilenet[1], {"student:0": resnet[0], "student:1": mobilenet[0]}, {})
+    base["students_test_top1"] = {"student:0": resnet[1], "student:1": mobilenet[1]}
+    base["candidates_val"]["student:0"]["arch"] = "resnet8"
+    base["candidates_val"]["student:1"]["arch"] = "mobilenetv2"
+    return base
+
+
+def test_students_of_different_backbones_get_their_own_rows_and_are_paired_backbone_by_backbone():
+    results = [
+        mixed_record("vanilla", 0, (0.70, 0.71), (0.80, 0.79)),
+        mixed_record("vanilla", 1, (0.72, 0.73), (0.78, 0.77)),
+        mixed_record("dml", 0, (0.74, 0.74), (0.79, 0.80)),
+        mixed_record("dml", 1, (0.70, 0.72), (0.80, 0.81)),
+    ]
+    summary = tables.summarise({"methods": ["vanilla", "dml"]}, results)
+    assert "| dml | student:0 | resnet8 | 2 | 72.00 ± 2.83 | 73.00 ± 1.41 |" in summary
+    assert "| vanilla | student:1 | mobilenetv2 | 2 | 79.00 ± 1.41 | 78.00 ± 1.41 |" in summary
+    # resnet8 val: +4, -2 and test: +3, -1 (dml - vanilla, seeds 0 and 1); mobilenetv2 val: -1, +2, test: +1, +4
+    assert "| dml | vanilla | resnet8 | 2 | +1.00 ± 4.24 (1/2 seeds > 0) | +1.00 ± 2.83 (1/2 seeds > 0) |" in summary
+    assert (
+        "| dml | vanilla | mobilenetv2 | 2 | +0.50 ± 2.12 (1/2 seeds > 0) | +2.50 ± 2.12 (2/2 seeds > 0) |" in summary
+    )
+    # a comparison of vanilla and DML states no claim about methods it did not train
+    assert "Seed papers" not in summary and "Weight-averaged" not in summary and "Variants" not in summary
+
+
+def test_runs_of_one_backbone_get_no_backbone_tables():
+    same = [record("dml", 0, 0.8, {"student:0": 0.8, "student:1": 0.7}, {"student:0": 0.8, "student:1": 0.7})]
+    summary = tables.summarise({"methods": ["vanilla", "dml"]}, same)
+    assert "Students by backbone" not in summary and "Each backbone" not in summary
