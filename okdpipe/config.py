@@ -75,7 +75,13 @@ class DistillConfig(Strict):
         "RandAugment for the hybrid) or 'same' (every view a fresh draw of the dataset's own)",
     )
     seed: int = Field(0, ge=0, lt=2**31, description="seed for initialisation, split, order and augmentation")
-    workers: int = Field(0, ge=0, le=256, description="data-loading workers (image folders only)")
+    workers: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description="DataLoader workers for a dataset read file by file (a plug-in's FileSplit); built-in datasets "
+        "and image folders are decoded into memory once (image folders: data_options.decode_workers)",
+    )
     nproc_per_node: int = Field(
         1,
         ge=1,
@@ -264,8 +270,17 @@ def parse_set(assignments: list[str]) -> dict[str, Any]:
     return nested
 
 
+def merged_over(base: Any, override: Any) -> Any:
+    """`override` laid over `base` key by key where both are mappings (`--set data_options.size=32` changes that
+    one option and keeps the config file's others), else `override` itself."""
+    if not (isinstance(base, Mapping) and isinstance(override, Mapping)):
+        return override
+    return {**base, **{key: merged_over(base.get(key), value) for key, value in override.items()}}
+
+
 def build_config(file_values: dict[str, Any], flag_values: dict[str, Any], sets: list[str]) -> DistillConfig:
-    """Merge YAML < flags < --set; `--set METHOD.key=v` lands in method_params."""
+    """Merge YAML < flags < --set; `--set METHOD.key=v` lands in method_params; `--set section.key=v` changes one
+    key of a mapping section (data_options) and keeps its others."""
     merged = {**file_values, **{k: v for k, v in flag_values.items() if v is not None}}
     method = merged.get("method", "vanilla")
     params = merged.get("method_params") or {}
@@ -276,7 +291,7 @@ def build_config(file_values: dict[str, Any], flag_values: dict[str, Any], sets:
         if section == method and isinstance(values, dict):
             params.update(values)
         elif section in DistillConfig.model_fields and section != "method_params":
-            merged[section] = values
+            merged[section] = merged_over(merged.get(section), values)
         else:
             raise OkdpipeError(f"--set {section}...: use '{method}.<param>=value' or a top-level config key")
     merged["method_params"] = params

@@ -194,3 +194,11 @@ def test_a_backbone_recipe_sits_below_the_method_defaults_and_everything_the_use
     assert with_method_defaults(plain, {}, {"lr": 0.3}).lr == 0.05  # idempotent once resolved
     with pytest.raises(ValueError, match="a recipe may set only"):
         with_method_defaults(build_config({}, {}, []), {}, {"epochs": 3})
+
+
+def test_set_changes_one_data_option_and_keeps_the_config_files_others():
+    file_values = {"dataset": "synthetic", "data_options": {"n_train": 128, "n_test": 64}}
+    cfg = build_config(file_values, {}, ["data_options.n_test=32"])
+    assert cfg.data_options == {"n_train": 128, "n_test": 32}
+    assert file_values["data_options"] == {"n_train": 128, "n_test": 64}  # the file's values are not changed
+    assert build_config({}, {}, ["data_options.n_test=32"]).data_options == {"n_test": 32}
