@@ -67,7 +67,7 @@ def mean_teacher_decay(step: int, cap: float) -> float:
 @torch.no_grad()
 def lerp_towards(targets: list[torch.Tensor], sources: list[torch.Tensor], decay: float) -> None:
     """targets <- decay * targets + (1 - decay) * sources, i.e. lerp(target, source, 1 - decay), fused over
-    the list (one `torch._foreach_lerp_`: 8-10x faster than a per-tensor loop, issue 14)."""
+    the list (one `torch._foreach_lerp_`: about 2x faster than a per-tensor loop on 2 CPU cores, BENCHMARKS.md)."""
     if targets:
         torch._foreach_lerp_(targets, sources, 1.0 - decay)
 
