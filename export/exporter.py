@@ -23,7 +23,7 @@ from okdpipe import __version__
 from okdpipe.contracts.card import PIXEL_SCALE, PRECISIONS, ModelCard, Preprocess, read_card, write_card
 from okdpipe.contracts.data import DataSource
 from okdpipe.errors import GateFailed, OkdpipeError
-from okdpipe.export import onnx_export, quantize, tune
+from okdpipe.export import onnx_export, qat, quantize, tune
 from okdpipe.export.config import ExportConfig
 from okdpipe.export.sensitivity import Probe, analyse
 from okdpipe.files import file_sha256
@@ -50,6 +50,8 @@ class ExportContext:
     parity_inputs: list[np.ndarray]
     config: ExportConfig
     fp32_top1: float | None = None
+    spec: Any = None  # the dataset's DatasetSpec (QAT's training loader augments as training did)
+    out_dir: Path | None = None  # OUT, where QAT keeps its resumable work folder
 
 
 def export_model(model_path: str | os.PathLike, out_dir: str | os.PathLike, config: ExportConfig) -> list[ModelCard]:
@@ -60,6 +62,8 @@ def export_model(model_path: str | os.PathLike, out_dir: str | os.PathLike, conf
 
     model, info = load_model_file(model_path)
     check_finite_weights(model, model_path)
+    if config.qat_epochs and config.qat_teacher == "ensemble":
+        qat.teacher_run(info, model_path)
     source = recorded_source(info, model_path).with_data_dir(config.data_dir)
     bundle = source.load()
     check_fits_dataset(info, bundle.spec, model_path)
@@ -81,17 +85,22 @@ def export_model(model_path: str | os.PathLike, out_dir: str | os.PathLike, conf
         preprocess,
         onnx_export.parity_batches(first),
         config,
+        spec=bundle.spec,
     )
     created = not Path(out_dir).exists()
-    out_dir = writable_dir(Path(out_dir))
+    ctx.out_dir = out_dir = writable_dir(Path(out_dir))
     with exclusive_lock(out_dir / LOCK_FILE, f"another export is writing {out_dir}"):
         try:
             remove_stale_staging(out_dir)
             with tempfile.TemporaryDirectory(dir=out_dir, prefix=STAGING_PREFIX) as staging:
                 staged = build_artifacts(ctx, Path(staging))
-                return publish(staged, out_dir, ctx, Path(staging))
+                published = publish(staged, out_dir, ctx, Path(staging))
+            qat.remove_work(out_dir)
+            return published
         except BaseException:
-            if created:  # a failed or interrupted export into a new OUT leaves no folder holding only its lock
+            if created and not any(out_dir.glob(qat.WORK_PREFIX + "*")):
+                # a failed or interrupted export into a new OUT leaves no folder holding only its lock (a QAT work
+                # folder stays: the same command resumes from it)
                 shutil.rmtree(out_dir, ignore_errors=True)
             raise
 
@@ -180,15 +189,26 @@ def build_fp32(ctx: ExportContext, directory: Path) -> ModelCard:
 
 
 def build_variant(ctx: ExportContext, fp32_path: Path, directory: Path, precision: str) -> ModelCard:
+    """A quantized variant, its parity against the PyTorch model it must match (the fake-quantized network for
+    QAT, else the fp32 model: reported only for int8, whose gate is the accuracy drop) and its accuracy."""
     directory.mkdir(parents=True)
     onnx_path = directory / ONNX_FILE
-    if precision == "int8":
+    reference, reference_name = ctx.model, "pytorch-fp32"
+    tolerance = onnx_export.FP16_TOLERANCE if precision == "fp16" else None
+    if precision == "int8" and ctx.config.qat_epochs:
+        trained = qat.quantization_aware_int8(ctx, onnx_path)
+        quantization, reference, reference_name, tolerance = (
+            trained.record,
+            trained.network,
+            "pytorch-fake-quant",
+            qat.QAT_TOLERANCE,
+        )
+    elif precision == "int8":
         quantization = build_int8(ctx, fp32_path, onnx_path)
     else:
         quantization = convert(ctx, fp32_path, onnx_path, precision)
     predict = ort_predict(onnx_path)
-    tolerance = onnx_export.FP16_TOLERANCE if precision == "fp16" else None
-    parity = onnx_export.parity_report(torch_predict(ctx.model), predict, ctx.parity_inputs, tolerance, "pytorch-fp32")
+    parity = onnx_export.parity_report(torch_predict(reference), predict, ctx.parity_inputs, tolerance, reference_name)
     accuracy = accuracy_with_drop(ctx, predict, precision)
     opset = onnx_export.graph_opset(_load_graph(onnx_path))
     return write_card(directory, card_fields(ctx, precision, opset, parity, quantization, accuracy))
