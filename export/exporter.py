@@ -57,36 +57,9 @@ class ExportContext:
 def export_model(model_path: str | os.PathLike, out_dir: str | os.PathLike, config: ExportConfig) -> list[ModelCard]:
     """Export, verify and card a model file; returns the cards of the artifacts written (in OUT/<precision>, or
     in the Triton repository's version folders)."""
-    from okdpipe.distill.models import load_model_file
     from okdpipe.locks import exclusive_lock
 
-    model, info = load_model_file(model_path)
-    check_finite_weights(model, model_path)
-    if config.qat_epochs and config.qat_teacher == "ensemble":
-        qat.teacher_run(info, model_path)
-    source = recorded_source(info, model_path).with_data_dir(config.data_dir)
-    bundle = source.load()
-    check_fits_dataset(info, bundle.spec, model_path)
-    if len(bundle.val) == 0:
-        raise OkdpipeError(
-            f"dataset {source.dataset!r} has an empty validation split; export needs one to check "
-            "parity and accuracy (record val_split > 0 when training)"
-        )
-    # The resize policy the training images went through (image folders), so serve resizes the same way.
-    preprocess = Preprocess(*info.input_size, info.in_channels, PIXEL_SCALE, info.mean, info.std, bundle.spec.resize)
-    first = first_batch(bundle.val, config.parity_batch, preprocess)
-    ctx = ExportContext(
-        model,
-        info,
-        Path(model_path),
-        source,
-        bundle.train,
-        bundle.val,
-        preprocess,
-        onnx_export.parity_batches(first),
-        config,
-        spec=bundle.spec,
-    )
+    ctx = export_context(model_path, config)
     created = not Path(out_dir).exists()
     ctx.out_dir = out_dir = writable_dir(Path(out_dir))
     with exclusive_lock(out_dir / LOCK_FILE, f"another export is writing {out_dir}"):
@@ -103,6 +76,39 @@ def export_model(model_path: str | os.PathLike, out_dir: str | os.PathLike, conf
                 # folder stays: the same command resumes from it)
                 shutil.rmtree(out_dir, ignore_errors=True)
             raise
+
+
+def export_context(model_path: str | os.PathLike, config: ExportConfig) -> ExportContext:
+    """The verified model file, its data and its parity batches: everything checked before OUT is touched."""
+    from okdpipe.distill.models import load_model_file
+
+    model, info = load_model_file(model_path)
+    check_finite_weights(model, model_path)
+    if config.qat_epochs and config.qat_teacher == "ensemble":
+        qat.teacher_run(info, model_path)
+    source = recorded_source(info, model_path).with_data_dir(config.data_dir)
+    bundle = source.load()
+    check_fits_dataset(info, bundle.spec, model_path)
+    if len(bundle.val) == 0:
+        raise OkdpipeError(
+            f"dataset {source.dataset!r} has an empty validation split; export needs one to check "
+            "parity and accuracy (record val_split > 0 when training)"
+        )
+    # The resize policy the training images went through (image folders), so serve resizes the same way.
+    preprocess = Preprocess(*info.input_size, info.in_channels, PIXEL_SCALE, info.mean, info.std, bundle.spec.resize)
+    first = first_batch(bundle.val, config.parity_batch, preprocess)
+    return ExportContext(
+        model,
+        info,
+        Path(model_path),
+        source,
+        bundle.train,
+        bundle.val,
+        preprocess,
+        onnx_export.parity_batches(first),
+        config,
+        spec=bundle.spec,
+    )
 
 
 def check_fits_dataset(info: ModelInfo, spec, where: object) -> None:

@@ -113,10 +113,15 @@ def ensemble_teacher(ctx, temperature: float) -> Teacher:
 
     @torch.no_grad()
     def teacher(inputs: torch.Tensor) -> torch.Tensor:
-        probabilities = torch.softmax(students(inputs.unsqueeze(0)).logits.float() / temperature, dim=-1).mean(0)
-        return temperature * torch.log(probabilities.clamp_min(1e-12))
+        return peer_teacher_logits(students(inputs.unsqueeze(0)).logits, temperature)
 
     return teacher
+
+
+def peer_teacher_logits(peer_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """[N, B, K] peer logits -> T log(mean_i softmax(z_i / T)) [B, K], the averaged peer distribution as logits."""
+    probabilities = torch.softmax(peer_logits.float() / temperature, dim=-1).mean(0)
+    return temperature * torch.log(probabilities.clamp_min(1e-12))
 
 
 def teacher_run(info, model_path) -> Path:
@@ -172,7 +177,7 @@ def train_epoch(network, optimizer, loader, epoch: int, teacher: Teacher | None,
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total, steps = total + float(loss), steps + 1
+            total, steps = total + loss.item(), steps + 1
             advance(1)
     return total / max(steps, 1)
 
