@@ -211,7 +211,8 @@ def test_ensemble_teacher_without_its_run_names_the_labels_fix(tmp_path):
     info.provenance = {"data": data, "run_dir": str(tmp_path / "gone")}
     save_model_file(create_model("resnet8", 4, 3), info, tmp_path / "m.pt")
     out = tmp_path / "out"
+    out.mkdir()
     flags = ["--out", str(out), "--quantize", "int8", "--qat-epochs", "1"]
     result = CliRunner().invoke(app, ["export", str(tmp_path / "m.pt"), *flags])
     assert result.exit_code == 2 and result.output.startswith("error: ") and "--qat-teacher labels" in result.output
-    assert result.output.strip().count("\n") == 0 and not out.exists()
+    assert result.output.strip().count("\n") == 0 and list(out.iterdir()) == []  # refused before OUT is locked
