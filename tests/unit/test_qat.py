@@ -128,6 +128,14 @@ def test_qdq_onnx_matches_the_fake_quantized_network(tmp_path):
     convs = [n for n in graph.node if n.op_type == "Conv"]
     assert convs and all(types.get(producer_input(graph, n.input[1])) == np.int8 for n in convs)
     assert all(types.get(producer_input(graph, n.input[2])) == np.int32 for n in convs)
+    first, conv = fakequant.quant_layers(network)[0], convs[0]
+    w_scale = first.layer.weight.detach().abs().flatten(1).amax(1).numpy() / 127
+    bias_scale = float(first.input_quant.scale) * w_scale  # ORT's int32 bias grid: s_in * s_w
+    bias_dq = next(n for n in graph.node if n.output[0] == conv.input[2])
+    stored = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    np.testing.assert_allclose(stored[bias_dq.input[1]], bias_scale, rtol=1e-6)
+    expected_bias = np.round(first.layer.bias.detach().numpy() / bias_scale)
+    np.testing.assert_array_equal(stored[bias_dq.input[0]], expected_bias.astype(np.int32))
     x = torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         expected = network(x).numpy()
