@@ -301,10 +301,15 @@ def accuracy_with_drop(ctx: ExportContext, predict, precision: str) -> dict:
     if not drop <= ctx.config.max_accuracy_drop:
         raise GateFailed(
             f"{precision} loses {drop:.2f} points of validation top-1 ({ctx.fp32_top1:.4f} -> {result.top1:.4f}), "
-            f"over --max-accuracy-drop {ctx.config.max_accuracy_drop:g}; try --calib-method entropy/percentile, "
-            "a larger --calib-size, or raise the limit"
+            f"over --max-accuracy-drop {ctx.config.max_accuracy_drop:g}; {retry_hint(ctx, precision)}"
         )
     return {"val_top1": result.top1, "val_samples": result.samples, "fp32_val_top1": ctx.fp32_top1, "drop_points": drop}
+
+
+def retry_hint(ctx: ExportContext, precision: str) -> str:
+    if precision == "int8" and ctx.config.qat_epochs:
+        return "try more --qat-epochs, another --qat-lr, or raise the limit"
+    return "try --calib-method entropy/percentile, a larger --calib-size, or raise the limit"
 
 
 def torch_predict(model) -> Callable[[np.ndarray], np.ndarray]:
