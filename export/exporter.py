@@ -216,6 +216,8 @@ def build_variant(ctx: ExportContext, fp32_path: Path, directory: Path, precisio
     predict = ort_predict(onnx_path)
     parity = onnx_export.parity_report(torch_predict(reference), predict, ctx.parity_inputs, tolerance, reference_name)
     accuracy = accuracy_with_drop(ctx, predict, precision)
+    if quantization.get("method") == "qat":  # the whole QAT story in one section: what it reached, as shipped
+        quantization["outcome"] = {"val_top1": accuracy["val_top1"], "drop_points": accuracy["drop_points"], **parity}
     opset = onnx_export.graph_opset(_load_graph(onnx_path))
     return write_card(directory, card_fields(ctx, precision, opset, parity, quantization, accuracy))
 

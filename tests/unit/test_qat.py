@@ -188,6 +188,12 @@ def test_export_ships_qat_int8_and_the_teacher_changes_the_weights(model_file, t
         assert [c.precision for c in cards] == ["fp32", "int8"] and section["method"] == "qat"
         assert section["teacher"] == teacher and len(section["history"]) == 1
         assert card["parity"]["reference"] == "pytorch-fake-quant" and card["parity"]["tolerance"] == 5e-2
+        outcome = section["outcome"]
+        assert (
+            outcome["val_top1"] == card["accuracy"]["val_top1"]
+            and outcome["max_abs_diff"] == card["parity"]["max_abs_diff"]
+        )
+        assert math.isclose(outcome["drop_points"], (card["accuracy"]["fp32_val_top1"] - outcome["val_top1"]) * 100)
         assert not list(out.glob(".qat-*"))  # published: nothing left to resume
         graph = onnx.load(str(out / "int8" / "model.onnx")).graph
         weights[teacher] = [numpy_helper.to_array(i) for i in graph.initializer if i.data_type == onnx.TensorProto.INT8]
