@@ -230,3 +230,27 @@ def test_ensemble_teacher_without_its_run_names_the_labels_fix(tmp_path):
     result = CliRunner().invoke(app, ["export", str(tmp_path / "m.pt"), *flags])
     assert result.exit_code == 2 and result.output.startswith("error: ") and "--qat-teacher labels" in result.output
     assert result.output.strip().count("\n") == 0 and list(out.iterdir()) == []  # refused before OUT is locked
+
+
+def test_interrupted_export_keeps_only_its_qat_work_and_resumes_from_it(model_file, tmp_path, monkeypatch):
+    config, out, saved = ExportConfig(**{**QAT, "qat_epochs": 2, "qat_teacher": "labels"}), tmp_path / "new", []
+
+    def save_once_then_stop(*args):
+        saved.append(len(args[-1]))
+        if len(saved) == 2:
+            raise KeyboardInterrupt  # killed at the end of epoch 2, before its checkpoint
+        save(*args)
+
+    save = qat.save_checkpoint
+    monkeypatch.setattr(qat, "save_checkpoint", save_once_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        export_model(model_file, out, config)
+    (work,) = out.glob(".qat-*")
+    assert sorted(p.name for p in out.iterdir() if p.name != ".export.lock") == [work.name]
+    assert [p.name for p in work.iterdir()] == ["last.pt"]
+    saved.clear()
+    monkeypatch.setattr(qat, "save_checkpoint", lambda *args: (saved.append(len(args[-1])), save(*args)))
+    export_model(model_file, out, config)
+    assert saved == [2]  # only epoch 2 trained again
+    assert len(json.loads((out / "int8" / "model.json").read_text())["quantization"]["history"]) == 2
+    assert not list(out.glob(".qat-*"))
