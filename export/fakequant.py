@@ -148,7 +148,12 @@ def register_fake_kernels() -> None:
     if _fake_kernels_registered:
         return
     for name in FAKE_KERNEL_OPS:
-        torch.library.register_fake(name, lambda x, *args: (torch.empty_like(x), torch.empty_like(x, dtype=torch.bool)))
+        try:
+            torch.library.register_fake(
+                name, lambda x, *args: (torch.empty_like(x), torch.empty_like(x, dtype=torch.bool))
+            )
+        except RuntimeError:  # a newer torch that ships its own rule keeps it
+            pass
     _fake_kernels_registered = True
 
 
