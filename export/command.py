@@ -1,8 +1,11 @@
 """`okdpipe export MODEL.pt --out DIR`: the typer command (torch and onnx are imported only when it runs).
 
 Exit codes (okdpipe/errors.py): 0 exported, 1 a check failed (parity, INT8 accuracy drop that the search within
---tune-budget could not bring under --max-accuracy-drop, non-finite weights),
-2 bad input or usage. Nothing is written to DIR unless every check passes.
+--tune-budget could not bring under --max-accuracy-drop, or that --qat-epochs of quantization-aware training left
+over it; non-finite weights; a QAT loss that diverged), 2 bad input or usage (including --qat-epochs without
+--quantize int8, and --qat-teacher ensemble for a model file whose run is gone). Nothing is written to DIR unless
+every check passes; an interrupted or failed QAT export leaves only DIR/.qat-<key>/, from which the same command
+resumes.
 """
 
 from __future__ import annotations
@@ -29,6 +32,13 @@ def export_command(
     max_accuracy_drop: Annotated[Optional[float], flag(ExportConfig, "max_accuracy_drop")] = None,
     tune_budget: Annotated[Optional[str], flag(ExportConfig, "tune_budget")] = None,
     sensitivity_samples: Annotated[Optional[int], flag(ExportConfig, "sensitivity_samples")] = None,
+    qat_epochs: Annotated[Optional[int], flag(ExportConfig, "qat_epochs")] = None,
+    qat_teacher: Annotated[Optional[str], flag(ExportConfig, "qat_teacher")] = None,
+    qat_lr: Annotated[Optional[float], flag(ExportConfig, "qat_lr")] = None,
+    qat_alpha: Annotated[Optional[float], flag(ExportConfig, "qat_alpha")] = None,
+    qat_temperature: Annotated[Optional[float], flag(ExportConfig, "qat_temperature")] = None,
+    qat_batch_size: Annotated[Optional[int], flag(ExportConfig, "qat_batch_size")] = None,
+    qat_seed: Annotated[Optional[int], flag(ExportConfig, "qat_seed")] = None,
     data_dir: Annotated[Optional[str], flag(ExportConfig, "data_dir")] = None,
     triton_max_batch_size: Annotated[Optional[int], flag(ExportConfig, "triton_max_batch_size")] = None,
     triton_instance: Annotated[Optional[str], flag(ExportConfig, "triton_instance")] = None,
@@ -56,6 +66,13 @@ def export_command(
         max_accuracy_drop=max_accuracy_drop,
         tune_budget=tune_budget,
         sensitivity_samples=sensitivity_samples,
+        qat_epochs=qat_epochs,
+        qat_teacher=qat_teacher,
+        qat_lr=qat_lr,
+        qat_alpha=qat_alpha,
+        qat_temperature=qat_temperature,
+        qat_batch_size=qat_batch_size,
+        qat_seed=qat_seed,
         data_dir=data_dir,
         triton_max_batch_size=triton_max_batch_size,
         triton_instance=triton_instance,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from typing import Literal, Optional
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from okdpipe.plugins import PLUGINS_HELP, PluginNames
 from okdpipe.stage_config import StageConfig
@@ -33,6 +33,17 @@ class ExportConfig(StageConfig):
     sensitivity_samples: int = Field(
         512, ge=16, le=1_000_000, description="validation images the per-node int8 sensitivity analysis uses"
     )
+    qat_epochs: int = Field(
+        0, ge=0, le=1000, description="quantization-aware fine-tuning epochs before the int8 export (0 = off)"
+    )
+    qat_teacher: Literal["ensemble", "labels"] = Field(
+        "ensemble", description="QAT teacher: the run's peer ensemble (+ labels), or the labels alone"
+    )
+    qat_lr: float = Field(1e-3, gt=0, le=10, description="QAT learning rate (SGD momentum 0.9, cosine to 0)")
+    qat_alpha: float = Field(0.9, ge=0, le=1, description="QAT loss: (1-alpha) CE + alpha T^2 KL to the teacher")
+    qat_temperature: float = Field(4.0, gt=0, le=100, description="QAT distillation temperature T")
+    qat_batch_size: int = Field(128, ge=1, le=65536, description="QAT training batch size (images)")
+    qat_seed: int = Field(0, ge=0, le=2**31 - 1, description="QAT seed: batch order and augmentation")
     data_dir: Optional[str] = Field(None, description="dataset directory, overriding the one the model file records")
     parity_batch: int = Field(32, ge=2, le=4096, description="validation images in the parity check's batch")
     triton_max_batch_size: int = Field(64, ge=1, le=1 << 16, description="Triton max_batch_size")
@@ -46,3 +57,12 @@ class ExportConfig(StageConfig):
         if not re.fullmatch(r"\d+s?", text):
             raise ValueError(f"tune_budget {value!r} must be a number of trials (30) or of seconds (300s)")
         return text
+
+    @model_validator(mode="after")
+    def _qat_needs_int8(self) -> ExportConfig:
+        if self.qat_epochs and self.quantize != "int8":
+            raise ValueError(
+                f"--qat-epochs {self.qat_epochs} needs --quantize int8 (QAT ships a static int8 model), "
+                f"not {self.quantize!r}"
+            )
+        return self

@@ -23,7 +23,7 @@ from okdpipe import __version__
 from okdpipe.contracts.card import PIXEL_SCALE, PRECISIONS, ModelCard, Preprocess, read_card, write_card
 from okdpipe.contracts.data import DataSource
 from okdpipe.errors import GateFailed, OkdpipeError
-from okdpipe.export import onnx_export, quantize, tune
+from okdpipe.export import onnx_export, qat, quantize, tune
 from okdpipe.export.config import ExportConfig
 from okdpipe.export.sensitivity import Probe, analyse
 from okdpipe.files import file_sha256
@@ -50,16 +50,42 @@ class ExportContext:
     parity_inputs: list[np.ndarray]
     config: ExportConfig
     fp32_top1: float | None = None
+    spec: Any = None  # the dataset's DatasetSpec (QAT's training loader augments as training did)
+    out_dir: Path | None = None  # OUT, where QAT keeps its resumable work folder
 
 
 def export_model(model_path: str | os.PathLike, out_dir: str | os.PathLike, config: ExportConfig) -> list[ModelCard]:
     """Export, verify and card a model file; returns the cards of the artifacts written (in OUT/<precision>, or
     in the Triton repository's version folders)."""
-    from okdpipe.distill.models import load_model_file
     from okdpipe.locks import exclusive_lock
+
+    ctx = export_context(model_path, config)
+    created = not Path(out_dir).exists()
+    ctx.out_dir = out_dir = writable_dir(Path(out_dir))
+    with exclusive_lock(out_dir / LOCK_FILE, f"another export is writing {out_dir}"):
+        try:
+            remove_stale_staging(out_dir)
+            with tempfile.TemporaryDirectory(dir=out_dir, prefix=STAGING_PREFIX) as staging:
+                staged = build_artifacts(ctx, Path(staging))
+                published = publish(staged, out_dir, ctx, Path(staging))
+            qat.remove_work(out_dir)
+            return published
+        except BaseException:
+            if created and not any(out_dir.glob(qat.WORK_PREFIX + "*")):
+                # a failed or interrupted export into a new OUT leaves no folder holding only its lock (a QAT work
+                # folder stays: the same command resumes from it)
+                shutil.rmtree(out_dir, ignore_errors=True)
+            raise
+
+
+def export_context(model_path: str | os.PathLike, config: ExportConfig) -> ExportContext:
+    """The verified model file, its data and its parity batches: everything checked before OUT is touched."""
+    from okdpipe.distill.models import load_model_file
 
     model, info = load_model_file(model_path)
     check_finite_weights(model, model_path)
+    if config.qat_epochs and config.qat_teacher == "ensemble":
+        qat.teacher_run(info, model_path)
     source = recorded_source(info, model_path).with_data_dir(config.data_dir)
     bundle = source.load()
     check_fits_dataset(info, bundle.spec, model_path)
@@ -71,7 +97,7 @@ def export_model(model_path: str | os.PathLike, out_dir: str | os.PathLike, conf
     # The resize policy the training images went through (image folders), so serve resizes the same way.
     preprocess = Preprocess(*info.input_size, info.in_channels, PIXEL_SCALE, info.mean, info.std, bundle.spec.resize)
     first = first_batch(bundle.val, config.parity_batch, preprocess)
-    ctx = ExportContext(
+    return ExportContext(
         model,
         info,
         Path(model_path),
@@ -81,19 +107,8 @@ def export_model(model_path: str | os.PathLike, out_dir: str | os.PathLike, conf
         preprocess,
         onnx_export.parity_batches(first),
         config,
+        spec=bundle.spec,
     )
-    created = not Path(out_dir).exists()
-    out_dir = writable_dir(Path(out_dir))
-    with exclusive_lock(out_dir / LOCK_FILE, f"another export is writing {out_dir}"):
-        try:
-            remove_stale_staging(out_dir)
-            with tempfile.TemporaryDirectory(dir=out_dir, prefix=STAGING_PREFIX) as staging:
-                staged = build_artifacts(ctx, Path(staging))
-                return publish(staged, out_dir, ctx, Path(staging))
-        except BaseException:
-            if created:  # a failed or interrupted export into a new OUT leaves no folder holding only its lock
-                shutil.rmtree(out_dir, ignore_errors=True)
-            raise
 
 
 def check_fits_dataset(info: ModelInfo, spec, where: object) -> None:
@@ -176,16 +191,29 @@ def build_fp32(ctx: ExportContext, directory: Path) -> ModelCard:
 
 
 def build_variant(ctx: ExportContext, fp32_path: Path, directory: Path, precision: str) -> ModelCard:
+    """A quantized variant, its parity against the PyTorch model it must match (the fake-quantized network for
+    QAT, else the fp32 model: reported only for int8, whose gate is the accuracy drop) and its accuracy."""
     directory.mkdir(parents=True)
     onnx_path = directory / ONNX_FILE
-    if precision == "int8":
+    reference, reference_name = ctx.model, "pytorch-fp32"
+    tolerance = onnx_export.FP16_TOLERANCE if precision == "fp16" else None
+    if precision == "int8" and ctx.config.qat_epochs:
+        trained = qat.quantization_aware_int8(ctx, onnx_path)
+        quantization, reference, reference_name, tolerance = (
+            trained.record,
+            trained.network,
+            "pytorch-fake-quant",
+            qat.QAT_TOLERANCE,
+        )
+    elif precision == "int8":
         quantization = build_int8(ctx, fp32_path, onnx_path)
     else:
         quantization = convert(ctx, fp32_path, onnx_path, precision)
     predict = ort_predict(onnx_path)
-    tolerance = onnx_export.FP16_TOLERANCE if precision == "fp16" else None
-    parity = onnx_export.parity_report(torch_predict(ctx.model), predict, ctx.parity_inputs, tolerance, "pytorch-fp32")
+    parity = onnx_export.parity_report(torch_predict(reference), predict, ctx.parity_inputs, tolerance, reference_name)
     accuracy = accuracy_with_drop(ctx, predict, precision)
+    if quantization.get("method") == "qat":  # the whole QAT story in one section: what it reached, as shipped
+        quantization["outcome"] = {"val_top1": accuracy["val_top1"], "drop_points": accuracy["drop_points"], **parity}
     opset = onnx_export.graph_opset(_load_graph(onnx_path))
     return write_card(directory, card_fields(ctx, precision, opset, parity, quantization, accuracy))
 
@@ -271,10 +299,15 @@ def accuracy_with_drop(ctx: ExportContext, predict, precision: str) -> dict:
     if not drop <= ctx.config.max_accuracy_drop:
         raise GateFailed(
             f"{precision} loses {drop:.2f} points of validation top-1 ({ctx.fp32_top1:.4f} -> {result.top1:.4f}), "
-            f"over --max-accuracy-drop {ctx.config.max_accuracy_drop:g}; try --calib-method entropy/percentile, "
-            "a larger --calib-size, or raise the limit"
+            f"over --max-accuracy-drop {ctx.config.max_accuracy_drop:g}; {retry_hint(ctx, precision)}"
         )
     return {"val_top1": result.top1, "val_samples": result.samples, "fp32_val_top1": ctx.fp32_top1, "drop_points": drop}
+
+
+def retry_hint(ctx: ExportContext, precision: str) -> str:
+    if precision == "int8" and ctx.config.qat_epochs:
+        return "try more --qat-epochs, another --qat-lr, or raise the limit"
+    return "try --calib-method entropy/percentile, a larger --calib-size, or raise the limit"
 
 
 def torch_predict(model) -> Callable[[np.ndarray], np.ndarray]:
