@@ -32,7 +32,7 @@ from okdpipe.distill.methods import Candidate
 from okdpipe.distill.models import count_macs
 from okdpipe.distill.trackers import log_selection
 from okdpipe.errors import OkdpipeError
-from okdpipe.files import atomic_write_files, file_sha256, json_text
+from okdpipe.files import atomic_write_files, check_can_write_file, file_sha256, json_text
 from okdpipe.modelfile import ModelInfo, model_file_bytes, non_finite_tensors
 from okdpipe.run import now_iso
 
@@ -246,6 +246,13 @@ def strategy_pool(scored: list[Scored], strategy: str, method_ships: str) -> lis
     return pool
 
 
+def check_inputs(run_dir: Path, out: Optional[Path]) -> None:
+    """What select refuses before scoring, in the order it does (`--dry-run` runs this): a run that is missing,
+    unfinished, diverged or damaged (its checkpoint verified, data and models rebuilt), then the model path."""
+    run = load_run(run_dir, device="cpu").run
+    check_can_write_file(out or run.root / "model.pt", "--out")
+
+
 def select(
     run_dir: Path,
     strategy: str,
@@ -257,6 +264,7 @@ def select(
     """Score, choose, write selection.json and MODEL.pt; returns (rows, ensemble row, chosen, model path).
     With `precision`, every shippable candidate is also scored converted, and the choice ranks that score."""
     session = Selection(run_dir, bn_batches, device)
+    check_can_write_file(out or session.run.root / "model.pt", "--out")
     scored = [session.score(name, c) for name, c in session.candidates().items()]
     if precision is not None:
         for candidate in scored:

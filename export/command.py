@@ -55,7 +55,7 @@ def export_command(
     """Export a model file to ONNX, check parity and accuracy, and write model cards."""
     from okdpipe.console import emit_json, say
     from okdpipe.errors import OkdpipeError
-    from okdpipe.stage_config import resolve_or_show
+    from okdpipe.stage_config import resolve, show
 
     flags = dict(
         format=format,
@@ -78,12 +78,15 @@ def export_command(
         triton_instance=triton_instance,
         plugins=plugin or None,
     )
-    cfg = resolve_or_show(ExportConfig, config, flags, dry_run)
-    if cfg is None:
-        return
+    cfg = resolve(ExportConfig, config, flags)
     if out is None:
         raise OkdpipeError("export needs --out DIR (where OUT/fp32 and OUT/<precision> are written)")
-    from okdpipe.export.exporter import export_model
+    from okdpipe.export.exporter import check_inputs, export_model
+
+    if dry_run:  # everything the export checks before its first minute of work, with the same lines
+        check_inputs(model_file, out, cfg)
+        show(cfg)
+        return
 
     cards = export_model(model_file, out, cfg)
     if json_output:

@@ -26,7 +26,7 @@ from okdpipe.errors import GateFailed, OkdpipeError
 from okdpipe.export import onnx_export, qat, quantize, tune
 from okdpipe.export.config import ExportConfig
 from okdpipe.export.sensitivity import Probe, analyse
-from okdpipe.files import file_sha256
+from okdpipe.files import check_can_create_folder, file_sha256
 from okdpipe.modelfile import ModelInfo, non_finite_tensors
 from okdpipe.ortsession import create_session
 from okdpipe.scoring import first_batch, score
@@ -140,8 +140,7 @@ def check_finite_weights(model, where: object) -> None:
 
 def writable_dir(out_dir: Path) -> Path:
     """Create OUT and prove it is writable before spending minutes on export."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise OkdpipeError(f"--out {out_dir} is a file; pass a directory (it is created if missing)")
+    check_out_dir(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=out_dir).close()
@@ -150,6 +149,20 @@ def writable_dir(out_dir: Path) -> Path:
             f"--out {out_dir}: cannot write there ({exc.strerror or exc}); choose another directory"
         ) from None
     return out_dir
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """OUT must be a folder, or a path where one can be made; nothing is created."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OkdpipeError(f"--out {out_dir} is a file; pass a directory (it is created if missing)")
+    check_can_create_folder(out_dir, "--out")
+
+
+def check_inputs(model_path: str | os.PathLike, out_dir: str | os.PathLike, config: ExportConfig) -> None:
+    """What export refuses before its first minute of work, in the order it does (`--dry-run` runs this): the
+    model file, its data and the QAT teacher (export_context), then OUT."""
+    export_context(model_path, config)
+    check_out_dir(Path(out_dir))
 
 
 def remove_stale_staging(out_dir: Path) -> None:

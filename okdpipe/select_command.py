@@ -28,11 +28,15 @@ def select_command(
     json_output: Annotated[bool, typer.Option("--json", help="Print selection.json's content on stdout.")] = False,
 ) -> None:
     """Score every candidate on the validation split, pick the model to ship, write a self-describing MODEL.pt."""
-    from okdpipe.stage_config import resolve_or_show
+    from okdpipe.stage_config import resolve, show
 
     flags = dict(strategy=strategy, bn_batches=bn_batches, device=device, precision=precision)
-    cfg = resolve_or_show(SelectConfig, config, flags, dry_run)
-    if cfg is None:
+    cfg = resolve(SelectConfig, config, flags)
+    if dry_run:  # everything select checks before scoring, with the same lines
+        from okdpipe.distill.select import check_inputs
+
+        check_inputs(run_dir, out)
+        show(cfg)
         return
     from okdpipe.export.select_int8 import select_shipping
 

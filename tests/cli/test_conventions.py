@@ -80,6 +80,15 @@ def model_file(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    from okdpipe import api
+
+    run = tmp_path_factory.mktemp("conventions-run") / "run"
+    api.fit(api.DistillConfig(method="vanilla", arch="resnet8", dataset="synthetic", epochs=1), run)
+    return run
+
+
+@pytest.fixture(scope="module")
 def artifact(model_file):
     from okdpipe.export.config import ExportConfig
     from okdpipe.export.exporter import export_model
@@ -166,34 +175,37 @@ CONFIGS = {"select": _select_config, "export": _export_config, "bench": _bench_c
         ),
     ],
 )
-def test_dry_run_prints_yaml_that_config_reproduces(tmp_path, artifact, command, flags):
-    target = {"select": tmp_path, "export": tmp_path / "model.pt", "bench": artifact}[command]
-    first = okdpipe(command, target, *flags, "--dry-run")
+def test_dry_run_prints_yaml_that_config_reproduces(tmp_path, finished_run, model_file, artifact, command, flags):
+    target = {"select": [finished_run], "export": [model_file, "--out", tmp_path / "out"], "bench": [artifact]}[command]
+    first = okdpipe(command, *target, *flags, "--dry-run")
     assert first.returncode == 0, first.stderr
     printed = yaml.safe_load(first.stdout)
     assert isinstance(printed, dict)
     assert list(printed) == list(CONFIGS[command]().model_fields)  # every option, in declaration order
     config = tmp_path / "config.yaml"
     config.write_text(first.stdout)
-    again = okdpipe(command, target, "--config", config, "--dry-run")
+    again = okdpipe(command, *target, "--config", config, "--dry-run")
     assert again.returncode == 0, again.stderr
     assert again.stdout == first.stdout
-    defaults = okdpipe(command, target, "--dry-run")
+    defaults = okdpipe(command, *target, "--dry-run")
     assert defaults.stdout != first.stdout  # the flags did change something
 
 
-def test_dry_run_values_are_the_flags(artifact):
+def test_dry_run_values_are_the_flags(artifact, model_file, tmp_path):
     dry_run = okdpipe("bench", artifact, "--batch-sizes", "2,1,2", "--threads", "3", "--dry-run")
     printed = yaml.safe_load(dry_run.stdout)
     assert printed["batch_sizes"] == [2, 1] and printed["threads"] == 3
-    printed = yaml.safe_load(okdpipe("export", "m.pt", "--opset", "17", "--dry-run").stdout)
+    dry_run = okdpipe("export", model_file, "--out", tmp_path / "out", "--opset", "17", "--dry-run")
+    printed = yaml.safe_load(dry_run.stdout)
     assert printed["opset"] == 17 and printed["quantize"] == "none"
+    assert not (tmp_path / "out").exists()
 
 
-def test_flags_override_the_config_file(tmp_path):
+def test_flags_override_the_config_file(tmp_path, model_file):
     config = tmp_path / "export.yaml"
     config.write_text("opset: 17\nquantize: fp16\n")
-    printed = yaml.safe_load(okdpipe("export", "m.pt", "--config", config, "--opset", "13", "--dry-run").stdout)
+    command = ["export", model_file, "--out", tmp_path / "out", "--config", config, "--opset", "13", "--dry-run"]
+    printed = yaml.safe_load(okdpipe(*command).stdout)
     assert printed["opset"] == 13 and printed["quantize"] == "fp16"
 
 

@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.cli.test_conventions import QUICK, ROOT, artifact, assert_usage_error, model_file, okdpipe  # noqa: F401
+from tests.cli.test_conventions import (  # noqa: F401  (fixtures)
+    QUICK,
+    ROOT,
+    artifact,
+    assert_usage_error,
+    finished_run,
+    model_file,
+    okdpipe,
+)
 
 SMOKE = yaml.safe_load((ROOT / "configs" / "pipeline-smoke.yaml").read_text())
 DISTILL = ["distill", "--method", "vanilla", "--dataset", "synthetic", "--epochs", "1", "--out", "T/run"]
@@ -24,7 +32,8 @@ def pipeline_file(tmp_path: Path, out: str | None = None, **distill) -> Path:
     return path
 
 
-# (args with A = the artifact, T/... = under tmp_path, P = a pipeline file made by `pipeline`; a fragment of line 1)
+# (args with A = an artifact, M = a model file, R = a finished run, T/... = under tmp_path, P... = a pipeline file
+# made by `pipeline_file`; a fragment of the first line)
 MISTAKES = {
     "data option nobody has": ([*DISTILL, "--set", "data_options.bogus=1"], "has no option bogus"),
     "init from a device": ([*DISTILL, "--init", "/dev/zero"], "not a regular file"),
@@ -46,14 +55,23 @@ MISTAKES = {
     "pipeline out in /proc": (["pipeline", "P:/proc/okdpipe-out"], "is not writable"),
     "pipeline out under a file": (["pipeline", "P:T/list.yaml/out"], "is a file, not a folder"),
     "pipeline data option": (["pipeline", "P+bogus"], "has no option bogus"),
+    "export a model from elsewhere": (["export", "T/list.yaml", "--out", "T/out"], "list.yaml"),
+    "export out is a file": (["export", "M", "--out", "T/list.yaml"], "is a file"),
+    "export out under a file": (["export", "M", "--out", "T/list.yaml/out"], "is a file, not a folder"),
+    "export QAT teacher without a run": (
+        ["export", "M", "--out", "T/out", "--quantize", "int8", "--qat-epochs", "1"],
+        "--qat-teacher labels",
+    ),
+    "select a folder that is no run": (["select", "T"], "not an okdpipe run directory"),
+    "select out under a file": (["select", "R", "--out", "T/list.yaml/model.pt"], "is a file, not a folder"),
 }
 
 
-def concrete(args: list[str], tmp_path: Path, artifact: Path) -> list:  # noqa: F811
+def concrete(args: list[str], tmp_path: Path, fixtures: dict[str, Path]) -> list:
     result = []
     for arg in args:
-        if arg == "A":
-            result.append(artifact)
+        if arg in fixtures:
+            result.append(fixtures[arg])
         elif arg == "T" or arg.startswith("T/"):
             result.append(tmp_path / arg[2:] if arg != "T" else tmp_path)
         elif arg.startswith("P:"):
@@ -67,10 +85,10 @@ def concrete(args: list[str], tmp_path: Path, artifact: Path) -> list:  # noqa: 
 
 
 @pytest.mark.parametrize("args, fragment", MISTAKES.values(), ids=MISTAKES.keys())
-def test_a_dry_run_refuses_what_the_real_run_refuses(artifact, tmp_path, args, fragment):  # noqa: F811
+def test_a_dry_run_refuses_what_the_real_run_refuses(artifact, model_file, finished_run, tmp_path, args, fragment):  # noqa: F811
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     (tmp_path / "empty").write_text("\n")
-    command = concrete(args, tmp_path, artifact)
+    command = concrete(args, tmp_path, {"A": artifact, "M": model_file, "R": finished_run})
     before = sorted(tmp_path.rglob("*"))
     dry = okdpipe(*command, "--dry-run", cwd=tmp_path)
     assert_usage_error(dry, 2, fragment)
