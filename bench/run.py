@@ -30,7 +30,7 @@ from okdpipe.bench.measure import (
 from okdpipe.contracts.card import ModelCard, Preprocess, check_graph_precision, read_card
 from okdpipe.contracts.data import DataSource
 from okdpipe.contracts.report import Accuracy, BenchReport, Entry, LatencyPoint
-from okdpipe.cpu import cpu_features, native_fp16
+from okdpipe.cpu import cpu_features, fp16_slowness
 from okdpipe.errors import OkdpipeError
 from okdpipe.ortsession import check_provider, create_session
 from okdpipe.scoring import first_batch, score
@@ -76,12 +76,8 @@ def fp16_notes(artifacts: list[Entry], provider: str, features: dict[str, bool])
         slower = [(batch, extra) for batch, extra in slower if extra > 0]
         if not slower:
             continue
-        why = (
-            "this CPU has no native FP16 arithmetic, so ONNX Runtime casts to FP32 around each layer"
-            if not native_fp16(features)
-            else "ONNX Runtime's CPU provider has few FP16 kernels"
-        )
         measured = ", ".join(f"{extra:.0%} slower at batch {batch}" for batch, extra in slower)
+        why = fp16_slowness(features)
         notes.append(f"{entry.name} fp16 is slower than fp32 here ({measured}): {why}; on a CPU ship fp32 or int8")
     return notes
 

@@ -94,3 +94,15 @@ def export_command(
         return
     for card in cards:
         say(str(card.directory))
+    if cfg.quantize == "fp16":
+        say(f"note: {fp16_on_this_cpu()}")
+
+
+def fp16_on_this_cpu() -> str:
+    """What to expect of FP16 under ONNX Runtime on this machine's CPU (bench measures it and says so again)."""
+    from okdpipe.cpu import cpu_features, fp16_slowness
+
+    return (
+        f"fp16 is for GPUs: on this CPU expect it slower than fp32 ({fp16_slowness(cpu_features())}); "
+        "`okdpipe bench` measures both"
+    )

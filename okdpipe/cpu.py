@@ -31,6 +31,13 @@ def native_fp16(features: dict[str, bool]) -> bool:
     return any(features.get(flag, False) for flag in FP16_ARITHMETIC)
 
 
+def fp16_slowness(features: dict[str, bool]) -> str:
+    """Why FP16 runs slower than FP32 under ONNX Runtime's CPU provider on a CPU with `features`."""
+    if native_fp16(features):
+        return "ONNX Runtime's CPU provider has few FP16 kernels"
+    return "this CPU has no native FP16 arithmetic, so ONNX Runtime casts to FP32 around each layer"
+
+
 def cpu_model(cpuinfo: str | os.PathLike = CPUINFO) -> str:
     try:
         for line in Path(cpuinfo).read_text().splitlines():

@@ -38,7 +38,15 @@ def test_export_fp16_writes_two_artifact_directories(model_file, tmp_path):
     out = tmp_path / "out"
     result = CliRunner().invoke(app, ["export", str(model_file), "--out", str(out), "--quantize", "fp16"])
     assert result.exit_code == 0, result.output
-    assert result.output.split() == [str(out / "fp32"), str(out / "fp16")]
+    lines = result.output.splitlines()
+    assert lines[:2] == [str(out / "fp32"), str(out / "fp16")]
+    from okdpipe.cpu import cpu_features, fp16_slowness
+
+    assert lines[2:] == [
+        f"note: fp16 is for GPUs: on this CPU expect it slower than fp32 ({fp16_slowness(cpu_features())}); "
+        "`okdpipe bench` measures both"
+    ]
+    assert "no native FP16" in fp16_slowness({}) and "few FP16 kernels" in fp16_slowness({"avx512_fp16": True})
     card = json.loads((out / "fp16" / "model.json").read_text())
     assert card["precision"] == "fp16" and card["parity"]["tolerance"] == 5e-2
     assert card["quantization"]["keep_io_types"] is True
