@@ -113,12 +113,14 @@ def test_bad_input_raises_the_cli_errors(pipeline, tmp_path):
         )
 
 
-def test_the_cli_resolves_the_same_config(tmp_path):
+def test_the_cli_resolves_the_same_config(pipeline, tmp_path):
     """`okdpipe export --config F --dry-run` prints the ExportConfig the API builds from the same values."""
+    _, _, chosen, _ = pipeline
     config = tmp_path / "export.yaml"
     config.write_text("quantize: fp16\nopset: 17\n")
+    command = ["export", str(chosen.model_file), "--out", str(tmp_path / "out"), "--config", str(config), "--dry-run"]
     printed = subprocess.run(
-        [sys.executable, "-m", "okdpipe", "export", "m.pt", "--config", str(config), "--dry-run"],
+        [sys.executable, "-m", "okdpipe", *command],
         capture_output=True,
         text=True,
         timeout=120,

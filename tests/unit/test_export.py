@@ -252,7 +252,7 @@ def test_unknown_architecture(tmp_path):
 def test_unwritable_out(tmp_path):
     model_path, _, _ = make_model_file(tmp_path / "model.pt")
     (tmp_path / "a_file").write_text("x")
-    with pytest.raises(OkdpipeError, match="cannot write there") as error:
+    with pytest.raises(OkdpipeError, match="a_file is a file, not a folder; choose another path") as error:
         export_model(model_path, tmp_path / "a_file" / "out", ExportConfig())
     assert "\n" not in str(error.value)
 
