@@ -94,7 +94,12 @@ def distill_command(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     config: Optional[Path] = typer.Option(None, help="YAML config; flags override it."),
     set_: list[str] = typer.Option([], "--set", help="Override any key, e.g. --set okdph.gamma=0.5."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and exit."),
+    dry_run: bool = typer.Option(
+        False,
+        "--dry-run",
+        help="Check what the run checks before its first step (config, device, data, memory, --init, the run "
+        "folder), print the resolved config and exit; writes nothing.",
+    ),
 ) -> None:
     """Train students together by online distillation (or vanilla) and record the run directory.
 
@@ -135,14 +140,15 @@ def distill_command(
         from okdpipe.distill.init_weights import check_weights_file
 
         check_weights_file(cfg.init)
-    if dry_run:
-        from okdpipe.distill.trainer import check_config, with_method_defaults_of
-
-        check_config(cfg)  # what training would refuse before reading data is refused here too
-        typer.echo(dump_yaml(with_method_defaults_of(cfg)), nl=False)
-        return
     archs = cfg.arch.replace(":", "-").replace(",", "+")  # one per student: resnet8+mobilenetv2
     run_dir = out or Path("runs") / f"{cfg.method}-{archs}-{cfg.dataset}-s{cfg.seed}"
+    if dry_run:
+        from okdpipe.distill.trainer import preflight
+        from okdpipe.run import RunDir
+
+        # everything the real run checks before its first step (data, memory, --init, the run folder); no writes
+        typer.echo(dump_yaml(preflight(cfg, RunDir(run_dir), resume)), nl=False)
+        return
     run(cfg, run_dir, resume)
 
 

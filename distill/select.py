@@ -18,8 +18,10 @@ import export), and the choice ranks that figure; selection.json records both pr
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Optional, Protocol
 
 import torch
@@ -31,6 +33,7 @@ from okdpipe.distill.finished import FinishedRun, load_run
 from okdpipe.distill.methods import Candidate
 from okdpipe.distill.models import count_macs
 from okdpipe.distill.trackers import log_selection
+from okdpipe.distill.trainer import build_models
 from okdpipe.errors import OkdpipeError
 from okdpipe.files import atomic_write_files, check_can_write_file, file_sha256, json_text
 from okdpipe.modelfile import ModelInfo, model_file_bytes, non_finite_tensors
@@ -161,11 +164,7 @@ class Selection:
             raise OkdpipeError(f"{run_dir}: the run has no validation split (val_split=0); nothing to select on")
 
     def candidates(self) -> dict[str, Candidate]:
-        found = {f"student:{i}": Candidate(self.students.extract(i)) for i in range(self.students.count)}
-        found.update(self.method.candidates())
-        if self.students.count > 1 and len(set(self.students.archs)) == 1:  # weights average only within one arch
-            found["soup"] = Candidate(soup(self.students), weight_averaged=True)
-        return found
+        return shipping_candidates(self.students, self.method)
 
     def score(self, name: str, candidate: Candidate) -> Scored:
         model = candidate.model.to(self.device)
@@ -223,34 +222,55 @@ def choose(scored: list[Scored], strategy: str, method_ships: str) -> Scored:
     return min(shippable, key=lambda s: (-s.ship_top1, s.params, s.name))
 
 
-def strategy_pool(scored: list[Scored], strategy: str, method_ships: str) -> list[Scored]:
-    """The candidates `strategy` chooses among."""
-    by_name = {s.name: s for s in scored}
-    students = [s for s in scored if s.name.startswith("student:")]
+def shipping_candidates(students, method) -> dict[str, Candidate]:
+    """Every model select can ship from a run: each student, the method's own (leader, mean teachers, hybrid) and,
+    for peers of one architecture, their weight-averaged soup."""
+    found = {f"student:{i}": Candidate(students.extract(i)) for i in range(students.count)}
+    found.update(method.candidates())
+    if students.count > 1 and len(set(students.archs)) == 1:  # weights average only within one architecture
+        found["soup"] = Candidate(soup(students), weight_averaged=True)
+    return found
+
+
+def candidate_names(cfg) -> list[str]:
+    """The candidates a run of `cfg` will offer, known before it trains (they depend on the method, the student
+    count and architectures, not on the data): the pipeline checks its select strategy against them up front."""
+    students, method = build_models(cfg, SimpleNamespace(num_classes=10, in_channels=3), torch.device("cpu"))
+    return list(shipping_candidates(students, method))
+
+
+def pool_names(names: list[str], strategy: str, method_ships: str) -> list[str]:
+    """The names of the candidates `strategy` chooses among; a strategy the run cannot serve is one line."""
     pools = {
-        "auto": scored,
-        "best": students,
-        "leader": [by_name["leader"]] if "leader" in by_name else [],
-        "mean-teacher": [s for s in scored if s.name.startswith("mean-teacher:")],
-        "hybrid": [by_name["hybrid"]] if "hybrid" in by_name else [],
-        "soup": [by_name["soup"]] if "soup" in by_name else [],
+        "auto": names,
+        "best": [n for n in names if n.startswith("student:")],
+        "mean-teacher": [n for n in names if n.startswith("mean-teacher:")],
+        **{exact: [n for n in names if n == exact] for exact in ("leader", "hybrid", "soup")},
     }
-    pool = pools.get(strategy, [by_name[strategy]] if strategy in by_name else None)
+    numbered = re.fullmatch(r"(student|mean-teacher):\d+", strategy)  # a candidate name, only not in this run
+    pool = pools.get(strategy, [strategy] if strategy in names else [] if numbered else None)
     if pool is None:
-        raise OkdpipeError(f"unknown --strategy {strategy!r}; use {STRATEGIES} (this run has: {', '.join(by_name)})")
+        raise OkdpipeError(f"unknown --strategy {strategy!r}; use {STRATEGIES} (this run has: {', '.join(names)})")
     if not pool:
         raise OkdpipeError(
-            f"--strategy {strategy}: this run ({method_ships} method) has no such candidate; "
-            f"it has: {', '.join(by_name)}"
+            f"--strategy {strategy}: this run ({method_ships} method) has no such candidate; it has: {', '.join(names)}"
         )
     return pool
 
 
-def check_inputs(run_dir: Path, out: Optional[Path]) -> None:
+def strategy_pool(scored: list[Scored], strategy: str, method_ships: str) -> list[Scored]:
+    """The scored candidates `strategy` chooses among."""
+    by_name = {s.name: s for s in scored}
+    return [by_name[name] for name in pool_names(list(by_name), strategy, method_ships)]
+
+
+def check_inputs(run_dir: Path, out: Optional[Path], strategy: str = "auto") -> None:
     """What select refuses before scoring, in the order it does (`--dry-run` runs this): a run that is missing,
-    unfinished, diverged or damaged (its checkpoint verified, data and models rebuilt), then the model path."""
-    run = load_run(run_dir, device="cpu").run
-    check_can_write_file(out or run.root / "model.pt", "--out")
+    unfinished, diverged or damaged (its checkpoint verified, data and models rebuilt), a strategy the run has no
+    candidate for, then the model path."""
+    finished = load_run(run_dir, device="cpu")
+    pool_names(list(shipping_candidates(finished.students, finished.method)), strategy, finished.method.ships)
+    check_can_write_file(out or finished.run.root / "model.pt", "--out")
 
 
 def select(
@@ -264,8 +284,10 @@ def select(
     """Score, choose, write selection.json and MODEL.pt; returns (rows, ensemble row, chosen, model path).
     With `precision`, every shippable candidate is also scored converted, and the choice ranks that score."""
     session = Selection(run_dir, bn_batches, device)
+    candidates = session.candidates()
+    pool_names(list(candidates), strategy, session.method.ships)  # before minutes of scoring
     check_can_write_file(out or session.run.root / "model.pt", "--out")
-    scored = [session.score(name, c) for name, c in session.candidates().items()]
+    scored = [session.score(name, c) for name, c in candidates.items()]
     if precision is not None:
         for candidate in scored:
             score_shipped(candidate, precision, session)

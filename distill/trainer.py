@@ -23,8 +23,8 @@ TensorBoard, MLflow) after writing it to metrics.jsonl, which stays the record.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -59,7 +59,7 @@ from okdpipe.distill.models import backbone_recipe, check_arch
 from okdpipe.distill.students import Students
 from okdpipe.distill.trackers import Trackers, open_trackers, require
 from okdpipe.errors import GateFailed, OkdpipeError
-from okdpipe.files import atomic_write_text
+from okdpipe.files import atomic_write_text, check_can_create_folder, loads_finite
 from okdpipe.modelfile import non_finite_tensors
 from okdpipe.run import RunDir, environment, now_iso
 
@@ -159,7 +159,49 @@ def check_config(cfg: DistillConfig) -> tuple[type[Method], Hparams, list[str]]:
         check_arch(arch)
     method_cls.check_archs(cfg.method, archs)
     check_options(cfg.dataset, DATASETS.get(cfg.dataset), cfg.data_options)
+    if cfg.warmup_epochs > cfg.epochs:
+        raise OkdpipeError(
+            f"warmup_epochs {cfg.warmup_epochs:g} is longer than the run ({cfg.epochs} epochs): the learning rate "
+            f"would never reach --lr; lower warmup_epochs or raise --epochs"
+        )
+    check_processes(cfg.nproc_per_node, resolve_device(cfg.device))
     return method_cls, hp, archs
+
+
+def check_processes(count: int, device: torch.device) -> None:
+    """One GPU per process on CUDA, at least one core per process on CPU: more processes than that never start
+    training (the process group waits for workers the machine cannot run), so they are refused up front."""
+    if count <= 1 or distributed.launched_world_size() is not None:  # torchrun chose the world: its call
+        return
+    if device.type == "cuda" and count > torch.cuda.device_count():
+        raise OkdpipeError(
+            f"--nproc-per-node {count}: only {torch.cuda.device_count()} CUDA devices are visible (one per process); "
+            f"pass at most {torch.cuda.device_count()}"
+        )
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if device.type == "cpu" and count > cores:
+        raise OkdpipeError(
+            f"--nproc-per-node {count}: this machine gives okdpipe {cores} CPU cores (one per process); "
+            f"pass at most {cores}"
+        )
+
+
+def preflight(cfg: DistillConfig, run: RunDir, resume: bool) -> DistillConfig:
+    """Every check fit makes before its first step, writing nothing: the config, device and process count, the
+    run folder (writable, free, or resumable with the same settings), the data, a batch that fits the training
+    split and memory, and the --init weights loaded into the students. `okdpipe distill --dry-run` runs it, so a
+    dry run refuses what the real run refuses, with the same line. Returns the config as fit would train it."""
+    cfg = with_method_defaults_of(with_world_size(cfg))
+    require(cfg.loggers)
+    check_config(cfg)
+    check_can_create_folder(run.root, "--out")
+    check_start(run, resume)
+    s = build_session(cfg, run, Group(world_size=cfg.nproc_per_node))
+    if resume:
+        restore(s)
+    elif cfg.init:
+        initialise(s.students, cfg.init, s.method)
+    return cfg
 
 
 def build_models(cfg: DistillConfig, spec, device: torch.device) -> tuple[Students, Method]:
@@ -482,7 +524,7 @@ def trim_metrics(run: RunDir, finished_epochs: int) -> None:
 def metrics_epoch(line: str) -> float:
     """The epoch of one metrics line; infinity (never kept) for a line that is not a metrics record."""
     try:
-        record = json.loads(line)
+        record = loads_finite(line)
     except ValueError:
         return math.inf
     epoch = record.get("epoch") if isinstance(record, dict) else None
@@ -500,6 +542,8 @@ def fit(
     cfg = with_method_defaults_of(with_world_size(cfg))
     require(cfg.loggers)
     check_config(cfg)
+    if distributed.holds_run_lock():
+        check_can_create_folder(run.root, "--out")
     created = not run.root.exists()
     with run.locked() if distributed.holds_run_lock() else contextlib.nullcontext():
         try:
@@ -524,13 +568,7 @@ def forget_unstarted(run: RunDir) -> None:
 
 def fit_locked(cfg: DistillConfig, run: RunDir, resume: bool, stop_after_steps: Optional[int], echo) -> dict[str, Any]:
     """fit() once the run directory is held."""
-    if has_checkpoint(run) and not resume:
-        raise OkdpipeError(f"{run.root} already holds a run; pass --resume to continue it or choose another --out")
-    if resume and not has_checkpoint(run):
-        raise OkdpipeError(
-            f"--resume: {run.root} has no checkpoint to resume from (none is written before the first epoch ends); "
-            "run the same command without --resume"
-        )
+    check_start(run, resume)
     if distributed.needs_launch(cfg.nproc_per_node):
         return distributed.launch(
             fit,
@@ -543,6 +581,17 @@ def fit_locked(cfg: DistillConfig, run: RunDir, resume: bool, stop_after_steps: 
         )
     with distributed.joined(resolve_device(cfg.device)) as group:
         return train(cfg, run, group, resume, stop_after_steps, echo if group.is_main else quiet)[1]
+
+
+def check_start(run: RunDir, resume: bool) -> None:
+    """A new run needs a folder without a checkpoint; --resume needs one with."""
+    if has_checkpoint(run) and not resume:
+        raise OkdpipeError(f"{run.root} already holds a run; pass --resume to continue it or choose another --out")
+    if resume and not has_checkpoint(run):
+        raise OkdpipeError(
+            f"--resume: {run.root} has no checkpoint to resume from (none is written before the first epoch ends); "
+            "run the same command without --resume"
+        )
 
 
 def with_method_defaults_of(cfg: DistillConfig) -> DistillConfig:

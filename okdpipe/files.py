@@ -44,6 +44,8 @@ def atomic_write_files(contents: dict[Path, bytes]) -> None:
 def _replace_together(writers: dict[Path, Callable[[BinaryIO], None]]) -> None:
     """Write every file to a synced temp, then rename them all. Any failure or interrupt removes the temps and
     the folders this call created, so nothing is left half-written and no empty folder is left behind."""
+    for path in writers:
+        _refuse_special(path, "output")
     created = _make_parents(list(writers))
     written: list[tuple[Path, Path]] = []
     try:
@@ -58,6 +60,18 @@ def _replace_together(writers: dict[Path, Callable[[BinaryIO], None]]) -> None:
         if isinstance(exc, OSError):
             raise _cannot_write(path, exc) from None
         raise
+
+
+def _refuse_special(path: Path, what: str) -> None:
+    """An existing target that is not a regular file (a device such as /dev/null, a FIFO, a socket, or a link to
+    one) is never replaced: renaming over it would delete a device node as root, and writing into it loses the
+    output. A folder is named as such so the user passes a file path inside it."""
+    if path.is_dir():
+        raise OkdpipeError(f"{what} {path} is a folder; pass a file path such as {path / 'report.json'}")
+    if path.exists() and not path.is_file():
+        raise OkdpipeError(
+            f"{what} {path} is not a regular file (a device, pipe or socket); pass the path of a file to write"
+        )
 
 
 def _make_parents(paths: list[Path]) -> list[Path]:
@@ -136,12 +150,17 @@ def json_text(data: Any, path: str | os.PathLike) -> str:
 
 def loads_finite(text: str) -> Any:
     """json.loads that refuses NaN and Infinity (ValueError "non-finite number (NaN)"): okdpipe writes strict JSON
-    (allow_nan=False), so a file holding them is damaged or not ours, never a figure to report or gate on."""
+    (allow_nan=False), so a file holding them is damaged or not ours, never a figure to report or gate on. JSON
+    nested deeper than Python's recursion limit (`[[[[...]]]]`, a few KB) is a JSONDecodeError like any other
+    malformed file, not a RecursionError traceback."""
 
     def refuse(token: str) -> None:
         raise ValueError(f"non-finite number ({token})")
 
-    return json.loads(text, parse_constant=refuse)
+    try:
+        return json.loads(text, parse_constant=refuse)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply", text if isinstance(text, str) else "", 0) from None
 
 
 def read_user_file(path: str | os.PathLike, what: str, limit: int, wait_s: float | None = None) -> bytes:
@@ -202,8 +221,7 @@ def check_can_write_file(path: str | os.PathLike, what: str) -> None:
     file, or a read-only folder. Nothing is created here: the write creates missing folders (and removes them
     again if it fails), so a refused or interrupted run leaves no empty folder behind."""
     path = Path(path)
-    if path.is_dir():
-        raise OkdpipeError(f"{what} {path} is a folder; pass a file path such as {path / 'report.json'}")
+    _refuse_special(path, what)
     check_can_create_folder(path.parent, what)
 
 
@@ -214,7 +232,8 @@ def check_can_create_folder(folder: str | os.PathLike, what: str) -> None:
     folder = Path(folder)
     existing = next(ancestor for ancestor in [folder, *folder.parents] if ancestor.exists())
     if not existing.is_dir():
-        raise OkdpipeError(f"{what} {folder}: {existing} is a file, not a folder; choose another path")
+        kind = "a file" if existing.is_file() else "a device, pipe or socket"
+        raise OkdpipeError(f"{what} {folder}: {existing} is {kind}, not a folder; choose another path")
     try:
         os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".okdpipe-probe-"))
     except OSError as exc:

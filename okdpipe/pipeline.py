@@ -33,7 +33,7 @@ from okdpipe.contracts.versioned import FileFormat
 from okdpipe.distill.select_command import SelectConfig
 from okdpipe.errors import OkdpipeError
 from okdpipe.export.config import ExportConfig
-from okdpipe.files import atomic_write_json, check_can_create_folder, file_sha256
+from okdpipe.files import atomic_write_json, check_can_create_folder, file_sha256, loads_finite
 from okdpipe.plugins import PLUGINS_HELP, PluginNames
 from okdpipe.run import RunDir, now_iso
 
@@ -80,8 +80,9 @@ class PipelineConfig(Strict):
 
 def load_pipeline_config(path: str | Path) -> PipelineConfig:
     """Parse and check the whole config (names included) before any stage runs; errors are one line, exit 2."""
+    values = read_yaml(path)  # its errors name the file already
     try:
-        cfg = PipelineConfig.model_validate(read_yaml(path))
+        cfg = PipelineConfig.model_validate(values)
         check_names(cfg)
     except ValidationError as exc:
         raise OkdpipeError(f"{path}: {validation_message(exc)}") from None
@@ -94,11 +95,17 @@ def check_names(cfg: PipelineConfig) -> None:
     """Unknown method, backbone, dataset, method parameter or gate fail now, not after minutes of training."""
     from okdpipe.bench.gate import validate_gates
     from okdpipe.distill.init_weights import check_weights_file
-    from okdpipe.distill.trainer import check_config
+    from okdpipe.distill.methods import METHODS
+    from okdpipe.distill.select import candidate_names, pool_names
+    from okdpipe.distill.trainer import check_config, resolve_device
+    from okdpipe.ortsession import check_provider
 
     check_config(cfg.distill)
+    resolve_device(cfg.select.device)
     if cfg.distill.init:
         check_weights_file(cfg.distill.init)
+    pool_names(candidate_names(cfg.distill), cfg.select.strategy, METHODS.get(cfg.distill.method).ships)
+    check_provider(cfg.bench.provider)
     validate_gates(cfg.gate, None, None, tuple(cfg.bench.batch_sizes))
 
 
@@ -184,7 +191,7 @@ class Pipeline:
     """The five stages of one config over one output directory."""
 
     def __init__(self, cfg: PipelineConfig, out: Path, force: bool = False, echo: Callable[[str], None] = print):
-        self.cfg, self.out, self.force, self.echo = cfg, Path(out), force, echo
+        self.cfg, self.out, self.force, self.echo = cfg, Path(out).resolve(), force, echo
         self.state_path = self.out / STATE_FILE
         self.stages = [
             Stage("distill", cfg.distill, lambda: [], self._distill, self._distill_note),
@@ -200,8 +207,8 @@ class Pipeline:
         if not self.state_path.is_file():
             return {**STATE.header(), "stages": {}}
         try:
-            state = json.loads(self.state_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            state = loads_finite(self.state_path.read_text())
+        except ValueError as exc:  # malformed, too deeply nested, not UTF-8 or non-finite
             raise OkdpipeError(f"{self.state_path}: corrupt ({exc}); delete it or re-run with --force") from None
         STATE.check(state, self.state_path)
         if not isinstance(state.get("stages"), dict):

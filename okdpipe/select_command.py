@@ -35,7 +35,7 @@ def select_command(
     if dry_run:  # everything select checks before scoring, with the same lines
         from okdpipe.distill.select import check_inputs
 
-        check_inputs(run_dir, out)
+        check_inputs(run_dir, out, cfg.strategy)
         show(cfg)
         return
     from okdpipe.export.select_int8 import select_shipping

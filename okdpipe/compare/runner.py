@@ -10,7 +10,6 @@ from its last checkpoint.
 
 from __future__ import annotations
 
-import json
 import time
 from datetime import datetime
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 from okdpipe.compare.protocol import entries, entry_config, record_path, run_dir
 from okdpipe.console import say
 from okdpipe.errors import OkdpipeError
-from okdpipe.files import atomic_write_text
+from okdpipe.files import atomic_write_json, atomic_write_text, loads_finite
 
 
 def check_entries(protocol: dict) -> None:
@@ -37,7 +36,12 @@ def check_entries(protocol: dict) -> None:
 
 def manifest(path: Path) -> dict:
     file = path / "manifest.json"
-    return json.loads(file.read_text()) if file.is_file() else {}
+    if not file.is_file():
+        return {}
+    try:
+        return loads_finite(file.read_text())
+    except (ValueError, OSError) as exc:
+        raise OkdpipeError(f"{file}: not a readable manifest ({exc}); delete {path} to train that run again") from None
 
 
 def train(protocol: dict, out: Path, name: str, seed: int) -> None:
@@ -91,7 +95,7 @@ def select_and_measure(out: Path, records: Path, name: str, seed: int) -> dict:
     path = run_dir(out, name, seed)
     defaults = SelectConfig()
     select(path, "auto", None, defaults.bn_batches, defaults.device)
-    selection = json.loads((path / "selection.json").read_text())
+    selection = loads_finite((path / "selection.json").read_text())
     state = manifest(path)
     result = {
         "entry": name,
@@ -111,7 +115,7 @@ def select_and_measure(out: Path, records: Path, name: str, seed: int) -> dict:
         "students": state["students"]["count"],
         "config": state["config"],
     }
-    atomic_write_text(record_path(records, name, seed), json.dumps(result, indent=2) + "\n")
+    atomic_write_json(record_path(records, name, seed), result)
     return result
 
 
@@ -148,7 +152,7 @@ def run_protocol(protocol: dict, plan: list[tuple[str, int]]) -> None:
 
 def read_record(path: Path) -> dict:
     try:
-        record = json.loads(path.read_text())
+        record = loads_finite(path.read_text())
     except (ValueError, OSError) as exc:
         raise OkdpipeError(
             f"{path}: not a readable record ({exc}); delete it (the run is trained again) or restore it"
