@@ -86,10 +86,15 @@ def check_inputs(
     from okdpipe.bench.gate import plan_gates
     from okdpipe.bench.report import report_paths
     from okdpipe.contracts.card import read_card
+    from okdpipe.errors import OkdpipeError
     from okdpipe.files import check_can_write_file
 
+    seen: dict[Path, Path] = {}
     for artifact in artifacts:
         read_card(artifact)
+        first = seen.setdefault(artifact.resolve(), artifact)
+        if first is not artifact:
+            raise OkdpipeError(f"{artifact}: the same artifact as {first}, given twice; pass each artifact once")
     plan = plan_gates(cfg.gates, policy, baseline, tuple(cfg.batch_sizes))
     for what, path in report_paths(report, junit).items():
         check_can_write_file(path, f"the {what} report")

@@ -44,7 +44,7 @@ class BenchConfig(StageConfig):
     @field_validator("batch_sizes", mode="before")
     @classmethod
     def _parse_batch_sizes(cls, value: Any) -> Any:
-        """'1,8,64' (a flag) or [1, 8, 64] (YAML); each in 1..65536, duplicates dropped."""
+        """'1,8,64' (a flag) or [1, 8, 64] (YAML); each in 1..65536, each once (a repeat is a typo)."""
         if isinstance(value, str):
             parts = [part.strip() for part in value.split(",")]
             if not all(part.isascii() and part.isdigit() for part in parts):
@@ -53,5 +53,7 @@ class BenchConfig(StageConfig):
         if isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             if any(not 1 <= v <= MAX_BATCH for v in value):
                 raise ValueError(f"batch sizes must be positive integers up to {MAX_BATCH}, got {list(value)}")
-            value = list(dict.fromkeys(value))
+            repeated = sorted({v for v in value if value.count(v) > 1})
+            if repeated:
+                raise ValueError(f"batch size {repeated[0]} is listed twice in {list(value)}; list each once")
         return value

@@ -19,7 +19,7 @@ from okdpipe.config import validation_message
 from okdpipe.contracts.versioned import FileFormat
 from okdpipe.errors import OkdpipeError
 from okdpipe.files import file_sha256
-from okdpipe.modelfile import atomic_torch_save
+from okdpipe.modelfile import atomic_torch_save, load_tensors
 from okdpipe.run import RunDir
 
 CHECKPOINT = FileFormat(
@@ -81,10 +81,7 @@ def load_checkpoint(run: RunDir) -> dict[str, Any]:
     path = run.checkpoints / LAST
     settle(run)
     run.verify_artifact(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise OkdpipeError(f"{path}: unreadable checkpoint ({str(exc).splitlines()[0][:160]})") from None
+    state = load_tensors(path, "unreadable checkpoint", "restore it from a backup or train the run again")
     CHECKPOINT.check(state, path)
     try:
         CheckpointFields.model_validate(state)

@@ -35,6 +35,7 @@ import torch
 
 from okdpipe.errors import OkdpipeError
 from okdpipe.files import file_sha256
+from okdpipe.modelfile import load_tensors
 
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "state_dict_ema", "model_ema")
 SHOWN = 5  # names of each kind listed in the report
@@ -56,11 +57,11 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str, str]:
     path = check_weights_file(path)
     if path.suffix == ".safetensors":
         return _read_safetensors(path), "safetensors", ""
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for foreign or corrupt files
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise OkdpipeError(f"--init {path}: not a readable weights file ({reason})") from None
+    payload = load_tensors(
+        path,
+        "not a readable weights file for --init",
+        "pass a state dict (torch.save(model.state_dict(), path)), an okdpipe MODEL.pt or a .safetensors file",
+    )
     if isinstance(payload, dict) and payload.get("format") == "okdpipe-model":
         from okdpipe.modelfile import read_model_file
 

@@ -391,6 +391,26 @@ def stop_if_diverged(s: Session, step: int, what: str) -> None:
     raise GateFailed(message)
 
 
+def stop_if_non_finite(s: Session, epoch: int, record: dict[str, Any], split: str) -> None:
+    """Weights can stay finite while the logits overflow (a huge --lr), or PreciseBN can make BN statistics
+    infinite: a non-finite figure (a loss, or an accuracy of a NaN model) is divergence, never a metric to record."""
+    bad = first_non_finite(record) or first_nonfinite_tensor([s.students, s.method])
+    if bad is not None:
+        stop_if_diverged(s, (epoch + 1) * len(s.train_loader) - 1, f"the {split} figure or weight {bad}")
+
+
+def first_non_finite(value: Any, where: str = "") -> Optional[str]:
+    """The dotted path of the first NaN or infinite float in nested dicts and lists, else None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else where or "value"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else []
+    for key, item in items:
+        found = first_non_finite(item, f"{where}.{key}" if where else str(key))
+        if found:
+            return found
+    return None
+
+
 def first_nonfinite_tensor(modules) -> Optional[str]:
     """The name of the first parameter or floating-point buffer holding a NaN or inf (one sync), else None."""
     bad = non_finite_tensors(pair for m in modules for pair in [*m.named_parameters(), *m.named_buffers()])
@@ -665,6 +685,7 @@ def train(
             if cfg.precise_bn:  # every rank alike: the calibration sample is not sharded
                 recalibrate_bn(s.students, s.calib_loader.epoch(0), BN_CALIBRATION_BATCHES, forward=on_view_0)
             summary["val"] = evaluate(s, s.val_loader)
+            stop_if_non_finite(s, epoch, summary, "validation")
             s.history.append(summary)
             if group.is_main:
                 record_epoch(s, summary)
@@ -711,6 +732,7 @@ def configure_determinism() -> None:
 def finish(s: Session) -> dict[str, Any]:
     """Measure every model on the test split once, at the end; nothing is chosen with these numbers."""
     test = evaluate(s, s.test_loader)
+    stop_if_non_finite(s, s.cfg.epochs - 1, {"test": test}, "test")
     if s.group.is_main:
         s.run.update_manifest(test=test, status="finished", finished=now_iso())
         s.trackers.attach(s.run)

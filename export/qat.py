@@ -39,7 +39,7 @@ from okdpipe.distill.losses import kd
 from okdpipe.errors import OkdpipeError
 from okdpipe.export import fakequant, onnx_export, qdq, quantize
 from okdpipe.files import file_sha256
-from okdpipe.modelfile import atomic_torch_save
+from okdpipe.modelfile import atomic_torch_save, load_tensors
 
 WORK_PREFIX = ".qat-"
 CHECKPOINT_FILE = "last.pt"
@@ -259,10 +259,7 @@ def resume(work: Path, network, optimizer) -> list[dict] | None:
     path = work / CHECKPOINT_FILE
     if not path.is_file():
         return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a damaged file
-        raise OkdpipeError(f"{path}: unreadable QAT checkpoint ({str(exc).splitlines()[0][:120]}); delete it") from None
+    state = load_tensors(path, "unreadable QAT checkpoint", "delete it (QAT then starts again)")
     CHECKPOINT.check(state, path)
     network.load_state_dict(state["network"])
     optimizer.load_state_dict(state["optimizer"])

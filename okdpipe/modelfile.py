@@ -138,16 +138,11 @@ def model_file_bytes(model, info: ModelInfo, path: str | os.PathLike) -> bytes:
 
 def read_model_file(path: str | os.PathLike) -> tuple[dict, ModelInfo]:
     """Read and verify a model file; returns (state_dict, info). Raises OkdpipeError on any problem."""
-    import torch
 
     path = Path(path)
     if not path.is_file():
         raise OkdpipeError(f"{path}: no such model file; create one with `okdpipe select RUN_DIR --out {path}`")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for corrupt or foreign files
-        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-        raise OkdpipeError(f"{path}: not a readable okdpipe model file ({reason})") from None
+    payload = load_tensors(path, "not a readable okdpipe model file", "pass the MODEL.pt `okdpipe select` wrote")
     MODEL_FILE.check(payload, path)
     state = payload.get("state_dict")
     if not isinstance(state, dict) or not state or not all(_is_dense_tensor(v) for v in state.values()):
@@ -213,3 +208,24 @@ def _info_problem(info: ModelInfo) -> str | None:
         else "arch_kwargs and provenance must be mappings, arch_source a mapping of strings",
     ]
     return next((problem for problem in checks if problem), None)
+
+
+def load_tensors(path: Path, what: str, fix: str) -> Any:
+    """torch.load with weights_only=True (nothing in the file is executed); a file it refuses is one line:
+    `{path}: {what} ({why}); {fix}`."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt or foreign files
+        raise OkdpipeError(f"{path}: {what} ({load_failure(exc)}); {fix}") from None
+
+
+def load_failure(exc: BaseException) -> str:
+    """Why torch.load refused a file, in a few words (its messages run to paragraphs): the first sentence of its
+    first line, cut at a word, or what a weights-only refusal means."""
+    text = str(exc).strip()
+    if "Weights only load failed" in text:
+        return "it holds pickled Python objects, which okdpipe never unpickles: they could run code"
+    sentence = (text.splitlines() or [type(exc).__name__])[0].split(". ")[0].rstrip(".")
+    return sentence if len(sentence) <= 160 else sentence[:157].rsplit(" ", 1)[0] + "..."

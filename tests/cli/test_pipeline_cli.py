@@ -162,6 +162,16 @@ def test_dry_run_of_a_new_directory_creates_nothing(tmp_path):
     assert stage_lines(result.output) == [f"run {name}" for name in STAGES] and not (tmp_path / "new").exists()
 
 
+@pytest.mark.slow
+def test_a_relative_out_folder_runs_every_stage(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = invoke(smoke_config(tmp_path), Path("relative-out"))
+    assert result.exit_code == 0, result.output
+    assert stage_lines(result.output) == [f"run {name}" for name in STAGES]
+    outputs = records(tmp_path / "relative-out")["export"]["outputs"]
+    assert "export/fp32/model.onnx" in outputs and all((tmp_path / "relative-out" / p).is_file() for p in outputs)
+
+
 @pytest.mark.parametrize(
     "sections, fragment",
     [

@@ -1,3 +1,4 @@
+import json
 import os
 import re
 import subprocess
@@ -74,3 +75,30 @@ def test_every_user_named_file_goes_through_the_bounded_reader(fifo, monkeypatch
     for read in readers:
         with pytest.raises((OkdpipeError, GateUsageError), match="sent nothing for 0.2 s"):
             read(fifo)
+
+
+@pytest.mark.parametrize("make", [os.mkfifo, lambda p: os.symlink("/dev/null", p)], ids=["fifo", "link-to-device"])
+def test_an_existing_target_that_is_not_a_regular_file_is_never_replaced(tmp_path, make):
+    """Renaming over /dev/null as root would delete the device; writing into a FIFO loses the output."""
+    target = tmp_path / "report.json"
+    make(target)
+    kind = os.lstat(target).st_mode
+    for write in (lambda: atomic_write_text(target, "x"), lambda: files.check_can_write_file(target, "--report")):
+        with pytest.raises(OkdpipeError, match="is not a regular file .*; pass the path of a file to write"):
+            write()
+    assert os.lstat(target).st_mode == kind and [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000, '{"a":' * 100_000 + "1" + "}" * 100_000])
+def test_json_nested_past_the_recursion_limit_is_malformed_json(text):
+    with pytest.raises(json.JSONDecodeError, match="nested too deeply"):
+        files.loads_finite(text)
+    assert files.loads_finite('[[1, 2], {"a": [3]}]') == [[1, 2], {"a": [3]}]
+
+
+def test_load_failure_is_one_sentence_cut_at_a_word():
+    from okdpipe.modelfile import load_failure
+
+    reason = load_failure(RuntimeError("word " * 60 + "end. A second sentence.\nA second line."))
+    assert reason.endswith("...") and len(reason) <= 160 and reason[:-3].endswith("word")
+    assert load_failure(OSError("short reason. more")) == "short reason"

@@ -110,6 +110,22 @@ def test_anything_else_that_does_not_fit_is_one_line(tmp_path):
         initialise(Students("resnet8", 1, 4, 3), tmp_path / "junk.safetensors")
 
 
+def test_a_pickled_module_is_refused_in_one_whole_sentence_with_the_fix(tmp_path):
+    """A whole pickled nn.Module needs unpickling (it could run code): refused, with torch's paragraph replaced by
+    one whole sentence and the way to re-save it, for --init and for a model file alike."""
+    from okdpipe.modelfile import read_model_file
+
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pt")
+    with pytest.raises(OkdpipeError) as init_error:
+        initialise(Students("resnet8", 1, 4, 3), tmp_path / "module.pt")
+    with pytest.raises(OkdpipeError) as model_error:
+        read_model_file(tmp_path / "module.pt")
+    for error, fix in [(init_error, "torch.save(model.state_dict(), path)"), (model_error, "okdpipe select")]:
+        message = str(error.value)
+        assert "(it holds pickled Python objects, which okdpipe never unpickles: they could run code)" in message
+        assert fix in message.split("); ", 1)[1] and "\n" not in message
+
+
 def test_init_must_be_a_local_file():
     from okdpipe.config import DistillConfig
 

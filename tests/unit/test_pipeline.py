@@ -60,6 +60,13 @@ def test_bad_config_is_one_line_exit_2(tmp_path, data, message):
     assert str(error.value).startswith(f"{path}: ") and message in str(error.value) and "\n" not in str(error.value)
 
 
+def test_a_yaml_syntax_error_names_the_file_once(tmp_path):
+    (tmp_path / "p.yaml").write_text("distill: [unclosed\n")
+    with pytest.raises(OkdpipeError) as error:
+        load_pipeline_config(tmp_path / "p.yaml")
+    assert str(error.value).count(str(tmp_path / "p.yaml")) == 1, str(error.value)
+
+
 def test_missing_config_file_is_bad_usage(tmp_path):
     with pytest.raises(OkdpipeError, match="config file not found"):
         load_pipeline_config(tmp_path / "none.yaml")

@@ -99,6 +99,32 @@ def test_non_finite_weights_at_the_end_of_an_epoch_stop_before_the_checkpoint(tm
     assert [r["kind"] for r in records] == ["step"]  # the last step's (finite) loss, no epoch record
 
 
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_finite_weights_with_non_finite_metrics_are_divergence_not_a_write_error(tmp_path, monkeypatch, split):
+    """A huge lr can leave the weights finite and the logits infinite: the loss of the second validation (or of
+    the test split) is NaN. That ends the run as diverged (exit 1, manifest says so), never a JSON-writer error."""
+    run = RunDir(tmp_path / "r")
+    real, calls = trainer.evaluate_run, []
+
+    def evaluate_run(*args, **kwargs):
+        result = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == (2 if split == "val" else 3):  # validation after epochs 1 and 2, then test
+            result["student:0"]["loss"] = math.nan
+        return result
+
+    monkeypatch.setattr(trainer, "evaluate_run", evaluate_run)
+    with pytest.raises(GateFailed) as err:
+        fit(tiny(), run, echo=quiet)
+    message = str(err.value)
+    assert f"the {split if split == 'test' else 'validation'} figure or weight" in message
+    assert "student:0.loss" in message and "epoch 2, step 12 (of 12)" in message
+    assert f"checkpoint (epoch {1 if split == 'val' else 2}) is kept" in message
+    manifest = json.loads(run.manifest_path.read_text())
+    assert manifest["status"] == "diverged" and manifest["error"] == message
+    assert "test" not in manifest
+
+
 def test_first_nonfinite_tensor_names_parameters_and_buffers():
     net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
     assert trainer.first_nonfinite_tensor([net]) is None
