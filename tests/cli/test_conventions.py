@@ -192,7 +192,7 @@ def test_dry_run_prints_yaml_that_config_reproduces(tmp_path, finished_run, mode
 
 
 def test_dry_run_values_are_the_flags(artifact, model_file, tmp_path):
-    dry_run = okdpipe("bench", artifact, "--batch-sizes", "2,1,2", "--threads", "3", "--dry-run")
+    dry_run = okdpipe("bench", artifact, "--batch-sizes", "2,1", "--threads", "3", "--dry-run")
     printed = yaml.safe_load(dry_run.stdout)
     assert printed["batch_sizes"] == [2, 1] and printed["threads"] == 3
     dry_run = okdpipe("export", model_file, "--out", tmp_path / "out", "--opset", "17", "--dry-run")

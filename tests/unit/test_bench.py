@@ -222,7 +222,10 @@ def test_peak_memory_sees_an_allocation(tmp_path):
 
 
 def test_parse_batch_sizes():
-    assert BenchConfig(batch_sizes="1, 8,64,8").batch_sizes == [1, 8, 64]
+    assert BenchConfig(batch_sizes="1, 8,64").batch_sizes == [1, 8, 64]
+    for repeated in ("1, 8,64,8", [2, 2]):
+        with pytest.raises(ValueError, match="is listed twice"):
+            BenchConfig(batch_sizes=repeated)
     for bad in ("", "1,x", "0", "-1"):
         with pytest.raises(ValueError, match="positive integers"):
             BenchConfig(batch_sizes=bad)
