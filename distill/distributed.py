@@ -26,6 +26,7 @@ after_step update: EMA, fusion) to identical weights.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import pickle
 import queue
@@ -229,6 +230,9 @@ def launch(target: Callable[..., Any], world_size: int, *args: Any, **kwargs: An
         start_method="spawn",
     )
     messages: dict[str, Any] = {}
+    # torch logs "Terminating process N via signal SIGTERM" for each peer of a failed worker: noise above the
+    # one `error:` line that says why (the worker's own error); stopping the peers is this function's job
+    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
     try:
         while not spawned.join(timeout=0.2):
             drain(outbox, messages)  # keep reading so a large result never blocks the writer on a full pipe
