@@ -146,6 +146,76 @@ def test_requests_http_cannot_parse_get_a_json_400_and_the_server_keeps_serving(
     assert httpx.get(server.url + "/v2/health/live", timeout=5).status_code == 200
 
 
+@pytest.mark.parametrize(
+    ("head", "status", "message"),
+    [
+        (
+            b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 200_000 + b"\r\n\r\n",
+            431,
+            "request head longer than 16384 bytes; send fewer or shorter headers",
+        ),
+        (
+            b"GET /v2/health/live?" + b"a" * 200_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+            414,
+            "request line longer than 16384 bytes; shorten the URL",
+        ),
+        (
+            b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n"
+            + b"".join(b"X-H%d: %s\r\n" % (index, b"v" * 100) for index in range(300))
+            + b"\r\n",
+            431,
+            "request head longer than 16384 bytes",
+        ),
+    ],
+    ids=["200 KB header line", "200 KB URL", "300 headers"],
+)
+def test_oversized_request_heads_get_a_json_431_or_414_then_close(server, head, status, message):
+    """The answer must reach the client: closing while its head is still arriving would reset the connection
+    (read_until_closed then raises ConnectionResetError) and lose the answer."""
+    sock = open_request(server.port, head)
+    answer = read_until_closed(sock)
+    sock.close()
+    response_head, _, body = answer.partition("\r\n\r\n")
+    assert response_head.startswith(f"HTTP/1.1 {status} "), answer[:300]
+    assert "content-type: application/json" in response_head.lower()
+    assert "connection: close" in response_head.lower()
+    assert strict_json(body)["error"].startswith(message)
+    assert httpx.get(server.url + "/v2/health/live", timeout=5).status_code == 200
+
+
+LONG_URL_HEAD = b"GET /?" + b"a" * 20_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def sends_fail_within(sock: socket.socket, seconds: float) -> bool:
+    """Whether sending a byte every 0.1 s fails (the server closed the socket) within `seconds`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            sock.sendall(b"a")
+        except (BrokenPipeError, ConnectionResetError):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_a_refused_connection_closes_within_the_header_timeout_though_the_client_keeps_it_open(guarded_server):
+    """After the answer the server reads on (so that closing resets nothing) but not for ever."""
+    sock = open_request(guarded_server.port, LONG_URL_HEAD)
+    assert read_until_closed(sock).startswith("HTTP/1.1 414 ")  # the server has finished sending
+    assert sends_fail_within(sock, seconds=3)  # and then closes, 1 s (--header-timeout-s) later
+    sock.close()
+
+
+def test_a_refused_client_that_keeps_sending_is_cut_off(server):
+    """What the server reads on after a refusal is bounded in bytes too (1 MiB), not only by the 10 s timeout."""
+    sock = open_request(server.port, LONG_URL_HEAD)
+    assert read_until_closed(sock).startswith("HTTP/1.1 414 ")
+    with pytest.raises((BrokenPipeError, ConnectionResetError)):
+        for _ in range(64):
+            sock.sendall(b"x" * MIB)
+    sock.close()
+
+
 def test_non_finite_outputs_are_a_clear_422_never_bare_nan(client):
     huge = np.full((2, 1, 28, 28), 3e38, np.float32)  # finite input; the convolution overflows to inf - inf = NaN
     huge[0] = 0.0

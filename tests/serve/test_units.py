@@ -12,12 +12,14 @@ import threading
 import time
 import zlib
 
+import h11
 import numpy as np
 import pytest
 from PIL import Image
 
 from okdpipe.contracts.card import Preprocess
 from okdpipe.serve.batching import MicroBatcher, QueueFull
+from okdpipe.serve.connections import HEAD_TOO_LONG, LINE_TOO_LONG, MAX_HEAD_BYTES, BoundedHeadConnection
 from okdpipe.serve.metrics import Histogram, ServerMetrics
 from okdpipe.serve.outputs import classify_response, softmax
 from okdpipe.serve.preprocess import image_to_tensor, multipart_file
@@ -251,6 +253,50 @@ def test_an_output_binary_data_flag_overrides_binary_data_output():
     }
     parsed = parse_infer_request(json.dumps(request).encode(), None, SPEC)
     assert [(output.name, output.binary) for output in parsed.outputs] == [("logits", False), ("labels", True)]
+
+
+def _head_of(size: int) -> bytes:
+    """A complete GET head of exactly `size` bytes (its padding in one header)."""
+    start, end = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Pad: ", b"\r\n\r\n"
+    return start + b"a" * (size - len(start) - len(end)) + end
+
+
+def _h11_outcome(data: bytes):
+    """What the server's h11 connection makes of `data` arriving in one read: the request, or its refusal."""
+    connection = BoundedHeadConnection()
+    connection.receive_data(data)
+    try:
+        return connection.next_event()
+    except h11.RemoteProtocolError:
+        return connection.refusal
+
+
+MANY_HEADERS = b"".join(b"X-H%d: %s\r\n" % (index, b"v" * 100) for index in range(200))
+
+
+@pytest.mark.parametrize(
+    ("data", "refusal"),
+    [
+        (_head_of(MAX_HEAD_BYTES + 1), (431, HEAD_TOO_LONG)),  # whole in one read: h11 alone accepts any size
+        (b"GET / HTTP/1.1\r\nHost: x\r\n" + MANY_HEADERS + b"\r\n", (431, HEAD_TOO_LONG)),
+        (_head_of(MAX_HEAD_BYTES + 8)[:-4], (431, HEAD_TOO_LONG)),  # still arriving: h11's own check
+        (b"GET /?" + b"a" * MAX_HEAD_BYTES + b" HTTP/1.1\r\nHost: x\r\n\r\n", (414, LINE_TOO_LONG)),
+        (b"GET /?" + b"a" * MAX_HEAD_BYTES, (414, LINE_TOO_LONG)),
+        (b"GET /v2 /health HTTP/1.1\r\nHost: x\r\n\r\n", (400, "malformed HTTP request: illegal request line")),
+        (
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n",
+            (501, "malformed HTTP request: Only Transfer-Encoding: chunked is supported"),
+        ),
+    ],
+)
+def test_h11_refusals_carry_the_status_to_answer_with(data, refusal):
+    status, message = _h11_outcome(data)
+    assert status == refusal[0] and message.startswith(refusal[1]), message
+
+
+def test_a_head_of_exactly_the_limit_is_a_request():
+    event = _h11_outcome(_head_of(MAX_HEAD_BYTES))
+    assert isinstance(event, h11.Request) and event.target == b"/v2/health/live"
 
 
 def test_binary_byte_counts_must_match_shape_and_body():
