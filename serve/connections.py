@@ -91,6 +91,8 @@ class _HeadDeadlineProtocol(H11Protocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
+        # The next head gets a deadline of its own: the one armed at connect may have fired while this request was
+        # in flight, and uvicorn's keep-alive timeout ends at the first byte, so a dribbling socket stays forever.
         self._arm_head_deadline()
 
     def connection_lost(self, exc: Exception | None) -> None:

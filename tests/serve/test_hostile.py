@@ -63,6 +63,23 @@ def read_until_closed(sock: socket.socket, timeout: float = 5.0) -> str:
     return b"".join(chunks).decode()
 
 
+def read_response(sock: socket.socket, timeout: float = 5.0) -> tuple[str, bytes]:
+    """One response from a connection that stays open: its head, then its Content-Length bytes of body."""
+    sock.settimeout(timeout)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed before a whole response head: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?im)^content-length: *(\d+)", head).group(1))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed before a whole response body: {body!r}"
+        body += chunk
+    return head.decode(), body
+
+
 def closed_by_server(sock: socket.socket, within: float) -> bool:
     sock.settimeout(within)
     try:
@@ -267,6 +284,45 @@ def test_idle_and_slowloris_sockets_are_closed_and_the_server_stays_reachable(gu
         sock.sendall(b"a")  # a byte now and then does not extend the header deadline
     assert all(closed_by_server(sock, within=3.0) for sock in idle + dribbling)
     assert_log_is_json_without_errors(guarded_server.log())
+
+
+@pytest.fixture(scope="module")
+def keep_alive_server(start_server):
+    """A 1 s header deadline but a 5 s body deadline: a request can still be uploading when the header deadline
+    armed at connect time fires."""
+    with start_server("--header-timeout-s", "1", "--body-timeout-s", "5", "--threads", "1") as server:
+        yield server
+
+
+def closed_within(sock: socket.socket, seconds: float, dribble: bool) -> bool:
+    """Whether the server closes `sock` within `seconds`, the client sending a byte every 0.25 s if `dribble`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if dribble:
+            try:
+                sock.sendall(b"a")
+            except (BrokenPipeError, ConnectionResetError):
+                return True
+        if closed_by_server(sock, within=0.25):
+            return True
+    return False
+
+
+@pytest.mark.parametrize("dribble", [False, True], ids=["idle", "dribbling a next head"])
+def test_a_kept_alive_connection_gets_a_new_header_deadline_after_each_response(keep_alive_server, dribble):
+    """The deadline armed at connect fires while the first request is still uploading, and must leave it be; the
+    response then arms a new one for the next head. Without it, an idle socket stays open until uvicorn's 5 s
+    keep-alive timeout, and one dribbling its next head (which cancels that timeout) stays open forever."""
+    body = json.dumps(json_infer(np.zeros((1, 1, 28, 28), np.float32))).encode()
+    sock = open_request(keep_alive_server.port, upload_head(INFER, len(body)))
+    time.sleep(1.5)  # past the connect-time header deadline, well within the body deadline
+    sock.sendall(body)
+    head, _ = read_response(sock)
+    assert head.startswith("HTTP/1.1 200") and "connection: close" not in head.lower(), head
+    if dribble:
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+    assert closed_within(sock, seconds=2.5, dribble=dribble)
+    sock.close()
 
 
 def test_slow_body_is_408_and_its_bytes_are_released(guarded_server):
