@@ -24,6 +24,21 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 # are then rejected like any non-finite input). Integer and BYTES inputs are rejected with 400.
 ACCEPTED_INPUT_DTYPES = {"FP32": np.dtype("<f4"), "FP16": np.dtype("<f2"), "FP64": np.dtype("<f8")}
 OUTPUT_NAMES = ("logits", "probabilities", "labels")
+# The keys the protocol defines for a request, its input tensor and each requested output; `parameters` (the
+# parameters extension) is the place for anything else.
+REQUEST_KEYS = ("id", "parameters", "inputs", "outputs")
+INPUT_KEYS = ("name", "shape", "datatype", "parameters", "data")
+OUTPUT_KEYS = ("name", "parameters")
+# How a message names the JSON type json.loads gave a value.
+_JSON_TYPES = {
+    dict: "an object",
+    list: "a list",
+    str: "a string",
+    bool: "true or false",
+    int: "an integer",
+    float: "a number",
+    type(None): "null",
+}
 
 
 class ClientError(Exception):
@@ -72,19 +87,20 @@ def plain_int(text: str | None, max_digits: int = 18) -> int | None:
 
 
 def parse_infer_request(body: bytes, header_length: str | None, spec: ModelSpec) -> InferRequest:
-    """Split the body (JSON or JSON + binary), then validate the one input tensor against the model."""
+    """Split the body (JSON or JSON + binary), then validate every field the protocol defines: the one input
+    tensor against the model, the requested outputs and the parameters this server reads. A field of the wrong
+    JSON type, or a key the protocol does not define, is a 400 naming it, so a typo is never silently ignored."""
     header_bytes, binary = _split_body(body, header_length)
     header = _parse_json_object(header_bytes)
-    raw_inputs = header.get("inputs")
-    if not isinstance(raw_inputs, list) or len(raw_inputs) != 1 or not isinstance(raw_inputs[0], dict):
-        raise ClientError(400, f"'inputs' must be a list with exactly one tensor named '{spec.input_name}'")
-    images = _decode_input(raw_inputs[0], binary, spec)
-    parameters = _object_field(header, "parameters", "request")
+    _known_keys(header, REQUEST_KEYS, "the request")
+    images = _decode_input(_single_input(header, spec), binary, spec)
+    parameters = _field(header, "parameters", dict, "parameters") or {}
+    top_k = _field(parameters, "top_k", int, "parameters.top_k")
     return InferRequest(
         images=images,
         outputs=_requested_outputs(header, parameters),
-        top_k=_top_k(parameters.get("top_k", 1), spec.num_classes),
-        request_id=_request_id(header),
+        top_k=1 if top_k is None else _top_k(top_k, spec.num_classes),
+        request_id=_field(header, "id", str, "id"),
         parameters=parameters,
     )
 
@@ -115,6 +131,8 @@ def _parse_json_object(data: bytes) -> dict[str, Any]:
         value = json.loads(data, object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ClientError(400, f"request body is not valid JSON: {error}") from None
+    except ValueError:  # int() refuses a literal longer than sys.get_int_max_str_digits() (4300 digits)
+        raise ClientError(400, "request JSON holds an integer with too many digits") from None
     except RecursionError:
         raise ClientError(400, "request JSON is nested too deeply") from None
     if not isinstance(value, dict):
@@ -122,25 +140,54 @@ def _parse_json_object(data: bytes) -> dict[str, Any]:
     return value
 
 
-def _object_field(container: dict[str, Any], key: str, where: str) -> dict[str, Any]:
-    value = container.get(key) or {}
-    if not isinstance(value, dict):
-        raise ClientError(400, f"{where} '{key}' must be a JSON object")
+def _field(container: dict[str, Any], key: str, kind: type, path: str) -> Any:
+    """`container[key]` if it has the JSON type `kind`, None when it is absent or null (clients serialising an
+    unset optional field send null); any other type is a 400 naming the field by its path in the request."""
+    value = container.get(key)
+    if value is None or type(value) is kind:  # `type(...) is`, as JSON true/false would pass isinstance(_, int)
+        return value
+    raise ClientError(400, f"'{path}' must be {_JSON_TYPES[kind]}, got {_JSON_TYPES[type(value)]}")
+
+
+def _required(container: dict[str, Any], key: str, kind: type, path: str) -> Any:
+    value = _field(container, key, kind, path)
+    if value is None:
+        raise ClientError(400, f"'{path}' is required ({_JSON_TYPES[kind]})")
     return value
 
 
+def _known_keys(container: dict[str, Any], known: tuple[str, ...], where: str) -> None:
+    """Refuse a key the protocol does not define: a misspelt 'paramters' must not be dropped silently."""
+    unknown = [key for key in container if key not in known]
+    if unknown:
+        raise ClientError(400, f"{where} has the unknown key {unknown[0][:40]!r}; the keys are {', '.join(known)}")
+
+
+def _single_input(header: dict[str, Any], spec: ModelSpec) -> dict[str, Any]:
+    raw_inputs = header.get("inputs")
+    if not isinstance(raw_inputs, list) or len(raw_inputs) != 1 or not isinstance(raw_inputs[0], dict):
+        raise ClientError(400, f"'inputs' must be a list with exactly one tensor named '{spec.input_name}'")
+    return raw_inputs[0]
+
+
 def _decode_input(tensor: dict[str, Any], binary: bytes, spec: ModelSpec) -> np.ndarray:
-    if tensor.get("name") != spec.input_name:
-        raise ClientError(400, f"unknown input {tensor.get('name')!r}; this model's input is '{spec.input_name}'")
+    _known_keys(tensor, INPUT_KEYS, "inputs[0]")
+    name = _required(tensor, "name", str, "inputs[0].name")
+    if name != spec.input_name:
+        raise ClientError(400, f"unknown input {name[:40]!r}; this model's input is '{spec.input_name}'")
     shape = _checked_shape(tensor.get("shape"), spec)
-    dtype = _checked_datatype(tensor.get("datatype"))
-    binary_size = _object_field(tensor, "parameters", "input").get("binary_data_size")
+    dtype = _checked_datatype(_required(tensor, "datatype", str, "inputs[0].datatype"))
+    parameters = _field(tensor, "parameters", dict, "inputs[0].parameters") or {}
+    binary_size = _field(parameters, "binary_data_size", int, "inputs[0].parameters.binary_data_size")
+    data = _field(tensor, "data", list, "inputs[0].data")
     if binary_size is not None:
+        if data is not None:
+            raise ClientError(400, "inputs[0] has both 'data' and parameters.binary_data_size; send one of them")
         flat = _binary_values(binary, binary_size, dtype, math.prod(shape))
     else:
         if binary:
             raise ClientError(400, "binary data follows the JSON header but no input declares binary_data_size")
-        flat = _json_values(tensor.get("data"), shape)
+        flat = _json_values(data, shape)
     with np.errstate(over="ignore"):  # values beyond the datatype's or FP32's range become inf, rejected below
         images = flat.astype(dtype, copy=False).astype(np.float32, copy=False).reshape(shape)
     if not np.isfinite(images).all():
@@ -150,8 +197,8 @@ def _decode_input(tensor: dict[str, Any], binary: bytes, spec: ModelSpec) -> np.
 
 def _checked_shape(shape: Any, spec: ModelSpec) -> tuple[int, ...]:
     expected = f"[B, {', '.join(map(str, spec.image_shape))}] with 1 <= B <= {spec.max_batch}"
-    if not (isinstance(shape, list) and all(isinstance(dim, int) and not isinstance(dim, bool) for dim in shape)):
-        raise ClientError(400, f"input shape must be a list of integers {expected}")
+    if not (type(shape) is list and all(type(dim) is int for dim in shape)):
+        raise ClientError(400, f"'inputs[0].shape' must be a list of integers {expected}")
     if len(shape) != 4 or tuple(shape[1:]) != spec.image_shape or shape[0] < 1:
         raise ClientError(400, f"input shape {shape} does not match {expected}")
     if shape[0] > spec.max_batch:
@@ -159,24 +206,24 @@ def _checked_shape(shape: Any, spec: ModelSpec) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _checked_datatype(datatype: Any) -> np.dtype:
+def _checked_datatype(datatype: str) -> np.dtype:
     if datatype not in ACCEPTED_INPUT_DTYPES:
-        raise ClientError(400, f"datatype {datatype!r} is not accepted; send FP32 (FP16 and FP64 are converted)")
+        raise ClientError(400, f"datatype {datatype[:40]!r} is not accepted; send FP32 (FP16 and FP64 are converted)")
     return ACCEPTED_INPUT_DTYPES[datatype]
 
 
-def _binary_values(binary: bytes, size: Any, dtype: np.dtype, count: int) -> np.ndarray:
+def _binary_values(binary: bytes, size: int, dtype: np.dtype, count: int) -> np.ndarray:
     expected = count * dtype.itemsize
-    if not isinstance(size, int) or isinstance(size, bool) or size != expected:
+    if size != expected:
         raise ClientError(400, f"binary_data_size {size!r} does not match shape x datatype ({expected} bytes)")
     if len(binary) != size:
         raise ClientError(400, f"body carries {len(binary)} bytes of binary tensor data, expected {size}")
     return np.frombuffer(binary, dtype=dtype)
 
 
-def _json_values(data: Any, shape: tuple[int, ...]) -> np.ndarray:
+def _json_values(data: list | None, shape: tuple[int, ...]) -> np.ndarray:
     """`data` flat (row-major) or nested exactly as `shape`; JSON numbers only (numpy would take "1.5" or true)."""
-    if not isinstance(data, list):
+    if data is None:
         raise ClientError(400, "input needs 'data' (a flat or nested list) or parameters.binary_data_size")
     try:
         values = np.asarray(data)
@@ -203,33 +250,38 @@ def _holds_bool(values: np.ndarray, data: list) -> bool:
 
 
 def _requested_outputs(header: dict[str, Any], parameters: dict[str, Any]) -> list[RequestedOutput]:
-    """Named outputs, or all outputs when none are named (as Triton does)."""
-    binary_default = parameters.get("binary_data_output") is True
-    raw = header.get("outputs")
+    """Named outputs, each once, or all outputs when none are named (as Triton does)."""
+    binary_default = _field(parameters, "binary_data_output", bool, "parameters.binary_data_output") or False
+    raw = _field(header, "outputs", list, "outputs")
     if raw is None:
         return [RequestedOutput(name, binary_default) for name in OUTPUT_NAMES]
-    if not isinstance(raw, list) or not raw or not all(isinstance(item, dict) for item in raw):
-        raise ClientError(400, "'outputs' must be a non-empty list of objects")
-    requested = []
-    for item in raw:
-        if item.get("name") not in OUTPUT_NAMES:
-            raise ClientError(400, f"unknown output {item.get('name')!r}; outputs are {', '.join(OUTPUT_NAMES)}")
-        binary = _object_field(item, "parameters", "output").get("binary_data", binary_default)
-        requested.append(RequestedOutput(item["name"], binary is True))
+    if not raw:
+        raise ClientError(400, "'outputs' must be a non-empty list of objects (or left out for all outputs)")
+    requested: list[RequestedOutput] = []
+    for index, item in enumerate(raw):
+        output = _requested_output(item, f"outputs[{index}]", binary_default)
+        if output.name in (earlier.name for earlier in requested):
+            raise ClientError(400, f"output '{output.name}' is requested more than once; name each output once")
+        requested.append(output)
     return requested
 
 
-def _top_k(value: Any, num_classes: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= num_classes:
+def _requested_output(item: Any, path: str, binary_default: bool) -> RequestedOutput:
+    if type(item) is not dict:
+        raise ClientError(400, f"'{path}' must be an object, got {_JSON_TYPES[type(item)]}")
+    _known_keys(item, OUTPUT_KEYS, path)
+    name = _required(item, "name", str, f"{path}.name")
+    if name not in OUTPUT_NAMES:
+        raise ClientError(400, f"unknown output {name[:40]!r}; outputs are {', '.join(OUTPUT_NAMES)}")
+    parameters = _field(item, "parameters", dict, f"{path}.parameters") or {}
+    binary = _field(parameters, "binary_data", bool, f"{path}.parameters.binary_data")
+    return RequestedOutput(name, binary_default if binary is None else binary)
+
+
+def _top_k(value: int, num_classes: int) -> int:
+    if not 1 <= value <= num_classes:
         raise ClientError(400, f"top_k must be an integer between 1 and {num_classes}, got {value!r}")
     return value
-
-
-def _request_id(header: dict[str, Any]) -> str | None:
-    request_id = header.get("id")
-    if request_id is not None and not isinstance(request_id, str):
-        raise ClientError(400, "'id' must be a string")
-    return request_id
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,23 @@ def read_until_closed(sock: socket.socket, timeout: float = 5.0) -> str:
     return b"".join(chunks).decode()
 
 
+def read_response(sock: socket.socket, timeout: float = 5.0) -> tuple[str, bytes]:
+    """One response from a connection that stays open: its head, then its Content-Length bytes of body."""
+    sock.settimeout(timeout)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed before a whole response head: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?im)^content-length: *(\d+)", head).group(1))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed before a whole response body: {body!r}"
+        body += chunk
+    return head.decode(), body
+
+
 def closed_by_server(sock: socket.socket, within: float) -> bool:
     sock.settimeout(within)
     try:
@@ -146,6 +163,76 @@ def test_requests_http_cannot_parse_get_a_json_400_and_the_server_keeps_serving(
     assert httpx.get(server.url + "/v2/health/live", timeout=5).status_code == 200
 
 
+@pytest.mark.parametrize(
+    ("head", "status", "message"),
+    [
+        (
+            b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 200_000 + b"\r\n\r\n",
+            431,
+            "request head longer than 16384 bytes; send fewer or shorter headers",
+        ),
+        (
+            b"GET /v2/health/live?" + b"a" * 200_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+            414,
+            "request line longer than 16384 bytes; shorten the URL",
+        ),
+        (
+            b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n"
+            + b"".join(b"X-H%d: %s\r\n" % (index, b"v" * 100) for index in range(300))
+            + b"\r\n",
+            431,
+            "request head longer than 16384 bytes",
+        ),
+    ],
+    ids=["200 KB header line", "200 KB URL", "300 headers"],
+)
+def test_oversized_request_heads_get_a_json_431_or_414_then_close(server, head, status, message):
+    """The answer must reach the client: closing while its head is still arriving would reset the connection
+    (read_until_closed then raises ConnectionResetError) and lose the answer."""
+    sock = open_request(server.port, head)
+    answer = read_until_closed(sock)
+    sock.close()
+    response_head, _, body = answer.partition("\r\n\r\n")
+    assert response_head.startswith(f"HTTP/1.1 {status} "), answer[:300]
+    assert "content-type: application/json" in response_head.lower()
+    assert "connection: close" in response_head.lower()
+    assert strict_json(body)["error"].startswith(message)
+    assert httpx.get(server.url + "/v2/health/live", timeout=5).status_code == 200
+
+
+LONG_URL_HEAD = b"GET /?" + b"a" * 20_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def sends_fail_within(sock: socket.socket, seconds: float) -> bool:
+    """Whether sending a byte every 0.1 s fails (the server closed the socket) within `seconds`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            sock.sendall(b"a")
+        except (BrokenPipeError, ConnectionResetError):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_a_refused_connection_closes_within_the_header_timeout_though_the_client_keeps_it_open(guarded_server):
+    """After the answer the server reads on (so that closing resets nothing) but not for ever."""
+    sock = open_request(guarded_server.port, LONG_URL_HEAD)
+    assert read_until_closed(sock).startswith("HTTP/1.1 414 ")  # the server has finished sending
+    assert sends_fail_within(sock, seconds=3)  # and then closes, 1 s (--header-timeout-s) later
+    sock.close()
+
+
+def test_a_refused_client_that_keeps_sending_is_cut_off(server):
+    """What the server reads on after a refusal is bounded in bytes too (1 MiB), not only by the 10 s timeout."""
+    sock = open_request(server.port, LONG_URL_HEAD)
+    assert read_until_closed(sock).startswith("HTTP/1.1 414 ")
+    with pytest.raises((BrokenPipeError, ConnectionResetError)):
+        for _ in range(64):
+            sock.sendall(b"x" * MIB)
+    sock.close()
+
+
 def test_non_finite_outputs_are_a_clear_422_never_bare_nan(client):
     huge = np.full((2, 1, 28, 28), 3e38, np.float32)  # finite input; the convolution overflows to inf - inf = NaN
     huge[0] = 0.0
@@ -197,6 +284,45 @@ def test_idle_and_slowloris_sockets_are_closed_and_the_server_stays_reachable(gu
         sock.sendall(b"a")  # a byte now and then does not extend the header deadline
     assert all(closed_by_server(sock, within=3.0) for sock in idle + dribbling)
     assert_log_is_json_without_errors(guarded_server.log())
+
+
+@pytest.fixture(scope="module")
+def keep_alive_server(start_server):
+    """A 1 s header deadline but a 5 s body deadline: a request can still be uploading when the header deadline
+    armed at connect time fires."""
+    with start_server("--header-timeout-s", "1", "--body-timeout-s", "5", "--threads", "1") as server:
+        yield server
+
+
+def closed_within(sock: socket.socket, seconds: float, dribble: bool) -> bool:
+    """Whether the server closes `sock` within `seconds`, the client sending a byte every 0.25 s if `dribble`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if dribble:
+            try:
+                sock.sendall(b"a")
+            except (BrokenPipeError, ConnectionResetError):
+                return True
+        if closed_by_server(sock, within=0.25):
+            return True
+    return False
+
+
+@pytest.mark.parametrize("dribble", [False, True], ids=["idle", "dribbling a next head"])
+def test_a_kept_alive_connection_gets_a_new_header_deadline_after_each_response(keep_alive_server, dribble):
+    """The deadline armed at connect fires while the first request is still uploading, and must leave it be; the
+    response then arms a new one for the next head. Without it, an idle socket stays open until uvicorn's 5 s
+    keep-alive timeout, and one dribbling its next head (which cancels that timeout) stays open forever."""
+    body = json.dumps(json_infer(np.zeros((1, 1, 28, 28), np.float32))).encode()
+    sock = open_request(keep_alive_server.port, upload_head(INFER, len(body)))
+    time.sleep(1.5)  # past the connect-time header deadline, well within the body deadline
+    sock.sendall(body)
+    head, _ = read_response(sock)
+    assert head.startswith("HTTP/1.1 200") and "connection: close" not in head.lower(), head
+    if dribble:
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+    assert closed_within(sock, seconds=2.5, dribble=dribble)
+    sock.close()
 
 
 def test_slow_body_is_408_and_its_bytes_are_released(guarded_server):

@@ -222,6 +222,26 @@ def _with_first_value(images: np.ndarray, literal: str) -> dict:
         ),
         ("bad top_k", lambda im: {"json": json_request(im[:1], parameters={"top_k": 0})}, "top_k must be"),
         (
+            "datatype a list",  # once a 500: a list cannot be looked up among the accepted datatypes
+            lambda im: {"json": json_request(im[:1], datatype=["FP32"])},
+            "'inputs[0].datatype' must be a string, got a list",
+        ),
+        (
+            "parameters not an object",
+            lambda im: {"json": json_request(im[:1], parameters=[])},
+            "'parameters' must be an object, got a list",
+        ),
+        (
+            "binary_data_output not a boolean",
+            lambda im: {"json": json_request(im[:1], parameters={"binary_data_output": "true"})},
+            "'parameters.binary_data_output' must be true or false, got a string",
+        ),
+        (
+            "an output named twice",
+            lambda im: {"json": json_request(im[:1], outputs=[{"name": "logits"}, {"name": "logits"}])},
+            "output 'logits' is requested more than once",
+        ),
+        (
             "no data",
             lambda im: {"json": {"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32"}]}},
             "needs 'data'",

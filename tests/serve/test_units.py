@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import json
+import operator
 import struct
 import threading
 import time
 import zlib
 
+import h11
 import numpy as np
 import pytest
 from PIL import Image
 
 from okdpipe.contracts.card import Preprocess
 from okdpipe.serve.batching import MicroBatcher, QueueFull
+from okdpipe.serve.connections import HEAD_TOO_LONG, LINE_TOO_LONG, MAX_HEAD_BYTES, BoundedHeadConnection
 from okdpipe.serve.metrics import Histogram, ServerMetrics
 from okdpipe.serve.outputs import classify_response, softmax
 from okdpipe.serve.preprocess import image_to_tensor, multipart_file
@@ -34,6 +38,9 @@ SPEC = ModelSpec("input", (1, 2, 2), max_batch=4, num_classes=3)
 def _json_request(data, shape=(1, 1, 2, 2), datatype="FP32", **extra) -> bytes:
     tensor = {"name": "input", "shape": list(shape), "datatype": datatype, "data": data}
     return json.dumps({"inputs": [tensor], **extra}).encode()
+
+
+_TENSOR = {"name": "input", "shape": [1, 1, 2, 2], "datatype": "FP32", "data": [1, 2, 3, 4]}
 
 
 def _binary_request(array: np.ndarray, datatype: str, declared: int | None = None) -> tuple[bytes, str]:
@@ -105,6 +112,8 @@ def test_binary_input_is_read_in_its_datatype_and_served_as_fp32(datatype):
         # the declared datatype bounds JSON values as it bounds binary ones
         (_json_request([1, 2, 3, 70000], datatype="FP16"), None, "NaN or infinite"),
         (b'{"inputs": [], "inputs": []}', None, "gives the key 'inputs' more than once"),
+        (b'{"parameters": {"top_k": ' + b"1" * 5000 + b"}}", None, "integer with too many digits"),
+        (json.dumps({"inputs": [_TENSOR, _TENSOR]}).encode(), None, "exactly one tensor named 'input'"),
         (
             b'{"inputs": [{"name": "input", "name": "x", "shape": [1, 1, 2, 2], "datatype": "FP32", '
             b'"data": [1, 2, 3, 4]}]}',
@@ -117,6 +126,177 @@ def test_malformed_requests_are_400_with_a_reason(body, header_length, message):
     with pytest.raises(ClientError) as raised:
         parse_infer_request(body, header_length, SPEC)
     assert raised.value.status == 400 and message in raised.value.message
+
+
+def _full_request() -> dict:
+    """A valid request that gives every field the parser reads."""
+    return {
+        "id": "r1",
+        "parameters": {"top_k": 2, "binary_data_output": False},
+        "inputs": [{**_TENSOR, "parameters": {}}],
+        "outputs": [{"name": "logits", "parameters": {"binary_data": True}}, {"name": "labels"}],
+    }
+
+
+ABSENT = object()
+
+
+def _with(path: str, value) -> bytes:
+    """The full request with the field at `path` ("inputs.0.datatype") set to `value`, or removed for ABSENT."""
+    request = _full_request()
+    *parents, last = [int(part) if part.isdigit() else part for part in path.split(".")]
+    container = functools.reduce(operator.getitem, parents, request)
+    if value is ABSENT:
+        del container[last]
+    else:
+        container[last] = value
+    return json.dumps(request).encode()
+
+
+def test_the_full_request_parses_field_by_field():
+    parsed = parse_infer_request(json.dumps(_full_request()).encode(), None, SPEC)
+    assert parsed.request_id == "r1" and parsed.top_k == 2
+    assert [(output.name, output.binary) for output in parsed.outputs] == [("logits", True), ("labels", False)]
+    np.testing.assert_array_equal(parsed.images.reshape(-1), [1, 2, 3, 4])
+
+
+MUST_BE_AN_OBJECT = [0, False, "", [], "{}"]
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        ("id", 5, "'id' must be a string, got an integer"),
+        ("id", ["r1"], "'id' must be a string, got a list"),
+        *[("parameters", value, "'parameters' must be an object, got ") for value in MUST_BE_AN_OBJECT],
+        ("parameters.top_k", "2", "'parameters.top_k' must be an integer, got a string"),
+        ("parameters.top_k", 2.0, "'parameters.top_k' must be an integer, got a number"),
+        ("parameters.top_k", True, "'parameters.top_k' must be an integer, got true or false"),
+        ("parameters.binary_data_output", 1, "'parameters.binary_data_output' must be true or false, got an integer"),
+        ("parameters.binary_data_output", "true", "'parameters.binary_data_output' must be true or false, got a str"),
+        ("parameters.binary_data_output", [], "'parameters.binary_data_output' must be true or false, got a list"),
+        ("inputs.0.name", ["input"], "'inputs[0].name' must be a string, got a list"),
+        ("inputs.0.name", {"input": 1}, "'inputs[0].name' must be a string, got an object"),
+        ("inputs.0.name", ABSENT, "'inputs[0].name' is required (a string)"),
+        ("inputs.0.datatype", ["FP32"], "'inputs[0].datatype' must be a string, got a list"),
+        ("inputs.0.datatype", {"FP32": 1}, "'inputs[0].datatype' must be a string, got an object"),
+        ("inputs.0.datatype", 32, "'inputs[0].datatype' must be a string, got an integer"),
+        ("inputs.0.datatype", ABSENT, "'inputs[0].datatype' is required (a string)"),
+        *[
+            ("inputs.0.shape", shape, "'inputs[0].shape' must be a list of integers [B, 1, 2, 2]")
+            for shape in ([1.0, 1, 2, 2], [True, 1, 2, 2], ["1", 1, 2, 2], [[1], 1, 2, 2], "1,1,2,2", {}, ABSENT)
+        ],
+        *[
+            ("inputs.0.parameters", value, "'inputs[0].parameters' must be an object, got ")
+            for value in MUST_BE_AN_OBJECT
+        ],
+        ("inputs.0.parameters.binary_data_size", "16", "'inputs[0].parameters.binary_data_size' must be an integer"),
+        ("inputs.0.parameters.binary_data_size", True, "'inputs[0].parameters.binary_data_size' must be an integer"),
+        ("inputs.0.parameters.binary_data_size", 16, "inputs[0] has both 'data' and parameters.binary_data_size"),
+        ("inputs.0.data", "1,2,3,4", "'inputs[0].data' must be a list, got a string"),
+        ("inputs.0.data", {"0": 1}, "'inputs[0].data' must be a list, got an object"),
+        ("outputs", "logits", "'outputs' must be a list, got a string"),
+        ("outputs", {"name": "logits"}, "'outputs' must be a list, got an object"),
+        ("outputs", [], "'outputs' must be a non-empty list of objects"),
+        ("outputs.0", None, "'outputs[0]' must be an object, got null"),
+        ("outputs.1", "labels", "'outputs[1]' must be an object, got a string"),
+        ("outputs.0.name", ["logits"], "'outputs[0].name' must be a string, got a list"),
+        ("outputs.0.name", {"logits": 1}, "'outputs[0].name' must be a string, got an object"),
+        ("outputs.0.name", ABSENT, "'outputs[0].name' is required (a string)"),
+        ("outputs.1.name", "logits", "output 'logits' is requested more than once"),
+        *[
+            ("outputs.0.parameters", value, "'outputs[0].parameters' must be an object, got ")
+            for value in MUST_BE_AN_OBJECT
+        ],
+        ("outputs.1.parameters", [], "'outputs[1].parameters' must be an object, got a list"),
+        (
+            "outputs.0.parameters.binary_data",
+            1,
+            "'outputs[0].parameters.binary_data' must be true or false, got an int",
+        ),
+        ("outputs.0.parameters.binary_data", "false", "'outputs[0].parameters.binary_data' must be true or false"),
+        # a key the protocol does not define is a typo until proven otherwise: never dropped silently
+        ("output", [{"name": "logits"}], "the request has the unknown key 'output'; the keys are id, parameters"),
+        ("paramters", {"top_k": 3}, "the request has the unknown key 'paramters'"),
+        ("inputs.0.dtype", "FP32", "inputs[0] has the unknown key 'dtype'"),
+        ("outputs.0.binary_data", True, "outputs[0] has the unknown key 'binary_data'"),
+    ],
+)
+def test_a_field_of_the_wrong_type_or_an_unknown_key_is_400_naming_it(path, value, message):
+    with pytest.raises(ClientError) as raised:
+        parse_infer_request(_with(path, value), None, SPEC)
+    assert raised.value.status == 400 and message in raised.value.message, raised.value.message
+
+
+def test_null_optional_fields_mean_absent():
+    """Clients that serialise an unset optional field send null; it takes the default, as if left out."""
+    request = {
+        "id": None,
+        "parameters": {"top_k": None, "binary_data_output": None},
+        "inputs": [{**_TENSOR, "parameters": None}],
+        "outputs": None,
+    }
+    parsed = parse_infer_request(json.dumps(request).encode(), None, SPEC)
+    assert parsed.request_id is None and parsed.top_k == 1
+    assert [(output.name, output.binary) for output in parsed.outputs] == [
+        ("logits", False),
+        ("probabilities", False),
+        ("labels", False),
+    ]
+
+
+def test_an_output_binary_data_flag_overrides_binary_data_output():
+    request = {
+        "inputs": [_TENSOR],
+        "parameters": {"binary_data_output": True},
+        "outputs": [{"name": "logits", "parameters": {"binary_data": False}}, {"name": "labels"}],
+    }
+    parsed = parse_infer_request(json.dumps(request).encode(), None, SPEC)
+    assert [(output.name, output.binary) for output in parsed.outputs] == [("logits", False), ("labels", True)]
+
+
+def _head_of(size: int) -> bytes:
+    """A complete GET head of exactly `size` bytes (its padding in one header)."""
+    start, end = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Pad: ", b"\r\n\r\n"
+    return start + b"a" * (size - len(start) - len(end)) + end
+
+
+def _h11_outcome(data: bytes):
+    """What the server's h11 connection makes of `data` arriving in one read: the request, or its refusal."""
+    connection = BoundedHeadConnection()
+    connection.receive_data(data)
+    try:
+        return connection.next_event()
+    except h11.RemoteProtocolError:
+        return connection.refusal
+
+
+MANY_HEADERS = b"".join(b"X-H%d: %s\r\n" % (index, b"v" * 100) for index in range(200))
+
+
+@pytest.mark.parametrize(
+    ("data", "refusal"),
+    [
+        (_head_of(MAX_HEAD_BYTES + 1), (431, HEAD_TOO_LONG)),  # whole in one read: h11 alone accepts any size
+        (b"GET / HTTP/1.1\r\nHost: x\r\n" + MANY_HEADERS + b"\r\n", (431, HEAD_TOO_LONG)),
+        (_head_of(MAX_HEAD_BYTES + 8)[:-4], (431, HEAD_TOO_LONG)),  # still arriving: h11's own check
+        (b"GET /?" + b"a" * MAX_HEAD_BYTES + b" HTTP/1.1\r\nHost: x\r\n\r\n", (414, LINE_TOO_LONG)),
+        (b"GET /?" + b"a" * MAX_HEAD_BYTES, (414, LINE_TOO_LONG)),
+        (b"GET /v2 /health HTTP/1.1\r\nHost: x\r\n\r\n", (400, "malformed HTTP request: illegal request line")),
+        (
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n",
+            (501, "malformed HTTP request: Only Transfer-Encoding: chunked is supported"),
+        ),
+    ],
+)
+def test_h11_refusals_carry_the_status_to_answer_with(data, refusal):
+    status, message = _h11_outcome(data)
+    assert status == refusal[0] and message.startswith(refusal[1]), message
+
+
+def test_a_head_of_exactly_the_limit_is_a_request():
+    event = _h11_outcome(_head_of(MAX_HEAD_BYTES))
+    assert isinstance(event, h11.Request) and event.target == b"/v2/health/live"
 
 
 def test_binary_byte_counts_must_match_shape_and_body():
