@@ -263,11 +263,11 @@ def build_session(cfg: DistillConfig, run: RunDir, group: Group = Group()) -> Se
         group=group,
     )
     session.forward = torch.compile(students) if cfg.compile else students
-    short = len(bundle.train) < cfg.batch_size
-    if len(session.train_loader) == 0 or (short and group.world_size > 1):
+    images, processes = len(bundle.train), group.world_size
+    if images < cfg.batch_size and images % processes:  # an epoch is then one batch, shared out by the processes
         raise OkdpipeError(
-            f"the training split has fewer images ({len(bundle.train)}) than --batch-size "
-            f"{cfg.batch_size}; lower --batch-size"
+            f"the training split ({images} images) is smaller than --batch-size {cfg.batch_size}, so an epoch is "
+            f"one batch of {images}, which {processes} processes cannot share evenly; lower --batch-size"
         )
     check_memory(session)
     return session

@@ -80,7 +80,14 @@ MISTAKES = {
     "distill more processes than cores": ([*DISTILL, "--nproc-per-node", "64", "--batch-size", "64"], "at most"),
     "distill warm-up longer than the run": ([*DISTILL, "--set", "warmup_epochs=5"], "longer than the run"),
     "distill subset larger than the data": ([*DISTILL, "--train-subset", "100000"], "lower it"),
-    "distill batch beyond memory": ([*DISTILL, "--batch-size", "100000000"], "GiB for activations"),
+    "distill batch beyond memory": (
+        ["distill", "--dataset", "fashion-mnist", "--arch", "mobilenetv2", "--batch-size", "50000", "--out", "T/run"],
+        "GiB for activations",
+    ),
+    "distill uneven batch beyond the split, 2 processes": (
+        [*DISTILL, "--batch-size", "64", "--nproc-per-node", "2", "--set", "data_options.n_train=63"],
+        "cannot share evenly",
+    ),
     "distill init that is not weights": ([*DISTILL, "--init", "T/list.yaml"], "not a readable weights file"),
     "distill out is a device": ([*DISTILL[:-1], "/dev/null"], "not a folder"),
     "distill out in /proc": ([*DISTILL[:-1], "/proc/okdpipe-run"], "is not writable"),
