@@ -27,7 +27,13 @@ def serve_command(
     api_key_file: Annotated[Optional[str], flag(ServeConfig, "api_key_file")] = None,
     log_level: Annotated[Optional[str], flag(ServeConfig, "log_level")] = None,
     config: Annotated[Optional[Path], typer.Option(help="YAML holding these options; flags override it.")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and exit.")] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Check the card, the API key, the model against its card and the address, print the config, exit.",
+        ),
+    ] = False,
 ) -> None:
     """Serve an exported model over the Open Inference Protocol v2 (KServe/Triton REST) with micro-batching.
 
@@ -55,7 +61,12 @@ def serve_command(
     )
     cfg = resolve(ServeConfig, config, flags)
     api_key = check_inputs(cfg, artifact_dir)
-    if dry_run:
+    if dry_run:  # what the real start refuses next, in its order: the model against its card, then the address
+        from okdpipe.serve.app import load_classifier
+        from okdpipe.serve.server import bind_listener
+
+        load_classifier(cfg.settings(artifact_dir, api_key))
+        bind_listener(cfg.host, cfg.port).close()
         show(cfg)
         return
     from okdpipe.serve.server import run_server

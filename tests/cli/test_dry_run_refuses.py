@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from pathlib import Path
 
 import pytest
@@ -147,3 +148,13 @@ def test_a_dry_run_refuses_what_the_real_run_refuses(artifact, model_file, finis
 def first_line(result) -> str:
     """The first stderr line, free memory masked (it moves between two runs)."""
     return re.sub(r"[\d.]+ GiB available", "N GiB available", result.stderr.splitlines()[0])
+
+
+def test_serve_dry_run_refuses_a_port_in_use_as_the_real_start_does(artifact, tmp_path):  # noqa: F811
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        dry = okdpipe("serve", artifact, "--port", port, "--dry-run", cwd=tmp_path)
+        real = okdpipe("serve", artifact, "--port", port, cwd=tmp_path)
+    assert_usage_error(dry, 2, f"cannot listen on 127.0.0.1:{port}")
+    assert_usage_error(real, 2, f"cannot listen on 127.0.0.1:{port}")
+    assert first_line(real) == first_line(dry)
