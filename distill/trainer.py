@@ -159,13 +159,19 @@ def check_config(cfg: DistillConfig) -> tuple[type[Method], Hparams, list[str]]:
         check_arch(arch)
     method_cls.check_archs(cfg.method, archs)
     check_options(cfg.dataset, DATASETS.get(cfg.dataset), cfg.data_options)
+    return method_cls, hp, archs
+
+
+def check_training(cfg: DistillConfig) -> None:
+    """check_config, and what only matters to a run about to train (not to select or export rebuilding a finished
+    run elsewhere): the device, the process count and a warm-up that ends within the run."""
+    check_config(cfg)
     if cfg.warmup_epochs > cfg.epochs:
         raise OkdpipeError(
             f"warmup_epochs {cfg.warmup_epochs:g} is longer than the run ({cfg.epochs} epochs): the learning rate "
             f"would never reach --lr; lower warmup_epochs or raise --epochs"
         )
     check_processes(cfg.nproc_per_node, resolve_device(cfg.device))
-    return method_cls, hp, archs
 
 
 def check_processes(count: int, device: torch.device) -> None:
@@ -193,7 +199,7 @@ def preflight(cfg: DistillConfig, run: RunDir, resume: bool) -> DistillConfig:
     dry run refuses what the real run refuses, with the same line. Returns the config as fit would train it."""
     cfg = with_method_defaults_of(with_world_size(cfg))
     require(cfg.loggers)
-    check_config(cfg)
+    check_training(cfg)
     check_can_create_folder(run.root, "--out")
     check_start(run, resume)
     s = build_session(cfg, run, Group(world_size=cfg.nproc_per_node))
@@ -561,7 +567,7 @@ def fit(
     writes the run directory holds its lock throughout: a second run into the same directory fails at once."""
     cfg = with_method_defaults_of(with_world_size(cfg))
     require(cfg.loggers)
-    check_config(cfg)
+    check_training(cfg)
     if distributed.holds_run_lock():
         check_can_create_folder(run.root, "--out")
     created = not run.root.exists()

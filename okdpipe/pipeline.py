@@ -97,10 +97,10 @@ def check_names(cfg: PipelineConfig) -> None:
     from okdpipe.distill.init_weights import check_weights_file
     from okdpipe.distill.methods import METHODS
     from okdpipe.distill.select import candidate_names, pool_names
-    from okdpipe.distill.trainer import check_config, resolve_device
+    from okdpipe.distill.trainer import check_training, resolve_device
     from okdpipe.ortsession import check_provider
 
-    check_config(cfg.distill)
+    check_training(cfg.distill)
     resolve_device(cfg.select.device)
     if cfg.distill.init:
         check_weights_file(cfg.distill.init)
