@@ -202,3 +202,19 @@ def test_set_changes_one_data_option_and_keeps_the_config_files_others():
     assert cfg.data_options == {"n_train": 128, "n_test": 32}
     assert file_values["data_options"] == {"n_train": 128, "n_test": 64}  # the file's values are not changed
     assert build_config({}, {}, ["data_options.n_test=32"]).data_options == {"n_test": 32}
+
+
+def test_training_only_checks_do_not_refuse_rebuilding_a_finished_run():
+    """A run trained on 64 cores with a long warm-up is still selectable on a laptop: select and export rebuild it
+    through check_config, which leaves the device, process count and warm-up to a run about to train."""
+    from okdpipe.config import DistillConfig
+    from okdpipe.distill.trainer import check_training
+
+    made_elsewhere = DistillConfig(dataset="synthetic", nproc_per_node=1024, batch_size=1024, device="cpu")
+    check_config(made_elsewhere)
+    with pytest.raises(OkdpipeError, match="--nproc-per-node 1024: this machine gives okdpipe"):
+        check_training(made_elsewhere)
+    long_warmup = DistillConfig(dataset="synthetic", epochs=2, warmup_epochs=3)
+    check_config(long_warmup)
+    with pytest.raises(OkdpipeError, match="warmup_epochs 3 is longer than the run"):
+        check_training(long_warmup)
