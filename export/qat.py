@@ -38,6 +38,7 @@ from okdpipe.contracts.versioned import FileFormat
 from okdpipe.distill.losses import kd
 from okdpipe.errors import OkdpipeError
 from okdpipe.export import fakequant, onnx_export, qdq, quantize
+from okdpipe.export.interrupts import reraise_interrupt
 from okdpipe.files import file_sha256
 from okdpipe.modelfile import atomic_torch_save
 
@@ -262,6 +263,7 @@ def resume(work: Path, network, optimizer) -> list[dict] | None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged file
+        reraise_interrupt(exc)
         raise OkdpipeError(f"{path}: unreadable QAT checkpoint ({str(exc).splitlines()[0][:120]}); delete it") from None
     CHECKPOINT.check(state, path)
     network.load_state_dict(state["network"])
