@@ -3,9 +3,9 @@
 Exit codes (okdpipe/errors.py): 0 exported, 1 a check failed (parity, INT8 accuracy drop that the search within
 --tune-budget could not bring under --max-accuracy-drop, or that --qat-epochs of quantization-aware training left
 over it; non-finite weights; a QAT loss that diverged), 2 bad input or usage (including --qat-epochs without
---quantize int8, and --qat-teacher ensemble for a model file whose run is gone). Nothing is written to DIR unless
-every check passes; an interrupted or failed QAT export leaves only DIR/.qat-<key>/, from which the same command
-resumes.
+--quantize int8, and --qat-teacher ensemble for a model file whose run is gone), 130 Ctrl-C, 143 SIGTERM. Nothing
+is written to DIR unless every check passes and nothing stopped the export; an interrupted or failed QAT export
+leaves only DIR/.qat-<key>/, from which the same command resumes.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 Every option is checked (ExportConfig) and the model file verified before OUT is touched. Every artifact is built
 in a hidden staging directory inside OUT and published only after all checks pass (finite weights, parity,
-accuracy drop), all precisions together, so a failed export changes nothing. OUT is locked while an export
-writes it; staging directories that a killed export left behind are removed by the next one.
+accuracy drop), all precisions together, so a failed or interrupted export changes nothing. OUT is locked while an
+export writes it; staging directories that a killed export left behind are removed by the next one.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from okdpipe.export import onnx_export, qat, quantize, tune
 from okdpipe.export.config import ExportConfig
 from okdpipe.export.sensitivity import Probe, analyse
 from okdpipe.files import check_can_create_folder, file_sha256
+from okdpipe.interrupts import surfacing_interrupts
 from okdpipe.modelfile import ModelInfo, non_finite_tensors
 from okdpipe.ortsession import create_session
 from okdpipe.scoring import first_batch, score
@@ -59,23 +60,25 @@ def export_model(model_path: str | os.PathLike, out_dir: str | os.PathLike, conf
     in the Triton repository's version folders)."""
     from okdpipe.locks import exclusive_lock
 
-    ctx = export_context(model_path, config)
-    created = not Path(out_dir).exists()
-    ctx.out_dir = out_dir = writable_dir(Path(out_dir))
-    with exclusive_lock(out_dir / LOCK_FILE, f"another export is writing {out_dir}"):
-        try:
-            remove_stale_staging(out_dir)
-            with tempfile.TemporaryDirectory(dir=out_dir, prefix=STAGING_PREFIX) as staging:
-                staged = build_artifacts(ctx, Path(staging))
-                published = publish(staged, out_dir, ctx, Path(staging))
-            qat.remove_work(out_dir)
-            return published
-        except BaseException:
-            if created and not any(out_dir.glob(qat.WORK_PREFIX + "*")):
-                # a failed or interrupted export into a new OUT leaves no folder holding only its lock (a QAT work
-                # folder stays: the same command resumes from it)
-                shutil.rmtree(out_dir, ignore_errors=True)
-            raise
+    with surfacing_interrupts() as raise_swallowed:  # an error that an interrupt caused is that interrupt
+        ctx = export_context(model_path, config)
+        created = not Path(out_dir).exists()
+        ctx.out_dir = out_dir = writable_dir(Path(out_dir))
+        with exclusive_lock(out_dir / LOCK_FILE, f"another export is writing {out_dir}"):
+            try:
+                remove_stale_staging(out_dir)
+                with tempfile.TemporaryDirectory(dir=out_dir, prefix=STAGING_PREFIX) as staging:
+                    staged = build_artifacts(ctx, Path(staging))
+                    raise_swallowed()  # told to stop while building: publish nothing
+                    published = publish(staged, out_dir, ctx, Path(staging))
+                qat.remove_work(out_dir)
+                return published
+            except BaseException:
+                if created and not any(out_dir.glob(qat.WORK_PREFIX + "*")):
+                    # a failed or interrupted export into a new OUT leaves no folder holding only its lock (a QAT
+                    # work folder stays: the same command resumes from it)
+                    shutil.rmtree(out_dir, ignore_errors=True)
+                raise
 
 
 def export_context(model_path: str | os.PathLike, config: ExportConfig) -> ExportContext:
@@ -401,29 +404,44 @@ def provenance(ctx: ExportContext) -> dict:
 
 def publish(staged: dict[str, ModelCard], out_dir: Path, ctx: ExportContext, staging: Path) -> list[ModelCard]:
     """Move the verified artifacts into OUT together (or lay out a Triton repository), replacing earlier exports:
-    the old ones are first moved aside into the staging folder, so a failure between renames can be undone. Every
-    earlier precision folder goes, not only those exported now: an old model's int8 beside this model's fp32 would
-    ship two models as one export."""
+    the old ones are first moved aside into the staging folder, so that a failure or an interrupt (Ctrl-C,
+    SIGTERM) between renames can be undone: OUT then holds the earlier export exactly. Every earlier precision
+    folder goes, not only those exported now: an old model's int8 beside this model's fp32 would ship two models
+    as one export."""
     if ctx.config.format == "triton":
         return publish_triton(staged, out_dir, ctx)
     aside = staging / ".replaced"
     aside.mkdir()
-    moved: list[tuple[Path, Path]] = []
+    moves: list[tuple[Path, Path]] = []
     try:
         for precision in sorted(set(staged) | set(PRECISIONS)):
             if (out_dir / precision).exists():
-                os.replace(out_dir / precision, aside / precision)
-                moved.append((aside / precision, out_dir / precision))
+                move(out_dir / precision, aside / precision, moves)
         for precision, card in staged.items():
-            os.replace(card.directory, out_dir / precision)
-    except OSError as exc:
-        for old, place in moved:
-            shutil.rmtree(place, ignore_errors=True)
-            os.replace(old, place)
-        raise OkdpipeError(
-            f"--out {out_dir}: could not publish the export ({exc.strerror or exc}); the earlier artifacts are kept"
-        ) from None
+            move(card.directory, out_dir / precision, moves)
+    except BaseException as exc:  # an interrupt too: the staging folder, removed next, holds the old artifacts
+        undo(moves)
+        if isinstance(exc, OSError):
+            raise OkdpipeError(
+                f"--out {out_dir}: could not publish the export ({exc.strerror or exc}); the earlier artifacts are kept"
+            ) from None
+        raise
     return [read_card(out_dir / precision) for precision in staged]
+
+
+def move(source: Path, target: Path, moves: list[tuple[Path, Path]]) -> None:
+    """Rename a folder, recorded BEFORE it happens: an interrupt raised just after the rename, before any
+    bookkeeping after it, must still be undone."""
+    moves.append((source, target))
+    os.replace(source, target)
+
+
+def undo(moves: list[tuple[Path, Path]]) -> None:
+    """Reverse the renames that happened, last first (new folders back into staging, then the old ones back into
+    OUT); a recorded rename that never ran is recognised by its source still being in place."""
+    for source, target in reversed(moves):
+        if target.exists() and not source.exists():
+            os.replace(target, source)
 
 
 def publish_triton(staged: dict[str, ModelCard], out_dir: Path, ctx: ExportContext) -> list[ModelCard]:

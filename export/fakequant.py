@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from okdpipe.errors import OkdpipeError
+from okdpipe.interrupts import reraise_interrupt
 
 ACTIVATION_RANGE = (0, 255)  # uint8 activations (settings' activation_type QUInt8)
 WEIGHT_STORAGE_RANGE = (-128, 127)  # int8; |round(w / s)| <= qmax <= 127 always, so this clamp never binds
@@ -164,6 +165,7 @@ def prepare(model: nn.Module, settings: dict) -> fx.GraphModule:
     try:
         graph = fx.symbolic_trace(copy.deepcopy(model).eval())
     except Exception as exc:  # fx raises many types for data-dependent control flow
+        reraise_interrupt(exc)
         raise OkdpipeError(
             f"quantization-aware training needs a traceable network (torch.fx: {str(exc).splitlines()[0][:120]}); "
             "export without --qat-epochs"

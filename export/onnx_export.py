@@ -19,6 +19,7 @@ import numpy as np
 
 from okdpipe.errors import GateFailed, OkdpipeError
 from okdpipe.files import disk_error
+from okdpipe.interrupts import reraise_interrupt
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -41,6 +42,7 @@ def export_onnx(model, input_shape: tuple[int, int, int], path: str | os.PathLik
         else:
             _export_torchscript(model, input_shape, path, opset)
     except Exception as exc:  # the exporters raise many types, and bury the operator deep in their text
+        reraise_interrupt(exc)  # Ctrl-C or SIGTERM inside one of torch's lazy imports: an interrupt, not a failure
         full = disk_error(exc)
         if full:
             raise OkdpipeError(f"{path}: cannot write ({full.strerror}); free space or choose another --out") from None

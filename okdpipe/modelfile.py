@@ -31,6 +31,7 @@ from okdpipe.contracts.card import PIXEL_SCALE
 from okdpipe.contracts.versioned import FileFormat
 from okdpipe.errors import OkdpipeError
 from okdpipe.files import atomic_write
+from okdpipe.interrupts import reraise_interrupt
 
 MODEL_FILE = FileFormat("okdpipe-model", 1, "model file", "create it again with `okdpipe select RUN_DIR`")
 
@@ -218,6 +219,7 @@ def load_tensors(path: Path, what: str, fix: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt or foreign files
+        reraise_interrupt(exc)  # a Ctrl-C or SIGTERM that torch's error was raised over stays an interrupt
         raise OkdpipeError(f"{path}: {what} ({load_failure(exc)}); {fix}") from None
 
 
