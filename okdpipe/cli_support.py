@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import os
 import signal
+import sys
 import threading
 from collections.abc import Callable
 
@@ -13,6 +15,7 @@ from okdpipe.errors import OkdpipeError
 from okdpipe.files import disk_error
 
 TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # a stop request; a closed terminal or ssh session
+REDELIVER_AFTER_S = 0.05  # a swallowed interrupt's signal is sent again this long after (_redeliver_swallowed)
 
 
 class Terminated(KeyboardInterrupt):
@@ -40,6 +43,23 @@ def unwind_on_signals(signals: tuple[int, ...] = TERMINATING_SIGNALS) -> None:
 
     for sig in signals:
         signal.signal(sig, raise_terminated)
+    sys.unraisablehook = functools.partial(_redeliver_swallowed, signals)
+
+
+def _redeliver_swallowed(signals: tuple[int, ...], unraisable) -> None:
+    """Python swallows an exception raised inside a weakref callback or `__del__` (it prints "Exception ignored"
+    and runs on). When that is the interrupt a signal raised, the command would carry on with the signal spent
+    and every later one ignored: an hour of training that SIGTERM can no longer stop. So the handlers are armed
+    again and the signal is sent again a moment later, from another thread (sent from here, its handler would
+    raise inside this hook and be swallowed too): it is raised at an ordinary line of the command instead."""
+    interrupt = unraisable.exc_value
+    if not isinstance(interrupt, KeyboardInterrupt):
+        sys.__unraisablehook__(unraisable)
+        return
+    unwind_on_signals(signals)
+    resend = threading.Timer(REDELIVER_AFTER_S, os.kill, (os.getpid(), getattr(interrupt, "signum", signal.SIGINT)))
+    resend.daemon = True
+    resend.start()
 
 
 def friendly_errors(command: Callable) -> Callable:

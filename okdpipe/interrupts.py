@@ -47,9 +47,11 @@ def surfacing_interrupts() -> Iterator[Callable[[], None]]:
     previous = sys.unraisablehook
 
     def keep_interrupts(unraisable) -> None:
-        if isinstance(unraisable.exc_value, KeyboardInterrupt):
-            kept.append(unraisable.exc_value)
-        else:
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+            previous(unraisable)
+            return
+        kept.append(unraisable.exc_value)
+        if previous is not sys.__unraisablehook__:  # the CLI's hook sends the signal again: a long build stops now
             previous(unraisable)
 
     def raise_kept() -> None:

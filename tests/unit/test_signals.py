@@ -1,0 +1,53 @@
+"""A signal whose exception Python swallows (raised inside a weakref callback or `__del__`, "Exception ignored")
+must still stop the command: okdpipe's handler ignores every later signal once it has fired, so without
+re-delivery the command would run on unstoppable."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent(
+    """
+    import signal, sys, time, weakref
+    import typer
+    from okdpipe.cli_support import friendly_errors
+
+    class Thing:
+        pass
+
+    @friendly_errors
+    def command():
+        handler = signal.getsignal(signal.{signal})
+        thing = Thing()
+        ref = weakref.ref(thing, lambda _: handler(signal.{signal}, None))  # the signal lands in the callback
+        del thing
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            time.sleep(0.01)
+        print("ran on")
+
+    try:
+        command()
+    except typer.Exit as stop:
+        sys.exit(stop.exit_code)
+    """
+)
+
+
+def run(signal_name: str) -> subprocess.CompletedProcess:
+    script = SCRIPT.replace("{signal}", signal_name)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+
+
+def test_a_swallowed_sigterm_is_delivered_again_and_stops_the_command():
+    result = run("SIGTERM")
+    assert result.returncode == 143, (result.stdout, result.stderr)
+    assert "ran on" not in result.stdout
+    assert result.stderr.strip() == "error: interrupted (SIGTERM)"
+
+
+def test_a_swallowed_sighup_is_delivered_again_and_stops_the_command():
+    result = run("SIGHUP")
+    assert result.returncode == 129 and "ran on" not in result.stdout, (result.stdout, result.stderr)
