@@ -7,6 +7,7 @@ usage, 130 interrupted by Ctrl-C, 143 by SIGTERM).
 
 from __future__ import annotations
 
+import signal
 from typing import Optional
 
 import typer
@@ -88,6 +89,10 @@ def main() -> None:
     except typer.Abort:
         typer.echo("error: interrupted (Ctrl-C)", err=True)
         code = 130
+    # The command has finished and said how; a stop request from now on has nothing left to stop, and during
+    # Python's shutdown (handlers reset) it would end the process with 143 and no word after the work was done.
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
     sys.exit(code if isinstance(code, int) else 0)
 
 

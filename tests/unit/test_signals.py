@@ -51,3 +51,20 @@ def test_a_swallowed_sigterm_is_delivered_again_and_stops_the_command():
 def test_a_swallowed_sighup_is_delivered_again_and_stops_the_command():
     result = run("SIGHUP")
     assert result.returncode == 129 and "ran on" not in result.stdout, (result.stdout, result.stderr)
+
+
+def test_a_stop_request_after_the_command_finished_cannot_turn_its_exit_into_143():
+    """Python's shutdown resets signal handlers: a SIGTERM then killed a finished export with 143 and no word."""
+    script = (
+        "import os, signal, sys\n"
+        "from okdpipe.cli import main\n"
+        "sys.argv = ['okdpipe', '--version']\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as done:\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)  # arrives while the process winds down\n"
+        "    os.kill(os.getpid(), signal.SIGHUP)\n"
+        "    raise\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stderr == "", (result.returncode, result.stderr)
