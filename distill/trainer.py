@@ -47,7 +47,7 @@ from okdpipe.datasets import DATASETS, make_loader
 from okdpipe.datasets.load import check_options
 from okdpipe.datasets.views import view_policy
 from okdpipe.distill import distributed
-from okdpipe.distill.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from okdpipe.distill.checkpoint import LAST, has_checkpoint, load_checkpoint, save_checkpoint
 from okdpipe.distill.diagnose import chance_warning
 from okdpipe.distill.distributed import Group
 from okdpipe.distill.evaluate import calibration_sample, evaluate_run, recalibrate_bn
@@ -200,7 +200,7 @@ def preflight(cfg: DistillConfig, run: RunDir, resume: bool) -> DistillConfig:
     cfg = with_method_defaults_of(with_world_size(cfg))
     require(cfg.loggers)
     check_training(cfg)
-    check_can_create_folder(run.root, "--out")
+    check_out(run)
     check_start(run, resume)
     s = build_session(cfg, run, Group(world_size=cfg.nproc_per_node))
     if resume:
@@ -569,7 +569,7 @@ def fit(
     require(cfg.loggers)
     check_training(cfg)
     if distributed.holds_run_lock():
-        check_can_create_folder(run.root, "--out")
+        check_out(run)
     created = not run.root.exists()
     with run.locked() if distributed.holds_run_lock() else contextlib.nullcontext():
         try:
@@ -607,6 +607,12 @@ def fit_locked(cfg: DistillConfig, run: RunDir, resume: bool, stop_after_steps: 
         )
     with distributed.joined(resolve_device(cfg.device)) as group:
         return train(cfg, run, group, resume, stop_after_steps, echo if group.is_main else quiet)[1]
+
+
+def check_out(run: RunDir) -> None:
+    """Before anything is created: a run folder that can be made, and no FIFO or device where a run file goes."""
+    check_can_create_folder(run.root, "--out")
+    run.check_files(run.checkpoints / LAST)
 
 
 def check_start(run: RunDir, resume: bool) -> None:

@@ -155,10 +155,18 @@ def writable_dir(out_dir: Path) -> Path:
 
 
 def check_out_dir(out_dir: Path) -> None:
-    """OUT must be a folder, or a path where one can be made; nothing is created."""
+    """OUT must be a folder, or a path where one can be made, and each precision folder in it a real folder
+    (publishing replaces it; a file, pipe or link there is not an export to replace); nothing is created."""
     if out_dir.exists() and not out_dir.is_dir():
         raise OkdpipeError(f"--out {out_dir} is a file; pass a directory (it is created if missing)")
     check_can_create_folder(out_dir, "--out")
+    for precision in PRECISIONS:
+        place = out_dir / precision
+        if place.is_symlink() or place.exists() and not place.is_dir():
+            raise OkdpipeError(
+                f"--out {out_dir}: {place} is not a folder of an earlier export (a file, link or pipe); "
+                "remove it or choose another --out"
+            )
 
 
 def check_inputs(model_path: str | os.PathLike, out_dir: str | os.PathLike, config: ExportConfig) -> None:

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import math
 import os
 import select
 import stat
@@ -19,6 +20,7 @@ from okdpipe.errors import GateFailed, OkdpipeError
 
 PIPE_WAIT_S = 10.0  # how long a named pipe may stay silent (a writer like `<(cat key)` answers in milliseconds)
 DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
+MAX_INT_DIGITS = 100  # no figure okdpipe records comes near; a longer integer is damage, not data
 
 
 def _default_mode() -> int:
@@ -157,8 +159,19 @@ def loads_finite(text: str) -> Any:
     def refuse(token: str) -> None:
         raise ValueError(f"non-finite number ({token})")
 
+    def integer(digits: str) -> int:  # int() itself refuses past 4300 digits, in a paragraph
+        if len(digits) > MAX_INT_DIGITS:
+            raise json.JSONDecodeError(f"an integer of {len(digits):,} digits", "", 0)
+        return int(digits)
+
+    def number(digits: str) -> float:  # 1e999 is valid JSON, and float() makes it inf
+        value = float(digits)
+        if not math.isfinite(value):
+            refuse(digits[:24])
+        return value
+
     try:
-        return json.loads(text, parse_constant=refuse)
+        return json.loads(text, parse_constant=refuse, parse_int=integer, parse_float=number)
     except RecursionError:
         raise json.JSONDecodeError("nested too deeply", text if isinstance(text, str) else "", 0) from None
 

@@ -33,7 +33,7 @@ from okdpipe.contracts.versioned import FileFormat
 from okdpipe.distill.select_command import SelectConfig
 from okdpipe.errors import OkdpipeError
 from okdpipe.export.config import ExportConfig
-from okdpipe.files import atomic_write_json, check_can_create_folder, file_sha256, loads_finite
+from okdpipe.files import atomic_write_json, check_can_create_folder, check_can_write_file, file_sha256, loads_finite
 from okdpipe.plugins import PLUGINS_HELP, PluginNames
 from okdpipe.run import RunDir, now_iso
 
@@ -363,6 +363,16 @@ def describe(decision: Decision) -> str:
     return f"{action}  {decision.stage.name:<8} {decision.reason}{'; ' + note if note else ''}"
 
 
+def check_pipeline_files(out: Path) -> None:
+    """The files the stages write directly into OUT can be written (no FIFO or folder in their place), checked
+    before the first stage trains rather than after it."""
+    from okdpipe.bench.report import report_paths
+
+    reports = report_paths(out / "report.json", out / "report.junit.xml").values()
+    for path in [out / STATE_FILE, out / "model.pt", out / "bench.json", *reports]:
+        check_can_write_file(path, "the pipeline's output")
+
+
 def default_out(config_path: Path) -> Path:
     return Path("runs") / config_path.stem
 
@@ -378,6 +388,7 @@ def run_pipeline(
     cfg = load_pipeline_config(config_path)
     out = Path(out or cfg.out or default_out(Path(config_path)))
     check_can_create_folder(out, "the pipeline's out folder")
+    check_pipeline_files(out)
     pipeline = Pipeline(cfg, out, force, echo)
     if dry_run:
         for decision in pipeline.plan():

@@ -97,6 +97,19 @@ class RunDir:
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
 
+    def check_files(self, *more: Path) -> None:
+        """Refuse a run directory where training would write through something that is not a regular file: a FIFO
+        named metrics.jsonl blocks the first append forever, a device would swallow the checkpoint."""
+        if self.checkpoints.exists() and not self.checkpoints.is_dir():
+            raise OkdpipeError(f"{self.checkpoints}: not a folder; remove it or choose another --out")
+        written = [self.config_path, self.manifest_path, self.metrics_path, self.root / LOCK_FILE, *more]
+        for path in written:
+            if path.exists() and not path.is_file():
+                raise OkdpipeError(
+                    f"{path}: not a regular file (a folder, device, pipe or socket) where the run writes one; "
+                    "remove it or choose another --out"
+                )
+
     def prepare(self) -> None:
         if self.root.exists() and not self.root.is_dir():
             raise OkdpipeError(f"{self.root}: is a file, not a run directory; choose another --out")

@@ -45,7 +45,7 @@ class BoundedHeadConnection(h11.Connection):
             self.refusal = self._h11_refusal(error)
             raise
         if isinstance(event, h11.Request):
-            self.refusal = oversized_head(event)
+            self.refusal = oversized_head(event) or ambiguous_framing(event)
             if self.refusal is not None:
                 raise h11.RemoteProtocolError(self.refusal[1], self.refusal[0])
         return event
@@ -66,6 +66,16 @@ def oversized_head(request: h11.Request) -> tuple[int, str] | None:
         return 414, LINE_TOO_LONG
     head = line + sum(len(name) + len(value) + len(b": \r\n") for name, value in request.headers) + len(b"\r\n")
     return (431, HEAD_TOO_LONG) if head > MAX_HEAD_BYTES else None
+
+
+def ambiguous_framing(request: h11.Request) -> tuple[int, str] | None:
+    """(400, why) for a head giving both Content-Length and Transfer-Encoding: h11 follows the chunked encoding
+    and waits for chunks the client never meant to send, and a proxy in front may frame the body the other way
+    (request smuggling). RFC 9112 section 6.1 lets a server refuse it; this one does at once."""
+    names = {name.lower() for name, _ in request.headers}
+    if b"content-length" in names and b"transfer-encoding" in names:
+        return 400, "malformed HTTP request: both Content-Length and Transfer-Encoding are given; send one"
+    return None
 
 
 class _HeadDeadlineProtocol(H11Protocol):

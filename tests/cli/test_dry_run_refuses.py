@@ -72,6 +72,10 @@ MISTAKES = {
     "select out is a pipe": (["select", "R", "--out", "T/fifo"], "not a regular file"),
     "bench report is a pipe": (["bench", "A", *QUICK, "--report", "T/fifo"], "not a regular file"),
     "bench artifact twice": (["bench", "A", "A/", *QUICK, "--report", "T/r.json"], "given twice"),
+    "bench artifact twice via a link": (["bench", "A", "T/alink", *QUICK, "--report", "T/r.json"], "given twice"),
+    "distill metrics file is a pipe": ([*DISTILL[:-1], "T/piped"], "metrics.jsonl: not a regular file"),
+    "pipeline state file is a pipe": (["pipeline", "P:T/piped"], "pipeline.json is not a regular file"),
+    "export precision folder is a pipe": (["export", "M", "--out", "T/piped"], "is not a folder of an earlier export"),
     "bench batch size twice": (["bench", "A", *QUICK, "--batch-sizes", "1,1", "--report", "T/r.json"], "listed twice"),
     "distill on a GPU nobody has": pytest.param(
         [*DISTILL, "--device", "cuda"],
@@ -134,6 +138,10 @@ def test_a_dry_run_refuses_what_the_real_run_refuses(artifact, model_file, finis
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     (tmp_path / "empty").write_text("\n")
     os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "alink").symlink_to(artifact, target_is_directory=True)
+    (tmp_path / "piped").mkdir()
+    for name in ("metrics.jsonl", "pipeline.json", "fp32"):  # where distill, pipeline and export write
+        os.mkfifo(tmp_path / "piped" / name)
     command = concrete(args, tmp_path, {"A": artifact, "M": model_file, "R": finished_run})
     before = sorted(tmp_path.rglob("*"))
     dry = okdpipe(*command, "--dry-run", cwd=tmp_path)

@@ -183,8 +183,13 @@ def test_requests_http_cannot_parse_get_a_json_400_and_the_server_keeps_serving(
             431,
             "request head longer than 16384 bytes",
         ),
+        (
+            b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n{}",
+            400,
+            "malformed HTTP request: both Content-Length and Transfer-Encoding are given",
+        ),
     ],
-    ids=["200 KB header line", "200 KB URL", "300 headers"],
+    ids=["200 KB header line", "200 KB URL", "300 headers", "two framings"],
 )
 def test_oversized_request_heads_get_a_json_431_or_414_then_close(server, head, status, message):
     """The answer must reach the client: closing while its head is still arriving would reset the connection

@@ -215,6 +215,17 @@ MUST_BE_AN_OBJECT = [0, False, "", [], "{}"]
             "'outputs[0].parameters.binary_data' must be true or false, got an int",
         ),
         ("outputs.0.parameters.binary_data", "false", "'outputs[0].parameters.binary_data' must be true or false"),
+        ("inputs.0.parameters.binary_data", "yes", "'inputs[0].parameters.binary_data' must be true or false"),
+        ("inputs.0.parameters.binary_data", True, "'inputs[0].parameters.binary_data' is for outputs"),
+        # Triton's classification extension is not served: never plain logits to a client that asked for it
+        *[
+            (path, value, f"'{where}.classification' is not supported; request the 'labels' output")
+            for path, where in [
+                ("parameters.classification", "parameters"),
+                ("outputs.0.parameters.classification", "outputs[0].parameters"),
+            ]
+            for value in (3, "3", True, 1e300, None)
+        ],
         # a key the protocol does not define is a typo until proven otherwise: never dropped silently
         ("output", [{"name": "logits"}], "the request has the unknown key 'output'; the keys are id, parameters"),
         ("paramters", {"top_k": 3}, "the request has the unknown key 'paramters'"),

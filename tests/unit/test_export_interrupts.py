@@ -83,14 +83,21 @@ def failing_rename(monkeypatch, nth: int, failure: BaseException, after: bool) -
 
 
 def earlier_export(exports, out: Path, precisions: str) -> None:
-    """Model A's export in OUT: fp32 + fp16, or fp32 alone (where model B's fp16 then lands in an empty place)."""
+    """Model A's export in OUT: fp32 + fp16, fp32 alone (where model B's fp16 then lands in an empty place), or
+    fp32 + fp16 + int8 (an int8 B does not replace: it is moved aside too, and must come back)."""
     shutil.copytree(exports["old"], out)
     if precisions == "fp32":
         shutil.rmtree(out / "fp16")
+    if precisions == "fp32+fp16+int8":
+        shutil.copytree(out / "fp16", out / "int8")
 
 
 # Publishing B's fp32 + fp16 is a rename per old folder moved aside (fp16, fp32), then one per new folder moved in.
-RENAMES = [("fp32+fp16", nth) for nth in (1, 2, 3, 4)] + [("fp32", nth) for nth in (1, 2, 3)]
+RENAMES = (
+    [("fp32+fp16", nth) for nth in (1, 2, 3, 4)]
+    + [("fp32", nth) for nth in (1, 2, 3)]
+    + [("fp32+fp16+int8", nth) for nth in (1, 2, 3, 4, 5)]
+)
 
 
 @pytest.mark.parametrize("after", [False, True], ids=["before-rename", "after-rename"])

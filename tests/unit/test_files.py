@@ -102,3 +102,19 @@ def test_load_failure_is_one_sentence_cut_at_a_word():
     reason = load_failure(RuntimeError("word " * 60 + "end. A second sentence.\nA second line."))
     assert reason.endswith("...") and len(reason) <= 160 and reason[:-3].endswith("word")
     assert load_failure(OSError("short reason. more")) == "short reason"
+
+
+@pytest.mark.parametrize(
+    "text, error, fragment",
+    [
+        ('{"a": ' + "9" * 5000 + "}", json.JSONDecodeError, "an integer of 5,000 digits"),
+        ('{"a": 1e999}', ValueError, "non-finite number (1e999)"),
+        ('{"a": -1e999}', ValueError, "non-finite number (-1e999)"),
+        ('{"a": NaN}', ValueError, "non-finite number (NaN)"),
+    ],
+)
+def test_numbers_json_allows_but_okdpipe_never_writes_are_refused(text, error, fragment):
+    with pytest.raises(error) as raised:
+        files.loads_finite(text)
+    assert fragment in str(raised.value)
+    assert files.loads_finite('{"a": 1e300, "b": 12345678901234567890}') == {"a": 1e300, "b": 12345678901234567890}

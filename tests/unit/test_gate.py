@@ -166,6 +166,14 @@ def test_baseline_relative_gates(report):
     assert not grown.passed and grown.threshold == pytest.approx(1.98)
 
 
+def test_a_baseline_relative_threshold_that_overflows_fails_the_gate(report):
+    """baseline*1e308 turns a finite baseline into an infinite threshold: no gate passes against infinity."""
+    baseline = copy.deepcopy(report)
+    baseline.artifacts[0].latency[1].p99_ms = 5.0
+    [result] = evaluate_gates(report, ["net:p99_ms@1<=baseline*1e308"], baseline=baseline)
+    assert not result.passed and "against inf: not a finite number, so it fails" in result.detail
+
+
 def test_baseline_matches_by_name_then_unique_precision(report):
     baseline = copy.deepcopy(report)
     baseline.artifacts[0].name = "net-v1"  # renamed, but the only onnx fp32 entry

@@ -99,8 +99,8 @@ def test_non_finite_weights_at_the_end_of_an_epoch_stop_before_the_checkpoint(tm
     assert [r["kind"] for r in records] == ["step"]  # the last step's (finite) loss, no epoch record
 
 
-@pytest.mark.parametrize("split", ["val", "test"])
-def test_finite_weights_with_non_finite_metrics_are_divergence_not_a_write_error(tmp_path, monkeypatch, split):
+@pytest.mark.parametrize("split, bad", [("val", math.nan), ("val", math.inf), ("test", math.nan), ("test", -math.inf)])
+def test_finite_weights_with_non_finite_metrics_are_divergence_not_a_write_error(tmp_path, monkeypatch, split, bad):
     """A huge lr can leave the weights finite and the logits infinite: the loss of the second validation (or of
     the test split) is NaN. That ends the run as diverged (exit 1, manifest says so), never a JSON-writer error."""
     run = RunDir(tmp_path / "r")
@@ -110,7 +110,7 @@ def test_finite_weights_with_non_finite_metrics_are_divergence_not_a_write_error
         result = real(*args, **kwargs)
         calls.append(1)
         if len(calls) == (2 if split == "val" else 3):  # validation after epochs 1 and 2, then test
-            result["student:0"]["loss"] = math.nan
+            result["student:0"]["loss"] = bad
         return result
 
     monkeypatch.setattr(trainer, "evaluate_run", evaluate_run)
@@ -291,7 +291,7 @@ def test_atomic_write_failing_mid_write_keeps_the_old_file_and_no_temp(tmp_path)
 
 def test_a_read_only_or_file_out_is_one_line(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("x")
-    with pytest.raises(OkdpipeError, match="is a file, not a run directory"):
+    with pytest.raises(OkdpipeError, match="file is a file, not a folder; choose another path"):
         fit(tiny(), RunDir(tmp_path / "file"), echo=quiet)
     monkeypatch.setattr("pathlib.Path.mkdir", raises(errno.EROFS))
     with pytest.raises(OkdpipeError, match=r"cannot create the run directory \(Read-only file system\)"):
