@@ -160,6 +160,9 @@ def check_out_dir(out_dir: Path) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise OkdpipeError(f"--out {out_dir} is a file; pass a directory (it is created if missing)")
     check_can_create_folder(out_dir, "--out")
+    lock = out_dir / LOCK_FILE
+    if lock.is_symlink() or lock.exists() and not lock.is_file():
+        raise OkdpipeError(f"--out {out_dir}: {lock} is not the export's lock file (a link, folder or pipe); remove it")
     for precision in PRECISIONS:
         place = out_dir / precision
         if place.is_symlink() or place.exists() and not place.is_dir():

@@ -364,13 +364,18 @@ def describe(decision: Decision) -> str:
 
 
 def check_pipeline_files(out: Path) -> None:
-    """The files the stages write directly into OUT can be written (no FIFO or folder in their place), checked
-    before the first stage trains rather than after it."""
+    """The files the stages write directly into OUT can be written (no FIFO or folder in their place), and their
+    folders are real folders, checked before the first stage trains rather than after it."""
     from okdpipe.bench.report import report_paths
 
     reports = report_paths(out / "report.json", out / "report.junit.xml").values()
     for path in [out / STATE_FILE, out / "model.pt", out / "bench.json", *reports]:
         check_can_write_file(path, "the pipeline's output")
+    for stage_folder in (out / "distill", out / "export"):  # a link would send a stage's output outside OUT
+        if stage_folder.is_symlink() or stage_folder.exists() and not stage_folder.is_dir():
+            raise OkdpipeError(
+                f"{stage_folder}: not a folder of this pipeline (a file, link or pipe); remove it or choose another out"
+            )
 
 
 def default_out(config_path: Path) -> Path:

@@ -95,7 +95,7 @@ def parse_infer_request(body: bytes, header_length: str | None, spec: ModelSpec)
     _known_keys(header, REQUEST_KEYS, "the request")
     images = _decode_input(_single_input(header, spec), binary, spec)
     parameters = _field(header, "parameters", dict, "parameters") or {}
-    _refuse_classification(parameters, "parameters")
+    _refuse_unserved(parameters, "parameters")
     top_k = _field(parameters, "top_k", int, "parameters.top_k")
     return InferRequest(
         images=images,
@@ -179,6 +179,7 @@ def _decode_input(tensor: dict[str, Any], binary: bytes, spec: ModelSpec) -> np.
     shape = _checked_shape(tensor.get("shape"), spec)
     dtype = _checked_datatype(_required(tensor, "datatype", str, "inputs[0].datatype"))
     parameters = _field(tensor, "parameters", dict, "inputs[0].parameters") or {}
+    _refuse_unserved(parameters, "inputs[0].parameters")
     if _field(parameters, "binary_data", bool, "inputs[0].parameters.binary_data"):
         raise ClientError(400, "'inputs[0].parameters.binary_data' is for outputs; an input sends binary_data_size")
     binary_size = _field(parameters, "binary_data_size", int, "inputs[0].parameters.binary_data_size")
@@ -277,17 +278,23 @@ def _requested_output(item: Any, path: str, binary_default: bool) -> RequestedOu
     if name not in OUTPUT_NAMES:
         raise ClientError(400, f"unknown output {name[:40]!r}; outputs are {', '.join(OUTPUT_NAMES)}")
     parameters = _field(item, "parameters", dict, f"{path}.parameters") or {}
-    _refuse_classification(parameters, f"{path}.parameters")
+    _refuse_unserved(parameters, f"{path}.parameters")
     binary = _field(parameters, "binary_data", bool, f"{path}.parameters.binary_data")
     return RequestedOutput(name, binary_default if binary is None else binary)
 
 
-def _refuse_classification(parameters: dict[str, Any], path: str) -> None:
-    """Triton's classification extension is not served: a client asking for it must not get plain logits."""
-    if "classification" in parameters:
-        raise ClientError(
-            400, f"'{path}.classification' is not supported; request the 'labels' output (with parameters.top_k)"
-        )
+UNSERVED_PARAMETERS = {  # Triton extensions that change what the answer means: refused, never silently ignored
+    "classification": "request the 'labels' output (with parameters.top_k)",
+    "shared_memory_region": "send the tensor in the request body (JSON data or binary)",
+}
+
+
+def _refuse_unserved(parameters: dict[str, Any], path: str) -> None:
+    """A client asking for classification would get plain logits, one naming a shared-memory region would get an
+    answer about other input (or look for its result where none was written)."""
+    for key, fix in UNSERVED_PARAMETERS.items():
+        if key in parameters:
+            raise ClientError(400, f"'{path}.{key}' is not supported; {fix}")
 
 
 def _top_k(value: int, num_classes: int) -> int:

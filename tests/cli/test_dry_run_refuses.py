@@ -76,6 +76,9 @@ MISTAKES = {
     "distill metrics file is a pipe": ([*DISTILL[:-1], "T/piped"], "metrics.jsonl: not a regular file"),
     "pipeline state file is a pipe": (["pipeline", "P:T/piped"], "pipeline.json is not a regular file"),
     "export precision folder is a pipe": (["export", "M", "--out", "T/piped"], "is not a folder of an earlier export"),
+    "export lock file is a pipe": (["export", "M", "--out", "T/locked"], "is not the export's lock file"),
+    "pipeline stage folder is a link": (["pipeline", "P:T/linked"], "export: not a folder of this pipeline"),
+    "pipeline stage folder is a pipe": (["pipeline", "P:T/locked"], "distill: not a folder of this pipeline"),
     "bench batch size twice": (["bench", "A", *QUICK, "--batch-sizes", "1,1", "--report", "T/r.json"], "listed twice"),
     "distill on a GPU nobody has": pytest.param(
         [*DISTILL, "--device", "cuda"],
@@ -142,6 +145,11 @@ def test_a_dry_run_refuses_what_the_real_run_refuses(artifact, model_file, finis
     (tmp_path / "piped").mkdir()
     for name in ("metrics.jsonl", "pipeline.json", "fp32"):  # where distill, pipeline and export write
         os.mkfifo(tmp_path / "piped" / name)
+    (tmp_path / "locked").mkdir()
+    for name in (".export.lock", "distill"):
+        os.mkfifo(tmp_path / "locked" / name)
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "export").symlink_to(tmp_path, target_is_directory=True)  # out of OUT
     command = concrete(args, tmp_path, {"A": artifact, "M": model_file, "R": finished_run})
     before = sorted(tmp_path.rglob("*"))
     dry = okdpipe(*command, "--dry-run", cwd=tmp_path)

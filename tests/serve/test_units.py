@@ -219,12 +219,17 @@ MUST_BE_AN_OBJECT = [0, False, "", [], "{}"]
         ("inputs.0.parameters.binary_data", True, "'inputs[0].parameters.binary_data' is for outputs"),
         # Triton's classification extension is not served: never plain logits to a client that asked for it
         *[
-            (path, value, f"'{where}.classification' is not supported; request the 'labels' output")
+            (f"{path}.{key}", value, f"'{where}.{key}' is not supported; {fix}")
             for path, where in [
-                ("parameters.classification", "parameters"),
-                ("outputs.0.parameters.classification", "outputs[0].parameters"),
+                ("parameters", "parameters"),
+                ("inputs.0.parameters", "inputs[0].parameters"),
+                ("outputs.0.parameters", "outputs[0].parameters"),
             ]
-            for value in (3, "3", True, 1e300, None)
+            for key, fix in [
+                ("classification", "request the 'labels' output"),
+                ("shared_memory_region", "send the tensor in the request body"),
+            ]
+            for value in (3, "3", True, None)
         ],
         # a key the protocol does not define is a typo until proven otherwise: never dropped silently
         ("output", [{"name": "logits"}], "the request has the unknown key 'output'; the keys are id, parameters"),
