@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import typer
 
@@ -16,6 +17,7 @@ from okdpipe.files import disk_error
 
 TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # a stop request; a closed terminal or ssh session
 REDELIVER_AFTER_S = 0.05  # a swallowed interrupt's signal is sent again this long after (_redeliver_swallowed)
+_RESENDS: list[threading.Timer] = []  # re-deliveries not yet sent
 
 
 class Terminated(KeyboardInterrupt):
@@ -59,6 +61,7 @@ def _redeliver_swallowed(signals: tuple[int, ...], unraisable) -> None:
     unwind_on_signals(signals)
     resend = threading.Timer(REDELIVER_AFTER_S, os.kill, (os.getpid(), getattr(interrupt, "signum", signal.SIGINT)))
     resend.daemon = True
+    _RESENDS.append(resend)
     resend.start()
 
 
@@ -69,22 +72,45 @@ def friendly_errors(command: Callable) -> Callable:
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        if threading.current_thread() is threading.main_thread():
-            unwind_on_signals()  # serve installs its own while it serves
-        try:
-            return command(*args, **kwargs)
-        except OkdpipeError as exc:
-            fail(one_line(exc), exc.exit_code)
-        except KeyboardInterrupt as exc:
-            fail(f"interrupted ({interruption(exc)})", 128 + getattr(exc, "signum", signal.SIGINT))
-        except Exception as exc:
-            full = disk_error(exc)
-            if full is None:
-                raise
-            where = f"{full.filename}: " if full.filename else ""
-            fail(f"{where}cannot write ({full.strerror}); free space or choose another --out", 2)
+        in_main = threading.current_thread() is threading.main_thread()  # serve installs its own while it serves
+        with unwinding_signals() if in_main else contextlib.nullcontext():
+            return _reported(command, *args, **kwargs)
 
     return wrapper
+
+
+def _reported(command: Callable, *args, **kwargs):
+    """`command`, with what stops it turned into one `error:` line and its exit code."""
+    try:
+        return command(*args, **kwargs)
+    except OkdpipeError as exc:
+        fail(one_line(exc), exc.exit_code)
+    except KeyboardInterrupt as exc:
+        fail(f"interrupted ({interruption(exc)})", 128 + getattr(exc, "signum", signal.SIGINT))
+    except Exception as exc:
+        full = disk_error(exc)
+        if full is None:
+            raise
+        where = f"{full.filename}: " if full.filename else ""
+        fail(f"{where}cannot write ({full.strerror}); free space or choose another --out", 2)
+
+
+@contextlib.contextmanager
+def unwinding_signals() -> Iterator[None]:
+    """unwind_on_signals while the block runs; the previous handlers and unraisable hook come back after it (a
+    command run in-process, by the Python API or a test, leaves the caller's signal handling as it found it), and
+    a signal re-delivery still pending is cancelled."""
+    saved = {sig: signal.getsignal(sig) for sig in TERMINATING_SIGNALS}
+    hook = sys.unraisablehook
+    unwind_on_signals()
+    try:
+        yield
+    finally:
+        while _RESENDS:
+            _RESENDS.pop().cancel()
+        for sig, handler in saved.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        sys.unraisablehook = hook
 
 
 def fail(message: str, code: int) -> None:

@@ -68,3 +68,30 @@ def test_a_stop_request_after_the_command_finished_cannot_turn_its_exit_into_143
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stderr == "", (result.returncode, result.stderr)
+
+
+def test_a_command_run_in_process_leaves_the_callers_signal_handling_as_it_found_it():
+    """The Python API and tests run commands in-process: their SIGTERM handler and unraisable hook come back
+    (a re-delivery hook left behind would send a later swallowed interrupt's signal to the caller)."""
+    import signal
+
+    import typer
+
+    from okdpipe.cli_support import friendly_errors
+    from okdpipe.errors import OkdpipeError
+
+    before = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP), sys.unraisablehook)
+
+    @friendly_errors
+    def command(fails: bool):
+        assert signal.getsignal(signal.SIGTERM) is not before[0]  # okdpipe's own while it runs
+        if fails:
+            raise OkdpipeError("bad input")
+
+    command(False)
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP), sys.unraisablehook) == before
+    try:
+        command(True)
+    except typer.Exit:
+        pass
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP), sys.unraisablehook) == before
