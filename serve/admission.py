@@ -44,7 +44,9 @@ class Admission:
             self.held_bytes -= held.bytes
 
     async def _read(self, request: Request, held: _Held) -> bytes:
-        declared = plain_int(request.headers.get("content-length"))
+        # Any length h11 accepts (up to 20 digits): under plain_int's default of 18, a 19- or 20-digit length
+        # would count as undeclared and its body be awaited (408 after the body timeout) instead of refused now.
+        declared = plain_int(request.headers.get("content-length"), max_digits=20)
         if declared is not None and declared > self.max_body_bytes:
             raise self._too_large(f"request body of {declared} bytes")
         self._hold(held, declared or 0)

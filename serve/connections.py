@@ -7,42 +7,67 @@ the limit) is answered in JSON like every other error, with the status that says
 uvicorn only times out a keep-alive connection after a response; a socket that connects and sends nothing,
 or dribbles its headers a byte at a time (slowloris), would be held open forever. Body deadlines are the
 app's (`Admission`, answered 408), since by then there is a request to answer.
+
+A chunked body is refused here (413) as soon as its chunk-size lines declare more than `--max-body-mb`, and a
+chunk-size line is refused (400) as soon as what has arrived of it cannot start a valid one: the app only sees
+the chunks' bytes, so it would wait for bytes a client announced and never sends (then answer 408, late).
+
+Every request refused here is counted in /metrics under the route "(refused)"; it never reaches a route.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
+import time
 from http import HTTPStatus
 
 import h11
+from h11._readers import ChunkedReader
+from h11._receivebuffer import ReceiveBuffer
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from okdpipe.serve.metrics import REFUSED_ROUTE, REFUSED_SCOPE_KEY, ServerMetrics
 
 # h11's own default: room for any real client's headers (an API key is at most 4 KiB), and bounded so a client
 # cannot make the server buffer an endless head.
 MAX_HEAD_BYTES = 16 * 1024
 # After refusing a request, what the client may still send (the rest of a long head) is read and dropped, up to
-# this many bytes: closing with unread bytes would reset the connection (see _HeadDeadlineProtocol._linger).
+# this many bytes: closing with unread bytes would reset the connection (see _GuardedProtocol._linger).
 MAX_DISCARD_BYTES = 1024 * 1024
 LINE_TOO_LONG = f"request line longer than {MAX_HEAD_BYTES} bytes; shorten the URL (send inputs in a POST body)"
 HEAD_TOO_LONG = f"request head longer than {MAX_HEAD_BYTES} bytes; send fewer or shorter headers"
+BODY_LINE_TOO_LONG = f"malformed HTTP request: a chunk-size or trailer line longer than {MAX_HEAD_BYTES} bytes"
+# What of a chunk-size line may have arrived before its CRLF: h11's grammar (1 to 20 hex digits, then a
+# ";extension" or blanks) cut anywhere. Anything else can never become a valid line.
+_PARTIAL_CHUNK_LINE = re.compile(rb"(?P<size>[0-9A-Fa-f]{1,20})(;[^\n]*|[ \t]*\r?)")
+# A refused request's method label is read from its first bytes (h11 has consumed a head it refuses):
+# enough for the longest method the metrics know, OPTIONS, and the space after it.
+METHOD_PEEK_BYTES = 8
 
 
 class BoundedHeadConnection(h11.Connection):
-    """h11's server side with two gaps closed. h11 holds a head to its size limit only while the head is still
+    """h11's server side with three gaps closed. h11 holds a head to its size limit only while the head is still
     arriving: one that arrives whole in a single read (up to 256 KiB) is accepted at any size; here every head is
-    measured. And uvicorn drops h11's error before it calls send_400_response; here `refusal` keeps the status and
-    message to answer with."""
+    measured. A chunked body is held to `max_body_bytes` by what its chunk-size lines declare (`LimitedChunkReader`).
+    And uvicorn drops h11's error before it calls send_400_response; here `refusal` keeps the status and
+    message to answer with, and `request_start` the first bytes of the request, for the method label."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_body_bytes: int) -> None:
         super().__init__(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+        self.max_body_bytes = max_body_bytes
         self.refusal: tuple[int, str] | None = None
+        self.request_start = b""
+        self.request_started_at = time.perf_counter()
 
     def next_event(self):
+        self._note_request_start()
+        reading_body = self.their_state is h11.SEND_BODY
         try:
             event = super().next_event()
         except h11.RemoteProtocolError as error:
-            self.refusal = self._h11_refusal(error)
+            self.refusal = self._h11_refusal(error, reading_body)
             raise
         if isinstance(event, h11.Request):
             self.refusal = oversized_head(event) or ambiguous_framing(event)
@@ -50,12 +75,81 @@ class BoundedHeadConnection(h11.Connection):
                 raise h11.RemoteProtocolError(self.refusal[1], self.refusal[0])
         return event
 
-    def _h11_refusal(self, error: h11.RemoteProtocolError) -> tuple[int, str]:
-        """h11's suggested status: 400 (malformed), 501 (a Transfer-Encoding other than chunked), or 431 when its
-        buffer outgrew the limit before the head ended; that is a 414 when not even the request line ended."""
-        if error.error_status_hint == 431:
+    def start_next_cycle(self) -> None:
+        super().start_next_cycle()
+        self.request_start = b""
+
+    def _note_request_start(self) -> None:
+        """Keep the first METHOD_PEEK_BYTES of a request whose head has not been parsed yet (and when it began)."""
+        if self.their_state is not h11.IDLE or len(self.request_start) >= METHOD_PEEK_BYTES:
+            return
+        if not self.request_start:
+            self.request_started_at = time.perf_counter()
+        self.request_start = self.trailing_data[0][:METHOD_PEEK_BYTES]
+
+    def _get_io_object(self, role, event, io_dict):
+        """h11's reader or writer for the new state, with its chunked-body reader swapped for the limited one."""
+        io_object = super()._get_io_object(role, event, io_dict)
+        if type(io_object) is ChunkedReader:
+            return LimitedChunkReader(self.max_body_bytes)
+        return io_object
+
+    def _h11_refusal(self, error: h11.RemoteProtocolError, reading_body: bool) -> tuple[int, str]:
+        """h11's suggested status: 400 (malformed), 413 (a chunked body declared too large), 501 (a
+        Transfer-Encoding other than chunked), or 431 when its buffer outgrew the limit before an event ended: in a
+        head that is a 431 (a 414 when not even the request line ended), in a chunked body a 400."""
+        status = error.error_status_hint
+        if status == 413:
+            return 413, str(error)
+        if status == 431 and reading_body:
+            return 400, BODY_LINE_TOO_LONG
+        if status == 431:
             return (431, HEAD_TOO_LONG) if b"\n" in self.trailing_data[0] else (414, LINE_TOO_LONG)
-        return error.error_status_hint, f"malformed HTTP request: {str(error)[:200]}"
+        return status, f"malformed HTTP request: {str(error)[:200]}"
+
+
+class LimitedChunkReader(ChunkedReader):
+    """h11's chunked-body reader, refusing the body from what its chunk-size lines declare rather than from the
+    bytes that follow them: once the sizes declared so far exceed `max_body_bytes` (413), or once the start of a
+    chunk-size line can no longer become a valid one (400). A client that declares a huge chunk, or sends a broken
+    size line without its CRLF, and then waits, is answered at once instead of hanging until the body timeout.
+
+    It reads h11's private chunk state (`_bytes_in_chunk` and friends), so an h11 that renames them fails the serve
+    tests that send chunked bodies rather than serving without the limit."""
+
+    def __init__(self, max_body_bytes: int) -> None:
+        super().__init__()
+        self.max_body_bytes = max_body_bytes
+        self.delivered_bytes = 0  # chunk bytes already handed on as Data events
+
+    def __call__(self, buf: ReceiveBuffer):
+        event = super().__call__(buf)
+        if isinstance(event, h11.Data):
+            self.delivered_bytes += len(event.data)
+        self._check_declared(self._bytes_in_chunk)
+        if event is None and self._at_size_line() and buf:
+            self._check_partial_size_line(bytes(buf))
+        return event
+
+    def _at_size_line(self) -> bool:
+        return self._bytes_in_chunk == 0 and not self._bytes_to_discard and not self._reading_trailer
+
+    def _check_partial_size_line(self, line: bytes) -> None:
+        """`line` is what has arrived of the next chunk-size line (no CRLF yet): refuse it if it cannot become a
+        valid one, or if its digits so far (more can only add to them) already declare too much."""
+        match = _PARTIAL_CHUNK_LINE.fullmatch(line)
+        if match is None:
+            raise h11.RemoteProtocolError(f"illegal chunk-size line {line[:40]!r}", error_status_hint=400)
+        self._check_declared(int(match["size"], 16))
+
+    def _check_declared(self, pending_bytes: int) -> None:
+        declared = self.delivered_bytes + pending_bytes
+        if declared > self.max_body_bytes:
+            raise h11.RemoteProtocolError(
+                f"chunked request body declares at least {declared} bytes, over the {self.max_body_bytes}-byte "
+                "limit (--max-body-mb)",
+                error_status_hint=413,
+            )
 
 
 def oversized_head(request: h11.Request) -> tuple[int, str] | None:
@@ -78,12 +172,16 @@ def ambiguous_framing(request: h11.Request) -> tuple[int, str] | None:
     return None
 
 
-class _HeadDeadlineProtocol(H11Protocol):
-    head_timeout_s: float = 10.0
+class _GuardedProtocol(H11Protocol):
+    """uvicorn's h11 protocol with the connection rules above; guarded_h11_protocol sets the class attributes."""
+
+    head_timeout_s: float
+    max_body_bytes: int
+    metrics: ServerMetrics
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.conn = BoundedHeadConnection()
+        self.conn = BoundedHeadConnection(self.max_body_bytes)
         self._head_deadline: asyncio.TimerHandle | None = None
         self._discarded_bytes: int | None = None  # counts what is dropped once a request is refused
 
@@ -119,8 +217,16 @@ class _HeadDeadlineProtocol(H11Protocol):
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to a request h11 refused (named for the one status uvicorn sends): here the status h11
-        suggests with the JSON body {"error": ...} every other error has, then the connection closes."""
+        suggests with the JSON body {"error": ...} every other error has, counted in /metrics, then the connection
+        closes. When the app has already answered the request (a 404 sent before its body was read), the body's
+        error only closes the connection: a second answer to one request is no HTTP, and h11 would raise."""
+        if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            self.transport.close()
+            return
         status, message = self.conn.refusal
+        if self.cycle is not None and not self.cycle.response_started:  # the app has this request, unanswered
+            self._withdraw_request_from_app()
+        self._count_refusal(status)
         body = json.dumps({"error": message}).encode()
         headers = [
             (b"content-type", b"application/json"),
@@ -131,6 +237,21 @@ class _HeadDeadlineProtocol(H11Protocol):
         for event in (response, h11.Data(data=body), h11.EndOfMessage()):
             self.transport.write(self.conn.send(event))
         self._linger()
+
+    def _withdraw_request_from_app(self) -> None:
+        """The app has this request (its head was fine) and waits for its body, which was refused: it sees the
+        client gone at once (and lets the body's bytes go), and the scope flag tells the middleware that this
+        request is counted here, so it counts it neither twice nor as a client that went away."""
+        self.cycle.scope[REFUSED_SCOPE_KEY] = True
+        self.cycle.disconnected = True
+        self.cycle.message_event.set()
+
+    def _count_refusal(self, status: int) -> None:
+        """One request under the fixed route "(refused)"; the method is read from the request's first bytes and
+        counted only if it is one the metrics know (else "other"), so no client can add a series."""
+        method = self.conn.request_start.partition(b" ")[0].decode("latin-1")
+        seconds = time.perf_counter() - self.conn.request_started_at
+        self.metrics.observe_request(REFUSED_ROUTE, method, status, seconds)
 
     def _linger(self) -> None:
         """Close once the client has stopped sending, not at once: closing a socket that still has unread bytes
@@ -151,6 +272,8 @@ class _HeadDeadlineProtocol(H11Protocol):
             self.transport.close()
 
 
-def guarded_h11_protocol(head_timeout_s: float) -> type[H11Protocol]:
-    """uvicorn's h11 protocol class with a deadline of `head_timeout_s` seconds on each request head."""
-    return type("GuardedH11Protocol", (_HeadDeadlineProtocol,), {"head_timeout_s": head_timeout_s})
+def guarded_h11_protocol(head_timeout_s: float, max_body_bytes: int, metrics: ServerMetrics) -> type[H11Protocol]:
+    """uvicorn's h11 protocol class with a deadline of `head_timeout_s` seconds on each request head, chunked bodies
+    held to `max_body_bytes` as they are declared, and every refusal counted in `metrics`."""
+    attributes = {"head_timeout_s": head_timeout_s, "max_body_bytes": max_body_bytes, "metrics": metrics}
+    return type("GuardedH11Protocol", (_GuardedProtocol,), attributes)

@@ -17,6 +17,11 @@ LabelValues = tuple[str, ...]
 # Label values come only from the server's own vocabulary: any other method a client sends counts as "other",
 # so no client can create new series (the route label is the matched route template, never the raw path).
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
+# A request the HTTP layer refuses (a malformed or oversized head, a chunked body declared too large) reaches no
+# route: it is counted under this fixed route label. When the app already had it (its head was fine), the HTTP
+# layer sets REFUSED_SCOPE_KEY in its ASGI scope, and the middleware leaves it to be counted once, as refused.
+REFUSED_ROUTE = "(refused)"
+REFUSED_SCOPE_KEY = "okdpipe.refused"
 
 
 def _escape(value: str) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 
 from starlette.requests import ClientDisconnect
 
-from okdpipe.serve.metrics import ServerMetrics
+from okdpipe.serve.metrics import REFUSED_SCOPE_KEY, ServerMetrics
 from okdpipe.serve.protocol import plain_int
 
 access_logger = logging.getLogger("okdpipe.serve.access")
@@ -63,15 +63,17 @@ class ServingMiddleware:
                     tracked_send, 401, "missing or wrong bearer token", {"www-authenticate": "Bearer"}
                 )
         except ClientDisconnect:  # the client went away mid-upload: nothing to answer, nothing went wrong here
-            error_logger.info(
-                "client disconnected before sending its whole request (%s %s)", scope["method"], scope["path"]
-            )
+            if not scope.get(REFUSED_SCOPE_KEY):
+                error_logger.info(
+                    "client disconnected before sending its whole request (%s %s)", scope["method"], scope["path"]
+                )
         except Exception:
             error_logger.exception("unhandled error on %s %s", scope["method"], scope["path"])
             if exchange.status == 0:
                 await send_json_error(tracked_send, 500, "internal server error (logged on the server)")
         finally:
-            self._report(scope, exchange)
+            if not scope.get(REFUSED_SCOPE_KEY):  # else the HTTP layer answered and counted it (connections.py)
+                self._report(scope, exchange)
 
     def _authorised(self, path: str, authorization: str) -> bool:
         if self.api_key is None or path.startswith(OPEN_PATH_PREFIX):

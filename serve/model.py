@@ -8,7 +8,7 @@ import numpy as np
 
 from okdpipe.contracts.card import ModelCard, check_graph_precision
 from okdpipe.errors import OkdpipeError
-from okdpipe.ortsession import create_session
+from okdpipe.ortsession import check_card_names, create_session
 
 logger = logging.getLogger("okdpipe.serve")
 
@@ -60,15 +60,8 @@ class OnnxClassifier:
 
 def _check_session_matches_card(session, card: ModelCard) -> int | None:
     """The card and the graph must agree on names; returns a fixed batch size if the graph has one."""
-    inputs = {tensor.name: tensor for tensor in session.get_inputs()}
-    outputs = [tensor.name for tensor in session.get_outputs()]
-    if card.input_name not in inputs or len(inputs) != 1:
-        raise OkdpipeError(
-            f"model inputs {sorted(inputs)} do not match the card's single input '{card.input_name}'; re-export"
-        )
-    if card.output_name not in outputs:
-        raise OkdpipeError(f"model outputs {outputs} lack the card's output '{card.output_name}'; re-export")
-    batch_dim = inputs[card.input_name].shape[0]
+    check_card_names(session, card)
+    batch_dim = session.get_inputs()[0].shape[0]
     if isinstance(batch_dim, int) and batch_dim != 1:
         raise OkdpipeError(
             f"model has a fixed batch size {batch_dim}; re-export it with a dynamic batch axis to serve it"

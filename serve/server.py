@@ -120,7 +120,7 @@ def run_server(settings: ServeSettings, host: str, port: int, log_level: str) ->
         access_log=False,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         server_header=False,
-        http=guarded_h11_protocol(settings.header_timeout_s),
+        http=guarded_h11_protocol(settings.header_timeout_s, settings.max_body_bytes, app.state.serving.metrics),
     )
     server = _DrainingServer(config, app.state.serving)
     with listener:

@@ -125,7 +125,7 @@ def test_bad_card_is_one_line_okdpipe_error(artifact_copy, damage, message):
 
 
 def test_missing_directory_is_okdpipe_error(tmp_path):
-    with pytest.raises(OkdpipeError, match="does not exist; pass the folder `okdpipe export` wrote"):
+    with pytest.raises(OkdpipeError, match="no such artifact directory; pass the folder `okdpipe export` wrote"):
         read_card(tmp_path / "nowhere")
 
 

@@ -279,7 +279,7 @@ def _head_of(size: int) -> bytes:
 
 def _h11_outcome(data: bytes):
     """What the server's h11 connection makes of `data` arriving in one read: the request, or its refusal."""
-    connection = BoundedHeadConnection()
+    connection = BoundedHeadConnection(max_body_bytes=1024 * 1024)
     connection.receive_data(data)
     try:
         return connection.next_event()
