@@ -89,12 +89,16 @@ def check_inputs(
     from okdpipe.errors import OkdpipeError
     from okdpipe.files import check_can_write_file
 
-    seen: dict[Path, Path] = {}
+    seen: dict[object, Path] = {}
     for artifact in artifacts:
-        read_card(artifact)
-        first = seen.setdefault(artifact.resolve(), artifact)
-        if first is not artifact:
-            raise OkdpipeError(f"{artifact}: the same artifact as {first}, given twice; pass each artifact once")
+        card = read_card(artifact)  # verifies the graph's sha256, so equal hashes are equal graphs
+        for key in (artifact.resolve(), tuple(sorted(card.raw["sha256"].items()))):  # one folder twice, or a copy
+            first = seen.setdefault(key, artifact)
+            if first is not artifact:
+                raise OkdpipeError(
+                    f"{artifact}: the same model as {first} (the same folder, or a copy with identical bytes), "
+                    "given twice; pass each artifact once"
+                )
     plan = plan_gates(cfg.gates, policy, baseline, tuple(cfg.batch_sizes))
     for what, path in report_paths(report, junit).items():
         check_can_write_file(path, f"the {what} report")

@@ -32,7 +32,7 @@ from okdpipe.contracts.data import DataSource
 from okdpipe.contracts.report import Accuracy, BenchReport, Entry, LatencyPoint
 from okdpipe.cpu import cpu_features, fp16_slowness
 from okdpipe.errors import OkdpipeError
-from okdpipe.ortsession import check_provider, create_session
+from okdpipe.ortsession import check_card_names, check_provider, create_session
 from okdpipe.scoring import first_batch, score
 
 
@@ -108,6 +108,7 @@ class Bench:
                 card.model_path, provider=self.config.provider, threads=self.config.threads
             )
             start_ms = (time.perf_counter() - began) * 1000.0
+            check_card_names(session, card)
             predict = session_predict(session, card)
             latency = self.latency(predict, split, card.preprocess, macs)
         return Entry(

@@ -86,3 +86,19 @@ def _ort_options(description: SessionDescription):
     for key, value in description["config_entries"].items():
         options.add_session_config_entry(key, value)
     return options
+
+
+def check_card_names(session, card) -> None:
+    """The graph has exactly the card's one input and has its output: bench and serve feed and read tensors by
+    the card's names, so a card edited or copied from another model would fail inside onnxruntime instead."""
+    inputs = [tensor.name for tensor in session.get_inputs()]
+    outputs = [tensor.name for tensor in session.get_outputs()]
+    if inputs != [card.input_name]:
+        raise OkdpipeError(
+            f"{card.directory}: model inputs {sorted(inputs)} do not match the card's single input "
+            f"'{card.input_name}'; re-export"
+        )
+    if card.output_name not in outputs:
+        raise OkdpipeError(
+            f"{card.directory}: model outputs {outputs} lack the card's output '{card.output_name}'; re-export"
+        )

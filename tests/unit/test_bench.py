@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import replace
 
@@ -164,6 +165,23 @@ def test_missing_sources_are_skipped_with_notes_and_max_samples_caps(tiny, tmp_p
     [artifact] = report.artifacts
     assert artifact.accuracy.samples == 10 and artifact.macs is None
     assert artifact.latency[2].gflops_per_s is None
+
+
+@pytest.mark.parametrize(
+    ("field", "fragment"),
+    [("input", "do not match the card's single input 'pixels'"), ("output", "lack the card's output 'pixels'")],
+)
+def test_a_card_naming_tensors_the_graph_lacks_is_one_line(tiny, tmp_path, field, fragment):
+    """bench feeds and reads tensors by the card's names: a card edited (or copied from another model) to name
+    others crashed inside onnxruntime; serve refused the same card. Now both refuse it alike."""
+    moved = tmp_path / "fp32"
+    shutil.copytree(tiny["artifact"], moved)
+    card = json.loads((moved / "model.json").read_text())
+    card[field]["name"] = "pixels"
+    (moved / "model.json").write_text(json.dumps(card))  # the sha256 covers model.onnx only
+    with pytest.raises(OkdpipeError, match=re.escape(f"{moved}: model {field}s")) as error:
+        run_bench([moved], BenchConfig(**QUICK, compare_pytorch=False, compare_ensemble=False))
+    assert fragment in str(error.value) and "\n" not in str(error.value)
 
 
 def test_wrong_dataset_for_the_model_is_a_clear_error(tiny, tmp_path):
