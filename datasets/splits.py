@@ -13,6 +13,7 @@ import torch
 from okdpipe.datasets.rng import STREAM_HOLDOUT, STREAM_SUBSET, cpu_generator
 from okdpipe.datasets.spec import DatasetSpec
 from okdpipe.errors import OkdpipeError
+from okdpipe.files import missing_or_kind
 
 UintBatch = tuple[torch.Tensor, torch.Tensor]  # uint8 [B, C, H, W], int64 [B]
 
@@ -160,7 +161,10 @@ def balanced_subset(split: Split, per_class: int, labels: Sequence[str], seed: i
 
 def require_dir(data_dir: Path) -> None:
     if not data_dir.is_dir():
-        raise OkdpipeError(f"data directory {data_dir} does not exist; pass --data-dir with an existing directory")
+        raise OkdpipeError(
+            f"--data-dir {data_dir}: {missing_or_kind(data_dir, 'a data directory')}; "
+            "pass --data-dir with a folder of the data"
+        )
 
 
 def check_labels(labels: np.ndarray, num_classes: int, source: Path | str) -> None:

@@ -18,6 +18,7 @@ from okdpipe.distill.checkpoint import load_checkpoint
 from okdpipe.distill.models import count_macs
 from okdpipe.distill.trainer import autocast_for, build_models, resolve_device
 from okdpipe.errors import GateFailed, OkdpipeError
+from okdpipe.files import missing_or_kind
 from okdpipe.run import RunDir
 
 
@@ -50,7 +51,10 @@ class FinishedRun:
 
 def check_run(run: RunDir) -> None:
     if not run.root.is_dir():
-        raise OkdpipeError(f"{run.root}: no such run directory; train one with `okdpipe distill --out {run.root}`")
+        raise OkdpipeError(
+            f"{run.root}: {missing_or_kind(run.root, 'a run directory')}; "
+            f"train one with `okdpipe distill --out {run.root}`"
+        )
     manifest = run.read_manifest()
     if manifest.get("stage") != "distill" or "config" not in manifest:
         raise OkdpipeError(f"{run.root}: not an okdpipe run directory (no distill manifest)")

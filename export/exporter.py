@@ -3,7 +3,8 @@
 Every option is checked (ExportConfig) and the model file verified before OUT is touched. Every artifact is built
 in a hidden staging directory inside OUT and published only after all checks pass (finite weights, parity,
 accuracy drop), all precisions together, so a failed or interrupted export changes nothing. OUT is locked while an
-export writes it; staging directories that a killed export left behind are removed by the next one.
+export writes it; staging directories that a killed export left behind are removed by the next one, which first rolls
+back a publish that was killed midway (its journal lists the renames), so OUT holds the earlier export again.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,14 @@ from okdpipe.errors import GateFailed, OkdpipeError
 from okdpipe.export import onnx_export, qat, quantize, tune
 from okdpipe.export.config import ExportConfig
 from okdpipe.export.sensitivity import Probe, analyse
-from okdpipe.files import check_can_create_folder, file_sha256
+from okdpipe.files import (
+    atomic_write_json,
+    check_can_create_folder,
+    file_sha256,
+    kind_of,
+    loads_finite,
+    not_ours_to_replace,
+)
 from okdpipe.interrupts import surfacing_interrupts
 from okdpipe.modelfile import ModelInfo, non_finite_tensors
 from okdpipe.ortsession import create_session
@@ -35,6 +43,9 @@ from okdpipe.scoring import first_batch, score
 ONNX_FILE = "model.onnx"
 STAGING_PREFIX = ".export-"
 LOCK_FILE = ".export.lock"
+JOURNAL_FILE = "publish-journal.json"  # in the staging folder while a publish runs: the renames it makes
+REPLACED = ".replaced"  # in the staging folder: the earlier folders of OUT, moved aside while publishing
+TRITON_STAGING = "triton"  # in the staging folder: the Triton repository entries, complete before they are published
 
 
 @dataclass
@@ -64,15 +75,21 @@ def export_model(model_path: str | os.PathLike, out_dir: str | os.PathLike, conf
         ctx = export_context(model_path, config)
         created = not Path(out_dir).exists()
         ctx.out_dir = out_dir = writable_dir(Path(out_dir))
+        check_triton_models(out_dir, ctx)
         with exclusive_lock(out_dir / LOCK_FILE, f"another export is writing {out_dir}"):
             try:
+                roll_back_killed_publish(out_dir)
                 remove_stale_staging(out_dir)
-                with tempfile.TemporaryDirectory(dir=out_dir, prefix=STAGING_PREFIX) as staging:
-                    staged = build_artifacts(ctx, Path(staging))
+                staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=STAGING_PREFIX))
+                try:
+                    staged = build_artifacts(ctx, staging)
                     raise_swallowed()  # told to stop while building: publish nothing
-                    published = publish(staged, out_dir, ctx, Path(staging))
+                    renames = prepare_publish(staged, out_dir, ctx, staging)
+                    publish(renames, out_dir, staging)
+                finally:
+                    discard_staging(staging)
                 qat.remove_work(out_dir)
-                return published
+                return published_cards(staged, out_dir, ctx)
             except BaseException:
                 if created and not any(out_dir.glob(qat.WORK_PREFIX + "*")):
                     # a failed or interrupted export into a new OUT leaves no folder holding only its lock (a QAT
@@ -158,32 +175,136 @@ def check_out_dir(out_dir: Path) -> None:
     """OUT must be a folder, or a path where one can be made, and each precision folder in it a real folder
     (publishing replaces it; a file, pipe or link there is not an export to replace); nothing is created."""
     if out_dir.exists() and not out_dir.is_dir():
-        raise OkdpipeError(f"--out {out_dir} is a file; pass a directory (it is created if missing)")
+        raise OkdpipeError(f"--out {out_dir} is {kind_of(out_dir)}; pass a directory (it is created if missing)")
     check_can_create_folder(out_dir, "--out")
     lock = out_dir / LOCK_FILE
-    if lock.is_symlink() or lock.exists() and not lock.is_file():
+    if not_ours_to_replace(lock, folder=False):
         raise OkdpipeError(f"--out {out_dir}: {lock} is not the export's lock file (a link, folder or pipe); remove it")
     for precision in PRECISIONS:
         place = out_dir / precision
-        if place.is_symlink() or place.exists() and not place.is_dir():
+        if not_ours_to_replace(place, folder=True):
             raise OkdpipeError(
                 f"--out {out_dir}: {place} is not a folder of an earlier export (a file, link or pipe); "
                 "remove it or choose another --out"
             )
 
 
+def check_triton_models(out_dir: Path, ctx: ExportContext) -> None:
+    """For a Triton repository, each model folder this export replaces must be what an earlier export left there: a
+    real folder whose config.pbtxt is a regular file and whose version folder a real folder. Publishing moves the
+    whole model folder aside and drops it, so a file, pipe or link there (someone else's) would be lost silently."""
+    if ctx.config.format != "triton":
+        return
+    from okdpipe.export.triton import MODEL_VERSION
+
+    for name in published_names(ctx):
+        place = out_dir / name
+        for path, folder, role in (
+            (place, True, "folder"),
+            (place / "config.pbtxt", False, "config"),
+            (place / MODEL_VERSION, True, "version folder"),
+        ):
+            if not_ours_to_replace(path, folder):
+                instead = "a file, link or pipe" if folder else "a folder, link or pipe"
+                raise OkdpipeError(
+                    f"--out {out_dir}: {path} is not the {role} of an earlier Triton export ({instead}); "
+                    "remove it or choose another --out"
+                )
+
+
+def published_names(ctx: ExportContext) -> list[str]:
+    """The Triton model names this export publishes: the names its cards get (card_fields), fp32 and the variant."""
+    precisions = ["fp32"] + ([] if ctx.config.quantize == "none" else [ctx.config.quantize])
+    return [model_name(ctx.info, precision) for precision in precisions]
+
+
 def check_inputs(model_path: str | os.PathLike, out_dir: str | os.PathLike, config: ExportConfig) -> None:
     """What export refuses before its first minute of work, in the order it does (`--dry-run` runs this): the
-    model file, its data and the QAT teacher (export_context), then OUT."""
-    export_context(model_path, config)
+    model file, its data and the QAT teacher (export_context), then OUT and, for Triton, the models it replaces."""
+    ctx = export_context(model_path, config)
     check_out_dir(Path(out_dir))
+    check_triton_models(Path(out_dir), ctx)
+
+
+def roll_back_killed_publish(out_dir: Path) -> None:
+    """A publish killed midway (kill -9, power loss) left OUT half-published: earlier folders aside in its staging
+    folder, new ones not all moved in. Its journal still lists the renames (it goes only once all have run), so they
+    are undone here, before remove_stale_staging would delete the only copy of the earlier export. We hold OUT's
+    lock, so no journal belongs to a running export."""
+    for staging in sorted(out_dir.glob(STAGING_PREFIX + "*")):
+        journal = staging / JOURNAL_FILE
+        if staging.is_symlink() or not staging.is_dir() or not os.path.lexists(journal):
+            continue
+        renames = read_journal(journal, out_dir)
+        try:
+            undo(renames)
+        except OSError as exc:
+            raise OkdpipeError(
+                f"--out {out_dir}: could not roll back the interrupted export in {staging} ({exc.strerror or exc}); "
+                "it holds the earlier artifacts: move its folders back into OUT, then remove it"
+            ) from None
+        stranded = [target for source, target in renames if source.parent == out_dir and os.path.lexists(target)]
+        if stranded:
+            raise OkdpipeError(
+                f"--out {out_dir}: {stranded[0]} of an earlier export could not go back (something took its place "
+                f"in OUT); inspect both, keep what you need, then remove {staging}"
+            )
+        journal.unlink()  # OUT is whole again: the staging folder may go
+        from okdpipe.console import say
+
+        say(f"note: --out {out_dir}: an export killed while publishing was rolled back to the earlier one", err=True)
+
+
+def read_journal(journal: Path, out_dir: Path) -> list[tuple[Path, Path]]:
+    """The renames a journal lists, as paths in OUT. Damage (not JSON, another shape, a path that leaves OUT or moves
+    anything but folders between OUT and this staging folder) is an error that keeps the staging folder: it may
+    hold the only copy of an earlier export."""
+    staging = journal.parent
+    try:
+        record = loads_finite(journal.read_text()) if journal.is_file() and not journal.is_symlink() else None
+    except (OSError, ValueError):  # unreadable, not UTF-8, not JSON
+        record = None
+    renames = record.get("renames") if isinstance(record, dict) else None
+    if not isinstance(renames, list) or not all(journal_rename(pair, staging.name) for pair in renames):
+        raise OkdpipeError(
+            f"--out {out_dir}: {journal} is damaged, so the export killed while publishing cannot be rolled back; "
+            f"{staging} may hold the only copy of the earlier artifacts: inspect it, move back what you need, "
+            "then remove it"
+        )
+    return [(out_dir / source, out_dir / target) for source, target in renames]
+
+
+def journal_rename(pair: object, staging_name: str) -> bool:
+    """A rename publish makes: [source, target] relative to OUT, one an entry of OUT, the other inside the staging
+    folder that holds the journal."""
+    if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(path, str) for path in pair)):
+        return False
+    source, target = (PurePosixPath(path).parts for path in pair)
+    in_out = lambda parts: len(parts) == 1 and plain_name(parts[0])  # noqa: E731
+    in_staging = lambda parts: len(parts) > 1 and parts[0] == staging_name and all(map(plain_name, parts))  # noqa: E731
+    return (in_out(source) and in_staging(target)) or (in_staging(source) and in_out(target))
+
+
+def plain_name(name: str) -> bool:
+    """One folder's name: not `/`, `.` or `..` (which would lead out of OUT) and no NUL byte."""
+    return name not in ("/", ".", "..") and "\0" not in name
 
 
 def remove_stale_staging(out_dir: Path) -> None:
-    """Staging folders of an export that was killed (we hold OUT's lock, so none is in use)."""
+    """Staging folders of an export that was killed (we hold OUT's lock, so none is in use; roll_back_killed_publish
+    has already put back what one held of an earlier export)."""
     for stale in out_dir.glob(STAGING_PREFIX + "*"):
         if stale.is_dir() and stale.name != LOCK_FILE:
-            shutil.rmtree(stale, ignore_errors=True)
+            discard_staging(stale)
+
+
+def discard_staging(staging: Path) -> None:
+    """Remove a staging folder, unless it holds a publish journal: OUT is then half-published and the folder holds
+    earlier artifacts (an interrupt stopped the undo, or came before the first rename). Deleting it partly and
+    keeping the journal would make the next roll-back move the earlier folders INTO it; the next export rolls it
+    back whole instead."""
+    if not os.path.lexists(staging / JOURNAL_FILE):
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def build_artifacts(ctx: ExportContext, staging: Path) -> dict[str, ModelCard]:
@@ -413,31 +534,80 @@ def provenance(ctx: ExportContext) -> dict:
     }
 
 
-def publish(staged: dict[str, ModelCard], out_dir: Path, ctx: ExportContext, staging: Path) -> list[ModelCard]:
-    """Move the verified artifacts into OUT together (or lay out a Triton repository), replacing earlier exports:
-    the old ones are first moved aside into the staging folder, so that a failure or an interrupt (Ctrl-C,
-    SIGTERM) between renames can be undone: OUT then holds the earlier export exactly. Every earlier precision
-    folder goes, not only those exported now: an old model's int8 beside this model's fp32 would ship two models
-    as one export."""
-    if ctx.config.format == "triton":
-        return publish_triton(staged, out_dir, ctx)
-    aside = staging / ".replaced"
-    aside.mkdir()
-    moves: list[tuple[Path, Path]] = []
+def prepare_publish(
+    staged: dict[str, ModelCard], out_dir: Path, ctx: ExportContext, staging: Path
+) -> list[tuple[Path, Path]]:
+    """Lay out what OUT receives, complete, in the staging folder, and plan and journal the renames that publish it:
+    every earlier folder it replaces moved aside into the staging folder, then the new ones in. The journal is
+    written before the first rename runs, so that a kill between renames can be rolled back by the next export.
+    Every earlier precision folder goes, not only those exported now: an old model's int8 beside this model's fp32
+    would ship two models as one export. A Triton repository holds other models too: only these names are replaced.
+    Nothing in OUT is touched here."""
     try:
-        for precision in sorted(set(staged) | set(PRECISIONS)):
-            if (out_dir / precision).exists():
-                move(out_dir / precision, aside / precision, moves)
-        for precision, card in staged.items():
-            move(card.directory, out_dir / precision, moves)
+        entries = staged_entries(staged, ctx, staging)
+        replaced = set(entries) if ctx.config.format == "triton" else set(entries) | set(PRECISIONS)
+        aside = staging / REPLACED
+        aside.mkdir()
+    except OSError as exc:
+        raise not_published(out_dir, exc) from None
+    renames = [(out_dir / name, aside / name) for name in sorted(replaced) if (out_dir / name).exists()]
+    renames += [(folder, out_dir / name) for name, folder in entries.items()]
+    pairs = [[str(source.relative_to(out_dir)), str(target.relative_to(out_dir))] for source, target in renames]
+    try:
+        atomic_write_json(staging / JOURNAL_FILE, {"renames": pairs})
+    except BaseException:  # an interrupt just after the write: no rename ran, the staging folder may go
+        (staging / JOURNAL_FILE).unlink(missing_ok=True)
+        raise
+    return renames
+
+
+def staged_entries(staged: dict[str, ModelCard], ctx: ExportContext, staging: Path) -> dict[str, Path]:
+    """The folders publishing moves into OUT, by their name there: each precision's artifact folder, or, for
+    Triton, each model's repository entry (config.pbtxt and version folder 1/ holding the artifact)."""
+    if ctx.config.format != "triton":
+        return {precision: card.directory for precision, card in staged.items()}
+    from okdpipe.export.triton import write_triton_model
+
+    repository, config = staging / TRITON_STAGING, ctx.config
+    return {
+        card.name: write_triton_model(
+            repository, card.name, card.directory, card.raw, config.triton_max_batch_size, config.triton_instance
+        )
+        for card in staged.values()
+    }
+
+
+def publish(renames: list[tuple[Path, Path]], out_dir: Path, staging: Path) -> None:
+    """Run the journaled renames, then remove the journal: that unlink is the commit point. A failure or an
+    interrupt (Ctrl-C, SIGTERM) before it undoes the renames that ran, so OUT holds the earlier export exactly; a kill
+    leaves the journal for the next export to do the same."""
+    moves: list[tuple[Path, Path]] = []
+    journal = staging / JOURNAL_FILE
+    try:
+        for source, target in renames:
+            move(source, target, moves)
+        journal.unlink()
     except BaseException as exc:  # an interrupt too: the staging folder, removed next, holds the old artifacts
         undo(moves)
+        journal.unlink(missing_ok=True)  # OUT is the earlier export again: nothing left to roll back
         if isinstance(exc, OSError):
-            raise OkdpipeError(
-                f"--out {out_dir}: could not publish the export ({exc.strerror or exc}); the earlier artifacts are kept"
-            ) from None
+            raise not_published(out_dir, exc) from None
         raise
-    return [read_card(out_dir / precision) for precision in staged]
+
+
+def not_published(out_dir: Path, exc: OSError) -> OkdpipeError:
+    return OkdpipeError(
+        f"--out {out_dir}: could not publish the export ({exc.strerror or exc}); the earlier artifacts are kept"
+    )
+
+
+def published_cards(staged: dict[str, ModelCard], out_dir: Path, ctx: ExportContext) -> list[ModelCard]:
+    """The cards as published: OUT/<precision>, or each Triton model's version folder."""
+    if ctx.config.format != "triton":
+        return [read_card(out_dir / precision) for precision in staged]
+    from okdpipe.export.triton import MODEL_VERSION
+
+    return [read_card(out_dir / card.name / MODEL_VERSION) for card in staged.values()]
 
 
 def move(source: Path, target: Path, moves: list[tuple[Path, Path]]) -> None:
@@ -453,16 +623,3 @@ def undo(moves: list[tuple[Path, Path]]) -> None:
     for source, target in reversed(moves):
         if target.exists() and not source.exists():
             os.replace(target, source)
-
-
-def publish_triton(staged: dict[str, ModelCard], out_dir: Path, ctx: ExportContext) -> list[ModelCard]:
-    from okdpipe.export.triton import write_triton_model
-
-    written = []
-    for card in staged.values():
-        shutil.rmtree(out_dir / card.name, ignore_errors=True)
-        model_dir = write_triton_model(
-            out_dir, card.name, card.directory, card.raw, ctx.config.triton_max_batch_size, ctx.config.triton_instance
-        )
-        written.append(read_card(model_dir / "1"))
-    return written

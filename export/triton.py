@@ -52,7 +52,9 @@ def write_triton_model(
     max_batch_size: int = 64,
     instance: str = "cpu",
 ) -> Path:
-    """Copy an artifact directory into REPO/<name>/1/ and write REPO/<name>/config.pbtxt; returns REPO/<name>."""
+    """Copy an artifact directory into REPO/<name>/1/ and write REPO/<name>/config.pbtxt; returns REPO/<name>.
+    `okdpipe export` builds into its staging folder with this, then publishes REPO/<name> whole by renames that a
+    failure, an interrupt or a kill undoes (exporter.prepare_publish and publish)."""
     model_dir = Path(repository) / name
     version_dir = model_dir / MODEL_VERSION
     version_dir.mkdir(parents=True, exist_ok=True)

@@ -238,6 +238,27 @@ def check_can_write_file(path: str | os.PathLike, what: str) -> None:
     check_can_create_folder(path.parent, what)
 
 
+def kind_of(path: Path) -> str:
+    """What stands at an existing path, for a message: /dev/null is not "a file" to the user who typed it."""
+    if path.is_dir():
+        return "a folder"
+    return "a file" if path.is_file() else "a device, pipe or socket"
+
+
+def not_ours_to_replace(path: Path, folder: bool) -> bool:
+    """Something other than a real folder (folder=True) or regular file stands at `path`: a link, a pipe, a device
+    or the other kind. Publishing moves what is there aside and drops it, so that is someone else's, not ours."""
+    return path.is_symlink() or path.exists() and not (path.is_dir() if folder else path.is_file())
+
+
+def missing_or_kind(path: Path, wanted: str) -> str:
+    """Why `path` is not `wanted` (given with its article): "no such run directory" when nothing is there, else
+    what is there instead ("is a device, pipe or socket, not a run directory")."""
+    if not path.exists():
+        return "no such " + wanted.split(" ", 1)[1]
+    return f"is {kind_of(path)}, not {wanted}"
+
+
 def check_can_create_folder(folder: str | os.PathLike, what: str) -> None:
     """Refuse a folder that cannot be created or written into, leaving nothing behind: its nearest existing
     ancestor must be a folder in which a folder can really be made (permission bits say nothing to root, nor about
@@ -245,8 +266,7 @@ def check_can_create_folder(folder: str | os.PathLike, what: str) -> None:
     folder = Path(folder)
     existing = next(ancestor for ancestor in [folder, *folder.parents] if ancestor.exists())
     if not existing.is_dir():
-        kind = "a file" if existing.is_file() else "a device, pipe or socket"
-        raise OkdpipeError(f"{what} {folder}: {existing} is {kind}, not a folder; choose another path")
+        raise OkdpipeError(f"{what} {folder}: {existing} is {kind_of(existing)}, not a folder; choose another path")
     try:
         os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".okdpipe-probe-"))
     except OSError as exc:

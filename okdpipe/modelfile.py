@@ -30,7 +30,7 @@ from okdpipe.contracts import inputs
 from okdpipe.contracts.card import PIXEL_SCALE
 from okdpipe.contracts.versioned import FileFormat
 from okdpipe.errors import OkdpipeError
-from okdpipe.files import atomic_write
+from okdpipe.files import atomic_write, missing_or_kind
 from okdpipe.interrupts import reraise_interrupt
 
 MODEL_FILE = FileFormat("okdpipe-model", 1, "model file", "create it again with `okdpipe select RUN_DIR`")
@@ -142,7 +142,9 @@ def read_model_file(path: str | os.PathLike) -> tuple[dict, ModelInfo]:
 
     path = Path(path)
     if not path.is_file():
-        raise OkdpipeError(f"{path}: no such model file; create one with `okdpipe select RUN_DIR --out {path}`")
+        raise OkdpipeError(
+            f"{path}: {missing_or_kind(path, 'a model file')}; create one with `okdpipe select RUN_DIR --out {path}`"
+        )
     payload = load_tensors(path, "not a readable okdpipe model file", "pass the MODEL.pt `okdpipe select` wrote")
     MODEL_FILE.check(payload, path)
     state = payload.get("state_dict")

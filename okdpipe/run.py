@@ -26,7 +26,7 @@ from okdpipe import __version__
 from okdpipe.config import validation_message
 from okdpipe.contracts.versioned import FileFormat
 from okdpipe.errors import GateFailed, OkdpipeError
-from okdpipe.files import atomic_write_json, file_sha256
+from okdpipe.files import atomic_write_json, file_sha256, kind_of
 
 MANIFEST_VERSION = 1
 # Manifests keep their `manifest_version` key (written since version 1); the check is the common one.
@@ -112,7 +112,7 @@ class RunDir:
 
     def prepare(self) -> None:
         if self.root.exists() and not self.root.is_dir():
-            raise OkdpipeError(f"{self.root}: is a file, not a run directory; choose another --out")
+            raise OkdpipeError(f"{self.root}: is {kind_of(self.root)}, not a run directory; choose another --out")
         try:
             self.checkpoints.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from okdpipe.errors import OkdpipeError
-from okdpipe.files import atomic_write_files
+from okdpipe.files import atomic_write_files, kind_of
 from okdpipe.report import figures
 from okdpipe.report.document import Block, Figure, Heading, Paragraph, Table, to_html, to_markdown
 from okdpipe.report.runs import RunHistory, read_run, unique_names
@@ -186,7 +186,7 @@ def write_report(paths: list[Path], out: Path) -> list[Path]:
     if not paths:
         raise OkdpipeError("give at least one run directory: okdpipe report RUN [RUN...] --out DIR")
     if out.exists() and not out.is_dir():
-        raise OkdpipeError(f"--out {out}: is a file; give a folder for the report")
+        raise OkdpipeError(f"--out {out}: is {kind_of(out)}; give a folder for the report")
     title, blocks = build(paths)
     contents = {out / block.filename: block.data for block in blocks if isinstance(block, Figure)}
     contents[out / "report.html"] = to_html(title, blocks).encode()

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from okdpipe.errors import OkdpipeError
-from okdpipe.files import loads_finite
+from okdpipe.files import loads_finite, missing_or_kind
 from okdpipe.run import RunDir
 
 MAX_METRICS_BYTES = 256 << 20  # a 10,000-epoch run logs a few MB; more is not a metrics file
@@ -149,7 +149,9 @@ def read_run(path: Path) -> RunHistory:
     """One run directory; a folder that holds neither metrics nor a manifest is not a run (one-line error)."""
     run = RunDir(path)
     if not path.is_dir():
-        raise OkdpipeError(f"{path}: no such run directory; give the --out of an `okdpipe distill` run")
+        raise OkdpipeError(
+            f"{path}: {missing_or_kind(path, 'a run directory')}; give the --out of an `okdpipe distill` run"
+        )
     if not run.metrics_path.is_file() and not run.manifest_path.is_file():
         raise OkdpipeError(f"{path}: not a run directory (no metrics.jsonl or manifest.json); give a distill --out")
     steps, epochs, skipped = read_metrics(run.metrics_path)

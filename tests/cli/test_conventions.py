@@ -298,6 +298,13 @@ MISTAKES = [
     (["bench", "A", *QUICK, "--report", "T/r.json", "--junit", "T"], "is a folder"),
     (["bench", "A", *QUICK, "--report", "T/list.yaml/report.json"], "is a file, not a folder"),
     (["select", "T", "--bn-batches", "0"], "bn"),
+    # a device where a folder or file is expected is named for what it is, never "no such" or "a file"
+    (["select", "/dev/null"], "/dev/null: is a device, pipe or socket, not a run directory"),
+    (["bench", "/dev/null", *QUICK], "/dev/null: is a device, pipe or socket, not an artifact directory"),
+    (["export", "/dev/null", "--out", "T/out"], "/dev/null: is a device, pipe or socket, not a model file"),
+    (["report", "/dev/null", "--out", "T/r"], "/dev/null: is a device, pipe or socket, not a run directory"),
+    (["report", "T", "--out", "/dev/null"], "--out /dev/null: is a device, pipe or socket; give a folder"),
+    (["distill", "--dataset", "cifar10", "--data-dir", "/dev/null", "--dry-run"], "not a data directory"),
     (["select", "T", "--config", "@list"], "mapping"),
 ]
 

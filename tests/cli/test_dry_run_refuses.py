@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 from pathlib import Path
 
@@ -73,6 +74,7 @@ MISTAKES = {
     "bench report is a pipe": (["bench", "A", *QUICK, "--report", "T/fifo"], "not a regular file"),
     "bench artifact twice": (["bench", "A", "A/", *QUICK, "--report", "T/r.json"], "given twice"),
     "bench artifact twice via a link": (["bench", "A", "T/alink", *QUICK, "--report", "T/r.json"], "given twice"),
+    "bench artifact twice as a copy": (["bench", "T/acopy", "A", *QUICK, "--report", "T/r.json"], "identical bytes"),
     "distill metrics file is a pipe": ([*DISTILL[:-1], "T/piped"], "metrics.jsonl: not a regular file"),
     "pipeline state file is a pipe": (["pipeline", "P:T/piped"], "pipeline.json is not a regular file"),
     "export precision folder is a pipe": (["export", "M", "--out", "T/piped"], "is not a folder of an earlier export"),
@@ -142,6 +144,7 @@ def test_a_dry_run_refuses_what_the_real_run_refuses(artifact, model_file, finis
     (tmp_path / "empty").write_text("\n")
     os.mkfifo(tmp_path / "fifo")
     (tmp_path / "alink").symlink_to(artifact, target_is_directory=True)
+    shutil.copytree(artifact, tmp_path / "acopy")
     (tmp_path / "piped").mkdir()
     for name in ("metrics.jsonl", "pipeline.json", "fp32"):  # where distill, pipeline and export write
         os.mkfifo(tmp_path / "piped" / name)

@@ -117,7 +117,7 @@ def test_fashion_count_mismatch_and_missing_dir(tmp_path):
     write_idx(tmp_path / FASHION_FILES[3], np.zeros(19, np.uint8))
     with pytest.raises(OkdpipeError, match="t10k-labels-idx1-ubyte.gz: 19 labels for 20 images"):
         load_dataset("fashion-mnist", tmp_path)
-    with pytest.raises(OkdpipeError, match="does not exist") as error:
+    with pytest.raises(OkdpipeError, match="no such data directory") as error:
         load_dataset("fashion-mnist", tmp_path / "absent")
     assert str(tmp_path / "absent") in str(error.value)
 
@@ -198,7 +198,7 @@ def test_cifar_damage_named(tmp_path, kind):
 def test_cifar_needs_data_dir(tmp_path):
     with pytest.raises(OkdpipeError, match="cifar-100-python"):
         load_dataset("cifar100")
-    with pytest.raises(OkdpipeError, match="does not exist"):
+    with pytest.raises(OkdpipeError, match="no such data directory"):
         load_dataset("cifar100", tmp_path / "absent")
 
 

@@ -3,9 +3,11 @@ with a torn last line) rendered to PNGs, one self-contained HTML page and a Mark
 
 import base64
 import json
+import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -185,3 +187,20 @@ def test_a_selection_that_parses_but_is_damaged_is_one_line(tmp_path, damage, fr
     run = write_run(tmp_path / "run", [epoch(1, 0.5, 0.6, 0.7)], selection={**SELECTION, **damage})
     with pytest.raises(OkdpipeError, match=f"damaged selection .*{re.escape(fragment)}"):
         read_run(run)
+
+
+@pytest.mark.parametrize(
+    "make, kind",
+    [
+        (lambda path: path.write_text("x"), "a file"),
+        (lambda path: os.mkfifo(path), "a device, pipe or socket"),
+    ],
+)
+def test_an_out_that_is_not_a_folder_is_named_for_what_it_is(tmp_path, finished, make, kind):
+    """`--out /dev/null` is a device, not "a file": the message names what the user pointed at."""
+    out = tmp_path / "out"
+    make(out)
+    with pytest.raises(OkdpipeError, match=f"^--out {re.escape(str(out))}: is {kind}; give a folder for the report$"):
+        write_report([finished], out)
+    with pytest.raises(OkdpipeError, match="--out /dev/null: is a device, pipe or socket; give a folder"):
+        write_report([finished], Path("/dev/null"))
