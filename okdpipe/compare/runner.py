@@ -10,6 +10,7 @@ from its last checkpoint.
 
 from __future__ import annotations
 
+import re
 import time
 from datetime import datetime
 from pathlib import Path
@@ -136,6 +137,8 @@ def run_protocol(protocol: dict, plan: list[tuple[str, int]]) -> None:
     """Every (entry, seed) of `plan` without a record: trained, selected, measured. One progress line per run
     (a plain line, so logs read the same as a terminal; each run's epochs show distill's own bar)."""
     out, records = Path(protocol["out"]), Path(protocol["records"])
+    for path in sorted(records.glob("*-s*.json")):  # a record the summary would refuse stops us before training
+        read_record(path, protocol)
     todo = [(name, seed) for name, seed in plan if not record_path(records, name, seed).is_file()]
     say(f"{len(plan) - len(todo)} of {len(plan)} runs already have a record; {len(todo)} to run")
     started = time.monotonic()
@@ -150,7 +153,9 @@ def run_protocol(protocol: dict, plan: list[tuple[str, int]]) -> None:
         )
 
 
-def read_record(path: Path) -> dict:
+def read_record(path: Path, protocol: dict) -> dict:
+    """A committed record, checked against its file name and its protocol: a record copied from another seed or
+    protocol, or one trained before the protocol changed, would otherwise fill a row with the wrong run."""
     try:
         record = loads_finite(path.read_text())
     except (ValueError, OSError) as exc:
@@ -159,7 +164,33 @@ def read_record(path: Path) -> dict:
         ) from None
     if not isinstance(record, dict) or not isinstance(record.get("method"), str):
         raise OkdpipeError(f"{path}: not a comparison record (no method); delete it (the run is trained again)")
+    check_record_matches(path, record, protocol)
     return record
+
+
+RECORD_NAME = re.compile(r"(?P<entry>.+)-s(?P<seed>[0-9]+)\.json")
+
+
+def check_record_matches(path: Path, record: dict, protocol: dict) -> None:
+    """The entry and seed inside a record are those of its file name, the entry is the protocol's, and every
+    setting the record's run was trained with equals what the protocol asks of that entry now (a setting the
+    record does not list predates that option and is not compared)."""
+    named = RECORD_NAME.fullmatch(path.name)
+    entry, seed = record.get("entry", record["method"]), record.get("seed")  # old records name only the method
+    fix = "delete it (the run is trained again) or restore it from git"
+    if named is None or (entry, seed) != (named["entry"], int(named["seed"])):
+        raise OkdpipeError(f"{path}: the record is of entry {entry!r} seed {seed!r}, not what its name says; {fix}")
+    if entry not in entries(protocol):
+        raise OkdpipeError(f"{path}: {entry} is not an entry of the protocol; delete the record or add the entry")
+    trained = record.get("config")
+    if not isinstance(trained, dict):
+        raise OkdpipeError(f"{path}: the record has no config of its run; {fix}")
+    for key, wanted in entry_config(protocol, entry, seed).items():
+        if key in trained and trained[key] != wanted:
+            raise OkdpipeError(
+                f"{path}: its run was trained with {key}={trained[key]!r}, the protocol now asks {wanted!r}; "
+                f"delete the record to train it again, or restore the protocol"
+            )
 
 
 def write_summary(protocol: dict, records: Path) -> str:
@@ -167,7 +198,7 @@ def write_summary(protocol: dict, records: Path) -> str:
     from okdpipe.compare.figure import write_figure
     from okdpipe.compare.summary import summarise
 
-    results = [read_record(p) for p in sorted(records.glob("*-s*.json"))]
+    results = [read_record(p, protocol) for p in sorted(records.glob("*-s*.json"))]
     try:
         summary = summarise(protocol, results)
     except (KeyError, TypeError, ValueError) as exc:  # a record that parses but lacks a field the tables read

@@ -234,7 +234,9 @@ def test_a_tiny_protocol_runs_end_to_end_and_a_second_call_trains_nothing(tmp_pa
         ("", "not a readable record"),
         ("[]", "not a comparison record"),
         ("{}", "not a comparison record"),
-        ('{"method": "vanilla"}', "a record lacks what the summary reads"),
+        ('{"method": "vanilla"}', "the record is of entry 'vanilla' seed None, not what its name says"),
+        ('{"method": "vanilla", "seed": 0}', "the record has no config of its run"),
+        ('{"method": "vanilla", "seed": 0, "config": {}}', "a record lacks what the summary reads"),
     ],
 )
 def test_a_damaged_record_is_one_line_exit_2(tmp_path, content, fragment):
@@ -278,3 +280,55 @@ def test_runs_of_one_backbone_get_no_backbone_tables():
     same = [record("dml", 0, 0.8, {"student:0": 0.8, "student:1": 0.7}, {"student:0": 0.8, "student:1": 0.7})]
     summary = tables.summarise({"methods": ["vanilla", "dml"]}, same)
     assert "Students by backbone" not in summary and "Each backbone" not in summary
+
+
+@pytest.mark.parametrize(
+    "change, fragment",
+    [
+        ({"seed": 1}, "the record is of entry 'vanilla' seed 1, not what its name says"),
+        ({"entry": "dml"}, "the record is of entry 'dml' seed 0, not what its name says"),
+        ({"config": {"epochs": 7}}, "its run was trained with epochs=7, the protocol now asks 15"),
+        ({"config": {"method": "dml"}}, "its run was trained with method='dml', the protocol now asks 'vanilla'"),
+        ({"config": {"seed": 2}}, "its run was trained with seed=2, the protocol now asks 0"),
+    ],
+)
+def test_a_record_disagreeing_with_its_name_or_protocol_is_refused(tmp_path, change, fragment):
+    """A record copied to another seed's name, or trained under settings the protocol no longer asks for, would
+    fill a row of the table with the wrong run: refused in one line, before anything trains."""
+    shutil.copytree(ROOT / "results", tmp_path / "results")
+    shutil.copytree(ROOT / "configs", tmp_path / "configs")
+    path = tmp_path / "results" / "fmnist-compare" / "vanilla-s0.json"
+    recorded = json.loads(path.read_text())
+    assert recorded["config"]["epochs"] == 15  # the protocol's, so each change below is the only disagreement
+    recorded = {**recorded, **change, "config": {**recorded["config"], **change.get("config", {})}}
+    path.write_text(json.dumps(recorded))
+    done = okdpipe("compare", "configs/fmnist-compare.yaml", "--summary-only", cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.startswith(f"error: {path.relative_to(tmp_path)}: "), done.stderr
+    assert fragment in done.stderr and len(done.stderr.splitlines()) == 1, done.stderr
+
+
+def test_a_disagreeing_record_is_refused_before_anything_trains(tmp_path, monkeypatch):
+    from okdpipe.compare import runner
+
+    protocol = {**read_protocol(ROOT / "configs" / "fmnist-compare.yaml"), "records": str(tmp_path)}
+    recorded = json.loads((ROOT / "results" / "fmnist-compare" / "vanilla-s0.json").read_text())
+    (tmp_path / "vanilla-s0.json").write_text(json.dumps({**recorded, "seed": 1}))
+    trained = []
+    monkeypatch.setattr(runner, "train", lambda *args: trained.append(args))
+    with pytest.raises(OkdpipeError, match="the record is of entry 'vanilla' seed 1"):
+        runner.run_protocol(protocol, [("dml", 9)])
+    assert trained == []
+
+
+def test_a_record_of_an_entry_the_protocol_lacks_is_refused(tmp_path):
+    shutil.copytree(ROOT / "results", tmp_path / "results")
+    shutil.copytree(ROOT / "configs", tmp_path / "configs")
+    records = tmp_path / "results" / "fmnist-compare"
+    recorded = json.loads((records / "dml-s0.json").read_text())
+    (records / "kd-s0.json").write_text(json.dumps({**recorded, "entry": "kd"}))
+    done = okdpipe("compare", "configs/fmnist-compare.yaml", "--summary-only", cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr == (
+        f"error: {Path('results/fmnist-compare/kd-s0.json')}: kd is not an entry of the protocol; "
+        "delete the record or add the entry\n"
+    )
