@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from okdpipe.errors import OkdpipeError
-from okdpipe.files import read_user_file
+from okdpipe.files import MAX_INT_DIGITS, read_user_file
 from okdpipe.plugins import PLUGINS_HELP, PluginNames
 
 MAX_CONFIG_BYTES = 1 << 20  # configs are a few hundred bytes; a bigger file is a mistake or an attack
@@ -212,6 +212,9 @@ def _decimal_int(loader: yaml.SafeLoader, node: yaml.Node) -> int:
     text = loader.construct_scalar(node)
     if not CORE_INT.match(text):  # an explicit `!!int 0x10` is still refused
         raise yaml.YAMLError(f"{text!r} is not a decimal integer (line {node.start_mark.line + 1})")
+    digits = len(text.lstrip("+-"))
+    if digits > MAX_INT_DIGITS:  # as in every JSON okdpipe reads; int() refuses 4,301 with a traceback
+        raise yaml.YAMLError(f"an integer of {digits} digits (line {node.start_mark.line + 1}); no option takes one")
     return int(text)
 
 

@@ -106,6 +106,8 @@ BOMB = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
         (b"# " + b"x" * (1 << 20), "larger than 1,048,576 bytes"),
         (b"epochs: 1\nlr: 0.1\nepochs: 5\n", "key 'epochs' is given twice (line 3); keep one"),
         (b"method_params:\n  gamma: 1\n  gamma: 2\n", "key 'gamma' is given twice (line 3)"),
+        (b"epochs: " + b"9" * 4301, "an integer of 4301 digits (line 1)"),  # int() raised ValueError past 4,300
+        (b"seed: -" + b"1" * 101, "an integer of 101 digits (line 1)"),
     ],
 )
 def test_bad_config_files_are_one_line_and_fast(tmp_path, content, fragment):
