@@ -21,7 +21,7 @@ from typing import Any
 from okdpipe.contracts import inputs
 from okdpipe.contracts.versioned import FileFormat
 from okdpipe.errors import OkdpipeError
-from okdpipe.files import atomic_write_text, file_sha256, loads_finite
+from okdpipe.files import atomic_write_text, file_sha256, loads_finite, missing_or_kind
 
 CARD = FileFormat("okdpipe-card", 1, "model card", "re-run `okdpipe export` to rewrite the artifact")
 CARD_NAME = "model.json"
@@ -167,7 +167,8 @@ def _fail(problem: str, fix: str = CARD.fix) -> OkdpipeError:
 
 def _load_card_json(artifact_dir: Path) -> dict[str, Any]:
     if not artifact_dir.is_dir():
-        raise _fail(f"artifact directory {artifact_dir} does not exist", "pass the folder `okdpipe export` wrote")
+        problem = f"{artifact_dir}: {missing_or_kind(artifact_dir, 'an artifact directory')}"
+        raise _fail(problem, "pass the folder `okdpipe export` wrote")
     card_path = artifact_dir / CARD_NAME
     if not card_path.is_file():
         raise _fail(f"no {CARD_NAME} in {artifact_dir}", "pass the folder `okdpipe export` wrote")
@@ -354,15 +355,27 @@ def _checked_quantization(card: dict[str, Any]) -> None:
     nodes = section.get("fp32_nodes", [])
     if not (isinstance(nodes, list) and all(isinstance(node, str) and node for node in nodes)):
         raise _fail("model card quantization.fp32_nodes must list node names")
-    trials = (section.get("tuning") or {}).get("trials", [])
+    trials = _optional_object(section, "tuning").get("trials", [])
     for trial in trials if isinstance(trials, list) else [None]:
         top1 = trial.get("val_top1") if isinstance(trial, dict) else "missing"
         if not (top1 is None and trial.get("failure")) and not (inputs.is_finite_number(top1) and 0 <= top1 <= 1):
             raise _fail(f"model card quantization trial {trial!r} has no finite val_top1 in [0, 1] nor a failure")
-    ranking = (section.get("sensitivity") or {}).get("nodes", [])
+    ranking = _optional_object(section, "sensitivity").get("nodes", [])
+    if not isinstance(ranking, list):
+        raise _fail("model card quantization.sensitivity.nodes must be node rows ranked 1, 2, 3, ...")
     ranks = [row.get("rank") if isinstance(row, dict) else None for row in ranking]
     if ranks != list(range(1, len(ranks) + 1)) or not all(isinstance(row.get("node"), str) for row in ranking):
         raise _fail("model card quantization.sensitivity.nodes must be node rows ranked 1, 2, 3, ...")
+
+
+def _optional_object(section: dict[str, Any], key: str) -> dict[str, Any]:
+    """quantization.<key>: a JSON object, or absent/null (read as empty); anything else is a damaged card."""
+    value = section.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _fail(f"model card quantization.{key} must be a JSON object or null")
+    return value
 
 
 def _is_positive_int(value: Any) -> bool:

@@ -78,6 +78,12 @@ INVALID = {
     "input dtype int8": lambda f: set_path(f, ("input", "dtype"), "int8"),
     "input shape 3-d": lambda f: set_path(f, ("input", "shape"), [None, 3, 4]),
     "scale zero": lambda f: set_path(f, ("preprocess", "scale"), 0),
+    # hand-edited INT8 sections: a traceback from serve and bench before, now one line
+    "quantization.tuning a list": lambda f: {**f, "quantization": {"tuning": [1]}},
+    "quantization.tuning a string": lambda f: {**f, "quantization": {"tuning": "abc"}},
+    "quantization.sensitivity a list": lambda f: {**f, "quantization": {"sensitivity": [1]}},
+    "quantization.sensitivity.nodes a number": lambda f: {**f, "quantization": {"sensitivity": {"nodes": 5}}},
+    "quantization.fp32_nodes a string": lambda f: {**f, "quantization": {"fp32_nodes": "conv"}},
 }
 
 
