@@ -33,11 +33,19 @@ from okdpipe.contracts.versioned import FileFormat
 from okdpipe.distill.select_command import SelectConfig
 from okdpipe.errors import OkdpipeError
 from okdpipe.export.config import ExportConfig
-from okdpipe.files import atomic_write_json, check_can_create_folder, check_can_write_file, file_sha256, loads_finite
+from okdpipe.files import (
+    atomic_write_json,
+    check_can_create_folder,
+    check_can_write_file,
+    file_sha256,
+    loads_finite,
+    not_ours_to_replace,
+)
 from okdpipe.plugins import PLUGINS_HELP, PluginNames
 from okdpipe.run import RunDir, now_iso
 
 STATE_FILE = "pipeline.json"
+LOCK_FILE = ".pipeline.lock"  # held while a pipeline writes OUT: a second one into it fails at once
 STATE = FileFormat(
     "okdpipe-pipeline-state",
     2,
@@ -245,17 +253,22 @@ class Pipeline:
         return decisions
 
     def run(self) -> int:
-        """Run or skip each stage in order, deciding on the real files as upstream stages finish; gate's exit code."""
+        """Run or skip each stage in order, deciding on the real files as upstream stages finish; gate's exit code.
+        OUT is locked throughout: a stage deletes what it replaces (a distill run starting afresh), so two pipelines
+        into one OUT would train into one folder and delete each other's outputs."""
+        from okdpipe.locks import exclusive_lock
+
         self.out.mkdir(parents=True, exist_ok=True)
-        state = {**STATE.header(), "stages": {}} if self.force else self.read_state()
-        for stage in self.stages:
-            decision = self.decide(stage, state["stages"], None)
-            self.echo(describe(decision))
-            if decision.run:
-                inputs = hash_files(self.out, stage.inputs())
-                outputs, extra = stage.run()
-                self.record(state, stage, inputs, outputs, extra)
-        return self.finish(state["stages"]["gate"])
+        with exclusive_lock(self.out / LOCK_FILE, f"another pipeline is writing {self.out}"):
+            state = {**STATE.header(), "stages": {}} if self.force else self.read_state()
+            for stage in self.stages:
+                decision = self.decide(stage, state["stages"], None)
+                self.echo(describe(decision))
+                if decision.run:
+                    inputs = hash_files(self.out, stage.inputs())
+                    outputs, extra = stage.run()
+                    self.record(state, stage, inputs, outputs, extra)
+            return self.finish(state["stages"]["gate"])
 
     def finish(self, gate_record: dict) -> int:
         for result in gate_record["results"]:
@@ -319,8 +332,8 @@ class Pipeline:
     def _export(self) -> tuple[list[str], dict]:
         from okdpipe.export.exporter import export_model
 
-        # A fresh directory: a variant from an earlier config (say int8 before fp16) must not linger.
-        shutil.rmtree(self.out / "export", ignore_errors=True)
+        # Not emptied first: export replaces every earlier precision folder itself (a variant from an earlier config,
+        # say int8 before fp16, does not linger), all or nothing, so a failed export keeps the earlier one.
         cards = export_model(self.out / "model.pt", self.out / "export", self.cfg.export)
         return files_under(self.out, "export"), {"artifacts": [str(c.directory.relative_to(self.out)) for c in cards]}
 
@@ -369,10 +382,10 @@ def check_pipeline_files(out: Path) -> None:
     from okdpipe.bench.report import report_paths
 
     reports = report_paths(out / "report.json", out / "report.junit.xml").values()
-    for path in [out / STATE_FILE, out / "model.pt", out / "bench.json", *reports]:
+    for path in [out / STATE_FILE, out / LOCK_FILE, out / "model.pt", out / "bench.json", *reports]:
         check_can_write_file(path, "the pipeline's output")
     for stage_folder in (out / "distill", out / "export"):  # a link would send a stage's output outside OUT
-        if stage_folder.is_symlink() or stage_folder.exists() and not stage_folder.is_dir():
+        if not_ours_to_replace(stage_folder, folder=True):
             raise OkdpipeError(
                 f"{stage_folder}: not a folder of this pipeline (a file, link or pipe); remove it or choose another out"
             )

@@ -5,6 +5,7 @@ stage computes); the distill-resume test uses a real tiny run.
 """
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -298,3 +299,37 @@ def test_state_file_has_a_format_header_and_version_1_still_reads(fake):
     path.write_text(json.dumps({**state, "format_version": 3}))
     with pytest.raises(OkdpipeError, match="format_version 3 is not supported"):
         fake.pipeline()[0].run()
+
+
+def test_a_second_pipeline_into_a_locked_out_is_refused_before_any_stage(fake):
+    """Two pipelines into one OUT trained into one distill folder and deleted each other's exports: OUT is locked."""
+    from okdpipe.locks import exclusive_lock
+    from okdpipe.pipeline import LOCK_FILE
+
+    fake.upstream_config["text"] = "y"  # the upstream stage would run
+    pipeline, lines = fake.pipeline()
+    with exclusive_lock(fake.out / LOCK_FILE, "held by this test"):
+        with pytest.raises(OkdpipeError, match=f"another pipeline is writing {re.escape(str(fake.out))} \\(pid "):
+            pipeline.run()
+    assert fake.calls == {"upstream": 1, "gate": 1} and lines == []
+    assert pipeline.run() == 1  # released: it runs (and its gate fails on "y")
+
+
+def test_the_export_stage_leaves_the_earlier_export_to_export_itself(tmp_path, monkeypatch):
+    """The export stage no longer empties OUT/export first: export replaces every earlier precision folder itself,
+    all or nothing, so an export that fails (parity, a full disk, SIGTERM) keeps the earlier one."""
+    import okdpipe.export.exporter as exporter
+
+    out = tmp_path / "out"
+    earlier = out / "export" / "fp32"
+    earlier.mkdir(parents=True)
+    (earlier / "model.onnx").write_bytes(b"earlier")
+
+    def failing_export(model, out_dir, config):
+        raise OkdpipeError("parity failed")
+
+    monkeypatch.setattr(exporter, "export_model", failing_export)
+    pipeline = Pipeline(PipelineConfig(), out, False, lambda line: None)
+    with pytest.raises(OkdpipeError, match="parity failed"):
+        pipeline._export()
+    assert (earlier / "model.onnx").read_bytes() == b"earlier"
