@@ -39,7 +39,7 @@ lint: setup
 	$(BIN)/ruff format --check .
 
 test: setup data lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=30
 
 bench: setup data
 	$(BIN)/python -m pytest benchmarks -q --benchmark-only
