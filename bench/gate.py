@@ -310,11 +310,17 @@ def metric_value(entry: Entry, gate: Gate, where: str) -> float:
 
 
 def baseline_entry(baseline: BenchReport | None, target: Entry, gate: Gate) -> Entry:
-    """Same kind and name in the baseline report, else same kind and precision when that is unique."""
+    """Same kind and name in the baseline report, else same kind and precision; more than one match is an error."""
     candidates = baseline.entries() if baseline else []
     same_name = [e for e in candidates if e.kind == target.kind and e.name == target.name]
     same_precision = [e for e in candidates if e.kind == target.kind and e.precision == target.precision]
-    found = same_name or (same_precision if len(same_precision) == 1 else [])
+    found = same_name or same_precision
+    if len(found) > 1:  # taking the first would gate against an arbitrary entry
+        names = ", ".join(e.name for e in found)
+        raise GateUsageError(
+            f"gate {gate.expression!r}: the baseline has several {target.kind} entries that could match "
+            f"{target.name!r} ({names}); bench one of them per baseline, or refresh the baseline"
+        )
     if not found:
         names = ", ".join(e.name for e in candidates) or "none"
         raise GateUsageError(

@@ -184,6 +184,21 @@ def test_baseline_matches_by_name_then_unique_precision(report):
         evaluate_gates(report, ["net:top1>=baseline"], baseline=baseline)
 
 
+def test_an_ambiguous_baseline_is_a_usage_error_not_the_first_match(report):
+    """No entry named 'net' and two onnx fp32 entries in the baseline: gating against whichever came first would
+    pass or fail by the order of the baseline's entries."""
+    baseline = copy.deepcopy(report)
+    baseline.artifacts[0].name = "net-a"
+    second = copy.deepcopy(baseline.artifacts[0])
+    second.name, second.accuracy.top1 = "net-b", 0.99  # net (0.92) fails against this one, passes against net-a
+    baseline.artifacts.append(second)
+    with pytest.raises(GateUsageError, match=r"several onnx entries that could match 'net' \(net-a, net-b\)"):
+        evaluate_gates(report, ["net:top1>=baseline"], baseline=baseline)
+    baseline.artifacts[1].name = "net"  # a same-name match wins over precision, and it is unique
+    [result] = evaluate_gates(report, ["net:top1>=baseline"], baseline=baseline)
+    assert result.threshold == 0.90 and result.passed
+
+
 def test_baseline_gate_without_baseline_is_a_usage_error(report):
     with pytest.raises(GateUsageError, match="pass --baseline OLD_REPORT.json"):
         evaluate_gates(report, ["top1>=baseline-0.005"])

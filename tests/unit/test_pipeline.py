@@ -174,6 +174,18 @@ def test_replaced_output_reruns_its_stage_only(fake):
     assert (fake.out / "b.txt").read_text() == "X"
 
 
+@pytest.mark.parametrize("damage", ["replaced", "missing"])
+def test_an_upstream_output_replaced_or_missing_reruns_that_stage(fake, damage):
+    """A stage whose config and inputs are unchanged still runs when its recorded output is no longer the file it
+    wrote: the gate would otherwise judge bytes no stage produced."""
+    a = fake.out / "a.txt"
+    a.write_text("tampered") if damage == "replaced" else a.unlink()
+    pipeline, lines = fake.pipeline()
+    assert pipeline.run() == 0 and fake.calls == {"upstream": 2, "gate": 2}
+    assert lines[0] == "run   upstream output a.txt is missing or was replaced"
+    assert a.read_text() == "x"
+
+
 def test_dry_run_plan_runs_nothing_and_marks_downstream(fake):
     fake.upstream_config["text"] = "y"
     pipeline, _ = fake.pipeline()
