@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 import typer
 
 from okdpipe.errors import OkdpipeError
-from okdpipe.files import disk_error
+from okdpipe.files import disk_error, path_error, path_error_message
 
 TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # a stop request; a closed terminal or ssh session
 REDELIVER_AFTER_S = 0.05  # a swallowed interrupt's signal is sent again this long after (_redeliver_swallowed)
@@ -67,8 +67,8 @@ def _redeliver_swallowed(signals: tuple[int, ...], unraisable) -> None:
 
 def friendly_errors(command: Callable) -> Callable:
     """OkdpipeError -> 'error: ...' on stderr and its exit code (2 for bad input, 1 for a failed check); a full
-    or read-only disk -> exit 2; Ctrl-C -> exit 130, SIGTERM -> 143, both after cleaning up. Bugs keep their
-    traceback."""
+    or read-only disk, or a path too long, looping or forbidden -> exit 2; Ctrl-C -> exit 130, SIGTERM -> 143,
+    both after cleaning up. Bugs keep their traceback."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -88,11 +88,13 @@ def _reported(command: Callable, *args, **kwargs):
     except KeyboardInterrupt as exc:
         fail(f"interrupted ({interruption(exc)})", 128 + getattr(exc, "signum", signal.SIGINT))
     except Exception as exc:
-        full = disk_error(exc)
-        if full is None:
+        full, bad_path = disk_error(exc), path_error(exc)
+        if full is not None:
+            where = f"{full.filename}: " if full.filename else ""
+            fail(f"{where}cannot write ({full.strerror}); free space or choose another --out", 2)
+        if bad_path is None:
             raise
-        where = f"{full.filename}: " if full.filename else ""
-        fail(f"{where}cannot write ({full.strerror}); free space or choose another --out", 2)
+        fail(path_error_message(bad_path), 2)
 
 
 @contextlib.contextmanager

@@ -6,8 +6,8 @@ Exit codes, the same for every command (`distill`, `select`, `export`, `bench`, 
     1    the input was fine but the result failed a check it must pass: a bench or pipeline gate, export's
          parity or INT8 accuracy check, training that diverged (a non-finite loss or weight)   -> GateFailed
     2    bad input or usage: a bad flag or config, missing or corrupt data, a damaged run directory, a file
-         that is not okdpipe's, an output that cannot be written (read-only, disk full), a run directory
-         another run holds                                                                     -> OkdpipeError
+         that is not okdpipe's, an output that cannot be written (read-only, disk full), a path too long,
+         looping or forbidden, a run directory another run holds                               -> OkdpipeError
     130  interrupted by Ctrl-C (SIGINT)
     143  interrupted by SIGTERM; both unwind first: staging removed, locks released, the last checkpoint kept
 

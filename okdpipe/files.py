@@ -20,6 +20,7 @@ from okdpipe.errors import GateFailed, OkdpipeError
 
 PIPE_WAIT_S = 10.0  # how long a named pipe may stay silent (a writer like `<(cat key)` answers in milliseconds)
 DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
+PATH_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.ELOOP, errno.EACCES, errno.EPERM})
 MAX_INT_DIGITS = 100  # no figure okdpipe records comes near; a longer integer is damage, not data
 
 
@@ -122,12 +123,34 @@ def _written_temp(path: Path, write: Callable[[BinaryIO], None]) -> Path:
 def disk_error(exc: BaseException) -> OSError | None:
     """The full-disk, quota or read-only error behind `exc` (libraries wrap it in their own exception types), or
     None: such a failure is the machine's state, not a bug, and deserves one line rather than a traceback."""
+    return _os_error_behind(exc, DISK_ERRNOS)
+
+
+def path_error(exc: BaseException) -> OSError | None:
+    """The error behind `exc` that a path itself causes wherever it is used (a name too long, a link loop, no
+    permission), or None. Any command may meet one in any path the user gives; it is never okdpipe's bug."""
+    return _os_error_behind(exc, PATH_ERRNOS)
+
+
+def _os_error_behind(exc: BaseException, errnos: frozenset[int]) -> OSError | None:
     seen: BaseException | None = exc
     while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in DISK_ERRNOS:
+        if isinstance(seen, OSError) and seen.errno in errnos:
             return seen
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+def path_error_message(exc: OSError) -> str:
+    """One line for a path_error: the path (a long one shortened) and what to do."""
+    name = os.fsdecode(exc.filename) if exc.filename is not None else "a path"
+    if len(name) > 120:
+        name = f"{name[:60]}...{name[-40:]} ({len(os.fsencode(name))} bytes)"
+    fix = {
+        errno.ENAMETOOLONG: "each folder or file name may have at most 255 bytes; choose a shorter path",
+        errno.ELOOP: "a symbolic link on it points back into itself; fix the link",
+    }.get(exc.errno, "choose a path you may read and write, or change its permissions")
+    return f"{name}: {exc.strerror}; {fix}"
 
 
 def _cannot_write(path: Path, exc: OSError) -> OkdpipeError:
@@ -254,6 +277,8 @@ def not_ours_to_replace(path: Path, folder: bool) -> bool:
 def missing_or_kind(path: Path, wanted: str) -> str:
     """Why `path` is not `wanted` (given with its article): "no such run directory" when nothing is there, else
     what is there instead ("is a device, pipe or socket, not a run directory")."""
+    if path.is_symlink() and not path.exists():
+        return f"is a link to nothing (its target is missing, or it loops), not {wanted}"
     if not path.exists():
         return "no such " + wanted.split(" ", 1)[1]
     return f"is {kind_of(path)}, not {wanted}"

@@ -145,6 +145,47 @@ def test_a_wrapped_full_disk_error_is_one_line_exit_2():
     assert events == ["unwound"]
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["distill", "--method", "vanilla", "--arch", "resnet20", "--epochs", "1", "--dry-run", "--out", "{long}/run"],
+        ["select", "{long}"],
+        ["export", "{long}/MODEL.pt", "--format", "onnx", "--out", "OUT"],
+        ["bench", "{long}"],
+        ["serve", "{long}"],
+        ["report", "{long}", "--out", "OUT"],
+    ],
+    ids=lambda args: args[0],
+)
+def test_a_path_name_over_255_bytes_is_one_line_exit_2_in_every_command(tmp_path, args):
+    """The kernel refuses such a name wherever it is used (ENAMETOOLONG); each command met it at another call."""
+    from okdpipe.cli import app
+
+    long = str(tmp_path / ("a" * 300))
+    result = CliRunner().invoke(app, [arg.format(long=long).replace("OUT", str(tmp_path / "o")) for arg in args])
+    assert result.exit_code == 2, result.output
+    [line] = result.output.splitlines()
+    assert line.startswith(f"error: {long[:60]}...")  # a long path is shortened in the message
+    assert "at most 255 bytes; choose a shorter path" in line
+
+
+def test_a_link_loop_or_a_dangling_link_is_named_not_called_missing(tmp_path):
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    for link in (loop, tmp_path / "dangling"):
+        assert files.missing_or_kind(link, "a run directory") == (
+            "is a link to nothing (its target is missing, or it loops), not a run directory"
+        )
+    assert files.missing_or_kind(tmp_path / "nowhere", "a run directory") == "no such run directory"
+    assert files.path_error(RuntimeError("a bug")) is None and files.path_error(OSError(errno.ENOENT, "x")) is None
+    message = files.path_error_message(OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(loop)))
+    assert (
+        message
+        == f"{loop}: Too many levels of symbolic links; a symbolic link on it points back into itself; fix the link"
+    )
+
+
 def test_a_bug_keeps_its_traceback():
     code, _, _ = run_command(lambda: 1 / 0)
     assert code == 1  # CliRunner caught the ZeroDivisionError itself: it was not turned into a user error
