@@ -61,10 +61,10 @@ SCALAR_METRICS = {
     "peak_rss_mb": ("memory", "peak_rss_delta_mb"),
 }
 BATCH_METRICS = ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms", "images_per_s", "gflops_per_s", "peak_fraction")
-NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+NUMBER = r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?"
 GATE_PATTERN = re.compile(
     r"^\s*(?:(?P<selector>[^:<>=\s][^:<>=]*?)\s*:)?\s*(?P<metric>[A-Za-z_][A-Za-z0-9_]*)"
-    r"(?:@(?P<batch>\d+))?\s*(?P<op>>=|<=|==|>|<)\s*(?P<rhs>.*?)\s*$",
+    r"(?:@(?P<batch>[0-9]+))?\s*(?P<op>>=|<=|==|>|<)\s*(?P<rhs>.*?)\s*$",
     re.ASCII,  # digits are 0-9 only: '٣' or '²' is not a number here
 )
 RHS_PATTERN = re.compile(

@@ -364,7 +364,7 @@ def _fused_layout(module: FusedStudents, state: dict, prefix: str, *_ignored) ->
     per_member: list[dict[str, torch.Tensor]] = [{} for _ in range(module.count)]
     for key in [k for k in state if k.startswith(head)]:
         index, _, rest = key[len(head) :].partition(".")
-        if index.isdigit() and int(index) < module.count:
+        if index.isascii() and index.isdigit() and int(index) < module.count:
             per_member[int(index)][rest] = state.pop(key)
     keys = set(per_member[0])
     if not keys:

@@ -247,7 +247,7 @@ def pool_names(names: list[str], strategy: str, method_ships: str) -> list[str]:
         "mean-teacher": [n for n in names if n.startswith("mean-teacher:")],
         **{exact: [n for n in names if n == exact] for exact in ("leader", "hybrid", "soup")},
     }
-    numbered = re.fullmatch(r"(student|mean-teacher):\d+", strategy)  # a candidate name, only not in this run
+    numbered = re.fullmatch(r"(student|mean-teacher):[0-9]+", strategy)  # a candidate name, only not in this run
     pool = pools.get(strategy, [strategy] if strategy in names else [] if numbered else None)
     if pool is None:
         raise OkdpipeError(f"unknown --strategy {strategy!r}; use {STRATEGIES} (this run has: {', '.join(names)})")

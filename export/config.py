@@ -54,7 +54,7 @@ class ExportConfig(StageConfig):
     @classmethod
     def _budget_is_trials_or_seconds(cls, value: object) -> str:
         text = str(value).strip()
-        if not re.fullmatch(r"\d+s?", text):
+        if not re.fullmatch(r"[0-9]+s?", text):
             raise ValueError(f"tune_budget {value!r} must be a number of trials (30) or of seconds (300s)")
         return text
 

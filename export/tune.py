@@ -34,7 +34,7 @@ CALIBRATIONS = (
     ("percentile", 99.99),
     ("percentile", 99.9),
 )
-BUDGET_FORMAT = re.compile(r"^(\d+)(s?)$")
+BUDGET_FORMAT = re.compile(r"^([0-9]+)(s?)$")
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,7 @@ class RunHistory:
 def model_order(name: str) -> tuple:
     """student:0 < student:1 < ... < student:10 < ensemble < the method's own models, by name."""
     kind, _, number = name.partition(":")
-    if kind == "student" and number.isdigit():
+    if kind == "student" and number.isascii() and number.isdigit():
         return (0, int(number), "")
     return (1 if name == "ensemble" else 2, 0, name)
 

@@ -36,7 +36,7 @@ def test_budget_is_trials_or_seconds(text, trials, seconds, off):
     assert (budget.trials, budget.seconds, budget.off) == (trials, seconds, off)
 
 
-@pytest.mark.parametrize("text", ["2m", "-1", "1.5", "", "s"])
+@pytest.mark.parametrize("text", ["2m", "-1", "1.5", "", "s", "３０", "٣s", "²"])  # digits are 0-9 only
 def test_a_bad_budget_is_refused_with_the_fix(text):
     with pytest.raises(OkdpipeError, match="number of trials"):
         tune.TuneBudget.parse(text)
