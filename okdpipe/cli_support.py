@@ -82,6 +82,7 @@ def friendly_errors(command: Callable) -> Callable:
 def _reported(command: Callable, *args, **kwargs):
     """`command`, with what stops it turned into one `error:` line and its exit code."""
     try:
+        check_arguments_decode(kwargs)
         return command(*args, **kwargs)
     except OkdpipeError as exc:
         fail(one_line(exc), exc.exit_code)
@@ -113,6 +114,30 @@ def unwinding_signals() -> Iterator[None]:
         for sig, handler in saved.items():
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)
         sys.unraisablehook = hook
+
+
+def check_arguments_decode(arguments: dict) -> None:
+    """Refuse, before any work, a path or text argument that is not valid UTF-8 (a file name in another encoding
+    arrives as lone surrogates). It cannot be written into a manifest or a model card, and ONNX Runtime cannot open
+    it, so such a run would fail only at its last stage."""
+    for value in arguments.values():
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if not isinstance(item, (str, os.PathLike)):
+                continue
+            text = os.fspath(item)
+            if isinstance(text, str) and not _is_utf8(text):
+                raise OkdpipeError(
+                    f"{os.fsencode(text)!r}: not valid UTF-8 (okdpipe records its arguments in JSON, and ONNX Runtime "
+                    "opens files by their UTF-8 name); rename the file or folder, or retype the argument"
+                )
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")  # the lone surrogates that stand for undecodable bytes cannot be encoded
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def fail(message: str, code: int) -> None:

@@ -169,6 +169,31 @@ def test_a_path_name_over_255_bytes_is_one_line_exit_2_in_every_command(tmp_path
     assert "at most 255 bytes; choose a shorter path" in line
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["distill", "--method", "vanilla", "--arch", "resnet8", "--epochs", "1", "--dry-run", "--out", "{bad}"],
+        ["export", "{bad}/model.pt", "--format", "onnx", "--out", "{good}"],
+        ["export", "{good}/model.pt", "--format", "onnx", "--out", "{bad}"],
+        ["bench", "{bad}"],
+        ["serve", "{good}", "--api-key-file", "{bad}"],
+    ],
+    ids=lambda args: "-".join(args[:1] + [a for a in args if a.startswith("{")]),
+)
+def test_an_argument_that_is_not_utf8_is_refused_before_any_work(tmp_path, args):
+    """A file name in another encoding reaches Python as lone surrogates: training wrote into it, then export
+    failed at ONNX Runtime's constructor with a message about 'incompatible constructor arguments'."""
+    from okdpipe.cli import app
+
+    bad = os.fsdecode(bytes(tmp_path) + b"/caf\xe9")  # Latin-1 e-acute: not UTF-8
+    good = tmp_path / "good"
+    result = CliRunner().invoke(app, [arg.format(bad=bad, good=good) for arg in args])
+    assert result.exit_code == 2, result.output
+    [line] = result.output.splitlines()
+    assert line.startswith("error: b'") and "caf\\xe9" in line and "': not valid UTF-8" in line
+    assert not (tmp_path / "good").exists() and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_a_link_loop_or_a_dangling_link_is_named_not_called_missing(tmp_path):
     loop = tmp_path / "loop"
     loop.symlink_to(loop)
