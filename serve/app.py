@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from okdpipe import __version__
 from okdpipe.contracts.card import ModelCard, read_card
+from okdpipe.contracts.pixels import IMAGE_CHANNELS
 from okdpipe.serve.admission import RETRY_AFTER_S, Admission
 from okdpipe.serve.batching import BatchStats, MicroBatcher, QueueFull
 from okdpipe.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -47,7 +48,8 @@ MODEL_VERSION = "1"
 SERVER_EXTENSIONS = ["binary_tensor_data", "parameters"]
 # Threads that decode images, parse JSON and split multipart bodies, off the event loop: a few are enough to
 # keep the cores busy, one core is left to the event loop, and each thread holds one parsed body at a time.
-PARSE_THREADS = max(1, min(4, (os.cpu_count() or 1) - 1))
+PARSE_THREADS = max(1, min(4, (os.cpu_count() or 1) - 1))  # per lane
+LANES = ("parse", "decode")  # JSON and binary /infer bodies; images for /classify
 T = TypeVar("T")
 
 
@@ -87,14 +89,15 @@ class ServingState:
             inflight_bytes=lambda: float(self.admission.held_bytes),
         )
         self.batcher: MicroBatcher | None = None
-        self._parsers: ThreadPoolExecutor | None = None
+        self._pools: dict[str, ThreadPoolExecutor] = {}
         self.ready = False
 
     def _queue_depth(self) -> float:
         return float(self.batcher.waiting_images) if self.batcher else 0.0
 
     async def start(self) -> None:
-        self._parsers = ThreadPoolExecutor(PARSE_THREADS, thread_name_prefix="okdpipe-parse")
+        # Two lanes: a flood of slow image decodes (/classify) waits for its own threads, never for /infer's.
+        self._pools = {lane: ThreadPoolExecutor(PARSE_THREADS, thread_name_prefix=f"okdpipe-{lane}") for lane in LANES}
         self.batcher = MicroBatcher(
             self.classifier.run,
             self.spec.max_batch,
@@ -105,6 +108,12 @@ class ServingState:
         self.batcher.start()
         self.ready = True
         logger.info("model %s warmed up and ready (max batch %d)", self.card.name, self.spec.max_batch)
+        if self.card.channels not in IMAGE_CHANNELS:
+            logger.warning(
+                "model %s takes %d-channel input: /classify answers 400 (no image converts to it); use /infer",
+                self.card.name,
+                self.card.channels,
+            )
 
     def _record_batch(self, stats: BatchStats) -> None:
         self.metrics.observe_batch(stats.size, stats.seconds)
@@ -113,13 +122,14 @@ class ServingState:
         self.ready = False
         if self.batcher is not None:
             await self.batcher.stop()
-        if self._parsers is not None:
-            self._parsers.shutdown(wait=True)
+        for pool in self._pools.values():
+            pool.shutdown(wait=True)
 
-    async def off_loop(self, function: Callable[..., T], *args: Any) -> T:
-        """`function(*args)` on a parse thread: CPU work on request bytes never blocks the event loop, so health
-        checks and other clients are answered while a large body is decoded."""
-        return await asyncio.get_running_loop().run_in_executor(self._parsers, functools.partial(function, *args))
+    async def off_loop(self, function: Callable[..., T], *args: Any, lane: str = "parse") -> T:
+        """`function(*args)` on a thread of `lane` (one of LANES): CPU work on request bytes never blocks the event
+        loop, so health checks and other clients are answered while a large body is parsed or an image decoded."""
+        pool = self._pools[lane]
+        return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(function, *args))
 
     async def logits(self, images: np.ndarray) -> np.ndarray:
         if not self.ready or self.batcher is None:
@@ -264,9 +274,16 @@ def _add_model_routes_under(app: FastAPI, state: ServingState, prefix: str) -> N
     @app.post(prefix + "/classify")
     async def classify(request: Request, name: str, version: str | None = None) -> dict:
         _checked_model(state, name, version)
+        if state.card.channels not in IMAGE_CHANNELS:
+            raise ClientError(
+                400,
+                f"model {name!r} takes {state.card.channels}-channel input, which no image file converts to (only 1 or "
+                f"3 channels); send the tensor to /v2/models/{name}/infer",
+            )
         top_k = _query_top_k(request.query_params.getlist("top_k") or ["1"], state.card.num_classes)
         async with state.admission.body(request) as body:
-            images = await state.off_loop(_image_batch, body, request.headers.get("content-type", ""), state.card)
+            content_type = request.headers.get("content-type", "")
+            images = await state.off_loop(_image_batch, body, content_type, state.card, lane="decode")
             logits = await state.logits(images)
         return classify_response(logits[0], top_k, state.card.labels)
 

@@ -21,6 +21,7 @@ from okdpipe.contracts.card import RESIZE_POLICIES
 RESAMPLE = Image.Resampling.BILINEAR
 SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 _TARGET_MODES = {1: "L", 3: "RGB"}
+IMAGE_CHANNELS = tuple(_TARGET_MODES)  # what an image file converts to; a model of other channels takes tensors
 
 
 def image_pixels(image: Image.Image, channels: int, size: tuple[int, int], policy: str = "stretch") -> np.ndarray:

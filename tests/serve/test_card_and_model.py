@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import shutil
@@ -10,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from okdpipe.contracts.card import read_card
 from okdpipe.errors import OkdpipeError
@@ -221,3 +223,46 @@ def test_session_options_refuse_bad_settings(threads, provider, message):
 
     with pytest.raises(OkdpipeError, match=re.escape(message)):
         session_options(threads, provider)
+
+
+@pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
+def test_a_model_no_image_converts_to_takes_tensors_and_classify_says_so(tmp_path, caplog, card_writer):
+    """A 2-channel model (a plug-in dataset of, say, two spectral bands) serves /infer; /classify cannot turn a
+    PNG into 2 channels and answered 'body is not a decodable image (ValueError)' before."""
+    import torch
+    from starlette.testclient import TestClient
+
+    from okdpipe.serve.app import create_app
+
+    name = "tiny-cnn"  # the card's name (card_writer's default)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.Flatten(), torch.nn.LazyLinear(10)).eval()
+    model(torch.zeros(1, 2, 8, 8))
+    torch.onnx.export(
+        model,
+        (torch.zeros(2, 2, 8, 8),),
+        str(tmp_path / "model.onnx"),
+        dynamo=True,
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},),
+        verbose=False,
+    )
+    preprocess = {"size": [8, 8], "channels": 2, "scale": 1 / 255, "mean": [0.5, 0.5], "std": [0.25, 0.25]}
+    card_writer(
+        tmp_path,
+        input={"name": "input", "shape": [None, 2, 8, 8], "dtype": "float32", "layout": "NCHW"},
+        preprocess=preprocess,
+    )
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, format="PNG")
+    with caplog.at_level("WARNING", "okdpipe.serve"), TestClient(create_app(ServeSettings(tmp_path))) as client:
+        refused = client.post(f"/v2/models/{name}/classify", content=png.getvalue())
+        tensor = {"inputs": [{"name": "input", "shape": [1, 2, 8, 8], "datatype": "FP32", "data": [0.5] * 128}]}
+        answered = client.post(f"/v2/models/{name}/infer", json=tensor)
+    assert refused.status_code == 400
+    assert refused.json()["error"] == (
+        f"model '{name}' takes 2-channel input, which no image file converts to (only 1 or 3 channels); "
+        f"send the tensor to /v2/models/{name}/infer"
+    )
+    assert answered.status_code == 200 and len(answered.json()["outputs"][0]["data"]) == 10
+    assert "takes 2-channel input: /classify answers 400" in caplog.text

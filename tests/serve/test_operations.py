@@ -200,3 +200,42 @@ def test_model_failure_is_a_json_500_and_the_server_keeps_serving(artifact_dir, 
     assert failed.status_code == 500 and failed.json() == {"error": "internal server error (logged on the server)"}
     assert recovered.status_code == 200
     assert "simulated onnxruntime failure" in caplog.text
+
+
+@pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
+def test_images_being_decoded_never_hold_up_infer(artifact_dir, monkeypatch):
+    """Image decoding has its own threads: /classify requests stuck in a slow decode (every decode thread busy)
+    left /infer waiting behind them (8.7 s in an outside test) when both shared one pool."""
+    import threading
+
+    from starlette.testclient import TestClient
+
+    from okdpipe.serve import app as serve_app
+
+    release, busy = threading.Event(), threading.Semaphore(0)
+
+    def slow_decode(*args):
+        busy.release()
+        release.wait(30)
+        raise serve_app.ClientError(400, "decode abandoned by the test")
+
+    monkeypatch.setattr(serve_app, "_image_batch", slow_decode)
+    body = {"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.0] * 784}]}
+    with TestClient(serve_app.create_app(serve_app.ServeSettings(artifact_dir=artifact_dir))) as client:
+        stuck = [
+            threading.Thread(target=client.post, args=(f"/v2/models/{MODEL}/classify",), kwargs={"content": b"x"})
+            for _ in range(serve_app.PARSE_THREADS)
+        ]
+        for thread in stuck:
+            thread.start()
+        assert all(busy.acquire(timeout=10) for _ in stuck)  # every decode thread is now held
+        try:
+            answered = {}
+            infer = threading.Thread(target=lambda: answered.update(response=client.post(INFER, json=body)))
+            infer.start()
+            infer.join(timeout=10)
+            assert "response" in answered and answered["response"].status_code == 200
+        finally:
+            release.set()
+            for thread in stuck:
+                thread.join(timeout=10)
