@@ -1,6 +1,9 @@
 """`--dry-run` refuses what a real run refuses before it starts: every mistake below gives the same first
 `error:` line (exit 2) with and without `--dry-run`, and a dry run writes nothing. A dry run that passed a config
-which the real run then refused would be worse than no dry run."""
+which the real run then refused would be worse than no dry run.
+
+The commands run in-process (typer's CliRunner): a hundred fresh interpreters importing torch took minutes, and
+test_conventions already runs the CLI as a real process for the exit-code table."""
 
 from __future__ import annotations
 
@@ -9,11 +12,14 @@ import re
 import shutil
 import socket
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
+from typer.testing import CliRunner
 
+from okdpipe.cli import app
 from tests.cli.test_conventions import (  # noqa: F401  (fixtures)
     QUICK,
     ROOT,
@@ -23,6 +29,18 @@ from tests.cli.test_conventions import (  # noqa: F401  (fixtures)
     model_file,
     okdpipe,
 )
+
+
+def okdpipe_in_process(*args, cwd: Path) -> SimpleNamespace:
+    """`okdpipe ARGS` run in this process from `cwd`, with what assert_usage_error reads."""
+    previous = Path.cwd()
+    os.chdir(cwd)
+    try:
+        result = CliRunner().invoke(app, [str(arg) for arg in args], env={"COLUMNS": "200"})
+    finally:
+        os.chdir(previous)
+    return SimpleNamespace(returncode=result.exit_code, stdout=result.stdout, stderr=result.stderr)
+
 
 SMOKE = yaml.safe_load((ROOT / "configs" / "pipeline-smoke.yaml").read_text())
 DISTILL = ["distill", "--method", "vanilla", "--dataset", "synthetic", "--epochs", "1", "--out", "T/run"]
@@ -155,10 +173,10 @@ def test_a_dry_run_refuses_what_the_real_run_refuses(artifact, model_file, finis
     (tmp_path / "linked" / "export").symlink_to(tmp_path, target_is_directory=True)  # out of OUT
     command = concrete(args, tmp_path, {"A": artifact, "M": model_file, "R": finished_run})
     before = sorted(tmp_path.rglob("*"))
-    dry = okdpipe(*command, "--dry-run", cwd=tmp_path)
+    dry = okdpipe_in_process(*command, "--dry-run", cwd=tmp_path)
     assert_usage_error(dry, 2, fragment)
     assert sorted(tmp_path.rglob("*")) == before  # a dry run writes nothing
-    real = okdpipe(*command, cwd=tmp_path)
+    real = okdpipe_in_process(*command, cwd=tmp_path)
     assert_usage_error(real, 2, fragment)
     assert first_line(real) == first_line(dry)
     assert sorted(tmp_path.rglob("*")) == before  # ... and a refused run writes nothing either
