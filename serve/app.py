@@ -49,6 +49,7 @@ SERVER_EXTENSIONS = ["binary_tensor_data", "parameters"]
 # Threads that decode images, parse JSON and split multipart bodies, off the event loop: a few are enough to
 # keep the cores busy, one core is left to the event loop, and each thread holds one parsed body at a time.
 PARSE_THREADS = max(1, min(4, (os.cpu_count() or 1) - 1))  # per lane
+READ_METHODS = ["GET", "HEAD"]  # HEAD on every GET route: a probe or a load balancer may check with it
 LANES = ("parse", "decode")  # JSON and binary /infer bodies; images for /classify
 T = TypeVar("T")
 
@@ -206,19 +207,19 @@ def _add_error_handlers(app: FastAPI) -> None:
 def _add_health_routes(app: FastAPI, state: ServingState) -> None:
     """Health answers by status code with an empty body (the protocol's rule): 200 true, 503 false."""
 
-    @app.get("/v2/health/live")
+    @app.api_route("/v2/health/live", methods=READ_METHODS)
     async def live() -> Response:
         return Response(status_code=200)
 
-    @app.get("/v2/health/ready")
+    @app.api_route("/v2/health/ready", methods=READ_METHODS)
     async def ready() -> Response:
         return Response(status_code=200 if state.ready else 503)
 
-    @app.get("/v2")
+    @app.api_route("/v2", methods=READ_METHODS)
     async def server_metadata() -> dict:
         return {"name": "okdpipe", "version": __version__, "extensions": SERVER_EXTENSIONS}
 
-    @app.get("/metrics")
+    @app.api_route("/metrics", methods=READ_METHODS)
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
@@ -252,12 +253,12 @@ def _add_model_routes(app: FastAPI, state: ServingState) -> None:
 
 
 def _add_model_routes_under(app: FastAPI, state: ServingState, prefix: str) -> None:
-    @app.get(prefix)
+    @app.api_route(prefix, methods=READ_METHODS)
     async def model_metadata(name: str, version: str | None = None) -> dict:
         _checked_model(state, name, version)
         return _model_metadata(state)
 
-    @app.get(prefix + "/ready")
+    @app.api_route(prefix + "/ready", methods=READ_METHODS)
     async def model_ready(name: str, version: str | None = None) -> Response:
         _checked_model(state, name, version)
         return Response(status_code=200 if state.ready else 503)

@@ -100,6 +100,27 @@ def test_health_and_server_metadata(client):
     }
 
 
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [
+        ("/v2/health/live", 200),
+        ("/v2/health/ready", 200),
+        ("/v2", 200),
+        ("/metrics", 200),
+        (f"/v2/models/{MODEL}", 200),
+        (f"/v2/models/{MODEL}/versions/1/ready", 200),
+        ("/v2/models/resnet", 404),
+    ],
+)
+def test_head_answers_as_get_does_without_a_body(client, path, status):
+    """A load balancer's or a probe's HEAD got 405 on every route before."""
+    head, get = client.head(path), client.get(path)
+    assert head.status_code == get.status_code == status
+    assert head.content == b"" and head.headers.get("content-type") == get.headers.get("content-type")
+    if path != "/metrics":  # /metrics counts the requests themselves, so its length moves
+        assert head.headers["content-length"] == get.headers["content-length"]
+
+
 @pytest.mark.parametrize("prefix", [f"/v2/models/{MODEL}", f"/v2/models/{MODEL}/versions/1"])
 def test_model_metadata_and_ready(client, prefix):
     metadata = client.get(prefix).json()
