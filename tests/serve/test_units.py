@@ -436,10 +436,12 @@ def test_server_metrics_count_errors_by_kind():
     metrics.observe_request("/r", "POST", 200, 0.01)
     metrics.observe_request("/r", "POST", 400, 0.01)
     metrics.observe_request("/r", "POST", 503, 0.01)
+    metrics.observe_request("/r", "POST", 501, 0.01)  # a Transfer-Encoding refused: the client's, not a fault
+    metrics.observe_request("/r", "POST", 500, 0.01)
     text = metrics.render()
     assert 'okdpipe_requests_total{route="/r",method="POST",status="400"} 1' in text
-    assert 'okdpipe_request_errors_total{route="/r",kind="client"} 1' in text
-    assert 'okdpipe_request_errors_total{route="/r",kind="server"} 1' in text
+    assert 'okdpipe_request_errors_total{route="/r",kind="client"} 2' in text
+    assert 'okdpipe_request_errors_total{route="/r",kind="server"} 2' in text
     assert "okdpipe_queue_depth 3" in text and "okdpipe_model_ready 1" in text
 
 
