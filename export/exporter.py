@@ -10,6 +10,7 @@ back a publish that was killed midway (its journal lists the renames), so OUT ho
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -505,8 +506,9 @@ def card_fields(
 def model_name(info: ModelInfo, precision: str = "fp32") -> str:
     """`resnet20-fashion-mnist`, `resnet20-fashion-mnist-int8`: unique when several variants are served
     (`timm:resnet10t` becomes `timm-resnet10t`: a name that sits in URLs and Triton folder names)."""
-    parts = [info.arch.replace(":", "-"), info.dataset] + ([] if precision == "fp32" else [precision])
-    return "-".join(part for part in parts if part)
+    parts = [info.arch, info.dataset] + ([] if precision == "fp32" else [precision])
+    safe = [re.sub(r"[^A-Za-z0-9._-]+", "-", part).strip("-") for part in parts]  # plug-ins name freely
+    return "-".join(part for part in safe if part)
 
 
 def runtime_versions() -> dict[str, str]:

@@ -190,9 +190,13 @@ def _required_str(section: dict[str, Any], key: str, where: str) -> str:
     return value
 
 
+URL_SPECIAL = "/?#%\\"  # a served model's name is a path segment of its routes
+
+
 def _checked_name(card: dict[str, Any]) -> str:
     name = _required_str(card, "name", "name")
-    if "/" in name or name.strip() != name:
+    unsafe = not name.isprintable() or any(char in name for char in URL_SPECIAL) or name in ("", ".", "..")
+    if unsafe or name.strip() != name:  # isprintable: no NUL, newline or other control character
         raise _fail(f"model name {name!r} cannot appear in a URL path", "rename the model in model.json")
     return name
 

@@ -487,3 +487,14 @@ def test_a_model_file_that_does_not_fit_its_dataset_is_one_line(model_file, tmp_
     assert result.exit_code == 2, result.output
     assert result.output.startswith("error: ") and says in result.output and "Traceback" not in result.output
     assert "gives 3x16x16 inputs and 4 classes" in result.output and not (tmp_path / "out").exists()
+
+
+def test_a_served_name_is_made_url_safe_from_any_plugin_names():
+    """A plug-in may register `my data/v2` or `cnn#1`; the card's name is a path segment of every served route,
+    and the card now refuses '/', '?', '#', '%', control characters and '..'."""
+    from types import SimpleNamespace
+
+    from okdpipe.export.exporter import model_name
+
+    assert model_name(SimpleNamespace(arch="timm:resnet10t", dataset="fashion-mnist")) == "timm-resnet10t-fashion-mnist"
+    assert model_name(SimpleNamespace(arch="cnn#1", dataset="my data/v2?\n"), "int8") == "cnn-1-my-data-v2-int8"
