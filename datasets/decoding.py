@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from okdpipe.console import QUIET, say, verbosity
-from okdpipe.contracts.pixels import image_pixels
+from okdpipe.contracts.pixels import IMAGE_FORMATS, image_pixels
 from okdpipe.errors import OkdpipeError
 
 CHUNK = 64  # files per task sent to a worker: large enough to amortise pickling, small enough for a smooth bar
@@ -60,7 +60,7 @@ class ImageDecoder:
 
     def pixels(self, raw: bytes) -> np.ndarray:
         try:
-            with Image.open(io.BytesIO(raw)) as image:
+            with Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS) as image:
                 if self.exact and image.size != (self.size[1], self.size[0]):
                     height, width = self.size
                     raise BadImage(f"image is {image.height}x{image.width}, expected {height}x{width}")
@@ -68,7 +68,7 @@ class ImageDecoder:
         except BadImage:
             raise
         except UnidentifiedImageError:
-            raise BadImage("cannot decode image (not an image format Pillow reads)") from None
+            raise BadImage(f"cannot decode image (not one of the formats read: {', '.join(IMAGE_FORMATS)})") from None
         except Exception as error:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError, ...
             raise BadImage(f"cannot decode image ({error or type(error).__name__})") from None
 

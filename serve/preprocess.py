@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from okdpipe.contracts.card import Preprocess
-from okdpipe.contracts.pixels import image_pixels
+from okdpipe.contracts.pixels import IMAGE_FORMATS, image_pixels
 from okdpipe.serve.protocol import ClientError
 
 # Far above any classifier input, far below what could exhaust memory (a "decompression bomb" PNG).
@@ -36,14 +36,17 @@ def _decode_pixels(data: bytes, recipe: Preprocess) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
+            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
                 if image.width * image.height > MAX_IMAGE_PIXELS:
                     raise ClientError(400, f"image of {image.width}x{image.height} pixels is too large to classify")
                 return image_pixels(image, recipe.channels, (recipe.height, recipe.width), recipe.resize)
     except ClientError:
         raise
     except UnidentifiedImageError:
-        raise ClientError(400, "body is not a decodable image (unknown format); send PNG or JPEG") from None
+        formats = ", ".join(IMAGE_FORMATS)
+        raise ClientError(
+            400, f"body is not a decodable image (unknown format; read: {formats}); send PNG or JPEG"
+        ) from None
     except Exception as error:  # Pillow's decoders raise many types on hostile bytes: all are the client's
         raise ClientError(400, f"body is not a decodable image ({type(error).__name__})") from None
 

@@ -21,6 +21,10 @@ from okdpipe.contracts.card import RESIZE_POLICIES
 RESAMPLE = Image.Resampling.BILINEAR
 SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 _TARGET_MODES = {1: "L", 3: "RGB"}
+# The formats decoded, by training and by `/classify` alike (Pillow's names; a phone's MPO opens as JPEG). Pillow
+# would also open EPS (by running Ghostscript on the bytes), PSD, ICO and dozens more; a file of another format is
+# reported like any unreadable image.
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
 IMAGE_CHANNELS = tuple(_TARGET_MODES)  # what an image file converts to; a model of other channels takes tensors
 
 

@@ -383,6 +383,13 @@ def test_rgb_image_becomes_grayscale_and_is_resized():
     np.testing.assert_allclose(tensor, 200 / 255, rtol=1e-6)
 
 
+def _saved(image_format: str) -> bytes:
+    """A real 4 x 4 image in a format Pillow can write but okdpipe does not decode."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buffer, format=image_format)
+    return buffer.getvalue()
+
+
 def _huge_png_header() -> bytes:
     """A valid 1-pixel PNG whose header claims 5000 x 5000 pixels: refused before any decoding."""
     png = bytearray(_png(np.zeros((1, 1), np.uint8), "L"))
@@ -396,6 +403,8 @@ def _huge_png_header() -> bytes:
     [
         (b"", "body is empty"),
         (b"not an image", "unknown format"),
+        (_saved("EPS"), "unknown format"),  # Pillow would run Ghostscript on these bytes
+        (_saved("ICO"), "unknown format"),
         (_png(np.zeros((4, 4), np.uint8), "L")[:30], "not a decodable image"),
         (_huge_png_header(), "image of 5000x5000 pixels is too large"),
     ],

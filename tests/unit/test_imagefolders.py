@@ -112,6 +112,18 @@ def write_bad_files(root: Path) -> list[Path]:
     return bad
 
 
+@pytest.mark.parametrize("image_format", ["EPS", "ICO", "TGA"])
+def test_a_format_outside_the_read_list_is_a_bad_image_whatever_its_suffix(tmp_path, image_format):
+    """Pillow opens EPS by running Ghostscript on the file's bytes; serve's /classify refuses these formats, so
+    training must not learn from them either. They are bad images, named with the formats that are read."""
+    from okdpipe.datasets.decoding import BadImage, ImageDecoder
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buffer, format=image_format)
+    with pytest.raises(BadImage, match=r"not one of the formats read: PNG, JPEG, BMP, GIF, TIFF, WEBP, PPM"):
+        ImageDecoder((4, 4), 3).pixels(buffer.getvalue())
+
+
 def test_unreadable_files_are_listed_and_refused(tmp_path):
     write_image_folder(tmp_path, {"train": 9, "test": 3}, CLASSES)
     bad = write_bad_files(tmp_path)
