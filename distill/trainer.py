@@ -56,6 +56,7 @@ from okdpipe.distill.init_weights import initialise, summary_line
 from okdpipe.distill.methods import METHODS, Method, StepContext
 from okdpipe.distill.methods.base import Hparams
 from okdpipe.distill.models import backbone_recipe, check_arch
+from okdpipe.distill.models.contract import check_students
 from okdpipe.distill.students import Students
 from okdpipe.distill.trackers import Trackers, open_trackers, require
 from okdpipe.errors import GateFailed, OkdpipeError
@@ -233,6 +234,9 @@ def build_session(cfg: DistillConfig, run: RunDir, group: Group = Group()) -> Se
     bundle = DataSource.of_run(cfg).load()
     spec = bundle.spec
     students, method = build_models(cfg, spec, device)
+    check_students(
+        students, (spec.in_channels, *spec.input_size), features=method.needs_features, stages=method.needs_stages
+    )
     optimizer = build_optimizer(cfg, [{"params": list(students.parameters())}, *method.param_groups()])
     views = method.num_views(students.count)
     policy = view_policy("same" if cfg.view_augment == "same" else method.augment_policy, views)
