@@ -156,6 +156,53 @@ def test_hidden_and_stray_files_are_ignored_nested_images_count(tmp_path):
     assert bundle.train.read(2)[0, 0].tolist() == [9, 9, 9]  # cat/00000.png, cat/00003.png, cat/2019/summer.JPG
 
 
+def plant_special_files(class_dir: Path) -> list[Path]:
+    """Three things named like images that are not regular files: a FIFO nobody writes (read() would block
+    forever), a link to a device that never ends, and a folder called like a photo (holding a real image)."""
+    os.mkfifo(class_dir / "fifo.png")
+    (class_dir / "zero.png").symlink_to("/dev/zero")
+    save(class_dir / "album.jpg" / "inside.png", Image.new("RGB", (32, 32)))
+    return [class_dir / "album.jpg", class_dir / "fifo.png", class_dir / "zero.png"]
+
+
+@pytest.mark.timeout(60)
+def test_pipes_devices_and_folders_named_like_images_are_bad_images_not_hangs(tmp_path, capsys):
+    write_image_folder(tmp_path, {"train": 6}, CLASSES)
+    special = plant_special_files(tmp_path / "train" / "cat")
+    with pytest.raises(OkdpipeError) as error:
+        load_dataset("imagefolder", tmp_path, val_split=0)
+    assert str(error.value).startswith(
+        f"3 unreadable image file(s) under {tmp_path}: {special[0]} (not a regular file but a folder); "
+        f"{special[1]} (not a regular file but a pipe (FIFO)); {special[2]} (not a regular file but a device); "
+    )
+    bundle = load_dataset("imagefolder", tmp_path, val_split=0, skip_bad_images=True, decode_workers=1)
+    assert len(bundle.train) == 6  # the image inside album.jpg/ is not walked into either
+    assert "skipping 3 unreadable image file(s)" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(60)
+def test_a_list_file_naming_a_pipe_or_a_device_lists_them_as_bad(tmp_path):
+    save(tmp_path / "a.png", Image.new("RGB", (8, 8)))
+    save(tmp_path / "b.png", Image.new("RGB", (8, 8)))
+    os.mkfifo(tmp_path / "fifo.png")
+    (tmp_path / "train.csv").write_text("a.png,x\nb.png,w\nfifo.png,x\n/dev/zero,w\n")
+    with pytest.raises(OkdpipeError, match=r"^2 unreadable image file\(s\) .*fifo.png \(not a regular file but a pipe "
+                       r"\(FIFO\)\); /dev/zero \(not a regular file but a device\)"):  # fmt: skip
+        load_dataset("imagefolder", tmp_path, val_split=0)
+
+
+def test_a_linked_folder_inside_a_class_folder_is_named_in_a_warning_not_followed(tmp_path, capsys):
+    write_image_folder(tmp_path, {"train": 6}, CLASSES)
+    save(tmp_path / "elsewhere" / "x.png", Image.new("RGB", (32, 32)))
+    (tmp_path / "train" / "cat" / "more").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    bundle = load_dataset("imagefolder", tmp_path, val_split=0)
+    assert len(bundle.train) == 6
+    assert (
+        "warning: skipping 1 linked folder(s) inside class folders (links are not followed): "
+        f"{tmp_path / 'train' / 'cat' / 'more'}; replace a link with a real folder to train on its images"
+    ) in capsys.readouterr().err
+
+
 # --- splits ------------------------------------------------------------------------------------------------------
 
 
