@@ -259,11 +259,14 @@ def test_list_file_instead_of_class_folders(tmp_path):
         ("a.png,x,extra\n", None, "train.csv line 1: expected `path,label`"),
         ("a.png,\n", None, "train.csv line 1: expected `path,label`"),
         ("path,label\n", None, "train.csv: lists no images"),
-        ("a.png,x\na.png,w\n", "a.png,y\n", "test.csv: label(s) 'y' are not classes of the training split"),
+        ("a.png,x\nb.png,w\n", "a.png,y\n", "test.csv: label(s) 'y' are not classes of the training split"),
+        ("a.png,x\nb.png,w\n# c\n./a.png,x\n", None, "train.csv lines 1 and 4 both list './a.png' (the same file)"),
+        ("a.png,x\nb.png,w\nb.png,x\n", None, "train.csv lines 2 and 3 both list 'b.png' (the same file)"),
     ],
 )
 def test_list_file_problems_are_one_line(tmp_path, train, test, problem):
     save(tmp_path / "a.png", Image.new("RGB", (8, 8)))
+    save(tmp_path / "b.png", Image.new("RGB", (8, 8)))
     (tmp_path / "train.csv").write_text(train)
     if test:
         (tmp_path / "test.csv").write_text(test)
@@ -273,7 +276,8 @@ def test_list_file_problems_are_one_line(tmp_path, train, test, problem):
 
 def test_missing_listed_file_is_a_bad_image_and_folder_plus_list_is_ambiguous(tmp_path):
     save(tmp_path / "a.png", Image.new("RGB", (8, 8)))
-    (tmp_path / "train.csv").write_text("a.png,x\ngone.png,x\na.png,w\n")
+    save(tmp_path / "b.png", Image.new("RGB", (8, 8)))
+    (tmp_path / "train.csv").write_text("a.png,x\ngone.png,x\nb.png,w\n")
     with pytest.raises(OkdpipeError, match="gone.png \\(cannot read \\(No such file or directory\\)\\)"):
         load_dataset("imagefolder", tmp_path, val_split=0)
     assert len(load_dataset("imagefolder", tmp_path, val_split=0, skip_bad_images=True).train) == 2
