@@ -18,6 +18,7 @@ from okdpipe.contracts.card import RESIZE_POLICIES
 from okdpipe.datasets.decoding import ImageDecoder, decode_files, default_workers, read_image
 from okdpipe.datasets.imagecache import Decoded, ImageCache, listing_key
 from okdpipe.datasets.listfile import class_order, label_indices, read_list
+from okdpipe.datasets.load import check_labels
 from okdpipe.datasets.spec import DATASETS, AugmentConfig, DatasetSpec
 from okdpipe.datasets.splits import RawDataset, TensorSplit, require_dir
 from okdpipe.errors import OkdpipeError
@@ -204,6 +205,7 @@ def train_listing(root: Path) -> tuple[Listing, tuple[str, ...]]:
             "(or a train.csv of `path,label` lines)"
         )
     classes = class_names(source) if source.is_dir() else class_order(read_list(source)[1])
+    check_labels(classes, str(source), "rename the class folders" if source.is_dir() else "fix the labels")
     if len(classes) < 2:
         raise OkdpipeError(f"{source}: only one class ({classes[0]}); a classifier needs at least two classes")
     return split_listing(source, classes), classes

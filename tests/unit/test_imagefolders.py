@@ -203,6 +203,34 @@ def test_a_linked_folder_inside_a_class_folder_is_named_in_a_warning_not_followe
     ) in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "names, problem",
+    [
+        (("caf\u00e9", "cafe\u0301"), "labels 'cafe\\u0301' and 'caf\\xe9' name one class (the same after Unicode"),
+        (("cat", "tab\there"), "label 'tab\\there' must be printable text"),
+        (("cat", " "), "label ' ' must be printable text"),
+    ],
+)
+def test_class_names_a_card_cannot_carry_fail_when_the_folder_is_read(tmp_path, monkeypatch, names, problem):
+    for name in names:
+        save(tmp_path / "train" / name / "a.png", Image.new("RGB", (8, 8)))
+    monkeypatch.setattr(folders, "decode_files", lambda *args: pytest.fail("decoded before the labels were checked"))
+    with pytest.raises(OkdpipeError) as error:
+        load_dataset("imagefolder", tmp_path, val_split=0)
+    assert str(error.value).startswith(f"{tmp_path / 'train'}: {problem}")
+    assert str(error.value).endswith("; rename the class folders")
+
+
+def test_list_file_labels_follow_the_same_rules(tmp_path):
+    save(tmp_path / "a.png", Image.new("RGB", (8, 8)))
+    save(tmp_path / "b.png", Image.new("RGB", (8, 8)))
+    (tmp_path / "train.csv").write_text("a.png,caf\u00e9\nb.png,cafe\u0301\n", encoding="utf-8")
+    with pytest.raises(
+        OkdpipeError, match=r"train.csv: labels 'cafe\\u0301' and 'caf\\xe9' name one class .*; fix the labels$"
+    ):
+        load_dataset("imagefolder", tmp_path, val_split=0)
+
+
 # --- splits ------------------------------------------------------------------------------------------------------
 
 
