@@ -141,6 +141,8 @@ def arch_names(value: Any) -> list[str]:
     if not all(isinstance(item, str) for item in items):
         raise ValueError(f"arch must be a backbone name or a list of names, not {value!r}")
     names = [name.strip() for item in items for name in item.split(",")]
+    if not names:
+        raise ValueError("arch is an empty list; name a backbone (e.g. resnet20) or one per student")
     if not all(names):
         raise ValueError(f"arch {value!r} has an empty name; write e.g. resnet8,mobilenetv2")
     return names
