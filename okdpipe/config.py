@@ -8,6 +8,7 @@ hostile file cannot expand into gigabytes ("billion laughs").
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Hashable, Mapping
 from pathlib import Path
@@ -103,6 +104,12 @@ class DistillConfig(Strict):
     mlflow_uri: Optional[str] = Field(
         None, description="MLflow tracking URI; None = $MLFLOW_TRACKING_URI, else a file store ./mlruns"
     )
+
+    @field_validator("data_dir")
+    @classmethod
+    def _data_dir_absolute(cls, value: Optional[str]) -> Optional[str]:
+        """Recorded from the folder the command ran in: select, export and bench read the record from elsewhere."""
+        return os.path.abspath(os.path.expanduser(value)) if value and value.strip() else value
 
     @field_validator("init")
     @classmethod

@@ -174,10 +174,7 @@ def _own_recipe(arch: str) -> dict[str, Any]:
 
 def registered_builder(name: str) -> ModelBuilder:
     """The builder of a registered backbone; an unknown name's error also offers the timm/torchvision forms."""
-    try:
-        return MODELS.get(name)
-    except OkdpipeError as exc:
-        raise OkdpipeError(f"{exc}, or timm:NAME / torchvision:NAME") from None
+    return MODELS.get(name, also=("timm:NAME", "torchvision:NAME"))
 
 
 def check_arch(name: str) -> None:

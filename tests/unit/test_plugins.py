@@ -5,6 +5,7 @@ when a plug-in is missing, broken or not loaded."""
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import subprocess
 import sys
@@ -299,3 +300,60 @@ def test_training_and_its_dry_run_refuse_a_broken_peer_before_the_first_step(con
     with pytest.raises(OkdpipeError, match=expected):
         fit(cfg, RunDir(tmp_path / "run"), echo=lambda _: None)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture()
+def broken_installed_plugin(tmp_path) -> dict[str, str]:
+    """An installed distribution (a dist-info folder on PYTHONPATH) whose okdpipe.plugins entry point raises."""
+    (tmp_path / "okdpipe_test_broken_ep.py").write_text("raise ImportError('needs libfoo 2')\n")
+    info = tmp_path / "okdpipe_test_broken_ep-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: okdpipe-test-broken-ep\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[okdpipe.plugins]\nbroken = okdpipe_test_broken_ep\n")
+    return {"PYTHONPATH": str(tmp_path)}
+
+
+def test_a_broken_installed_plugin_is_skipped_with_a_warning_and_named_when_a_name_is_missing(broken_installed_plugin):
+    code = (
+        "from okdpipe.distill.models import MODELS\n"
+        "print(MODELS.get('example_cnn').__module__)\n"  # the working installed plug-in still loads
+        "MODELS.get('broken_cnn')\n"
+    )
+    result = python(code, broken_installed_plugin)
+    warning = (
+        "warning: skipping installed plug-in 'broken = okdpipe_test_broken_ep' (entry point okdpipe.plugins): "
+        "ImportError: needs libfoo 2"
+    )
+    assert result.stdout.strip() == "okdpipe_example.backbones"
+    assert result.stderr.count(warning) == 1, result.stderr  # warned once, not per lookup
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            "; installed plug-in(s) that failed to load and may provide it: "
+            "'broken = okdpipe_test_broken_ep' (ImportError: needs libfoo 2): fix or uninstall them"
+        )
+    )
+
+
+def test_a_run_records_the_installed_plugin_it_used(tmp_path):
+    from okdpipe import api
+
+    run = tmp_path / "run"
+    api.fit(api.DistillConfig(method="vanilla", arch="example_cnn", dataset="synthetic", epochs=1, students=1), run)
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["config"]["plugins"] == ["okdpipe_example"]
+    assert "- okdpipe_example" in (run / "config.yaml").read_text()
+
+
+def test_relative_plugin_files_and_data_dirs_are_recorded_as_absolute_paths(plugin_file, tmp_path, monkeypatch):
+    """select, export and bench read the run's record from another folder: a path relative to the folder
+    distill ran in would name another file there."""
+    from okdpipe.config import DistillConfig
+
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    relative = os.path.relpath(plugin_file)
+    cfg = DistillConfig(plugins=[relative], arch="filecnn", data_dir="../images")
+    assert cfg.plugins == [str(plugin_file.resolve())]
+    assert cfg.data_dir == str(tmp_path / "images")
