@@ -283,6 +283,21 @@ def require_every_class(train: TensorSplit, classes: tuple[str, ...], root: Path
         raise OkdpipeError(f"{root}: class(es) {', '.join(empty)} have no readable training images; add some")
 
 
+WITHOUT_SPLIT = {"val": "--val-split of train/ is then held out instead", "test": "there are then no test metrics"}
+
+
+def require_readable_images(splits: dict[str, TensorSplit], listings: dict[str, Listing]) -> None:
+    """A val/ or test/ whose every file was skipped as unreadable leaves an empty split: say so, rather than let
+    training report "no validation images" and suggest --val-split, which a val/ folder overrides."""
+    for name, without in WITHOUT_SPLIT.items():
+        if name in listings and len(splits[name]) == 0:
+            source = listings[name].source
+            raise OkdpipeError(
+                f"{source}: no readable {name} image (all {len(listings[name].paths)} were unreadable and skipped "
+                f"by --skip-bad-images); replace them, or remove {source.name} ({without})"
+            )
+
+
 def folder_spec(classes: tuple[str, ...], channels: int, image_size: int, resize: str = "stretch") -> DatasetSpec:
     """ImageNet's mean/std (a generic natural-image prior; the folder's own statistics are not computed)."""
     rgb = channels == 3
@@ -363,6 +378,7 @@ def load_imagefolder(
     refuse_or_skip(bad_files(listings, decoded), data_dir, skip_bad_images)
     splits = {name: as_split(listings[name], decoded[name]) for name in listings}
     require_every_class(splits["train"], classes, data_dir)
+    require_readable_images(splits, listings)
     no_test = TensorSplit(torch.zeros((0, channels, image_size, image_size), dtype=torch.uint8), torch.zeros(0))
     test = splits.get("test", no_test)
     return RawDataset(

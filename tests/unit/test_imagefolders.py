@@ -231,6 +231,20 @@ def test_list_file_labels_follow_the_same_rules(tmp_path):
         load_dataset("imagefolder", tmp_path, val_split=0)
 
 
+@pytest.mark.parametrize("split, without", [("val", "--val-split of train/ is then held out instead"),
+                                             ("test", "there are then no test metrics")])  # fmt: skip
+def test_a_split_left_empty_by_skipping_says_what_happened(tmp_path, split, without):
+    write_image_folder(tmp_path, {"train": 6, split: 3}, CLASSES)
+    for path in (tmp_path / split).rglob("*.png"):
+        path.write_bytes(b"broken")
+    with pytest.raises(OkdpipeError) as error:
+        load_dataset("imagefolder", tmp_path, skip_bad_images=True)
+    assert str(error.value) == (
+        f"{tmp_path / split}: no readable {split} image (all 3 were unreadable and skipped by --skip-bad-images); "
+        f"replace them, or remove {split} ({without})"
+    )
+
+
 # --- splits ------------------------------------------------------------------------------------------------------
 
 
