@@ -56,7 +56,7 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str, str]:
     """The tensors of a weights file by name, what kind of file it was, and the architecture when the file
     names it (an okdpipe MODEL.pt; "" otherwise)."""
     path = check_weights_file(path)
-    if is_safetensors(path):  # by content: a .safetensors file renamed .pth is still one
+    if path.suffix == ".safetensors" or is_safetensors(path):  # by content too: renamed .pth, it is still one
         return _read_safetensors(path), "safetensors", ""
     payload = load_tensors(
         path,
