@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import multiprocessing
 import os
+import stat
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -49,7 +50,7 @@ class ImageDecoder:
         return f"{self.size[0]}x{self.size[1]}x{self.channels}/{self.policy}/{'exact' if self.exact else 'resized'}"
 
     def __call__(self, path: Path) -> np.ndarray:
-        return self.decode(path.read_bytes(), path)
+        return self.decode(read_image(path), path)
 
     def decode(self, raw: bytes, path: Path) -> np.ndarray:
         """Pixels, or one OkdpipeError naming the file and why."""
@@ -77,12 +78,45 @@ class BadImage(Exception):
     """Why one file gave no pixels."""
 
 
+def read_image_file(path: Path) -> bytes:
+    """A file's bytes, only when it is a regular file: read() on a FIFO nobody writes blocks forever and a device
+    (/dev/zero) never ends, so either is a bad image, and so is a folder named like an image (photo.jpg/).
+    O_NONBLOCK: even opening the FIFO must not wait; the kind is taken from the opened file, not the name."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        kind = special_kind(os.fstat(fd).st_mode)
+        if kind:
+            raise BadImage(f"not a regular file but {kind}")
+        with os.fdopen(os.dup(fd), "rb") as handle:
+            return handle.read()
+    finally:
+        os.close(fd)
+
+
+def special_kind(mode: int) -> str:
+    """What a non-regular file is, in words ("" for a regular file)."""
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a pipe (FIFO)"), (stat.S_ISSOCK, "a socket"))
+    if stat.S_ISREG(mode):
+        return ""
+    return next((word for test, word in kinds if test(mode)), "a device")
+
+
+def read_image(path: Path) -> bytes:
+    """read_image_file, or one OkdpipeError naming the file (for datasets that refuse every bad file: CINIC-10)."""
+    try:
+        return read_image_file(path)
+    except OSError as error:
+        raise OkdpipeError(f"{path}: cannot read ({error.strerror or error}); replace or delete the file") from None
+    except BadImage as error:
+        raise OkdpipeError(f"{path}: {error}; replace or delete the file") from None
+
+
 def decode_chunk(decoder: ImageDecoder, paths: Sequence[Path]) -> list[np.ndarray | str]:
     """Each file's pixels, or the reason it has none (a worker's task: one bad file must not fail the chunk)."""
     results: list[np.ndarray | str] = []
     for path in paths:
         try:
-            results.append(decoder.pixels(path.read_bytes()))
+            results.append(decoder.pixels(read_image_file(path)))
         except OSError as error:
             results.append(f"cannot read ({error.strerror or error})")
         except BadImage as error:

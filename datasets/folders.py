@@ -15,9 +15,10 @@ import torch
 
 from okdpipe.console import say
 from okdpipe.contracts.card import RESIZE_POLICIES
-from okdpipe.datasets.decoding import ImageDecoder, decode_files, default_workers
+from okdpipe.datasets.decoding import ImageDecoder, decode_files, default_workers, read_image
 from okdpipe.datasets.imagecache import Decoded, ImageCache, listing_key
 from okdpipe.datasets.listfile import class_order, label_indices, read_list
+from okdpipe.datasets.load import check_labels
 from okdpipe.datasets.spec import DATASETS, AugmentConfig, DatasetSpec
 from okdpipe.datasets.splits import RawDataset, TensorSplit, require_dir
 from okdpipe.errors import OkdpipeError
@@ -36,15 +37,37 @@ def is_hidden(name: str) -> bool:
     return name.startswith(".") or name in IGNORED_FOLDERS
 
 
+def is_image_name(name: str) -> bool:
+    return Path(name).suffix.lower() in IMAGE_SUFFIXES and not is_hidden(name)
+
+
 def list_images(class_dir: Path) -> list[Path]:
-    """Image files anywhere under one class folder (sorted; hidden and non-image files ignored); none -> error."""
-    files = []
+    """Image files anywhere under one class folder (sorted; hidden and non-image files ignored); none -> error.
+
+    Anything named like an image is listed, whatever it is (a pipe, a device, a folder `photo.jpg/`), so that
+    decoding reports it as a bad image. A linked folder is not followed (its images could be another class's, or
+    a split's, or loop): it is named in a warning instead of being left out silently."""
+    files, links = [], []
     for folder, subfolders, names in os.walk(class_dir):
-        subfolders[:] = [name for name in subfolders if not is_hidden(name)]
-        files += [Path(folder, n) for n in names if Path(n).suffix.lower() in IMAGE_SUFFIXES and not is_hidden(n)]
+        links += [Path(folder, n) for n in subfolders if Path(folder, n).is_symlink() and not is_hidden(n)]
+        inside = [n for n in subfolders if not is_hidden(n) and not Path(folder, n).is_symlink()]
+        files += [Path(folder, n) for n in [*names, *inside] if is_image_name(n)]
+        subfolders[:] = [n for n in inside if not is_image_name(n)]
+    warn_linked_folders(links)
     if not files:
         raise OkdpipeError(f"{class_dir}: class folder has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return sorted(files)
+
+
+def warn_linked_folders(links: list[Path]) -> None:
+    if links:
+        more = f" and {len(links) - BAD_FILES_SHOWN} more" if len(links) > BAD_FILES_SHOWN else ""
+        listed = "; ".join(map(str, links[:BAD_FILES_SHOWN]))
+        say(
+            f"warning: skipping {len(links)} linked folder(s) inside class folders (links are not followed): "
+            f"{listed}{more}; replace a link with a real folder to train on its images",
+            err=True,
+        )
 
 
 def class_names(split_dir: Path) -> tuple[str, ...]:
@@ -72,7 +95,7 @@ def scan_split(split_dir: Path, classes: tuple[str, ...]) -> tuple[list[Path], t
 
 def decode_into_memory(paths: list[Path], decoder: ImageDecoder, root: Path, digest: hashlib._Hash) -> torch.Tensor:
     """Decode every file once (threads: PIL releases the GIL) into uint8 [N, C, H, W]; hash path + bytes."""
-    raws = [p.read_bytes() for p in paths]
+    raws = [read_image(p) for p in paths]
     for path, raw in zip(paths, raws):
         digest.update(str(path.relative_to(root)).encode() + b"\0" + raw)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
@@ -182,6 +205,7 @@ def train_listing(root: Path) -> tuple[Listing, tuple[str, ...]]:
             "(or a train.csv of `path,label` lines)"
         )
     classes = class_names(source) if source.is_dir() else class_order(read_list(source)[1])
+    check_labels(classes, str(source), "rename the class folders" if source.is_dir() else "fix the labels")
     if len(classes) < 2:
         raise OkdpipeError(f"{source}: only one class ({classes[0]}); a classifier needs at least two classes")
     return split_listing(source, classes), classes
@@ -257,6 +281,21 @@ def require_every_class(train: TensorSplit, classes: tuple[str, ...], root: Path
     empty = [name for name, count in zip(classes, counts) if count == 0]
     if empty:
         raise OkdpipeError(f"{root}: class(es) {', '.join(empty)} have no readable training images; add some")
+
+
+WITHOUT_SPLIT = {"val": "--val-split of train/ is then held out instead", "test": "there are then no test metrics"}
+
+
+def require_readable_images(splits: dict[str, TensorSplit], listings: dict[str, Listing]) -> None:
+    """A val/ or test/ whose every file was skipped as unreadable leaves an empty split: say so, rather than let
+    training report "no validation images" and suggest --val-split, which a val/ folder overrides."""
+    for name, without in WITHOUT_SPLIT.items():
+        if name in listings and len(splits[name]) == 0:
+            source = listings[name].source
+            raise OkdpipeError(
+                f"{source}: no readable {name} image (all {len(listings[name].paths)} were unreadable and skipped "
+                f"by --skip-bad-images); replace them, or remove {source.name} ({without})"
+            )
 
 
 def folder_spec(classes: tuple[str, ...], channels: int, image_size: int, resize: str = "stretch") -> DatasetSpec:
@@ -339,6 +378,7 @@ def load_imagefolder(
     refuse_or_skip(bad_files(listings, decoded), data_dir, skip_bad_images)
     splits = {name: as_split(listings[name], decoded[name]) for name in listings}
     require_every_class(splits["train"], classes, data_dir)
+    require_readable_images(splits, listings)
     no_test = TensorSplit(torch.zeros((0, channels, image_size, image_size), dtype=torch.uint8), torch.zeros(0))
     test = splits.get("test", no_test)
     return RawDataset(

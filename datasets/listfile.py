@@ -4,13 +4,15 @@
     photos/0001.jpg,cat        <- relative to the list file's folder (or absolute)
     "photos/a, b.jpg",dog      <- CSV quoting for commas in names
 
-Blank lines and lines starting with `#` are skipped. A listed file that is missing or cannot be decoded counts as a
-bad image (listed, then refused or skipped with --skip-bad-images), like a broken file in a class folder.
+Blank lines and lines starting with `#` are skipped; a file listed twice is an error naming both lines. A listed
+file that is missing or cannot be decoded counts as a bad image (listed, then refused or skipped with
+--skip-bad-images), like a broken file in a class folder.
 """
 
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 from okdpipe.errors import OkdpipeError
@@ -31,6 +33,7 @@ def read_list(list_file: Path) -> tuple[list[Path], list[str]]:
             "pass a UTF-8 `path,label` CSV"
         ) from None
     paths, labels = [], []
+    first_line: dict[str, int] = {}  # each listed file (its real path) -> the line that first listed it
     for number, row in enumerate(csv.reader(text.splitlines()), start=1):
         if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
             continue
@@ -41,11 +44,21 @@ def read_list(list_file: Path) -> tuple[list[Path], list[str]]:
             raise OkdpipeError(
                 f"{list_file} line {number}: expected `path,label`, got {row!r}; one image and its class per line"
             )
-        paths.append(list_file.parent / cells[0])
+        path = list_file.parent / cells[0]
+        refuse_duplicate(first_line.setdefault(os.path.realpath(path), number), number, cells[0], list_file)
+        paths.append(path)
         labels.append(cells[1])
     if not paths:
         raise OkdpipeError(f"{list_file}: lists no images; write one `path,label` line per image")
     return paths, labels
+
+
+def refuse_duplicate(first: int, number: int, listed: str, list_file: Path) -> None:
+    """An image listed twice would count twice (and, under two labels, teach both): refuse it, naming both lines."""
+    if first != number:
+        raise OkdpipeError(
+            f"{list_file} lines {first} and {number} both list {listed!r} (the same file); keep one line per image"
+        )
 
 
 def class_order(names: list[str]) -> tuple[str, ...]:

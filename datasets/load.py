@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
+from okdpipe.contracts.inputs import labels_problem
 from okdpipe.datasets.spec import DATASETS
 from okdpipe.datasets.splits import DataBundle, balanced_subset, stratified_holdout
 from okdpipe.errors import OkdpipeError
@@ -18,6 +19,14 @@ def check_options(name: str, loader, options: dict) -> None:  # noqa: ANN001 - a
         raise OkdpipeError(
             f"dataset {name!r} has no option {', '.join(unknown)}; its options are: {', '.join(accepted) or 'none'}"
         )
+
+
+def check_labels(labels: tuple[str, ...], where: str, fix: str) -> None:
+    """The model card's rules for labels (okdpipe.contracts.inputs), applied when the data is read: a class name
+    that no card can carry fails before training, not at export after it."""
+    problem = labels_problem(list(labels), len(labels))
+    if problem:
+        raise OkdpipeError(f"{where}: {problem}; {fix}")
 
 
 def load_dataset(
@@ -39,6 +48,7 @@ def load_dataset(
     loader = DATASETS.get(name)
     check_options(name, loader, options)
     raw = loader(Path(data_dir) if data_dir is not None else None, **options)
+    check_labels(raw.spec.labels, f"dataset {name!r}", "fix the names its loader gives the classes")
     if raw.val is None:
         train, val = stratified_holdout(raw.train, val_split, raw.spec.num_classes, seed, raw.spec.labels)
     else:

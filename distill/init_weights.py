@@ -33,9 +33,10 @@ from typing import Any
 
 import torch
 
+from okdpipe.distill.checkpoint import CHECKPOINT
 from okdpipe.errors import OkdpipeError
 from okdpipe.files import file_sha256
-from okdpipe.modelfile import load_tensors
+from okdpipe.modelfile import load_tensors, non_finite_tensors
 
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "state_dict_ema", "model_ema")
 SHOWN = 5  # names of each kind listed in the report
@@ -55,7 +56,7 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str, str]:
     """The tensors of a weights file by name, what kind of file it was, and the architecture when the file
     names it (an okdpipe MODEL.pt; "" otherwise)."""
     path = check_weights_file(path)
-    if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" or is_safetensors(path):  # by content too: renamed .pth, it is still one
         return _read_safetensors(path), "safetensors", ""
     payload = load_tensors(
         path,
@@ -67,7 +68,32 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str, str]:
 
         state, info = read_model_file(path)
         return state, "okdpipe-model", info.arch
+    if isinstance(payload, dict) and payload.get("format") == CHECKPOINT.name:
+        raise OkdpipeError(training_checkpoint_message(path))
     return _unwrap(payload, path), "state-dict", ""
+
+
+SAFETENSORS_MAX_HEADER = 100 << 20  # the format's own limit on its JSON header
+
+
+def is_safetensors(path: Path) -> bool:
+    """A safetensors file starts with its JSON header's length (8 bytes, little-endian) and then `{`; torch.save
+    files start with `PK` (zip) or a pickle opcode, so eight bytes and one tell them apart whatever the name."""
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    return 2 <= int.from_bytes(head[:8], "little") <= min(SAFETENSORS_MAX_HEADER, path.stat().st_size - 8)
+
+
+def training_checkpoint_message(path: Path) -> str:
+    """An okdpipe training checkpoint holds every student and the optimiser, not one network: say which file is."""
+    run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    return (
+        f"--init {path}: this is an okdpipe training checkpoint (every student, with optimiser state), not one "
+        f"model's weights; pass the MODEL.pt that `okdpipe select {run}` writes from it, or continue that run "
+        f"with `okdpipe distill --resume --out {run}`"
+    )
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -157,6 +183,7 @@ def initialise(students, path: str | Path, method=None) -> dict[str, Any]:
         renamed = library_keys(weights, path_in_library)
         weights = max(weights, renamed, key=lambda named: sum(k in template for k in named))
     found = match(template, weights, str(path))
+    refuse_non_finite({k: found["loaded"][k] for k in template if k in found["loaded"]}, path)  # students' order
     states = [students.member_state(i) for i in range(students.count)]
     for i in targets:
         states[i].update(found["loaded"])
@@ -165,6 +192,18 @@ def initialise(students, path: str | Path, method=None) -> dict[str, Any]:
     for copy in copies:
         copy.load_state_dict(students.state_dict())
     return {**report(path, kind, found, len(template)), "students": targets}
+
+
+def refuse_non_finite(loaded: dict[str, torch.Tensor], path: str | Path) -> None:
+    """NaN or inf in a starting weight poisons the first step, which would then be reported as the run diverging:
+    say instead that the file holds them, before training."""
+    bad = non_finite_tensors(loaded.items())
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise OkdpipeError(
+            f"--init {path}: the file holds non-finite weights: tensor {bad[0]}{more} has NaN or inf values; "
+            "pass a file of finite weights"
+        )
 
 
 def initialised_students(students, arch: str, path: str | Path) -> list[int]:

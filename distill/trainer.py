@@ -37,6 +37,7 @@ from okdpipe.cli_support import interruption
 from okdpipe.config import (
     OPTIMIZER_KEYS,
     DistillConfig,
+    arch_names,
     dump_yaml,
     student_archs,
     validate_params,
@@ -56,17 +57,23 @@ from okdpipe.distill.init_weights import initialise, summary_line
 from okdpipe.distill.methods import METHODS, Method, StepContext
 from okdpipe.distill.methods.base import Hparams
 from okdpipe.distill.models import backbone_recipe, check_arch
+from okdpipe.distill.models.base import registered_builder
+from okdpipe.distill.models.contract import check_students
+from okdpipe.distill.models.external import is_external
 from okdpipe.distill.students import Students
 from okdpipe.distill.trackers import Trackers, open_trackers, require
 from okdpipe.errors import GateFailed, OkdpipeError
 from okdpipe.files import atomic_write_text, check_can_create_folder, loads_finite
 from okdpipe.modelfile import non_finite_tensors
+from okdpipe.plugins import loaded_spec
 from okdpipe.run import RunDir, environment, now_iso
 
 LOG_EVERY_STEPS = 50
 BN_CALIBRATION_BATCHES = 20  # batches of training images used to recompute BN statistics of averaged models
 # settings that cannot change the weights
-RESUME_MAY_CHANGE = ("device", "workers", "eval_batch_size", "loggers", "mlflow_uri")
+# plugins: where the names come from, not how they train (a run recorded before its plug-ins were resolved to
+# absolute paths and recorded when found as entry points resumes as before)
+RESUME_MAY_CHANGE = ("device", "workers", "eval_batch_size", "loggers", "mlflow_uri", "plugins")
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -200,6 +207,7 @@ def preflight(cfg: DistillConfig, run: RunDir, resume: bool) -> DistillConfig:
     cfg = with_method_defaults_of(with_world_size(cfg))
     require(cfg.loggers)
     check_training(cfg)
+    cfg = with_used_plugins(cfg)
     check_out(run)
     check_start(run, resume)
     s = build_session(cfg, run, Group(world_size=cfg.nproc_per_node))
@@ -233,6 +241,9 @@ def build_session(cfg: DistillConfig, run: RunDir, group: Group = Group()) -> Se
     bundle = DataSource.of_run(cfg).load()
     spec = bundle.spec
     students, method = build_models(cfg, spec, device)
+    check_students(
+        students, (spec.in_channels, *spec.input_size), features=method.needs_features, stages=method.needs_stages
+    )
     optimizer = build_optimizer(cfg, [{"params": list(students.parameters())}, *method.param_groups()])
     views = method.num_views(students.count)
     policy = view_policy("same" if cfg.view_augment == "same" else method.augment_policy, views)
@@ -568,6 +579,7 @@ def fit(
     cfg = with_method_defaults_of(with_world_size(cfg))
     require(cfg.loggers)
     check_training(cfg)
+    cfg = with_used_plugins(cfg)
     if distributed.holds_run_lock():
         check_out(run)
     created = not run.root.exists()
@@ -624,6 +636,16 @@ def check_start(run: RunDir, resume: bool) -> None:
             f"--resume: {run.root} has no checkpoint to resume from (none is written before the first epoch ends); "
             "run the same command without --resume"
         )
+
+
+def with_used_plugins(cfg: DistillConfig) -> DistillConfig:
+    """`cfg` with every plug-in that provides its method, dataset or a backbone listed in `plugins`: one found as
+    an installed entry point was never named, yet select, export and a resume elsewhere must load it too."""
+    objects = [METHODS.get(cfg.method), DATASETS.get(cfg.dataset)]
+    objects += [registered_builder(arch) for arch in dict.fromkeys(arch_names(cfg.arch)) if not is_external(arch)]
+    used = [spec for spec in map(loaded_spec, objects) if spec]
+    plugins = list(dict.fromkeys([*cfg.plugins, *used]))
+    return cfg if plugins == cfg.plugins else cfg.model_copy(update={"plugins": plugins})
 
 
 def with_method_defaults_of(cfg: DistillConfig) -> DistillConfig:

@@ -325,6 +325,7 @@ def build_fp32(ctx: ExportContext, directory: Path) -> ModelCard:
         ctx.model, (ctx.info.in_channels, *ctx.info.input_size), onnx_path, ctx.config.opset
     )
     predict = ort_predict(onnx_path)
+    onnx_export.check_output_shape(onnx_path, predict, ctx.parity_inputs[-1], ctx.info.num_classes)
     parity = onnx_export.parity_report(
         torch_predict(ctx.model), predict, ctx.parity_inputs, onnx_export.FP32_TOLERANCE, "pytorch-fp32"
     )

@@ -128,6 +128,24 @@ def _export_torchscript(model, input_shape: tuple[int, int, int], path, opset: i
         )
 
 
+def check_output_shape(onnx_path, predict, batch: np.ndarray, num_classes: int) -> None:
+    """The graph must answer [batch, num_classes] logits, as the card will say: a backbone whose forward() gives
+    another shape exports and even passes parity (PyTorch agrees with itself), then breaks every client that
+    trusts the card. Both the graph's declared output and its answer on a real batch are checked."""
+    import onnx
+
+    dims = onnx.load(str(onnx_path), load_external_data=False).graph.output[0].type.tensor_type.shape.dim
+    declared = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
+    answered = list(np.shape(predict(batch)))
+    declared_ok = len(declared) == 2 and (declared[1] == num_classes or isinstance(declared[1], str))  # or symbolic
+    if answered != [len(batch), num_classes] or not declared_ok:
+        raise OkdpipeError(
+            f"the exported graph's output {OUTPUT_NAME!r} has shape {declared} and answers a batch of {len(batch)} "
+            f"with shape {answered}, but the model file says {num_classes} classes (expected [batch, {num_classes}]);"
+            " fix the backbone's forward() so that it returns one logit per class"
+        )
+
+
 def run_session(session, batch: np.ndarray) -> np.ndarray:
     return session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})[0]
 

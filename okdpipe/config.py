@@ -8,6 +8,7 @@ hostile file cannot expand into gigabytes ("billion laughs").
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Hashable, Mapping
 from pathlib import Path
@@ -104,6 +105,12 @@ class DistillConfig(Strict):
         None, description="MLflow tracking URI; None = $MLFLOW_TRACKING_URI, else a file store ./mlruns"
     )
 
+    @field_validator("data_dir")
+    @classmethod
+    def _data_dir_absolute(cls, value: Optional[str]) -> Optional[str]:
+        """Recorded from the folder the command ran in: select, export and bench read the record from elsewhere."""
+        return os.path.abspath(os.path.expanduser(value)) if value and value.strip() else value
+
     @field_validator("init")
     @classmethod
     def _init_is_a_local_path(cls, value: Optional[str]) -> Optional[str]:
@@ -141,6 +148,8 @@ def arch_names(value: Any) -> list[str]:
     if not all(isinstance(item, str) for item in items):
         raise ValueError(f"arch must be a backbone name or a list of names, not {value!r}")
     names = [name.strip() for item in items for name in item.split(",")]
+    if not names:
+        raise ValueError("arch is an empty list; name a backbone (e.g. resnet20) or one per student")
     if not all(names):
         raise ValueError(f"arch {value!r} has an empty name; write e.g. resnet8,mobilenetv2")
     return names

@@ -8,7 +8,8 @@ loaded in one of three ways:
   name (installed, or on PYTHONPATH) or the path of a `.py` file;
 - installed: a package that declares an entry point in the group `okdpipe.plugins`, e.g. in its pyproject.toml
   `[project.entry-points."okdpipe.plugins"] my_models = "my_models"`; every installed one is loaded the first
-  time a registry is asked for a name it does not hold (so `okdpipe --help` stays instant);
+  time a registry is asked for a name it does not hold (so `okdpipe --help` stays instant). One that fails to
+  load is skipped with a warning, and an unknown-name error then names it;
 - inherited: named plug-ins are also written to the environment (`OKDPIPE_PLUGINS`, comma-separated), so
   processes okdpipe starts (data-parallel workers) load them too; users may set the variable themselves.
 
@@ -51,6 +52,7 @@ class Plugin:
 _loaded: dict[str, Plugin] = {}  # module name -> plug-in
 _named: list[str] = []  # specs loaded by name (not as entry points): what child processes must load too
 _installed_done = False
+_broken: dict[str, str] = {}  # installed entry points that failed to load ("name = value") -> why
 
 
 def load_plugins(specs: list[str]) -> list[Plugin]:
@@ -156,17 +158,44 @@ def load_installed() -> list[Plugin]:
             continue
         try:
             target = entry.load()
-        except Exception as exc:
-            raise _failed(f"{entry.name} = {entry.value}", exc) from None
-        if callable(target) and not isinstance(target, type(sys)):
-            target()
+            if callable(target) and not isinstance(target, type(sys)):
+                target()
+        except Exception as exc:  # one broken package must not break every command: skipped, and remembered
+            _skip_broken(f"{entry.name} = {entry.value}", exc)
+            continue
         dist = getattr(entry, "dist", None)
         _loaded[module] = Plugin(module, module, dist.name if dist else "", dist.version if dist else "")
     return [p for p in _loaded.values() if p.package]
 
 
+def _skip_broken(entry: str, exc: BaseException) -> None:
+    """Warn once, on stderr, and remember why: a name the broken plug-in would have registered is then unknown,
+    and that error names it (`broken_note`)."""
+    from okdpipe.console import say
+
+    why = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
+    _broken[entry] = why
+    say(f"warning: skipping installed plug-in {entry!r} (entry point {ENTRY_POINT_GROUP}): {why}", err=True)
+
+
+def broken_note() -> str:
+    """For an unknown-name error: the installed plug-ins that failed to load, one of which may provide it."""
+    if not _broken:
+        return ""
+    failed = "; ".join(f"{entry!r} ({why})" for entry, why in _broken.items())
+    return f"; installed plug-in(s) that failed to load and may provide it: {failed}: fix or uninstall them"
+
+
 def loaded() -> list[Plugin]:
     return list(_loaded.values())
+
+
+def loaded_spec(obj: Any) -> str | None:
+    """What --plugin takes to load the plug-in `obj` was registered by (named or installed); None when no loaded
+    plug-in holds it (okdpipe's own, or registered by the user's own script)."""
+    module = getattr(obj, "__module__", "") or ""
+    found = [p for p in _loaded.values() if module == p.module or module.startswith(p.module + ".")]
+    return found[0].spec if found else None
 
 
 def provider(obj: Any) -> dict[str, str]:
@@ -192,9 +221,9 @@ def missing_plugin_message(record: dict[str, Any], what: str) -> str:
 
 def checked_plugins(specs: list[str]) -> list[str]:
     """Config validator: naming a plug-in in a config imports it (the only way to check the name), so every
-    later registry lookup of that stage sees what it registers. Idempotent; failures are one line."""
-    load_plugins(specs)
-    return specs
+    later registry lookup of that stage sees what it registers. Idempotent; failures are one line. A .py file is
+    recorded by its absolute path, so select or export run from another folder find it."""
+    return [plugin.spec for plugin in load_plugins(specs)]
 
 
 PLUGINS_HELP = "plug-in modules (or .py files) to import first; they register backbones, datasets or methods"

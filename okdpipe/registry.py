@@ -29,12 +29,17 @@ class Registry(Generic[T]):
 
         return add
 
-    def get(self, name: str) -> T:
+    def get(self, name: str, also: tuple[str, ...] = ()) -> T:
+        """The object registered as `name`; an unknown name is one line listing the registered names and `also`
+        (other forms the caller accepts, e.g. timm:NAME), and any installed plug-in that failed to load."""
         if name not in self._items:
             _load_pending_plugins()
         if name not in self._items:
-            known = ", ".join(sorted(self._items))
-            raise OkdpipeError(f"unknown {self.kind} {name!r}; choose one of: {known}")
+            from okdpipe.plugins import broken_note
+
+            choices = [*sorted(self._items), *also]
+            known = ", ".join(choices[:-1]) + f" or {choices[-1]}" if len(choices) > 1 else "".join(choices)
+            raise OkdpipeError(f"unknown {self.kind} {name!r}; choose one of: {known}{broken_note()}")
         return self._items[name]
 
     def names(self) -> list[str]:

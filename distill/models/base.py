@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from okdpipe.config import RECIPE_KEYS, arch_names
+from okdpipe.distill.models.contract import check_interface
 from okdpipe.distill.models.external import check_external, create_external, is_external
 from okdpipe.errors import OkdpipeError
 from okdpipe.plugins import provider
@@ -124,6 +125,7 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, **kwargs: An
     builder = registered_builder(name)
     _check_options(name, builder, kwargs)
     model = builder(num_classes=num_classes, in_channels=in_channels, **kwargs)
+    check_interface(model, name)
     model.arch = name
     model.arch_kwargs = dict(kwargs)
     model.arch_source = provider(builder)
@@ -172,10 +174,7 @@ def _own_recipe(arch: str) -> dict[str, Any]:
 
 def registered_builder(name: str) -> ModelBuilder:
     """The builder of a registered backbone; an unknown name's error also offers the timm/torchvision forms."""
-    try:
-        return MODELS.get(name)
-    except OkdpipeError as exc:
-        raise OkdpipeError(f"{exc}, or timm:NAME / torchvision:NAME") from None
+    return MODELS.get(name, also=("timm:NAME", "torchvision:NAME"))
 
 
 def check_arch(name: str) -> None:

@@ -85,12 +85,15 @@ def labels_problem(labels: Any, num_classes: int) -> str | None:
     bad = next((label for label in labels if not _is_display_text(label)), None)
     if bad is not None:
         return f"label {bad[:40]!r} must be printable text of 1 to {MAX_LABEL_CHARS} characters"
-    seen: set[str] = set()
+    seen: dict[str, str] = {}
     for label in labels:  # "é" composed or decomposed, "Shirt" and "Shirt ": one name to a reader
         key = unicodedata.normalize("NFC", label.strip())
-        if key in seen:
-            return f"label {label!r} names two classes (once written another way); every class needs its own label"
-        seen.add(key)
+        if key in seen:  # ascii(): the two spellings of "é" look alike on screen, their escapes do not
+            return (
+                f"labels {ascii(seen[key])} and {ascii(label)} name one class (the same after Unicode NFC "
+                "normalisation and trimming spaces); every class needs its own label"
+            )
+        seen[key] = label
     return None
 
 

@@ -116,6 +116,10 @@ MISTAKES = {
         [*DISTILL, "--batch-size", "64", "--nproc-per-node", "2", "--set", "data_options.n_train=63"],
         "cannot share evenly",
     ),
+    "distill backbone breaking the contract": (
+        [*DISTILL, "--arch", "extra_class_cnn", "--plugin", "T/extra_class_plugin.py"],
+        "backbone 'extra_class_cnn' gives logits of shape [2, 5] for a batch of 2, expected [2, 4]",
+    ),
     "distill init that is not weights": ([*DISTILL, "--init", "T/list.yaml"], "not a readable weights file"),
     "distill out is a device": ([*DISTILL[:-1], "/dev/null"], "not a folder"),
     "distill out in /proc": ([*DISTILL[:-1], "/proc/okdpipe-run"], "is not writable"),
@@ -128,6 +132,17 @@ MISTAKES = {
     "pipeline strategy the method lacks": (["pipeline", "P+select.strategy=leader"], "has no such candidate"),
     "pipeline student that is not there": (["pipeline", "P+select.strategy=student:9"], "has no such candidate"),
 }
+
+
+EXTRA_CLASS_PLUGIN = """
+from torch import nn
+from okdpipe.distill.models import MODELS, Backbone
+
+@MODELS.register("extra_class_cnn")
+def extra_class_cnn(num_classes, in_channels=3):
+    stem = nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1), nn.ReLU())
+    return Backbone(stem, [nn.Identity()], nn.Linear(8, num_classes + 1), [8])
+"""
 
 
 def concrete(args: list[str], tmp_path: Path, fixtures: dict[str, Path]) -> list:
@@ -160,6 +175,7 @@ def concrete(args: list[str], tmp_path: Path, fixtures: dict[str, Path]) -> list
 def test_a_dry_run_refuses_what_the_real_run_refuses(artifact, model_file, finished_run, tmp_path, args, fragment):  # noqa: F811
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     (tmp_path / "empty").write_text("\n")
+    (tmp_path / "extra_class_plugin.py").write_text(EXTRA_CLASS_PLUGIN)
     os.mkfifo(tmp_path / "fifo")
     (tmp_path / "alink").symlink_to(artifact, target_is_directory=True)
     shutil.copytree(artifact, tmp_path / "acopy")

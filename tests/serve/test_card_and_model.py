@@ -109,7 +109,7 @@ def test_card_reads_what_serving_needs(artifact_dir):
             "overflow float32",
         ),
         (lambda d: _edit_card(d, labels=["a"] * 9 + [""]), "label '' must be printable text"),
-        (lambda d: _edit_card(d, labels=["a", "a", *"cdefghij"]), "label 'a' names two classes"),
+        (lambda d: _edit_card(d, labels=["a", "a", *"cdefghij"]), "labels 'a' and 'a' name one class"),
         (
             lambda d: _edit_card(
                 d, preprocess={"size": [28, 28], "channels": 1, "mean": [0], "std": [1e38], "scale": 1e38}

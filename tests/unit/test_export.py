@@ -297,3 +297,21 @@ def test_a_new_export_replaces_every_earlier_precision(exported, tmp_path):
     cards = export_model(exported["model_path"], out, ExportConfig())
     assert [card.precision for card in cards] == ["fp32"]
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["fp32"]
+
+
+def test_a_graph_whose_output_is_not_the_cards_classes_is_refused(tmp_path, monkeypatch):
+    """The file says 4 classes; a backbone whose forward() gives 5 columns would pass parity (PyTorch agrees with
+    itself) and ship a card that lies: export refuses it in one line, writing nothing."""
+    model_path, _, _ = make_model_file(tmp_path / "model.pt")
+    real_export = onnx_export.export_onnx
+    monkeypatch.setattr(
+        onnx_export, "export_onnx", lambda model, *args, **kwargs: real_export(create_model("resnet8", 5, 3), *args)
+    )
+    with pytest.raises(OkdpipeError) as error:
+        export_model(model_path, tmp_path / "out", ExportConfig(quantize="none"))
+    assert str(error.value) == (
+        "the exported graph's output 'logits' has shape ['batch', 5] and answers a batch of 16 with shape [16, 5], "
+        "but the model file says 4 classes (expected [batch, 4]); fix the backbone's forward() so that it returns one "
+        "logit per class"
+    )
+    assert written(tmp_path / "out") == []

@@ -63,7 +63,7 @@ def test_one_channel_input_gets_a_first_conv_of_one_channel(arch):
         ("torchvision:no_such_net", "not a torchvision classification model"),
         ("timm:", "name the model after the colon"),
         ("torchvision:squeezenet1_0", "no final Linear layer with 10 outputs"),
-        ("resnet9000", "or timm:NAME / torchvision:NAME"),
+        ("resnet9000", ", wrn40_2, timm:NAME or torchvision:NAME"),
     ],
 )
 def test_unknown_or_unsuitable_models_are_one_line(arch, fragment):

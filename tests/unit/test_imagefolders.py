@@ -168,6 +168,95 @@ def test_hidden_and_stray_files_are_ignored_nested_images_count(tmp_path):
     assert bundle.train.read(2)[0, 0].tolist() == [9, 9, 9]  # cat/00000.png, cat/00003.png, cat/2019/summer.JPG
 
 
+def plant_special_files(class_dir: Path) -> list[Path]:
+    """Three things named like images that are not regular files: a FIFO nobody writes (read() would block
+    forever), a link to a device that never ends, and a folder called like a photo (holding a real image)."""
+    os.mkfifo(class_dir / "fifo.png")
+    (class_dir / "zero.png").symlink_to("/dev/zero")
+    save(class_dir / "album.jpg" / "inside.png", Image.new("RGB", (32, 32)))
+    return [class_dir / "album.jpg", class_dir / "fifo.png", class_dir / "zero.png"]
+
+
+@pytest.mark.timeout(60)
+def test_pipes_devices_and_folders_named_like_images_are_bad_images_not_hangs(tmp_path, capsys):
+    write_image_folder(tmp_path, {"train": 6}, CLASSES)
+    special = plant_special_files(tmp_path / "train" / "cat")
+    with pytest.raises(OkdpipeError) as error:
+        load_dataset("imagefolder", tmp_path, val_split=0)
+    assert str(error.value).startswith(
+        f"3 unreadable image file(s) under {tmp_path}: {special[0]} (not a regular file but a folder); "
+        f"{special[1]} (not a regular file but a pipe (FIFO)); {special[2]} (not a regular file but a device); "
+    )
+    bundle = load_dataset("imagefolder", tmp_path, val_split=0, skip_bad_images=True, decode_workers=1)
+    assert len(bundle.train) == 6  # the image inside album.jpg/ is not walked into either
+    assert "skipping 3 unreadable image file(s)" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(60)
+def test_a_list_file_naming_a_pipe_or_a_device_lists_them_as_bad(tmp_path):
+    save(tmp_path / "a.png", Image.new("RGB", (8, 8)))
+    save(tmp_path / "b.png", Image.new("RGB", (8, 8)))
+    os.mkfifo(tmp_path / "fifo.png")
+    (tmp_path / "train.csv").write_text("a.png,x\nb.png,w\nfifo.png,x\n/dev/zero,w\n")
+    with pytest.raises(OkdpipeError, match=r"^2 unreadable image file\(s\) .*fifo.png \(not a regular file but a pipe "
+                       r"\(FIFO\)\); /dev/zero \(not a regular file but a device\)"):  # fmt: skip
+        load_dataset("imagefolder", tmp_path, val_split=0)
+
+
+def test_a_linked_folder_inside_a_class_folder_is_named_in_a_warning_not_followed(tmp_path, capsys):
+    write_image_folder(tmp_path, {"train": 6}, CLASSES)
+    save(tmp_path / "elsewhere" / "x.png", Image.new("RGB", (32, 32)))
+    (tmp_path / "train" / "cat" / "more").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    bundle = load_dataset("imagefolder", tmp_path, val_split=0)
+    assert len(bundle.train) == 6
+    assert (
+        "warning: skipping 1 linked folder(s) inside class folders (links are not followed): "
+        f"{tmp_path / 'train' / 'cat' / 'more'}; replace a link with a real folder to train on its images"
+    ) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "names, problem",
+    [
+        (("caf\u00e9", "cafe\u0301"), "labels 'cafe\\u0301' and 'caf\\xe9' name one class (the same after Unicode"),
+        (("cat", "tab\there"), "label 'tab\\there' must be printable text"),
+        (("cat", " "), "label ' ' must be printable text"),
+    ],
+)
+def test_class_names_a_card_cannot_carry_fail_when_the_folder_is_read(tmp_path, monkeypatch, names, problem):
+    for name in names:
+        save(tmp_path / "train" / name / "a.png", Image.new("RGB", (8, 8)))
+    monkeypatch.setattr(folders, "decode_files", lambda *args: pytest.fail("decoded before the labels were checked"))
+    with pytest.raises(OkdpipeError) as error:
+        load_dataset("imagefolder", tmp_path, val_split=0)
+    assert str(error.value).startswith(f"{tmp_path / 'train'}: {problem}")
+    assert str(error.value).endswith("; rename the class folders")
+
+
+def test_list_file_labels_follow_the_same_rules(tmp_path):
+    save(tmp_path / "a.png", Image.new("RGB", (8, 8)))
+    save(tmp_path / "b.png", Image.new("RGB", (8, 8)))
+    (tmp_path / "train.csv").write_text("a.png,caf\u00e9\nb.png,cafe\u0301\n", encoding="utf-8")
+    with pytest.raises(
+        OkdpipeError, match=r"train.csv: labels 'cafe\\u0301' and 'caf\\xe9' name one class .*; fix the labels$"
+    ):
+        load_dataset("imagefolder", tmp_path, val_split=0)
+
+
+@pytest.mark.parametrize("split, without", [("val", "--val-split of train/ is then held out instead"),
+                                             ("test", "there are then no test metrics")])  # fmt: skip
+def test_a_split_left_empty_by_skipping_says_what_happened(tmp_path, split, without):
+    write_image_folder(tmp_path, {"train": 6, split: 3}, CLASSES)
+    for path in (tmp_path / split).rglob("*.png"):
+        path.write_bytes(b"broken")
+    with pytest.raises(OkdpipeError) as error:
+        load_dataset("imagefolder", tmp_path, skip_bad_images=True)
+    assert str(error.value) == (
+        f"{tmp_path / split}: no readable {split} image (all 3 were unreadable and skipped by --skip-bad-images); "
+        f"replace them, or remove {split} ({without})"
+    )
+
+
 # --- splits ------------------------------------------------------------------------------------------------------
 
 
@@ -224,11 +313,14 @@ def test_list_file_instead_of_class_folders(tmp_path):
         ("a.png,x,extra\n", None, "train.csv line 1: expected `path,label`"),
         ("a.png,\n", None, "train.csv line 1: expected `path,label`"),
         ("path,label\n", None, "train.csv: lists no images"),
-        ("a.png,x\na.png,w\n", "a.png,y\n", "test.csv: label(s) 'y' are not classes of the training split"),
+        ("a.png,x\nb.png,w\n", "a.png,y\n", "test.csv: label(s) 'y' are not classes of the training split"),
+        ("a.png,x\nb.png,w\n# c\n./a.png,x\n", None, "train.csv lines 1 and 4 both list './a.png' (the same file)"),
+        ("a.png,x\nb.png,w\nb.png,x\n", None, "train.csv lines 2 and 3 both list 'b.png' (the same file)"),
     ],
 )
 def test_list_file_problems_are_one_line(tmp_path, train, test, problem):
     save(tmp_path / "a.png", Image.new("RGB", (8, 8)))
+    save(tmp_path / "b.png", Image.new("RGB", (8, 8)))
     (tmp_path / "train.csv").write_text(train)
     if test:
         (tmp_path / "test.csv").write_text(test)
@@ -238,7 +330,8 @@ def test_list_file_problems_are_one_line(tmp_path, train, test, problem):
 
 def test_missing_listed_file_is_a_bad_image_and_folder_plus_list_is_ambiguous(tmp_path):
     save(tmp_path / "a.png", Image.new("RGB", (8, 8)))
-    (tmp_path / "train.csv").write_text("a.png,x\ngone.png,x\na.png,w\n")
+    save(tmp_path / "b.png", Image.new("RGB", (8, 8)))
+    (tmp_path / "train.csv").write_text("a.png,x\ngone.png,x\nb.png,w\n")
     with pytest.raises(OkdpipeError, match="gone.png \\(cannot read \\(No such file or directory\\)\\)"):
         load_dataset("imagefolder", tmp_path, val_split=0)
     assert len(load_dataset("imagefolder", tmp_path, val_split=0, skip_bad_images=True).train) == 2

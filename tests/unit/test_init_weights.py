@@ -164,3 +164,48 @@ def test_cli_fine_tunes_a_saved_model_with_another_class_count_and_records_it(tm
     assert "Traceback" not in mismatch.stderr
     absent = okdpipe(*common, "--init", tmp_path / "absent.pt", "--out", tmp_path / "absent")
     assert absent.returncode == 2 and "absent.pt: no such file" in absent.stderr
+
+
+@pytest.mark.parametrize("container", ["state-dict", "safetensors"])
+def test_non_finite_weights_are_named_not_called_a_divergence(tmp_path, container):
+    from safetensors.torch import save_file
+
+    state = create_model("resnet8", 10, 1).state_dict()
+    state["stem.0.weight"][0, 0, 0, 0] = float("nan")
+    state["classifier.bias"][1] = float("inf")
+    path = tmp_path / "weights.pt"
+    torch.save(state, path) if container == "state-dict" else save_file(state, str(path))
+    with pytest.raises(OkdpipeError) as error:
+        initialise(Students("resnet8", 2, 10, 1), path)
+    assert str(error.value) == (
+        f"--init {path}: the file holds non-finite weights: tensor stem.0.weight (and 1 more) has NaN or inf "
+        "values; pass a file of finite weights"
+    )
+
+
+def test_a_safetensors_file_is_recognised_by_its_content_not_its_name(tmp_path):
+    from safetensors.torch import save_file
+
+    source = create_model("resnet8", 10, 1).state_dict()
+    save_file(source, str(tmp_path / "renamed.pth"))  # a .safetensors download saved under another name
+    torch.save(source, tmp_path / "plain.pth")
+    for name, kind in (("renamed.pth", "safetensors"), ("plain.pth", "state-dict")):
+        students = Students("resnet8", 1, 10, 1)
+        record = initialise(students, tmp_path / name)
+        assert (record["kind"], record["loaded"]) == (kind, len(source))
+        assert torch.equal(students.member_state(0)["stem.0.weight"], source["stem.0.weight"])
+
+
+def test_a_training_checkpoint_is_refused_naming_the_model_file_to_pass(tmp_path):
+    from okdpipe import api
+
+    run = tmp_path / "run"
+    api.fit(api.DistillConfig(method="vanilla", arch="resnet8", dataset="synthetic", epochs=1, students=1), run)
+    last = run / "checkpoints" / "last.pt"
+    with pytest.raises(OkdpipeError) as error:
+        initialise(Students("resnet8", 1, 4, 3), last)
+    assert str(error.value) == (
+        f"--init {last}: this is an okdpipe training checkpoint (every student, with optimiser state), not one "
+        f"model's weights; pass the MODEL.pt that `okdpipe select {run}` writes from it, or continue that run with "
+        f"`okdpipe distill --resume --out {run}`"
+    )

@@ -84,6 +84,9 @@ def test_one_name_is_every_students():
         ),
         ({"arch": "resnet8,,mobilenetv2"}, "has an empty name"),
         ({"arch": ["resnet8", 3]}, "a backbone name or a list of names"),
+        ({"arch": []}, "arch is an empty list; name a backbone"),
+        ({"arch": ""}, "arch '' has an empty name"),
+        ({"arch": " "}, "arch ' ' has an empty name"),
     ],
 )
 def test_bad_arch_lists_are_one_line(values, fragment):

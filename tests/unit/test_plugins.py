@@ -5,6 +5,7 @@ when a plug-in is missing, broken or not loaded."""
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import subprocess
 import sys
@@ -175,3 +176,184 @@ def test_example_backbone_keeps_the_backbone_contract_and_its_stated_size():
     fmap, stages = model.forward_features(x, return_stages=True)
     assert [m.shape[1:] for m in stages] == [(16, 28, 28), (32, 14, 14), (64, 7, 7)]
     assert torch.equal(model(x), model.forward_head(fmap))
+
+
+CONTRACT_BREAKERS = textwrap.dedent(
+    '''
+    """Backbones that break the contract the students and export rely on, one way each."""
+    import torch
+    from torch import nn
+
+    from okdpipe.distill.models import MODELS, Backbone
+
+
+    def small(num_classes, in_channels, classes=None):
+        stem = nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1), nn.ReLU())
+        stage = nn.Sequential(nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU())
+        return Backbone(stem, [stage], nn.Linear(8, classes or num_classes), [8])
+
+
+    class Tokens(Backbone):
+        def pool(self, fmap):  # keeps the spatial axes: [B, C, h, w] instead of [B, C]
+            return fmap.permute(0, 2, 3, 1)
+
+
+    class OddForward(Backbone):
+        def forward(self, x):  # what export traces, one column more than the classifier
+            logits = super().forward(x)
+            return torch.cat([logits, logits[:, :1]], dim=1)
+
+
+    @MODELS.register("contract_extra_class")
+    def extra_class(num_classes, in_channels=3):
+        return small(num_classes, in_channels, classes=num_classes + 1)
+
+
+    @MODELS.register("contract_tokens")
+    def tokens(num_classes, in_channels=3):
+        b = small(num_classes, in_channels)
+        return Tokens(b.stem, b.stages, b.classifier, [8])
+
+
+    @MODELS.register("contract_odd_forward")
+    def odd_forward(num_classes, in_channels=3):
+        b = small(num_classes, in_channels)
+        return OddForward(b.stem, b.stages, b.classifier, [8])
+
+
+    @MODELS.register("contract_not_a_backbone")
+    def not_a_backbone(num_classes, in_channels=3):
+        return nn.Linear(in_channels, num_classes)
+    '''
+)
+
+
+@pytest.fixture(scope="module")
+def contract_plugin(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("contract") / "okdpipe_test_contract_plugin.py"
+    path.write_text(CONTRACT_BREAKERS)
+    return path
+
+
+@pytest.mark.parametrize(
+    "arch, features, message",
+    [
+        ("contract_extra_class", False, "gives logits of shape [2, 4] for a batch of 2, expected [2, 3]"),
+        ("contract_tokens", False, "gives logits of shape [2, 4, 4, 3] for a batch of 2, expected [2, 3]"),
+        ("contract_odd_forward", False, "gives forward() output of shape [2, 4] for a batch of 2, expected [2, 3]"),
+    ],
+)
+def test_a_backbone_breaking_the_contract_is_one_line_naming_the_shapes(
+    contract_plugin, clean_environment, arch, features, message
+):
+    from okdpipe.distill.models import create_model
+    from okdpipe.distill.models.contract import check_contract
+
+    plugins.load_plugins([str(contract_plugin)])
+    model = create_model(arch, num_classes=3, in_channels=1)
+    with pytest.raises(OkdpipeError) as error:
+        check_contract(model, arch, 3, (1, 8, 8), features=features, stages=False)
+    assert str(error.value).startswith(f"backbone {arch!r} {message}")
+
+
+def test_features_and_stage_maps_are_checked_only_where_the_method_reads_them(clean_environment):
+    from okdpipe.distill.models import create_model
+    from okdpipe.distill.models.contract import check_contract
+
+    model = create_model("resnet8", num_classes=3, in_channels=1)
+    check_contract(model, "resnet8", 3, (1, 8, 8), features=True, stages=True)  # okdpipe's own keep it
+    model.num_features = 7  # a backbone that misstates its feature width
+    check_contract(model, "resnet8", 3, (1, 8, 8), features=False, stages=False)
+    with pytest.raises(OkdpipeError, match=r"gives pooled features of shape \[2, 64\] .* expected \[2, 7\]"):
+        check_contract(model, "resnet8", 3, (1, 8, 8), features=True, stages=False)
+    model.stage_channels = [16, 32, 65]
+    with pytest.raises(OkdpipeError, match=r"gives stage map 2 of shape \[2, 64, 2, 2\], expected \[2, 65, H, W\]"):
+        check_contract(model, "resnet8", 3, (1, 8, 8), features=False, stages=True)
+
+
+def test_a_builder_that_returns_no_backbone_is_one_line(contract_plugin, clean_environment):
+    from okdpipe.distill.models import create_model
+
+    plugins.load_plugins([str(contract_plugin)])
+    with pytest.raises(OkdpipeError, match=r"^backbone 'contract_not_a_backbone': what its builder returned \(Linear\) "
+                       r"lacks forward_features, pool, classifier, num_features, stage_channels"):  # fmt: skip
+        create_model("contract_not_a_backbone", num_classes=3, in_channels=1)
+
+
+def test_training_and_its_dry_run_refuse_a_broken_peer_before_the_first_step(contract_plugin, tmp_path):
+    """Mixed peers: resnet8 keeps the contract, the plug-in's peer does not; nothing is written either way."""
+    from okdpipe.config import DistillConfig
+    from okdpipe.distill.trainer import fit, preflight
+    from okdpipe.run import RunDir
+
+    cfg = DistillConfig(
+        plugins=[str(contract_plugin)],
+        method="dml",
+        arch="resnet8,contract_extra_class",
+        dataset="synthetic",
+        epochs=1,
+        batch_size=8,
+    )
+    expected = r"^backbone 'contract_extra_class' gives logits of shape \[2, 5\] for a batch of 2, expected \[2, 4\]"
+    with pytest.raises(OkdpipeError, match=expected):
+        preflight(cfg, RunDir(tmp_path / "run"), resume=False)
+    with pytest.raises(OkdpipeError, match=expected):
+        fit(cfg, RunDir(tmp_path / "run"), echo=lambda _: None)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture()
+def broken_installed_plugin(tmp_path) -> dict[str, str]:
+    """An installed distribution (a dist-info folder on PYTHONPATH) whose okdpipe.plugins entry point raises."""
+    (tmp_path / "okdpipe_test_broken_ep.py").write_text("raise ImportError('needs libfoo 2')\n")
+    info = tmp_path / "okdpipe_test_broken_ep-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: okdpipe-test-broken-ep\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[okdpipe.plugins]\nbroken = okdpipe_test_broken_ep\n")
+    return {"PYTHONPATH": str(tmp_path)}
+
+
+def test_a_broken_installed_plugin_is_skipped_with_a_warning_and_named_when_a_name_is_missing(broken_installed_plugin):
+    code = (
+        "from okdpipe.distill.models import MODELS\n"
+        "print(MODELS.get('example_cnn').__module__)\n"  # the working installed plug-in still loads
+        "MODELS.get('broken_cnn')\n"
+    )
+    result = python(code, broken_installed_plugin)
+    warning = (
+        "warning: skipping installed plug-in 'broken = okdpipe_test_broken_ep' (entry point okdpipe.plugins): "
+        "ImportError: needs libfoo 2"
+    )
+    assert result.stdout.strip() == "okdpipe_example.backbones"
+    assert result.stderr.count(warning) == 1, result.stderr  # warned once, not per lookup
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            "; installed plug-in(s) that failed to load and may provide it: "
+            "'broken = okdpipe_test_broken_ep' (ImportError: needs libfoo 2): fix or uninstall them"
+        )
+    )
+
+
+def test_a_run_records_the_installed_plugin_it_used(tmp_path):
+    from okdpipe import api
+
+    run = tmp_path / "run"
+    api.fit(api.DistillConfig(method="vanilla", arch="example_cnn", dataset="synthetic", epochs=1, students=1), run)
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["config"]["plugins"] == ["okdpipe_example"]
+    assert "- okdpipe_example" in (run / "config.yaml").read_text()
+
+
+def test_relative_plugin_files_and_data_dirs_are_recorded_as_absolute_paths(plugin_file, tmp_path, monkeypatch):
+    """select, export and bench read the run's record from another folder: a path relative to the folder
+    distill ran in would name another file there."""
+    from okdpipe.config import DistillConfig
+
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    relative = os.path.relpath(plugin_file)
+    cfg = DistillConfig(plugins=[relative], arch="filecnn", data_dir="../images")
+    assert cfg.plugins == [str(plugin_file.resolve())]
+    assert cfg.data_dir == str(tmp_path / "images")
