@@ -29,6 +29,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -74,6 +75,15 @@ BN_CALIBRATION_BATCHES = 20  # batches of training images used to recompute BN s
 # plugins: where the names come from, not how they train (a run recorded before its plug-ins were resolved to
 # absolute paths and recorded when found as entry points resumes as before)
 RESUME_MAY_CHANGE = ("device", "workers", "eval_batch_size", "loggers", "mlflow_uri", "plugins")
+
+
+def resume_view(config: dict[str, Any]) -> dict[str, Any]:
+    """The settings a resumed run must share with its checkpoint. A data_dir is compared as an absolute path: runs
+    record it resolved, and earlier runs recorded it as typed, relative to the folder they were started from."""
+    kept = {key: value for key, value in config.items() if key not in RESUME_MAY_CHANGE}
+    if isinstance(kept.get("data_dir"), str):
+        kept["data_dir"] = str(Path(kept["data_dir"]).resolve())
+    return kept
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -508,8 +518,7 @@ def checkpoint_state(s: Session, epoch: int) -> dict[str, Any]:
 def restore(s: Session) -> int:
     """Load the last checkpoint into the session; returns the number of finished epochs."""
     state = load_checkpoint(s.run)
-    saved = {k: v for k, v in state["config"].items() if k not in RESUME_MAY_CHANGE}
-    current = s.cfg.model_dump(mode="json")
+    saved, current = resume_view(state["config"]), resume_view(s.cfg.model_dump(mode="json"))
     changed = sorted(k for k in saved if saved[k] != current.get(k))
     if changed:
         raise OkdpipeError(

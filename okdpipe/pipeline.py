@@ -289,7 +289,7 @@ class Pipeline:
     def resumable_epochs(self) -> Optional[int]:
         """Finished epochs of a killed distill run with the same settings, or None (then it starts afresh)."""
         from okdpipe.distill.checkpoint import has_checkpoint
-        from okdpipe.distill.trainer import RESUME_MAY_CHANGE
+        from okdpipe.distill.trainer import resume_view
 
         if self.force:
             return None
@@ -300,8 +300,7 @@ class Pipeline:
             return None
         if not manifest or manifest.get("status") == "finished":
             return None
-        same = lambda cfg: {k: v for k, v in cfg.items() if k not in RESUME_MAY_CHANGE}  # noqa: E731
-        if same(manifest.get("config", {})) != same(self.cfg.distill.model_dump(mode="json")):
+        if resume_view(manifest.get("config", {})) != resume_view(self.cfg.distill.model_dump(mode="json")):
             return None
         return len(manifest.get("epochs", []))
 

@@ -121,3 +121,15 @@ def test_per_epoch_validation_is_measured_on_the_validation_split(tmp_path):
         val, test = top1_by_hand(net, bundle.val, bundle.spec), top1_by_hand(net, bundle.test, bundle.spec)
         assert recorded[f"student:{i}"]["top1"] == pytest.approx(val, abs=1e-9)
         assert val != test  # the splits disagree on this model, so measuring the wrong one would show
+
+
+def test_resume_compares_data_dir_as_an_absolute_path(tmp_path, monkeypatch):
+    """Runs record --data-dir resolved now; a run recorded before that holds it as typed. Resumed from the folder
+    it was started in, both name one folder and the resume goes on; settings that may change are left out."""
+    from okdpipe.distill.trainer import resume_view
+
+    monkeypatch.chdir(tmp_path)
+    old = {"data_dir": "data/fm", "lr": 0.05, "device": "cpu", "workers": 2}
+    new = {"data_dir": str(tmp_path / "data" / "fm"), "lr": 0.05, "device": "cuda", "workers": 0}
+    assert resume_view(old) == resume_view(new) == {"data_dir": str(tmp_path / "data" / "fm"), "lr": 0.05}
+    assert resume_view({"data_dir": None, "lr": 0.1}) == {"data_dir": None, "lr": 0.1}
