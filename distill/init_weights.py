@@ -13,7 +13,8 @@ Keys are matched to each student's own (for timm:/torchvision: students the libr
   this dataset's classes);
 - the first convolution of a 3-channel (RGB) file for a 1-channel dataset: its weights summed over the colour
   channels, as timm adapts pretrained weights to grayscale (a grey image x gives the RGB conv's response to
-  (x, x, x));
+  (x, x, x)); of a 1-channel file for an N-channel dataset: repeated and divided by N (an image of N equal
+  channels x gives the gray conv's response to x); other channel counts are an error saying so;
 - any other shape difference: an error naming the first such entry;
 - in the file but not in the student ("unexpected") or in the student but not in the file ("missing"):
   reported; a file sharing no entry with the student is an error.
@@ -140,9 +141,15 @@ def match(target: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], whe
             loaded[key] = value.to(want.dtype)
         elif key.startswith("classifier.") and value.shape[0] != want.shape[0] and value.shape[1:] == want.shape[1:]:
             reinitialised.append(key)
-        elif key == first_conv and (value.shape[1], want.shape[1]) == (3, 1) and _same_but_input(value, want):
-            loaded[key] = value.sum(1, keepdim=True).to(want.dtype)
+        elif key == first_conv and _same_but_input(value, want) and _adaptable(value.shape[1], want.shape[1]):
+            loaded[key] = adapt_input_channels(value, want.shape[1]).to(want.dtype)
             adapted.append(key)
+        elif key == first_conv and _same_but_input(value, want):
+            raise OkdpipeError(
+                f"--init {where}: its first convolution {key} takes {value.shape[1]} input channels, the dataset's "
+                f"images have {want.shape[1]}; only 3 -> 1 and 1 -> N are adapted: use a file trained on "
+                f"{want.shape[1]}-channel images"
+            )
         else:
             raise OkdpipeError(
                 f"--init {where}: {key} has shape {list(value.shape)} in the file but {list(want.shape)} in the "
@@ -164,6 +171,19 @@ def match(target: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], whe
         "missing": missing,
         "unexpected": unexpected,
     }
+
+
+def _adaptable(file_channels: int, dataset_channels: int) -> bool:
+    return (file_channels, dataset_channels) == (3, 1) or file_channels == 1
+
+
+def adapt_input_channels(weight: torch.Tensor, channels: int) -> torch.Tensor:
+    """A first convolution [out, in, kh, kw] for `channels` inputs that answers a gray image as the original did:
+    RGB -> gray sums the colour filters (a gray pixel is the same value in R, G and B); gray -> N channels repeats
+    the filter, divided by N (N equal channels then add up to the original response). timm adapts this way."""
+    if weight.shape[1] == 3 and channels == 1:
+        return weight.sum(1, keepdim=True)
+    return weight.repeat(1, channels, 1, 1) / channels
 
 
 def _same_but_input(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -230,7 +250,7 @@ def report(path: str | Path, kind: str, found: dict[str, Any], total: int) -> di
         "loaded": len(found["loaded"]),
         "of": total,
         "reinitialised": found["reinitialised"],
-        "adapted_to_grayscale": found["adapted"],
+        "adapted_channels": found["adapted"],
         "missing": len(found["missing"]),
         "missing_first": found["missing"][:SHOWN],
         "unexpected": len(found["unexpected"]),
@@ -244,8 +264,8 @@ def summary_line(record: dict[str, Any]) -> str:
     parts.append(f"into students {','.join(map(str, record['students']))}")
     if record["reinitialised"]:
         parts.append(f"re-initialised {', '.join(record['reinitialised'])} (another class count)")
-    if record["adapted_to_grayscale"]:
-        parts.append(f"summed RGB->grey: {', '.join(record['adapted_to_grayscale'])}")
+    if record["adapted_channels"]:
+        parts.append(f"input channels adapted: {', '.join(record['adapted_channels'])}")
     for kind in ("missing", "unexpected"):
         if record[kind]:
             parts.append(f"{record[kind]} {kind} (e.g. {', '.join(record[kind + '_first'][:3])})")

@@ -55,7 +55,33 @@ def test_timm_safetensors_for_rgb_is_summed_into_a_grayscale_first_conv(tmp_path
     state = students.member_state(0)
     assert torch.allclose(state["net.conv_stem.weight"], source["conv_stem.weight"].sum(1, keepdim=True))
     assert torch.equal(state["classifier.weight"], source["classifier.weight"])  # same class count: loaded
-    assert record["adapted_to_grayscale"] == ["net.conv_stem.weight"] and record["loaded"] == len(source)
+    assert record["adapted_channels"] == ["net.conv_stem.weight"] and record["loaded"] == len(source)
+
+
+def test_a_grayscale_model_file_initialises_rgb_students_with_its_first_conv_repeated(tmp_path):
+    """The README's fine-tuning example: a Fashion-MNIST MODEL.pt (1 channel) into students of an RGB image
+    folder. Each RGB filter is the gray one divided by 3, so a gray image given as (x, x, x) answers as before."""
+    torch.manual_seed(4)
+    source = create_model("resnet8", 10, 1).state_dict()
+    torch.save(source, tmp_path / "gray.pt")
+    students = Students("resnet8", 2, 10, 3)
+    record = initialise(students, tmp_path / "gray.pt")
+    first = next(key for key, value in source.items() if value.dim() == 4)
+    state = students.member_state(1)
+    expected = torch.cat([source[first] / 3] * 3, dim=1)  # [out, 3, kh, kw]
+    assert torch.equal(state[first], expected) and record["adapted_channels"] == [first]
+    assert all(torch.equal(state[key], value) for key, value in source.items() if key != first)
+    x = torch.rand(1, 1, 8, 8)
+    gray = torch.nn.functional.conv2d(x, source[first], padding=1)
+    rgb = torch.nn.functional.conv2d(x.repeat(1, 3, 1, 1), state[first], padding=1)
+    assert torch.allclose(gray, rgb, atol=1e-6)
+
+
+def test_a_first_conv_of_another_channel_count_is_one_line_naming_both(tmp_path):
+    source = create_model("resnet8", 10, 3).state_dict()
+    torch.save(source, tmp_path / "rgb.pt")
+    with pytest.raises(OkdpipeError, match=r"takes 3 input channels, the dataset's images have 2; only 3 -> 1 and"):
+        initialise(Students("resnet8", 1, 10, 2), tmp_path / "rgb.pt")
 
 
 def test_wrapped_checkpoints_and_dataparallel_prefixes_are_unwrapped(tmp_path):
