@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from okdpipe.console import QUIET, say, verbosity
-from okdpipe.contracts.pixels import IMAGE_FORMATS, image_pixels
+from okdpipe.contracts.pixels import IMAGE_FORMATS, MAX_IMAGE_PIXELS, image_pixels
 from okdpipe.errors import OkdpipeError
 
 CHUNK = 64  # files per task sent to a worker: large enough to amortise pickling, small enough for a smooth bar
@@ -62,6 +62,11 @@ class ImageDecoder:
     def pixels(self, raw: bytes) -> np.ndarray:
         try:
             with Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS) as image:
+                if image.width * image.height > MAX_IMAGE_PIXELS:  # checked from the header, before decoding
+                    raise BadImage(
+                        f"image of {image.width}x{image.height} pixels is over the {MAX_IMAGE_PIXELS:,}-pixel limit "
+                        "that okdpipe serve applies too; shrink it"
+                    )
                 if self.exact and image.size != (self.size[1], self.size[0]):
                     height, width = self.size
                     raise BadImage(f"image is {image.height}x{image.width}, expected {height}x{width}")

@@ -160,21 +160,24 @@ class Listing:
     paths: tuple[Path, ...]
     labels: tuple[int, ...]
 
-    def stat_lines(self, root: Path) -> list[str]:
-        """(path, size, mtime, label) per file: cheap for large folders, and changes when any file does."""
-        return [f"{shown(p, root)}\t{file_stat(p)}\t{label}" for p, label in zip(self.paths, self.labels)]
+    def stat_lines(self, root: Path, for_cache: bool = False) -> list[str]:
+        """(path, size, mtime, label) per file: cheap for large folders, and changes when any file does. The decode
+        cache's key adds the inode and the change time (for_cache): a file rewritten at the same size with its
+        modification time put back (`touch -r`, `rsync -t`, a coarse clock) must not be served from the cache."""
+        return [f"{shown(p, root)}\t{file_stat(p, for_cache)}\t{label}" for p, label in zip(self.paths, self.labels)]
 
 
 def shown(path: Path, root: Path) -> str:
     return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
 
 
-def file_stat(path: Path) -> str:
+def file_stat(path: Path, for_cache: bool = False) -> str:
     try:
         stat = path.stat()
     except OSError:
         return "missing"  # a list file naming an absent file: decoded as a bad image
-    return f"{stat.st_size}\t{stat.st_mtime_ns}"
+    changed = f"\t{stat.st_ino}\t{stat.st_ctime_ns}" if for_cache else ""  # ctime cannot be set back by a user
+    return f"{stat.st_size}\t{stat.st_mtime_ns}{changed}"
 
 
 def split_source(root: Path, names: tuple[str, ...]) -> Path | None:
@@ -222,7 +225,7 @@ class DecodeOptions:
 def decode_listing(listing: Listing, decoder: ImageDecoder, root: Path, options: DecodeOptions) -> Decoded:
     """The listing's decoded pixels: from the decode cache when it was built for this very listing and decoder,
     else decoded in worker processes (and cached)."""
-    key = listing_key(listing.stat_lines(root), decoder.key)
+    key = listing_key(listing.stat_lines(root, for_cache=True), decoder.key)
     shape = (decoder.channels, *decoder.size)
     cache = ImageCache.of(listing.source, decoder.key) if options.cache else None
     decoded = cache.load(key, len(listing.paths), shape) if cache else None

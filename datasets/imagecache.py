@@ -2,10 +2,10 @@
 
 One file per (listed folder or list file, decoder settings) in the cache directory: $OKDPIPE_CACHE, else
 $XDG_CACHE_HOME/okdpipe/decoded, else ~/.cache/okdpipe/decoded. Inside, the key it was built for: sha256 over the
-listing (every file's path, size, mtime and label, in order) and the decoder (size, channels, resize policy). A
-changed, added or removed file changes the key, and the file is rebuilt in place (the cache never grows with
-stale copies). The file is an uncompressed .npz written atomically; zip's CRC-32 on every member catches a damaged
-file when it is read, and a damaged or inconsistent file is decoded again, never trusted.
+listing (every file's path, size, mtime, inode, change time and label, in order) and the decoder (size, channels,
+resize policy). A changed, added or removed file changes the key, and the file is rebuilt in place (the cache
+never grows with stale copies). The file is an uncompressed .npz written atomically; zip's CRC-32 on every member
+catches a damaged file when it is read, and a damaged or inconsistent file is decoded again, never trusted.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from okdpipe.errors import OkdpipeError
 from okdpipe.files import atomic_write
 
 CACHE_ENV = "OKDPIPE_CACHE"
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: the key holds inodes and change times
 
 
 @dataclass

@@ -14,11 +14,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from okdpipe.contracts.card import Preprocess
-from okdpipe.contracts.pixels import IMAGE_FORMATS, image_pixels
+from okdpipe.contracts.pixels import IMAGE_FORMATS, MAX_IMAGE_PIXELS, image_pixels
 from okdpipe.serve.protocol import ClientError
 
-# Far above any classifier input, far below what could exhaust memory (a "decompression bomb" PNG).
-MAX_IMAGE_PIXELS = 4096 * 4096
 _BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
 
 

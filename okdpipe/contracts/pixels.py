@@ -25,6 +25,9 @@ _TARGET_MODES = {1: "L", 3: "RGB"}
 # would also open EPS (by running Ghostscript on the bytes), PSD, ICO and dozens more; a file of another format is
 # reported like any unreadable image.
 IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
+# The largest image decoded, by training and by `/classify` alike: far above any classifier input, far below what
+# could exhaust memory (a "decompression bomb" PNG declares 50000 x 50000 pixels in a few kilobytes).
+MAX_IMAGE_PIXELS = 4096 * 4096
 IMAGE_CHANNELS = tuple(_TARGET_MODES)  # what an image file converts to; a model of other channels takes tensors
 
 

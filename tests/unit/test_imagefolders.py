@@ -112,6 +112,23 @@ def write_bad_files(root: Path) -> list[Path]:
     return bad
 
 
+def test_an_image_serve_would_refuse_as_too_large_is_a_bad_image_in_training(tmp_path):
+    """A 5000 x 5000 PNG (here one whose header says so: checked before decoding) trained, then /classify
+    answered 400 to the same file: both now hold one limit."""
+    import struct
+    import zlib
+
+    from okdpipe.datasets.decoding import BadImage, ImageDecoder
+
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, format="PNG")
+    png = bytearray(buffer.getvalue())
+    png[16:24] = struct.pack(">II", 5000, 5000)
+    png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])))  # IHDR's CRC covers type + data
+    with pytest.raises(BadImage, match=r"image of 5000x5000 pixels is over the 16,777,216-pixel limit"):
+        ImageDecoder((4, 4), 1).pixels(bytes(png))
+
+
 @pytest.mark.parametrize("image_format", ["EPS", "ICO", "TGA"])
 def test_a_format_outside_the_read_list_is_a_bad_image_whatever_its_suffix(tmp_path, image_format):
     """Pillow opens EPS by running Ghostscript on the file's bytes; serve's /classify refuses these formats, so
@@ -414,6 +431,25 @@ def test_decode_cache_is_reused_and_keyed_by_listing_and_policy(tmp_path, monkey
     os.utime(victim, ns=(1, 1))  # a changed file: new size and mtime
     changed = load_dataset("imagefolder", tmp_path / "data", val_split=0, image_size=8)
     assert changed.train.read(2)[0, 0].tolist() == [7, 7, 7] and len(cache_files()) == 4  # rebuilt in place
+
+
+def test_a_file_rewritten_at_the_same_size_and_mtime_is_decoded_again(tmp_path, monkeypatch):
+    """`touch -r`, `rsync -t` or a coarse clock put the modification time back; the size can match too (an image
+    of the same dimensions as an uncompressed format). The cache key's inode and change time still differ."""
+    monkeypatch.setenv("OKDPIPE_CACHE", str(tmp_path / "cache"))
+    write_image_folder(tmp_path / "data", {"train": 6}, CLASSES, size=8)
+    victim = tmp_path / "data" / "train" / "dog" / "00001.bmp"
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(victim)  # BMP: the same size in bytes whatever the pixels
+    before = victim.stat()
+    load_dataset("imagefolder", tmp_path / "data", val_split=0.5, image_size=8)
+    Image.new("RGB", (8, 8), (7, 7, 7)).save(victim)
+    os.utime(victim, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (victim.stat().st_size, victim.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    again = load_dataset("imagefolder", tmp_path / "data", val_split=0, image_size=8)
+    dog = CLASSES.index("dog")
+    pixels = again.train.images[again.train.labels == dog]
+    assert any(image[:, 0, 0].tolist() == [7, 7, 7] for image in pixels)
+    assert not any(image[:, 0, 0].tolist() == [1, 2, 3] for image in pixels)
 
 
 def one_image_short(cached: Path) -> bytes:
