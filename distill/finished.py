@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from okdpipe.config import DistillConfig, validated
+from okdpipe.console import say
 from okdpipe.contracts.data import DataSource
 from okdpipe.distill.checkpoint import load_checkpoint
 from okdpipe.distill.models import count_macs
@@ -78,7 +79,23 @@ def load_run(run_dir: str | Path, device: str = "auto") -> FinishedRun:
     resolved = resolve_device(device)
     data = DataSource.of_run(cfg)
     bundle = data.load()
+    warn_if_data_changed(run, bundle)
     students, method = build_models(cfg, bundle.spec, resolved)
     students.load_state_dict(checkpoint["students"])
     method.load_state_dict(checkpoint["method"])
     return FinishedRun(run, cfg, checkpoint, resolved, data, bundle, students.eval(), method.eval())
+
+
+def warn_if_data_changed(run: RunDir, bundle) -> None:
+    """Say so when the dataset is not the one the run trained on (files added, removed, relabelled or rewritten;
+    for an image folder also one copied without its modification times). The validation split is drawn from the
+    training files again, so it may now hold images the students trained on, and every figure measured on it is
+    suspect. A warning, not a refusal: a folder copied to another machine changes the fingerprint too."""
+    recorded = (run.read_manifest().get("dataset") or {}).get("fingerprint")
+    if isinstance(recorded, str) and recorded != bundle.fingerprint:
+        say(
+            f"warning: {run.root}: the dataset at {bundle.source} is not the one this run trained on (fingerprint "
+            f"{bundle.fingerprint[:12]}, the run recorded {recorded[:12]}); validation figures may include trained "
+            "images: restore the data the run trained on",
+            err=True,
+        )

@@ -185,3 +185,31 @@ def test_a_non_finite_candidate_is_refused_and_never_shipped(vanilla_run, tmp_pa
     with pytest.raises(OkdpipeError, match="student:0 has non-finite weights") as error:
         select(broken, "student:0", tmp_path / "m.pt", bn_batches=4)
     assert "\n" not in str(error.value) and not (tmp_path / "m.pt").exists()
+
+
+def test_select_warns_when_the_data_is_not_what_the_run_trained_on(tmp_path, capsys):
+    """The validation split is drawn again from the training files: after a file is added it may hold an image
+    the students trained on. Select says so (nothing said when the data is unchanged)."""
+    from okdpipe.distill.finished import load_run
+
+    write_image_folder(tmp_path / "data", {"train": 16}, ["a", "b"], size=8)
+    cfg = DistillConfig(
+        method="vanilla",
+        students=1,
+        arch="resnet8",
+        dataset="imagefolder",
+        data_dir=str(tmp_path / "data"),
+        data_options={"image_size": 8},
+        epochs=1,
+        batch_size=4,
+        val_split=0.25,
+    )
+    fit(cfg, RunDir(tmp_path / "run"), echo=lambda _: None)
+    capsys.readouterr()
+    load_run(tmp_path / "run", "cpu")
+    assert "warning:" not in capsys.readouterr().err
+    shutil.copy(tmp_path / "data" / "train" / "a" / "00000.png", tmp_path / "data" / "train" / "a" / "extra.png")
+    load_run(tmp_path / "run", "cpu")
+    [line] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert f"{tmp_path / 'run'}: the dataset at {tmp_path / 'data'} is not the one this run trained on" in line
+    assert "validation figures may include trained images" in line
