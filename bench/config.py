@@ -8,6 +8,7 @@ from typing import Any, Literal, Optional
 from pydantic import Field, field_validator
 from pydantic_core import PydanticCustomError
 
+from okdpipe.files import recorded_path
 from okdpipe.plugins import PLUGINS_HELP, PluginNames
 from okdpipe.stage_config import StageConfig
 
@@ -30,6 +31,11 @@ class BenchConfig(StageConfig):
     min_seconds: float = Field(1.0, gt=0, le=3600, description="time each batch size at least this long (s)")
     gates: list[str] = Field(default_factory=list, description="gates such as 'top1>=0.90', 'p99_ms@1<=baseline*1.1'")
     plugins: PluginNames = Field(default_factory=list, description=PLUGINS_HELP + " (a model file names its own)")
+
+    @field_validator("data_dir")
+    @classmethod
+    def _data_dir_absolute(cls, value: Optional[str]) -> Optional[str]:
+        return recorded_path(value)
 
     @field_validator("provider", mode="before")
     @classmethod

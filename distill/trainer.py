@@ -29,7 +29,6 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -64,7 +63,7 @@ from okdpipe.distill.models.external import is_external
 from okdpipe.distill.students import Students
 from okdpipe.distill.trackers import Trackers, open_trackers, require
 from okdpipe.errors import GateFailed, OkdpipeError
-from okdpipe.files import atomic_write_text, check_can_create_folder, loads_finite
+from okdpipe.files import atomic_write_text, check_can_create_folder, loads_finite, recorded_path
 from okdpipe.modelfile import non_finite_tensors
 from okdpipe.plugins import loaded_spec
 from okdpipe.run import RunDir, environment, now_iso
@@ -78,11 +77,12 @@ RESUME_MAY_CHANGE = ("device", "workers", "eval_batch_size", "loggers", "mlflow_
 
 
 def resume_view(config: dict[str, Any]) -> dict[str, Any]:
-    """The settings a resumed run must share with its checkpoint. A data_dir is compared as an absolute path: runs
-    record it resolved, and earlier runs recorded it as typed, relative to the folder they were started from."""
+    """The settings a resumed run must share with its checkpoint. data_dir and init are compared as absolute paths:
+    runs record them so, and earlier runs recorded them as typed, relative to the folder they were started from."""
     kept = {key: value for key, value in config.items() if key not in RESUME_MAY_CHANGE}
-    if isinstance(kept.get("data_dir"), str):
-        kept["data_dir"] = str(Path(kept["data_dir"]).resolve())
+    for key in ("data_dir", "init"):
+        if isinstance(kept.get(key), str):
+            kept[key] = recorded_path(kept[key])
     return kept
 
 

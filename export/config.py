@@ -9,6 +9,7 @@ from typing import Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
+from okdpipe.files import recorded_path
 from okdpipe.plugins import PLUGINS_HELP, PluginNames
 from okdpipe.stage_config import StageConfig
 
@@ -49,6 +50,11 @@ class ExportConfig(StageConfig):
     triton_max_batch_size: int = Field(64, ge=1, le=1 << 16, description="Triton max_batch_size")
     triton_instance: Literal["cpu", "gpu"] = Field("cpu", description="Triton instance_group kind")
     plugins: PluginNames = Field(default_factory=list, description=PLUGINS_HELP + " (a model file names its own)")
+
+    @field_validator("data_dir")
+    @classmethod
+    def _data_dir_absolute(cls, value: Optional[str]) -> Optional[str]:
+        return recorded_path(value)
 
     @field_validator("tune_budget", mode="before")
     @classmethod

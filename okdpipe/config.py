@@ -8,7 +8,6 @@ hostile file cannot expand into gigabytes ("billion laughs").
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Hashable, Mapping
 from pathlib import Path
@@ -19,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from okdpipe.errors import OkdpipeError
-from okdpipe.files import MAX_INT_DIGITS, read_user_file
+from okdpipe.files import MAX_INT_DIGITS, read_user_file, recorded_path
 from okdpipe.plugins import PLUGINS_HELP, PluginNames
 
 MAX_CONFIG_BYTES = 1 << 20  # configs are a few hundred bytes; a bigger file is a mistake or an attack
@@ -108,15 +107,14 @@ class DistillConfig(Strict):
     @field_validator("data_dir")
     @classmethod
     def _data_dir_absolute(cls, value: Optional[str]) -> Optional[str]:
-        """Recorded from the folder the command ran in: select, export and bench read the record from elsewhere."""
-        return os.path.abspath(os.path.expanduser(value)) if value and value.strip() else value
+        return recorded_path(value)
 
     @field_validator("init")
     @classmethod
     def _init_is_a_local_path(cls, value: Optional[str]) -> Optional[str]:
         if value is not None and ("://" in value or not value.strip()):
             raise ValueError("init must be the path of a local file (okdpipe never downloads weights)")
-        return value
+        return recorded_path(value)
 
     @model_validator(mode="after")
     def _milestones_in_range(self) -> DistillConfig:

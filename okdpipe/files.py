@@ -261,6 +261,12 @@ def check_can_write_file(path: str | os.PathLike, what: str) -> None:
     check_can_create_folder(path.parent, what)
 
 
+def recorded_path(value: str | None) -> str | None:
+    """A path the user typed, as configs and records keep it: absolute (`~` expanded), since select, export,
+    bench and a resume read the record from another folder. Blank and None pass through for the validators."""
+    return os.path.abspath(os.path.expanduser(value)) if value and value.strip() else value
+
+
 def kind_of(path: Path) -> str:
     """What stands at an existing path, for a message: /dev/null is not "a file" to the user who typed it."""
     if path.is_dir():

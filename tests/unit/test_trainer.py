@@ -123,13 +123,33 @@ def test_per_epoch_validation_is_measured_on_the_validation_split(tmp_path):
         assert val != test  # the splits disagree on this model, so measuring the wrong one would show
 
 
-def test_resume_compares_data_dir_as_an_absolute_path(tmp_path, monkeypatch):
+def test_resume_compares_data_dir_and_init_as_absolute_paths(tmp_path, monkeypatch):
     """Runs record --data-dir resolved now; a run recorded before that holds it as typed. Resumed from the folder
     it was started in, both name one folder and the resume goes on; settings that may change are left out."""
     from okdpipe.distill.trainer import resume_view
 
     monkeypatch.chdir(tmp_path)
-    old = {"data_dir": "data/fm", "lr": 0.05, "device": "cpu", "workers": 2}
-    new = {"data_dir": str(tmp_path / "data" / "fm"), "lr": 0.05, "device": "cuda", "workers": 0}
-    assert resume_view(old) == resume_view(new) == {"data_dir": str(tmp_path / "data" / "fm"), "lr": 0.05}
+    old = {"data_dir": "data/fm", "init": "w.pt", "lr": 0.05, "device": "cpu", "workers": 2}
+    new = {"data_dir": str(tmp_path / "data" / "fm"), "init": str(tmp_path / "w.pt"), "lr": 0.05, "device": "cuda"}
+    expected = {"data_dir": str(tmp_path / "data" / "fm"), "init": str(tmp_path / "w.pt"), "lr": 0.05}
+    assert resume_view(old) == resume_view(new) == expected
     assert resume_view({"data_dir": None, "lr": 0.1}) == {"data_dir": None, "lr": 0.1}
+
+
+@pytest.mark.parametrize(
+    ("config", "field"),
+    [
+        ("okdpipe.config.DistillConfig", "init"),
+        ("okdpipe.config.DistillConfig", "data_dir"),
+        ("okdpipe.export.config.ExportConfig", "data_dir"),
+        ("okdpipe.bench.config.BenchConfig", "data_dir"),
+    ],
+)
+def test_paths_a_stage_records_are_absolute(tmp_path, monkeypatch, config, field):
+    """select, export, bench and a resume read a record from another folder than the one it was made in."""
+    import importlib
+
+    module, name = config.rsplit(".", 1)
+    monkeypatch.chdir(tmp_path)
+    cls = getattr(importlib.import_module(module), name)
+    assert getattr(cls(**{field: "sub/x"}), field) == str(tmp_path / "sub" / "x")
