@@ -26,6 +26,8 @@ error_logger = logging.getLogger("okdpipe.serve")
 
 # Liveness/readiness probes (kubelet, load balancers) carry no credentials, so they stay open.
 OPEN_PATH_PREFIX = "/v2/health/"
+# Headers that decide how a request is read; each may appear once (h11 itself refuses two Content-Lengths).
+SINGLE_HEADERS = ("content-type", "content-encoding", "inference-header-content-length", "authorization")
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -56,12 +58,14 @@ class ServingMiddleware:
         exchange = _Exchange(scope)
         tracked_send = self._tracking_send(send, exchange)
         try:
-            if self._authorised(scope["path"], exchange.headers.get("authorization", "")):
-                await self.app(scope, receive, tracked_send)
-            else:
+            if not self._authorised(scope["path"], exchange.headers.get("authorization", "")):
                 await send_json_error(
                     tracked_send, 401, "missing or wrong bearer token", {"www-authenticate": "Bearer"}
                 )
+            elif problem := header_problem(scope["headers"]):
+                await send_json_error(tracked_send, *problem)
+            else:
+                await self.app(scope, receive, tracked_send)
         except ClientDisconnect:  # the client went away mid-upload: nothing to answer, nothing went wrong here
             if not scope.get(REFUSED_SCOPE_KEY):
                 error_logger.info(
@@ -116,6 +120,20 @@ class ServingMiddleware:
                 }
             )
         )
+
+
+def header_problem(raw_headers: list[tuple[bytes, bytes]]) -> tuple[int, str] | None:
+    """A request head that cannot be read one way only: a header that decides how the body is read given twice
+    (which copy counts would be a guess), or a body compressed with a Content-Encoding (it would be parsed as the
+    raw bytes, and refused with a message about JSON or images that misleads). (status, message) or None."""
+    names = [name.decode("latin-1").lower() for name, _ in raw_headers]
+    for name in SINGLE_HEADERS:
+        if names.count(name) > 1:
+            return 400, f"header {name} is given {names.count(name)} times; give it once"
+    encoding = next((value.decode("latin-1") for key, value in raw_headers if key.lower() == b"content-encoding"), "")
+    if encoding.strip().lower() not in ("", "identity"):
+        return 415, f"Content-Encoding {encoding.strip()[:40]!r} is not accepted; send the body uncompressed"
+    return None
 
 
 def _declared_length(headers: dict[str, str]) -> int:

@@ -3,6 +3,7 @@ metrics and access logs."""
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import re
@@ -361,3 +362,28 @@ def test_metrics_and_access_log_record_requests(client, server):
     assert len(traced) == 1
     assert traced[0]["status"] == 400 and traced[0]["route"] == "/v2/models/{name}/infer"
     assert traced[0]["method"] == "POST" and traced[0]["request_bytes"] == 9 and traced[0]["duration_ms"] > 0
+
+
+@pytest.mark.parametrize(
+    ("headers", "status", "message"),
+    [
+        ([("content-encoding", "gzip")], 415, "Content-Encoding 'gzip' is not accepted; send the body uncompressed"),
+        (
+            [("content-type", "application/json"), ("content-type", "image/png")],
+            400,
+            "header content-type is given 2 times; give it once",
+        ),
+        (
+            [("inference-header-content-length", "5"), ("inference-header-content-length", "9")],
+            400,
+            "header inference-header-content-length is given 2 times; give it once",
+        ),
+    ],
+    ids=["gzip body", "two content types", "two binary header lengths"],
+)
+def test_a_head_that_reads_two_ways_is_refused_not_guessed(client, images, headers, status, message):
+    """A gzip body was parsed as raw bytes (a misleading 'not JSON'); of two copies of a header the last won."""
+    body = gzip.compress(json.dumps(json_request(images[:1])).encode())
+    response = client.post(INFER, content=body, headers=httpx.Headers(headers))
+    assert response.status_code == status and response.json() == {"error": message}
+    assert client.post(INFER, json=json_request(images[:1])).status_code == 200  # and the server goes on
