@@ -35,6 +35,7 @@ from okdpipe.files import (
     kind_of,
     loads_finite,
     not_ours_to_replace,
+    writes_into,
 )
 from okdpipe.interrupts import surfacing_interrupts
 from okdpipe.modelfile import ModelInfo, non_finite_tensors
@@ -311,10 +312,11 @@ def discard_staging(staging: Path) -> None:
 def build_artifacts(ctx: ExportContext, staging: Path) -> dict[str, ModelCard]:
     """Build fp32 and the requested variant under `staging`; every check runs before anything is published."""
     fp32_dir = staging / "fp32"
-    staged = {"fp32": build_fp32(ctx, fp32_dir)}
-    if ctx.config.quantize != "none":
-        precision = ctx.config.quantize
-        staged[precision] = build_variant(ctx, fp32_dir / ONNX_FILE, staging / precision, precision)
+    with writes_into(staging):
+        staged = {"fp32": build_fp32(ctx, fp32_dir)}
+        if ctx.config.quantize != "none":
+            precision = ctx.config.quantize
+            staged[precision] = build_variant(ctx, fp32_dir / ONNX_FILE, staging / precision, precision)
     return staged
 
 

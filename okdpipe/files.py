@@ -9,10 +9,11 @@ import json
 import math
 import os
 import select
+import shutil
 import stat
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -124,6 +125,36 @@ def disk_error(exc: BaseException) -> OSError | None:
     """The full-disk, quota or read-only error behind `exc` (libraries wrap it in their own exception types), or
     None: such a failure is the machine's state, not a bug, and deserves one line rather than a traceback."""
     return _os_error_behind(exc, DISK_ERRNOS)
+
+
+@contextlib.contextmanager
+def writes_into(folder: Path) -> Iterator[None]:
+    """Name `folder` when a library's write fails for a full disk: onnx and onnxruntime raise ENOSPC without a file
+    name, and a library that writes from C++ may leave a truncated file that the next step fails to parse (a
+    protobuf DecodeError). Any failure while the disk holding `folder` is (almost) full is reported as that."""
+    try:
+        yield
+    except OkdpipeError:
+        raise
+    except Exception as exc:
+        full = disk_error(exc)
+        if full is not None and full.filename:
+            raise  # the error names its file already
+        if full is None and not disk_nearly_full(folder):
+            raise
+        raise OkdpipeError(
+            f"{folder}: cannot write ({full.strerror if full else 'the disk is full'}); free space or choose "
+            "another --out"
+        ) from None
+
+
+def disk_nearly_full(folder: Path, margin: int = 1 << 20) -> bool:
+    """Less than `margin` bytes free on the file system that holds `folder` (or its nearest existing parent)."""
+    existing = next((p for p in [folder, *folder.parents] if p.exists()), Path("/"))
+    try:
+        return shutil.disk_usage(existing).free < margin
+    except OSError:
+        return False
 
 
 def path_error(exc: BaseException) -> OSError | None:

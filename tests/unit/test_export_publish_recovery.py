@@ -397,3 +397,22 @@ def test_an_earlier_folder_that_cannot_go_back_keeps_the_staging_folder(models, 
         export_model(models["b"]["model"], out, LAYOUTS["onnx"])
     assert f"{staging / '.replaced' / 'fp32'} of an earlier export could not go back" in str(raised.value)
     assert tree(out) == before
+
+
+def test_a_full_disk_inside_the_quantizer_names_the_staging_folder_and_publishes_nothing(tmp_path, monkeypatch):
+    """onnxruntime's pre-processing saves its graph with onnx.save, whose ENOSPC names no file: the line said
+    'cannot write (No space left on device)' and nothing else. It now names the folder that could not be written."""
+    import onnxruntime.quantization.shape_inference as shape_inference
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(shape_inference, "quant_pre_process", full)
+    model_file = make_model_file(tmp_path / "model.pt")[0]
+    with pytest.raises(OkdpipeError) as error:
+        export_model(model_file, tmp_path / "out", ExportConfig(**INT8))
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path / 'out' / STAGING_PREFIX}") and message.endswith(
+        ": cannot write (No space left on device); free space or choose another --out"
+    )
+    assert not (tmp_path / "out").exists()  # a failed export into a new OUT leaves nothing behind

@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -245,3 +246,23 @@ def test_a_second_sigterm_does_not_interrupt_the_clean_up():
 
     code, output, events = run_command(body)
     assert (code, output, cleaned, events) == (143, "error: interrupted (SIGTERM)\n", ["staging removed"], ["unwound"])
+
+
+def test_a_nameless_full_disk_error_or_a_truncated_file_is_named_by_the_folder(tmp_path, monkeypatch):
+    """onnx.save inside onnxruntime's quantizer raises ENOSPC without a file name; its C++ shape inference can
+    instead leave a truncated file that the next step fails to parse. Both say which folder could not be written;
+    a failure while the disk has room stays what it is."""
+    nameless = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    with pytest.raises(OkdpipeError) as error, files.writes_into(tmp_path):
+        raise nameless
+    assert str(error.value) == f"{tmp_path}: cannot write (No space left on device); free space or choose another --out"
+    named = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/out/model.onnx")
+    with pytest.raises(OSError) as kept, files.writes_into(tmp_path):
+        raise named  # it names its file: friendly_errors says so
+    assert kept.value is named
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda path: SimpleNamespace(free=4096))
+    with pytest.raises(OkdpipeError, match=r"cannot write \(the disk is full\)"), files.writes_into(tmp_path):
+        raise ValueError("Error parsing message with type 'onnx.ModelProto': Wire format was corrupt")
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda path: SimpleNamespace(free=10 << 30))
+    with pytest.raises(ValueError, match="Wire format"), files.writes_into(tmp_path):
+        raise ValueError("Error parsing message with type 'onnx.ModelProto': Wire format was corrupt")
