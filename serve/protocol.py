@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -117,6 +118,10 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     return body[:length], body[length:]
 
 
+# Only a \uD800-\uDFFF escape in the text can make a surrogate (UTF-8 bytes cannot): the check runs only then.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """A JSON object, refusing a key given twice (json.loads would keep the last one silently)."""
     value: dict[str, Any] = {}
@@ -138,7 +143,19 @@ def _parse_json_object(data: bytes) -> dict[str, Any]:
         raise ClientError(400, "request JSON is nested too deeply") from None
     if not isinstance(value, dict):
         raise ClientError(400, "request body must be a JSON object")
+    if _SURROGATE_ESCAPE.search(data) and not _valid_unicode(value):
+        raise ClientError(400, "request JSON holds a lone surrogate escape (\\ud800-\\udfff); send valid Unicode")
     return value
+
+
+def _valid_unicode(value: Any) -> bool:
+    """No lone surrogate in any key or string: json.loads lets a `\\ud800` escape through, and a name or an id
+    holding one would be echoed back into a response that strict JSON parsers refuse."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _field(container: dict[str, Any], key: str, kind: type, path: str) -> Any:

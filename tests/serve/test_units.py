@@ -69,6 +69,19 @@ def test_json_data_flat_and_nested_give_the_same_tensor():
     assert flat.top_k == 1 and not any(output.binary for output in flat.outputs)
 
 
+@pytest.mark.parametrize(
+    "escaped", [b'"id": "\\ud800"', b'"id": "x\\uDFFFy"', b'"\\udbff": 1', b'"id": "\\ude00\\ud83d"']
+)
+def test_a_lone_surrogate_escape_is_400_never_echoed(escaped):
+    """json.loads lets `\\ud800` through; the id (or a name) was echoed into a response strict parsers refuse."""
+    body = _json_request([1, 2, 3, 4.5])[:-1] + b", " + escaped + b"}"
+    with pytest.raises(ClientError) as raised:
+        parse_infer_request(body, None, SPEC)
+    assert raised.value.status == 400 and "lone surrogate escape" in raised.value.message
+    paired = _json_request([1, 2, 3, 4.5])[:-1] + b', "id": "\\ud83d\\ude00"}'  # an escaped pair is fine
+    assert parse_infer_request(paired, None, SPEC).request_id == "\U0001f600"
+
+
 @pytest.mark.parametrize("datatype", ["FP32", "FP16", "FP64"])
 def test_binary_input_is_read_in_its_datatype_and_served_as_fp32(datatype):
     values = np.arange(8, dtype=np.float64).reshape(2, 1, 2, 2) / 4
