@@ -161,7 +161,8 @@ def check_finite_weights(model, where: object) -> None:
 
 
 def writable_dir(out_dir: Path) -> Path:
-    """Create OUT and prove it is writable before spending minutes on export."""
+    """Create OUT and prove it is writable before spending minutes on export; returns it resolved (absolute, links
+    followed), as the cards of what is built there name their folders: publishing moves paths relative to OUT."""
     check_out_dir(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -170,7 +171,7 @@ def writable_dir(out_dir: Path) -> Path:
         raise OkdpipeError(
             f"--out {out_dir}: cannot write there ({exc.strerror or exc}); choose another directory"
         ) from None
-    return out_dir
+    return out_dir.resolve()
 
 
 def check_out_dir(out_dir: Path) -> None:

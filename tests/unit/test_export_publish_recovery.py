@@ -416,3 +416,19 @@ def test_a_full_disk_inside_the_quantizer_names_the_staging_folder_and_publishes
         ": cannot write (No space left on device); free space or choose another --out"
     )
     assert not (tmp_path / "out").exists()  # a failed export into a new OUT leaves nothing behind
+
+
+@pytest.mark.parametrize(("spelling", "layout"), [("relative", "onnx"), ("through a link", "triton")])
+def test_out_given_relative_or_through_a_link_publishes(tmp_path, monkeypatch, spelling, layout):
+    """`okdpipe export runs/x/model.pt --out runs/x/export`, the command select prints, crashed with a ValueError
+    traceback: the staged cards name resolved folders, and publishing took their paths relative to OUT as typed."""
+    model_file = make_model_file(tmp_path / "model.pt")[0]
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real", target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    out = Path("real/out") if spelling == "relative" else tmp_path / "link" / "out"
+    config = ExportConfig(format=layout) if layout == "triton" else ExportConfig()
+    [card] = export_model(model_file, out, config)
+    published = tmp_path / "real" / "out" / ("fp32" if layout == "onnx" else f"{card.name}/1")
+    assert card.directory == published and read_card(published).raw["sha256"] == card.raw["sha256"]
+    assert not staging_folders(tmp_path / "real" / "out")
