@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 from pathlib import Path
 
 from okdpipe.errors import OkdpipeError
@@ -20,6 +21,9 @@ from okdpipe.files import read_user_file
 
 HEADER = ["path", "label"]
 MAX_LIST_BYTES = 1 << 30  # ten million rows of long paths
+
+
+INTEGER = re.compile(r"-?[0-9]+")  # a numeric label: 0-9 only (not '²', not '--1'), so int() reads every one
 
 
 def read_list(list_file: Path) -> tuple[list[Path], list[str]]:
@@ -44,6 +48,8 @@ def read_list(list_file: Path) -> tuple[list[Path], list[str]]:
             raise OkdpipeError(
                 f"{list_file} line {number}: expected `path,label`, got {row!r}; one image and its class per line"
             )
+        if "\0" in cells[0]:
+            raise OkdpipeError(f"{list_file} line {number}: the path holds a NUL character; no file is named so")
         path = list_file.parent / cells[0]
         refuse_duplicate(first_line.setdefault(os.path.realpath(path), number), number, cells[0], list_file)
         paths.append(path)
@@ -64,7 +70,7 @@ def refuse_duplicate(first: int, number: int, listed: str, list_file: Path) -> N
 def class_order(names: list[str]) -> tuple[str, ...]:
     """The distinct label names sorted: numerically when every one is an integer (2 before 10), else as text."""
     distinct = set(names)
-    if all(name.lstrip("-").isdigit() for name in distinct):
+    if all(INTEGER.fullmatch(name) for name in distinct):
         return tuple(sorted(distinct, key=lambda name: (int(name), name)))
     return tuple(sorted(distinct))
 

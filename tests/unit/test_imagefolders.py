@@ -319,6 +319,10 @@ def test_list_file_instead_of_class_folders(tmp_path):
     (tmp_path / "test.csv").write_text(f'"{tmp_path}/pics/p, 3.png",2\n')
     bundle = load_dataset("imagefolder", tmp_path, val_split=0, image_size=8)
     assert bundle.spec.labels == ("2", "10")  # numeric labels sort as numbers
+    (tmp_path / "test.csv").unlink()
+    for odd in ("\u00b2", "--1"):  # int() refuses these: they sort as text, with no traceback
+        (tmp_path / "train.csv").write_text(f'"pics/p, 0.png",{odd}\n"pics/p, 1.png",2\n')
+        assert load_dataset("imagefolder", tmp_path, val_split=0, image_size=8).spec.labels == tuple(sorted([odd, "2"]))
     assert bundle.train.labels.tolist() == [1, 0, 1] and bundle.test.labels.tolist() == [0]
     assert torch.equal(bundle.train.images[1], torch.from_numpy(images[1]).permute(2, 0, 1))
     assert torch.equal(bundle.test.images[0], torch.from_numpy(images[3]).permute(2, 0, 1))
@@ -333,11 +337,16 @@ def test_list_file_instead_of_class_folders(tmp_path):
         ("a.png,x\nb.png,w\n", "a.png,y\n", "test.csv: label(s) 'y' are not classes of the training split"),
         ("a.png,x\nb.png,w\n# c\n./a.png,x\n", None, "train.csv lines 1 and 4 both list './a.png' (the same file)"),
         ("a.png,x\nb.png,w\nb.png,x\n", None, "train.csv lines 2 and 3 both list 'b.png' (the same file)"),
+        ("a.png,x\nsub/../b.png,w\nb.png,x\n", None, "train.csv lines 2 and 3 both list 'b.png' (the same file)"),
+        ("a.png,x\nb.png,w\nlinked.png,x\n", None, "train.csv lines 2 and 3 both list 'linked.png' (the same"),
+        ("a\0.png,x\nb.png,w\n", None, "train.csv line 1: the path holds a NUL character"),
     ],
 )
 def test_list_file_problems_are_one_line(tmp_path, train, test, problem):
     save(tmp_path / "a.png", Image.new("RGB", (8, 8)))
     save(tmp_path / "b.png", Image.new("RGB", (8, 8)))
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "linked.png").symlink_to(tmp_path / "b.png")
     (tmp_path / "train.csv").write_text(train)
     if test:
         (tmp_path / "test.csv").write_text(test)
