@@ -113,7 +113,12 @@ def _unwrap(payload: Any, path: Path) -> dict[str, torch.Tensor]:
         if isinstance(payload, dict) and isinstance(payload.get(key), dict):
             payload = payload[key]
             break
-    tensors = {k: v for k, v in payload.items() if torch.is_tensor(v)} if isinstance(payload, dict) else {}
+    # a state dict names its parameters: entries under other keys (an int, a tuple) can match no student's
+    tensors = (
+        {k: v for k, v in payload.items() if isinstance(k, str) and torch.is_tensor(v)}
+        if isinstance(payload, dict)
+        else {}
+    )
     if not tensors:
         raise OkdpipeError(
             f"--init {path}: holds no state dict of tensors; save one with torch.save(model.state_dict())"
@@ -137,9 +142,14 @@ def match(target: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], whe
         if key not in target:
             continue
         want = target[key]
+        if want.is_floating_point() and not value.is_floating_point():  # int8, bool, complex: not these weights
+            raise OkdpipeError(
+                f"--init {where}: {key} holds {str(value.dtype).removeprefix('torch.')} values, the students' "
+                f"{str(want.dtype).removeprefix('torch.')}; save the floating-point weights (not a quantized model)"
+            )
         if value.shape == want.shape:
             loaded[key] = value.to(want.dtype)
-        elif key.startswith("classifier.") and value.shape[0] != want.shape[0] and value.shape[1:] == want.shape[1:]:
+        elif key.startswith("classifier.") and _other_class_count(value, want):
             reinitialised.append(key)
         elif key == first_conv and _same_but_input(value, want) and _adaptable(value.shape[1], want.shape[1]):
             loaded[key] = adapt_input_channels(value, want.shape[1]).to(want.dtype)
@@ -171,6 +181,11 @@ def match(target: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], whe
         "missing": missing,
         "unexpected": unexpected,
     }
+
+
+def _other_class_count(value: torch.Tensor, want: torch.Tensor) -> bool:
+    """A classifier weight [classes, ...] or bias [classes] for another number of classes."""
+    return value.dim() == want.dim() >= 1 and value.shape[0] != want.shape[0] and value.shape[1:] == want.shape[1:]
 
 
 def _adaptable(file_channels: int, dataset_channels: int) -> bool:

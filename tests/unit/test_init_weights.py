@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -134,6 +135,25 @@ def test_anything_else_that_does_not_fit_is_one_line(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 16)
     with pytest.raises(OkdpipeError, match="not a readable .safetensors file"):
         initialise(Students("resnet8", 1, 4, 3), tmp_path / "junk.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda state: {index: value for index, value in enumerate(state.values())}, "holds no state dict of tensors"),
+        (lambda state: {**state, "classifier.weight": torch.tensor(1.0)}, "classifier.weight has shape [] in the file"),
+        (lambda state: {**state, "classifier.bias": torch.zeros(4, dtype=torch.int8)}, "holds int8 values, the"),
+        (lambda state: {**state, "classifier.bias": torch.zeros(4, dtype=torch.complex64)}, "holds complex64 values"),
+    ],
+    ids=["integer keys", "0-dim classifier", "int8 weights", "complex weights"],
+)
+def test_a_state_dict_of_the_wrong_kind_is_one_line_not_a_traceback(tmp_path, change, message):
+    """Integer keys gave an AttributeError and a 0-dim classifier an IndexError; int8 and complex weights were cast
+    to float silently (the imaginary part dropped)."""
+    torch.save(change(create_model("resnet8", 4, 3).state_dict()), tmp_path / "odd.pt")
+    with pytest.raises(OkdpipeError, match=re.escape(message)) as error:
+        initialise(Students("resnet8", 1, 4, 3), tmp_path / "odd.pt")
+    assert "\n" not in str(error.value)
 
 
 def test_a_pickled_module_is_refused_in_one_whole_sentence_with_the_fix(tmp_path):
