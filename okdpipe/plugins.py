@@ -30,6 +30,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator
 
 from okdpipe.errors import OkdpipeError
+from okdpipe.files import missing_or_kind
 
 ENTRY_POINT_GROUP = "okdpipe.plugins"
 ENVIRONMENT = "OKDPIPE_PLUGINS"
@@ -92,14 +93,16 @@ def _import_module(name: str) -> str:
         raise _failed(name, exc) from None
     except OkdpipeError:
         raise
-    except Exception as exc:  # a plug-in may raise anything while registering
+    except (Exception, SystemExit) as exc:  # a plug-in may raise anything while registering, even sys.exit()
         raise _failed(name, exc) from None
     return name
 
 
 def _import_file(path: Path) -> str:
     if not path.is_file():
-        raise OkdpipeError(f"plug-in file {path} not found; pass an existing .py file or a module name")
+        raise OkdpipeError(
+            f"plug-in file {path}: {missing_or_kind(path, 'a .py file')}; pass a .py file or a module name"
+        )
     name = path.stem
     if name in sys.modules:
         loaded = getattr(sys.modules[name], "__file__", None)
@@ -111,7 +114,7 @@ def _import_file(path: Path) -> str:
     sys.modules[name] = module
     try:
         module_spec.loader.exec_module(module)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         del sys.modules[name]
         raise exc if isinstance(exc, OkdpipeError) else _failed(str(path), exc) from None
     return name
@@ -160,7 +163,7 @@ def load_installed() -> list[Plugin]:
             target = entry.load()
             if callable(target) and not isinstance(target, type(sys)):
                 target()
-        except Exception as exc:  # one broken package must not break every command: skipped, and remembered
+        except (Exception, SystemExit) as exc:  # one broken package must not break every command: skipped
             _skip_broken(f"{entry.name} = {entry.value}", exc)
             continue
         dist = getattr(entry, "dist", None)

@@ -18,7 +18,7 @@ from torch import nn
 
 from okdpipe.config import RECIPE_KEYS, arch_names
 from okdpipe.distill.models.contract import check_interface
-from okdpipe.distill.models.external import check_external, create_external, is_external
+from okdpipe.distill.models.external import check_external, create_external, first_line, is_external
 from okdpipe.errors import OkdpipeError
 from okdpipe.plugins import provider
 from okdpipe.registry import Registry
@@ -124,11 +124,20 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, **kwargs: An
         return create_external(name, num_classes, in_channels, **kwargs)
     builder = registered_builder(name)
     _check_options(name, builder, kwargs)
-    model = builder(num_classes=num_classes, in_channels=in_channels, **kwargs)
+    source = provider(builder)
+    try:
+        model = builder(num_classes=num_classes, in_channels=in_channels, **kwargs)
+    except Exception as exc:
+        if not source:  # okdpipe's own builders: a failure is okdpipe's bug and keeps its traceback
+            raise
+        raise OkdpipeError(
+            f"backbone {name!r} from plug-in {source.get('plugin', '?')!r}: its builder failed for {num_classes} "
+            f"classes and {in_channels} input channels ({type(exc).__name__}: {first_line(exc)}); fix the plug-in"
+        ) from None
     check_interface(model, name)
     model.arch = name
     model.arch_kwargs = dict(kwargs)
-    model.arch_source = provider(builder)
+    model.arch_source = source
     return model
 
 

@@ -47,7 +47,7 @@ def check_contract(
         fmap, maps = model.forward_features(x, return_stages=True)
         pooled = model.pool(fmap)
         logits, whole = model.classifier(pooled), model(x)
-    except (RuntimeError, ValueError, AssertionError, TypeError, AttributeError, IndexError) as exc:
+    except Exception as exc:  # plug-in and library code may raise any type: each is this backbone's failure
         shape = "x".join(map(str, image_shape))
         raise OkdpipeError(
             f"backbone {arch!r} fails a forward pass on a batch of {shape} (CxHxW) images ({first_line(exc)}); "

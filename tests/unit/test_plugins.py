@@ -101,8 +101,15 @@ def test_model_file_records_the_plugin_and_loading_without_it_names_it(plugin_fi
 def test_a_missing_or_broken_plugin_is_one_line_naming_it(tmp_path, clean_environment):
     with pytest.raises(OkdpipeError, match=r"^plug-in 'okdpipe_no_such_plugin' not found: install"):
         plugins.load_plugins(["okdpipe_no_such_plugin"])
-    with pytest.raises(OkdpipeError, match=r"^plug-in file .*absent\.py not found"):
+    with pytest.raises(OkdpipeError, match=r"^plug-in file .*absent\.py: no such \.py file; pass"):
         plugins.load_plugins([str(tmp_path / "absent.py")])
+    (tmp_path / "plug.py").mkdir()
+    with pytest.raises(OkdpipeError, match=r"^plug-in file .*plug\.py: is a folder, not a \.py file; pass"):
+        plugins.load_plugins([str(tmp_path / "plug.py")])
+    exits = tmp_path / "okdpipe_test_exiting_plugin.py"
+    exits.write_text("import sys\nsys.exit(0)\n")  # the run went on to exit 0, having done nothing
+    with pytest.raises(OkdpipeError, match=r"failed to load \(SystemExit: 0\)"):
+        plugins.load_plugins([str(exits)])
     broken = tmp_path / "okdpipe_test_broken_plugin.py"
     broken.write_text("raise RuntimeError('the registration went wrong')\n")
     with pytest.raises(OkdpipeError) as error:
@@ -224,6 +231,22 @@ CONTRACT_BREAKERS = textwrap.dedent(
     @MODELS.register("contract_not_a_backbone")
     def not_a_backbone(num_classes, in_channels=3):
         return nn.Linear(in_channels, num_classes)
+
+
+    class LooksUp(Backbone):
+        def forward_features(self, x, return_stages=False):
+            raise KeyError("layer4")  # a plug-in's own bug, of a type torch never raises
+
+
+    @MODELS.register("contract_forward_raises")
+    def forward_raises(num_classes, in_channels=3):
+        b = small(num_classes, in_channels)
+        return LooksUp(b.stem, b.stages, b.classifier, [8])
+
+
+    @MODELS.register("contract_builder_raises")
+    def builder_raises(num_classes, in_channels=3):
+        return Backbone(nn.Identity(), [], nn.Identity(), [8])  # no nn.Linear classifier: Backbone refuses
     '''
 )
 
@@ -254,6 +277,22 @@ def test_a_backbone_breaking_the_contract_is_one_line_naming_the_shapes(
     with pytest.raises(OkdpipeError) as error:
         check_contract(model, arch, 3, (1, 8, 8), features=features, stages=False)
     assert str(error.value).startswith(f"backbone {arch!r} {message}")
+
+
+def test_a_plugin_backbone_that_raises_in_its_builder_or_forward_is_one_line(contract_plugin, clean_environment):
+    """Any exception type from plug-in code: a KeyError in forward and a builder's failure were tracebacks."""
+    from okdpipe.distill.models import create_model
+    from okdpipe.distill.models.contract import check_contract
+
+    plugins.load_plugins([str(contract_plugin)])
+    model = create_model("contract_forward_raises", num_classes=3, in_channels=1)
+    with pytest.raises(OkdpipeError, match=r"backbone 'contract_forward_raises' fails a forward pass .*'layer4'"):
+        check_contract(model, "contract_forward_raises", 3, (1, 8, 8), features=False, stages=False)
+    with pytest.raises(OkdpipeError) as error:
+        create_model("contract_builder_raises", num_classes=3, in_channels=1)
+    message = str(error.value)
+    assert message.startswith(f"backbone 'contract_builder_raises' from plug-in '{contract_plugin}'")
+    assert "its builder failed for 3 classes and 1 input channels" in message and message.endswith("fix the plug-in")
 
 
 def test_features_and_stage_maps_are_checked_only_where_the_method_reads_them(clean_environment):
