@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from okdpipe.contracts.card import Preprocess
-from okdpipe.contracts.pixels import IMAGE_FORMATS, MAX_IMAGE_PIXELS, image_pixels
+from okdpipe.contracts.pixels import IMAGE_FORMATS, MAX_IMAGE_PIXELS, UnsupportedImage, image_pixels
 from okdpipe.serve.protocol import ClientError
 
 _BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
@@ -40,6 +40,8 @@ def _decode_pixels(data: bytes, recipe: Preprocess) -> np.ndarray:
                 return image_pixels(image, recipe.channels, (recipe.height, recipe.width), recipe.resize)
     except ClientError:
         raise
+    except UnsupportedImage as error:
+        raise ClientError(400, f"image cannot be classified: {error}") from None
     except UnidentifiedImageError:
         formats = ", ".join(IMAGE_FORMATS)
         raise ClientError(

@@ -31,6 +31,10 @@ MAX_IMAGE_PIXELS = 4096 * 4096
 IMAGE_CHANNELS = tuple(_TARGET_MODES)  # what an image file converts to; a model of other channels takes tensors
 
 
+class UnsupportedImage(ValueError):
+    """A decodable image whose values okdpipe cannot turn into 8-bit pixels without inventing a scale."""
+
+
 def image_pixels(image: Image.Image, channels: int, size: tuple[int, int], policy: str = "stretch") -> np.ndarray:
     """uint8 [H, W, channels]: upright (EXIF), converted to `channels`, brought to `size` = (H, W) by `policy`."""
     if policy not in RESIZE_POLICIES:
@@ -56,8 +60,15 @@ def to_channels(image: Image.Image, channels: int) -> Image.Image:
     target = _TARGET_MODES.get(channels)
     if target is None:
         raise ValueError(f"channels must be 1 or 3, got {channels}")
+    if image.mode == "F" or image.mode.startswith("I;32"):
+        raise UnsupportedImage(
+            f"{image.mode!r} images (floating-point or 32-bit) have no 8-bit reading; save 8 or 16 bit"
+        )
     if image.mode in SIXTEEN_BIT_MODES:
-        wide = np.asarray(image, dtype=np.uint32) >> 8
+        values = np.asarray(image)
+        if values.size and (values.min() < 0 or values.max() > 0xFFFF):  # mode "I" holds 32-bit integers too
+            raise UnsupportedImage("a 32-bit integer image with values beyond 16 bits; save 8 or 16 bit")
+        wide = values.astype(np.uint32) >> 8
         image = Image.fromarray(wide.clip(0, 255).astype(np.uint8))
     elif image.mode in ("P", "PA"):
         image = image.convert("RGBA")

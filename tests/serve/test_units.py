@@ -403,6 +403,12 @@ def _saved(image_format: str) -> bytes:
     return buffer.getvalue()
 
 
+def _float_tiff() -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((4, 4), 0.5, np.float32)).save(buffer, format="TIFF")
+    return buffer.getvalue()
+
+
 def _huge_png_header() -> bytes:
     """A valid 1-pixel PNG whose header claims 5000 x 5000 pixels: refused before any decoding."""
     png = bytearray(_png(np.zeros((1, 1), np.uint8), "L"))
@@ -418,6 +424,7 @@ def _huge_png_header() -> bytes:
         (b"not an image", "unknown format"),
         (_saved("EPS"), "unknown format"),  # Pillow would run Ghostscript on these bytes
         (_saved("ICO"), "unknown format"),
+        (_float_tiff(), "image cannot be classified: 'F' images (floating-point or 32-bit) have no 8-bit reading"),
         (_png(np.zeros((4, 4), np.uint8), "L")[:30], "not a decodable image"),
         (_huge_png_header(), "image of 5000x5000 pixels is too large"),
     ],

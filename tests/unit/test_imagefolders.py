@@ -129,6 +129,24 @@ def test_an_image_serve_would_refuse_as_too_large_is_a_bad_image_in_training(tmp
         ImageDecoder((4, 4), 1).pixels(bytes(png))
 
 
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (np.linspace(0, 1, 16, dtype=np.float32).reshape(4, 4), "'F' images (floating-point or 32-bit) have no 8-bit"),
+        (np.full((4, 4), 70_000, np.int32), "a 32-bit integer image with values beyond 16 bits"),
+    ],
+    ids=["float TIFF", "32-bit TIFF"],
+)
+def test_an_image_with_no_8_bit_reading_is_a_bad_image_not_a_flat_one(values, message):
+    """A float TIFF in [0, 1] decoded to all 0 and a 32-bit one to all 255, silently (and /classify agreed)."""
+    from okdpipe.datasets.decoding import BadImage, ImageDecoder
+
+    buffer = io.BytesIO()
+    Image.fromarray(values).save(buffer, format="TIFF")
+    with pytest.raises(BadImage, match=re.escape(message)):
+        ImageDecoder((4, 4), 1).pixels(buffer.getvalue())
+
+
 @pytest.mark.parametrize("image_format", ["EPS", "ICO", "TGA"])
 def test_a_format_outside_the_read_list_is_a_bad_image_whatever_its_suffix(tmp_path, image_format):
     """Pillow opens EPS by running Ghostscript on the file's bytes; serve's /classify refuses these formats, so
