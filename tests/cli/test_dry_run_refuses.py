@@ -32,13 +32,22 @@ from tests.cli.test_conventions import (  # noqa: F401  (fixtures)
 
 
 def okdpipe_in_process(*args, cwd: Path) -> SimpleNamespace:
-    """`okdpipe ARGS` run in this process from `cwd`, with what assert_usage_error reads."""
-    previous = Path.cwd()
+    """`okdpipe ARGS` run in this process from `cwd`, with what assert_usage_error reads. What a run changes in
+    the process (the folder, the plug-ins it loaded and names to child processes) is put back after it: later
+    tests in the same process must not inherit a plug-in."""
+    from okdpipe import plugins
+
+    previous, named, loaded = Path.cwd(), list(plugins._named), dict(plugins._loaded)
+    environment = os.environ.get(plugins.ENVIRONMENT)
     os.chdir(cwd)
     try:
         result = CliRunner().invoke(app, [str(arg) for arg in args], env={"COLUMNS": "200"})
     finally:
         os.chdir(previous)
+        plugins._named[:], plugins._loaded = named, loaded
+        os.environ.pop(plugins.ENVIRONMENT, None)
+        if environment is not None:
+            os.environ[plugins.ENVIRONMENT] = environment
     return SimpleNamespace(returncode=result.exit_code, stdout=result.stdout, stderr=result.stderr)
 
 
