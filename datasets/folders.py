@@ -83,7 +83,8 @@ def scan_split(split_dir: Path, classes: tuple[str, ...]) -> tuple[list[Path], t
     if found != classes:
         missing, extra = sorted(set(classes) - set(found)), sorted(set(found) - set(classes))
         raise OkdpipeError(
-            f"{split_dir}: class folders differ from the training set's (missing {missing}, extra {extra})"
+            f"{split_dir}: class folders differ from the training set's (missing {missing}, extra {extra}); "
+            "give every split one folder per training class, each with at least one image"
         )
     paths, labels = [], []
     for label, name in enumerate(classes):

@@ -166,15 +166,15 @@ def check_config(cfg: DistillConfig) -> tuple[type[Method], Hparams, list[str]]:
     parameters, one arch per student."""
     method_cls = METHODS.get(cfg.method)
     count = cfg.students or method_cls.default_students
+    archs = student_archs(cfg, count)
+    for arch in dict.fromkeys(archs):
+        check_arch(arch)
+    method_cls.check_archs(cfg.method, archs)  # before the count: adding students would not help a refused mix
     if count < method_cls.min_students:
         raise OkdpipeError(f"--method {cfg.method} needs at least {method_cls.min_students} students, got {count}")
     hp = validate_params(method_cls.Params, cfg.method_params, cfg.method)
     if cfg.fused and not method_cls.fusable:
         raise OkdpipeError(f"--fused: method {cfg.method} needs per-student modules; train it without --fused")
-    archs = student_archs(cfg, count)
-    for arch in dict.fromkeys(archs):
-        check_arch(arch)
-    method_cls.check_archs(cfg.method, archs)
     check_options(cfg.dataset, DATASETS.get(cfg.dataset), cfg.data_options)
     return method_cls, hp, archs
 

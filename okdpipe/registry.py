@@ -5,12 +5,14 @@ loads the pending ones (installed entry points, the environment's OKDPIPE_PLUGIN
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
 from okdpipe.errors import OkdpipeError
 
 T = TypeVar("T")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # what --arch a,b / timm:NAME / a config list can select
 
 
 class Registry(Generic[T]):
@@ -21,6 +23,12 @@ class Registry(Generic[T]):
         self._items: dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
+        if not isinstance(name, str) or not NAME.fullmatch(name):  # a plug-in's mistake, at its import: one line
+            raise ValueError(
+                f"{self.kind} name {name!r} cannot be selected: use letters, digits, '_', '-' and '.' only "
+                "(no ',' which separates names, no ':' which marks timm:/torchvision:, no spaces)"
+            )
+
         def add(obj: T) -> T:
             if name in self._items:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")

@@ -193,9 +193,16 @@ class FFSD(Method):
         super().__init__(students, hp, num_classes)
         stage_channels = students.members[0].stage_channels
         if len(stage_channels) < 2:
+            library = ":" in students.arch  # timm:/torchvision: students expose their final feature map only
             raise OkdpipeError(
                 f"--method ffsd needs a backbone with at least 2 stages, {students.arch} has "
-                f"{len(stage_channels)}; choose another --arch"
+                f"{len(stage_channels)}"
+                + (
+                    "; ffsd reads intermediate stage maps, which only okdpipe's own backbones expose: choose one "
+                    "(e.g. resnet20) or another --method"
+                    if library
+                    else "; choose another --arch"
+                )
             )
         self.common = students.count - 1
         channels = stage_channels[-1]

@@ -53,6 +53,7 @@ def test_dml_pair_of_two_architectures_trains_selects_exports_and_benches(tmp_pa
     [
         (["--method", "pcl", "--arch", "resnet8,resnet20,resnet8"], "--method pcl cannot train peers of different"),
         (["--method", "one", "--arch", "resnet8,resnet20"], "--method one cannot train peers of different"),
+        (["--method", "ffsd", "--arch", "resnet8,resnet20"], "--method ffsd cannot train peers of different"),
         (["--method", "okdph", "--arch", "resnet8,resnet20"], "averages the students' weights"),
         (["--method", "dml", "--arch", "resnet8,resnet20", "--fused"], "--fused runs peers of one architecture"),
         (["--method", "dml", "--arch", "resnet8,resnet20", "--students", "3"], "arch names 2 architectures"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -523,4 +524,15 @@ def test_the_cache_remembers_bad_files(tmp_path, monkeypatch):
         load_dataset("imagefolder", tmp_path / "data", val_split=0, image_size=8)
     assert (
         len(load_dataset("imagefolder", tmp_path / "data", val_split=0, image_size=8, skip_bad_images=True).train) == 6
+    )
+
+
+def test_a_split_missing_a_training_class_is_one_line_with_the_fix(tmp_path):
+    write_image_folder(tmp_path, {"train": 6, "val": 3}, ["a", "b", "c"], size=8)
+    shutil.rmtree(tmp_path / "val" / "b")
+    with pytest.raises(OkdpipeError) as error:
+        load_dataset("imagefolder", tmp_path, image_size=8)
+    assert str(error.value) == (
+        f"{tmp_path / 'val'}: class folders differ from the training set's (missing ['b'], extra []); give every "
+        "split one folder per training class, each with at least one image"
     )

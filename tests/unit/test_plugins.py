@@ -396,3 +396,14 @@ def test_relative_plugin_files_and_data_dirs_are_recorded_as_absolute_paths(plug
     cfg = DistillConfig(plugins=[relative], arch="filecnn", data_dir="../images")
     assert cfg.plugins == [str(plugin_file.resolve())]
     assert cfg.data_dir == str(tmp_path / "images")
+
+
+@pytest.mark.parametrize("name", ["a,b", "timm:evil", "two words", "", "-dash", "naïve\u00a0"])
+def test_a_name_no_flag_could_select_is_refused_when_registered(tmp_path, clean_environment, name):
+    """`a,b` splits into two names and `timm:evil` goes to timm: a plug-in registering either could never be
+    selected. Loading it is one line naming the name."""
+    plugin = tmp_path / f"okdpipe_test_badname_{abs(hash(name))}.py"
+    plugin.write_text(f"from okdpipe.distill.models import MODELS\nMODELS.register({name!r})(lambda **_: None)\n")
+    with pytest.raises(OkdpipeError) as error:
+        plugins.load_plugins([str(plugin)])
+    assert f"backbone name {name!r} cannot be selected" in str(error.value) and "\n" not in str(error.value)
