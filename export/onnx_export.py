@@ -18,7 +18,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from okdpipe.errors import GateFailed, OkdpipeError
-from okdpipe.files import disk_error
+from okdpipe.files import disk_error, full_disk_message
 from okdpipe.interrupts import reraise_interrupt
 
 INPUT_NAME = "input"
@@ -45,7 +45,7 @@ def export_onnx(model, input_shape: tuple[int, int, int], path: str | os.PathLik
         reraise_interrupt(exc)  # Ctrl-C or SIGTERM inside one of torch's lazy imports: an interrupt, not a failure
         full = disk_error(exc)
         if full:
-            raise OkdpipeError(f"{path}: cannot write ({full.strerror}); free space or choose another --out") from None
+            raise OkdpipeError(full_disk_message(path, full.strerror)) from None
         operator = unsupported_operator(exc)
         if operator:
             raise OkdpipeError(

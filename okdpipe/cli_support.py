@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 import typer
 
 from okdpipe.errors import OkdpipeError
-from okdpipe.files import disk_error, path_error, path_error_message
+from okdpipe.files import disk_error, full_disk_message, path_error, path_error_message
 
 TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # a stop request; a closed terminal or ssh session
 REDELIVER_AFTER_S = 0.05  # a swallowed interrupt's signal is sent again this long after (_redeliver_swallowed)
@@ -91,8 +91,7 @@ def _reported(command: Callable, *args, **kwargs):
     except Exception as exc:
         full, bad_path = disk_error(exc), path_error(exc)
         if full is not None:
-            where = f"{full.filename}: " if full.filename else ""
-            fail(f"{where}cannot write ({full.strerror}); free space or choose another --out", 2)
+            fail(full_disk_message(full.filename, full.strerror), 2)
         if bad_path is None:
             raise
         fail(path_error_message(bad_path), 2)

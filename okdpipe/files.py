@@ -142,19 +142,26 @@ def writes_into(folder: Path) -> Iterator[None]:
             raise  # the error names its file already
         if full is None and not disk_nearly_full(folder):
             raise
-        raise OkdpipeError(
-            f"{folder}: cannot write ({full.strerror if full else 'the disk is full'}); free space or choose "
-            "another --out"
-        ) from None
+        raise OkdpipeError(full_disk_message(folder, full.strerror if full else "the disk is full")) from None
+
+
+def full_disk_message(where: str | os.PathLike | None, reason: str) -> str:
+    """The one line for a write the disk refused (full, quota, read-only), naming where when that is known."""
+    prefix = f"{where}: " if where else ""
+    return f"{prefix}cannot write ({reason}); free space or choose another --out"
 
 
 def disk_nearly_full(folder: Path, margin: int = 1 << 20) -> bool:
     """Less than `margin` bytes free on the file system that holds `folder` (or its nearest existing parent)."""
-    existing = next((p for p in [folder, *folder.parents] if p.exists()), Path("/"))
     try:
-        return shutil.disk_usage(existing).free < margin
+        return shutil.disk_usage(nearest_existing(folder)).free < margin
     except OSError:
         return False
+
+
+def nearest_existing(path: Path) -> Path:
+    """`path` itself or its nearest ancestor that exists (the root always does)."""
+    return next(ancestor for ancestor in [path, *path.parents] if ancestor.exists())
 
 
 def path_error(exc: BaseException) -> OSError | None:
@@ -326,7 +333,7 @@ def check_can_create_folder(folder: str | os.PathLike, what: str) -> None:
     ancestor must be a folder in which a folder can really be made (permission bits say nothing to root, nor about
     /proc or a read-only mount, so a probe folder is made and removed)."""
     folder = Path(folder)
-    existing = next(ancestor for ancestor in [folder, *folder.parents] if ancestor.exists())
+    existing = nearest_existing(folder)
     if not existing.is_dir():
         raise OkdpipeError(f"{what} {folder}: {existing} is {kind_of(existing)}, not a folder; choose another path")
     try:
