@@ -8,9 +8,8 @@ from typing import Any, Literal, Optional
 from pydantic import Field, field_validator
 from pydantic_core import PydanticCustomError
 
-from okdpipe.files import recorded_path
 from okdpipe.plugins import PLUGINS_HELP, PluginNames
-from okdpipe.stage_config import StageConfig
+from okdpipe.stage_config import RecordedPath, StageConfig
 
 MAX_BATCH = 65536
 PROVIDER_NAMES = ("cpu", "cuda")
@@ -23,7 +22,7 @@ class BenchConfig(StageConfig):
     )
     provider: Literal["cpu", "cuda"] = Field("cpu", description="ONNX Runtime execution provider")
     dataset: Optional[str] = Field(None, description="dataset for accuracy; default: the card's")
-    data_dir: Optional[str] = Field(None, description="dataset directory; default: the model file's record")
+    data_dir: RecordedPath = Field(None, description="dataset directory; default: the model file's record")
     max_samples: Optional[int] = Field(None, ge=1, description="use at most this many test images")
     compare_pytorch: bool = Field(True, description="time the PyTorch model beside the ONNX artifacts")
     compare_ensemble: bool = Field(True, description="time the peer ensemble beside the ONNX artifacts")
@@ -31,11 +30,6 @@ class BenchConfig(StageConfig):
     min_seconds: float = Field(1.0, gt=0, le=3600, description="time each batch size at least this long (s)")
     gates: list[str] = Field(default_factory=list, description="gates such as 'top1>=0.90', 'p99_ms@1<=baseline*1.1'")
     plugins: PluginNames = Field(default_factory=list, description=PLUGINS_HELP + " (a model file names its own)")
-
-    @field_validator("data_dir")
-    @classmethod
-    def _data_dir_absolute(cls, value: Optional[str]) -> Optional[str]:
-        return recorded_path(value)
 
     @field_validator("provider", mode="before")
     @classmethod

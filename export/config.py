@@ -5,13 +5,12 @@ export touches its destination."""
 from __future__ import annotations
 
 import re
-from typing import Literal, Optional
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from okdpipe.files import recorded_path
 from okdpipe.plugins import PLUGINS_HELP, PluginNames
-from okdpipe.stage_config import StageConfig
+from okdpipe.stage_config import RecordedPath, StageConfig
 
 # Opsets 18+ come from torch's dynamo exporter, 13-17 from its TorchScript exporter (the dynamo exporter builds
 # nothing below 18 and its down-conversion fails on ordinary CNNs). Outside this range the export is refused.
@@ -45,16 +44,11 @@ class ExportConfig(StageConfig):
     qat_temperature: float = Field(4.0, gt=0, le=100, description="QAT distillation temperature T")
     qat_batch_size: int = Field(128, ge=1, le=65536, description="QAT training batch size (images)")
     qat_seed: int = Field(0, ge=0, le=2**31 - 1, description="QAT seed: batch order and augmentation")
-    data_dir: Optional[str] = Field(None, description="dataset directory, overriding the one the model file records")
+    data_dir: RecordedPath = Field(None, description="dataset directory, overriding the one the model file records")
     parity_batch: int = Field(32, ge=2, le=4096, description="validation images in the parity check's batch")
     triton_max_batch_size: int = Field(64, ge=1, le=1 << 16, description="Triton max_batch_size")
     triton_instance: Literal["cpu", "gpu"] = Field("cpu", description="Triton instance_group kind")
     plugins: PluginNames = Field(default_factory=list, description=PLUGINS_HELP + " (a model file names its own)")
-
-    @field_validator("data_dir")
-    @classmethod
-    def _data_dir_absolute(cls, value: Optional[str]) -> Optional[str]:
-        return recorded_path(value)
 
     @field_validator("tune_budget", mode="before")
     @classmethod

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from okdpipe.errors import OkdpipeError
 from okdpipe.files import MAX_INT_DIGITS, read_user_file, recorded_path
 from okdpipe.plugins import PLUGINS_HELP, PluginNames
+from okdpipe.stage_config import RecordedPath
 
 MAX_CONFIG_BYTES = 1 << 20  # configs are a few hundred bytes; a bigger file is a mistake or an attack
 MAX_YAML_DEPTH = 32  # the deepest okdpipe config nests 3 levels
@@ -40,7 +41,7 @@ class DistillConfig(Strict):
     arch: str = Field("resnet20", description="a registered backbone, timm:NAME or torchvision:NAME")
     students: Optional[int] = Field(None, ge=1, le=16, description="number of peers; None = the method's default")
     dataset: str = "fashion-mnist"
-    data_dir: Optional[str] = None
+    data_dir: RecordedPath = None
     val_split: float = Field(0.1, ge=0.0, lt=1.0, description="fraction of train held out for every choice")
     train_subset: Optional[int] = Field(None, ge=1, description="images per class kept for training")
     epochs: int = Field(2, ge=1, le=100_000)
@@ -103,11 +104,6 @@ class DistillConfig(Strict):
     mlflow_uri: Optional[str] = Field(
         None, description="MLflow tracking URI; None = $MLFLOW_TRACKING_URI, else a file store ./mlruns"
     )
-
-    @field_validator("data_dir")
-    @classmethod
-    def _data_dir_absolute(cls, value: Optional[str]) -> Optional[str]:
-        return recorded_path(value)
 
     @field_validator("init")
     @classmethod

@@ -9,13 +9,16 @@ its pipeline section is that model, and its Python function takes it. A command 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, Optional, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
 from okdpipe.errors import OkdpipeError
+from okdpipe.files import recorded_path
 
 C = TypeVar("C", bound="StageConfig")
+# A folder or file the user names, kept absolute (files.recorded_path): records are read from other folders.
+RecordedPath = Annotated[Optional[str], AfterValidator(recorded_path)]
 
 
 class StageConfig(BaseModel):
