@@ -213,6 +213,21 @@ def check_triton_models(out_dir: Path, ctx: ExportContext) -> None:
                     f"--out {out_dir}: {path} is not the {role} of an earlier Triton export ({instead}); "
                     "remove it or choose another --out"
                 )
+        check_nothing_else_in(place, out_dir, MODEL_VERSION)
+
+
+def check_nothing_else_in(place: Path, out_dir: Path, version: str) -> None:
+    """A Triton model folder holds what okdpipe writes there (config.pbtxt and version folder `version`) and
+    nothing else: another version (2/), a labels file or notes beside them would be dropped with the folder."""
+    if place.is_symlink() or not place.is_dir():
+        return
+    others = sorted(p.name for p in place.iterdir() if p.name not in ("config.pbtxt", version))
+    if others:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise OkdpipeError(
+            f"--out {out_dir}: {place} also holds {shown}, which okdpipe does not write (only config.pbtxt and "
+            f"version {version}/) and replacing the model would lose; move them out or choose another --out"
+        )
 
 
 def published_names(ctx: ExportContext) -> list[str]:

@@ -100,3 +100,23 @@ def test_a_pipe_in_a_model_this_export_does_not_publish_is_no_concern(model_file
     result = export(model_file, out, "--quantize", quantize, "--dry-run")
     assert result.exit_code == 0, result.output
     assert is_fifo(out / where)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "export"])
+@pytest.mark.parametrize("other", ["2/model.onnx", "labels.txt"], ids=["another version", "a labels file"])
+def test_what_else_a_replaced_model_folder_holds_is_refused_and_kept(model_file, tmp_path, other, dry_run):
+    """Triton serves every version folder of a model (and reads files its config names): okdpipe writes only
+    config.pbtxt and 1/, so anything else in a model folder it would replace is someone else's, refused and kept."""
+    out = tmp_path / "repo"
+    first = export(model_file, out)
+    assert first.exit_code == 0, first.output
+    extra = out / FP32_MODEL / other
+    extra.parent.mkdir(exist_ok=True)
+    extra.write_bytes(b"someone else's")
+    result = export(model_file, out, *(["--dry-run"] if dry_run else []))
+    assert result.exit_code == 2, result.output
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"error: --out {out}: {out / FP32_MODEL} also holds {other.split('/')[0]}, ")
+    assert "move them out or choose another --out" in line
+    assert extra.read_bytes() == b"someone else's"
