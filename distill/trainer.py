@@ -726,7 +726,9 @@ def train(
             if bad is not None:
                 stop_if_diverged(s, (epoch + 1) * len(s.train_loader) - 1, f"the weight {bad}")
             if cfg.precise_bn:  # every rank alike: the calibration sample is not sharded
+                started = time.perf_counter()
                 recalibrate_bn(s.students, s.calib_loader.epoch(0), BN_CALIBRATION_BATCHES, forward=on_view_0)
+                summary["precise_bn_seconds"] = time.perf_counter() - started  # its cost beside the epoch's "seconds"
             summary["val"] = evaluate(s, s.val_loader)
             stop_if_non_finite(s, epoch, summary, "validation")
             s.history.append(summary)

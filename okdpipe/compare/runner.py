@@ -112,6 +112,7 @@ def select_and_measure(out: Path, records: Path, name: str, seed: int) -> dict:
         },
         "candidates_val": {c["candidate"]: c for c in selection["candidates"]},
         "train_seconds": sum(e["seconds"] for e in state["epochs"]),
+        "precise_bn_seconds": sum(e.get("precise_bn_seconds", 0.0) for e in state["epochs"]),  # not in train_seconds
         "wall_seconds": wall_seconds(state),
         "students": state["students"]["count"],
         "config": state["config"],

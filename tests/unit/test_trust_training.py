@@ -429,6 +429,9 @@ def test_precise_bn_sets_statistics_from_the_calibration_sample_and_leaves_train
         run = RunDir(tmp_path / str(precise))
         fit(tiny(precise_bn=precise), run, echo=quiet)
         states[precise] = load_checkpoint(run)["students"]
+        epochs = [json.loads(line) for line in run.metrics_path.read_text().splitlines()]
+        timed = [e.get("precise_bn_seconds") for e in epochs if e.get("kind") == "epoch"]
+        assert all(t > 0 for t in timed) if precise else timed == [None] * len(timed)  # its cost is recorded
     plain, precise = states[False], states[True]
     statistics = ("running_mean", "running_var", "num_batches_tracked")
     assert all(torch.equal(plain[k], precise[k]) for k in plain if not k.endswith(statistics))
