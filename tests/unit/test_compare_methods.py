@@ -152,6 +152,14 @@ def test_summary_only_regenerates_results_md_tables_byte_for_byte(tmp_path):
     assert not (tmp_path / "runs").exists()  # nothing trained
 
 
+@pytest.mark.parametrize("name", ["fmnist-compare", "fmnist-mixed", "fmnist-int8"])
+def test_every_committed_protocol_reads_and_checks(name):
+    """The protocols RESULTS.md quotes are valid as committed: a typo would otherwise surface hours into a run."""
+    protocol = read_protocol(ROOT / "configs" / f"{name}.yaml")
+    check_entries(protocol)
+    assert protocol["records"] == f"results/{name}"
+
+
 def test_the_protocol_is_checked_before_anything_runs(tmp_path):
     protocol = yaml.safe_load((ROOT / "configs" / "fmnist-compare.yaml").read_text())
     assert read_protocol(ROOT / "configs" / "fmnist-compare.yaml") == protocol  # read as written
