@@ -66,10 +66,23 @@ def _replace_together(writers: dict[Path, Callable[[BinaryIO], None]]) -> None:
         raise
 
 
+def _refuse_broken_link(folder: Path, what: str) -> None:
+    """A folder to write into, or one of its ancestors, that is a link to nothing: creating it would fail with
+    "File exists" (a dangling link) or "Too many levels of symbolic links" (a loop), naming neither the link."""
+    broken = next((p for p in [folder, *folder.parents] if p.is_symlink() and not p.exists()), None)
+    if broken is not None:
+        raise OkdpipeError(
+            f"{what} {folder}: {broken} is a link to nothing (its target is missing, or it loops); "
+            "remove the link or choose another path"
+        )
+
+
 def _refuse_special(path: Path, what: str) -> None:
     """An existing target that is not a regular file (a device such as /dev/null, a FIFO, a socket, or a link to
     one) is never replaced: renaming over it would delete a device node as root, and writing into it loses the
-    output. A folder is named as such so the user passes a file path inside it."""
+    output. A folder is named as such so the user passes a file path inside it; a folder that is a link to nothing
+    is named as that."""
+    _refuse_broken_link(path.parent, what)
     if path.is_dir():
         raise OkdpipeError(f"{what} {path} is a folder; pass a file path such as {path / 'report.json'}")
     if path.exists() and not path.is_file():
@@ -333,6 +346,7 @@ def check_can_create_folder(folder: str | os.PathLike, what: str) -> None:
     ancestor must be a folder in which a folder can really be made (permission bits say nothing to root, nor about
     /proc or a read-only mount, so a probe folder is made and removed)."""
     folder = Path(folder)
+    _refuse_broken_link(folder, what)
     existing = nearest_existing(folder)
     if not existing.is_dir():
         raise OkdpipeError(f"{what} {folder}: {existing} is {kind_of(existing)}, not a folder; choose another path")

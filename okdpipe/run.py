@@ -104,9 +104,9 @@ class RunDir:
             raise OkdpipeError(f"{self.checkpoints}: not a folder; remove it or choose another --out")
         written = [self.config_path, self.manifest_path, self.metrics_path, self.root / LOCK_FILE, *more]
         for path in written:
-            if path.exists() and not path.is_file():
+            if path.is_symlink() or path.exists() and not path.is_file():
                 raise OkdpipeError(
-                    f"{path}: not a regular file (a folder, device, pipe or socket) where the run writes one; "
+                    f"{path}: not a regular file (a link, folder, device, pipe or socket) where the run writes one; "
                     "remove it or choose another --out"
                 )
 

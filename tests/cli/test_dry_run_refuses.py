@@ -106,6 +106,10 @@ MISTAKES = {
     "pipeline state file is a pipe": (["pipeline", "P:T/piped"], "pipeline.json is not a regular file"),
     "export precision folder is a pipe": (["export", "M", "--out", "T/piped"], "is not a folder of an earlier export"),
     "export lock file is a pipe": (["export", "M", "--out", "T/locked"], "is not the export's lock file"),
+    "distill run lock is a link": ([*DISTILL[:-1], "T/linkedlock"], ".lock: not a regular file (a link,"),
+    "distill out is a dangling link": ([*DISTILL[:-1], "T/dangling"], "dangling is a link to nothing"),
+    "export out below a link loop": (["export", "M", "--out", "T/loop/x"], "loop is a link to nothing"),
+    "select out below a dangling link": (["select", "R", "--out", "T/dangling/m.pt"], "dangling is a link to nothing"),
     "pipeline stage folder is a link": (["pipeline", "P:T/linked"], "export: not a folder of this pipeline"),
     "pipeline stage folder is a pipe": (["pipeline", "P:T/locked"], "distill: not a folder of this pipeline"),
     "bench batch size twice": (["bench", "A", *QUICK, "--batch-sizes", "1,1", "--report", "T/r.json"], "listed twice"),
@@ -194,6 +198,11 @@ def test_a_dry_run_refuses_what_the_real_run_refuses(artifact, model_file, finis
     (tmp_path / "locked").mkdir()
     for name in (".export.lock", "distill"):
         os.mkfifo(tmp_path / "locked" / name)
+    (tmp_path / "linkedlock").mkdir()
+    (tmp_path / "linkedlock" / ".lock").symlink_to(tmp_path / "list.yaml")  # writing the holder would clobber it
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop")
     (tmp_path / "linked").mkdir()
     (tmp_path / "linked" / "export").symlink_to(tmp_path, target_is_directory=True)  # out of OUT
     command = concrete(args, tmp_path, {"A": artifact, "M": model_file, "R": finished_run})

@@ -118,3 +118,42 @@ def test_numbers_json_allows_but_okdpipe_never_writes_are_refused(text, error, f
         files.loads_finite(text)
     assert fragment in str(raised.value)
     assert files.loads_finite('{"a": 1e300, "b": 12345678901234567890}') == {"a": 1e300, "b": 12345678901234567890}
+
+
+def loop(path: Path) -> None:
+    os.symlink(path.with_name("other"), path)
+    os.symlink(path, path.with_name("other"))
+
+
+@pytest.mark.parametrize("make", [lambda p: os.symlink(p.with_name("gone"), p), loop], ids=["dangling", "loop"])
+@pytest.mark.parametrize("below", ["", "run/x"], ids=["the folder", "an ancestor"])
+def test_a_folder_to_write_through_a_link_to_nothing_is_named_as_that(tmp_path, make, below):
+    """mkdir there says "File exists" or "Too many levels of symbolic links", naming neither the link nor the fix;
+    every writer (a run's --out, export's OUT, a report's files) checks folders the same way."""
+    link = tmp_path / "out"
+    make(link)
+    folder = link / below if below else link
+    expected = f"--out {folder}: {link} is a link to nothing (its target is missing, or it loops); remove the link"
+    with pytest.raises(OkdpipeError, match=re.escape(expected)):
+        files.check_can_create_folder(folder, "--out")
+    with pytest.raises(OkdpipeError, match=re.escape(f"{link} is a link to nothing")):
+        atomic_write_text(folder / "report.md", "x")
+
+
+@pytest.mark.timeout(30)  # opening a pipe's reading end would wait for a writer: fail instead of hanging
+@pytest.mark.parametrize("make", ["link", "fifo"])
+def test_a_lock_file_that_is_a_link_or_a_pipe_is_refused_and_left_alone(tmp_path, make):
+    """The lock's holder line is written into the lock file: through a link it would clobber someone's file."""
+    from okdpipe.locks import exclusive_lock
+
+    victim, lock = tmp_path / "victim.txt", tmp_path / ".lock"
+    victim.write_text("precious\n")
+    os.symlink(victim, lock) if make == "link" else os.mkfifo(lock)
+    fragment = "is a link, not" if make == "link" else "is not a regular file (a pipe or device), not"
+    with pytest.raises(OkdpipeError, match=re.escape(f"{lock} {fragment} okdpipe's lock file; remove it")):
+        with exclusive_lock(lock, "busy"):
+            pass
+    assert victim.read_text() == "precious\n" and (lock.is_symlink() if make == "link" else lock.is_fifo())
+    lock.unlink()
+    with exclusive_lock(lock, "busy"):  # the control: a regular lock file is created and holds the holder
+        assert lock.read_text().startswith(f"pid {os.getpid()} on ")
