@@ -84,7 +84,8 @@ def main() -> None:
         code = 0 if exc.ctx and exc.ctx.info_name == "okdpipe" else 2
     except click_errors.UsageError as exc:
         where = f"okdpipe {exc.ctx.info_name}" if exc.ctx and exc.ctx.info_name != "okdpipe" else "okdpipe"
-        typer.echo(f"error: {one_line(exc.format_message()).rstrip('.')}; see `{where} --help`", err=True)
+        message = one_line(exc.format_message()).replace("Value error, ", "").rstrip(".")  # a parser's ValueError
+        typer.echo(f"error: {message}; see `{where} --help`", err=True)
         code = 2
     except typer.Abort:
         typer.echo("error: interrupted (Ctrl-C)", err=True)

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import os
+import re
 import signal
 import sys
 import threading
+import typing
 from collections.abc import Callable, Iterator
 
 import typer
@@ -70,6 +73,8 @@ def friendly_errors(command: Callable) -> Callable:
     or read-only disk, or a path too long, looping or forbidden -> exit 2; Ctrl-C -> exit 130, SIGTERM -> 143,
     both after cleaning up. Bugs keep their traceback."""
 
+    plain_number_options(command)
+
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         in_main = threading.current_thread() is threading.main_thread()  # serve installs its own while it serves
@@ -77,6 +82,44 @@ def friendly_errors(command: Callable) -> Callable:
             return _reported(command, *args, **kwargs)
 
     return wrapper
+
+
+# A number typed as a flag reads as it does in a config file or `--set` (okdpipe/config.py's YAML 1.2 scalars):
+# digits 0-9, no `1_0` (Python's digit grouping), no padding spaces, no `10.0` for an integer. Words such as nan and
+# inf pass here, so that each option's own check says why it refuses them.
+PLAIN_INT = re.compile(r"[-+]?[0-9]+")
+PLAIN_FLOAT = re.compile(r"[-+]?(?:(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?|inf|infinity|nan)", re.I)
+
+
+def plain_number_options(command: Callable) -> None:
+    """Give every int or float option of `command` the plain-number parser above, instead of the lenient one the
+    CLI library would use (it reads `--epochs 1_0` as 10 and `--lr " 1.5 "` as 1.5, which YAML and --set refuse)."""
+    hints = typing.get_type_hints(command, include_extras=True)
+    for name, parameter in inspect.signature(command).parameters.items():
+        hint = hints.get(name)
+        infos = [parameter.default, *getattr(hint, "__metadata__", ())]
+        info = next((i for i in infos if isinstance(i, typer.models.ParameterInfo)), None)
+        kind = _number_kind(hint)
+        if info is not None and kind is not None and info.parser is None:
+            info.parser = functools.partial(_plain_number, kind)
+            command.__annotations__[name] = hint  # resolved: a string annotation would build a new option each read
+
+
+def _number_kind(hint) -> type | None:
+    """int or float for an annotation such as `int`, `Optional[float]` or `Annotated[Optional[int], ...]`."""
+    if typing.get_origin(hint) is typing.Annotated:
+        hint = typing.get_args(hint)[0]
+    kinds = {hint} if typing.get_origin(hint) is None else set(typing.get_args(hint)) - {type(None)}
+    return next(iter(kinds)) if len(kinds) == 1 and kinds <= {int, float} else None
+
+
+def _plain_number(kind: type, value):
+    if not isinstance(value, str):  # a default, already a number
+        return value
+    if not (PLAIN_INT if kind is int else PLAIN_FLOAT).fullmatch(value):
+        example = "42 or -3" if kind is int else "0.05, 5e-4 or 3"
+        raise ValueError(f"{value!r} is not a plain {'integer' if kind is int else 'number'} (e.g. {example})")
+    return kind(value)
 
 
 def _reported(command: Callable, *args, **kwargs):
