@@ -154,9 +154,10 @@ def recorded_source(info: ModelInfo, where: object) -> DataSource:
 def check_finite_weights(model, where: object) -> None:
     bad = non_finite_tensors(model.state_dict().items())
     if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise GateFailed(
-            f"{where}: weight {bad[0]} (and {len(bad) - 1} more) holds NaN or inf; the model "
-            "diverged and is not exported: retrain it with a lower --lr"
+            f"{where}: weight {bad[0]}{more} holds NaN or inf; the model diverged and is not exported: "
+            "retrain it with a lower --lr"
         )
 
 

@@ -221,9 +221,14 @@ def test_save_model_file_refuses_invalid_info(tmp_path, change, message):
 # ------------------------------------------------------------------------------------------------ export
 
 
-def test_a_nan_weight_exits_1_and_writes_nothing(model_file, tmp_path):
+@pytest.mark.parametrize(
+    ("tensor", "value"),
+    [("classifier.weight", float("nan")), ("stem.1.running_var", float("inf"))],
+    ids=["a parameter", "a BatchNorm buffer"],  # inf variance makes finite logits: parity alone would pass it
+)
+def test_a_nan_weight_exits_1_and_writes_nothing(model_file, tmp_path, tensor, value):
     def poison(payload):
-        payload["state_dict"]["classifier.weight"][0, 0] = float("nan")
+        payload["state_dict"][tensor].view(-1)[0] = value
         payload["weights_sha256"] = weights_sha256(payload["state_dict"])  # a consistent file, only NaN inside
 
     path = rewrite(model_file, tmp_path / "nan.pt", poison)
@@ -231,7 +236,7 @@ def test_a_nan_weight_exits_1_and_writes_nothing(model_file, tmp_path):
     out.mkdir()
     result = export_cli(path, "--out", out, "--opset", "13")
     assert result.exit_code == 1, result.output
-    assert result.output.startswith("error: ") and "NaN" in result.output
+    assert result.output.startswith(f"error: {path}: weight {tensor} holds NaN or inf; the model diverged")
     assert list(out.iterdir()) == []
     with pytest.raises(GateFailed):
         export_model(path, out, ExportConfig(opset=13))

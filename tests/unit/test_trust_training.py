@@ -67,9 +67,14 @@ def inf_weight(s, losses):
         next(s.students.parameters()).view(-1)[0] = float("inf")
 
 
-def test_a_nan_loss_stops_naming_epoch_and_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+def inf_loss(s, losses):
+    losses["loss"] = losses["loss"] * float("inf")
+
+
+@pytest.mark.parametrize("poison", [nan_loss, inf_loss], ids=["nan", "inf"])
+def test_a_nan_loss_stops_naming_epoch_and_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, poison):
     run = RunDir(tmp_path / "r")
-    poison_step(monkeypatch, STEPS_PER_EPOCH + 2, nan_loss)  # epoch 2, step 9 (1-based)
+    poison_step(monkeypatch, STEPS_PER_EPOCH + 2, poison)  # epoch 2, step 9 (1-based)
     saved, real_save = [], trainer.save_checkpoint
     monkeypatch.setattr(trainer, "save_checkpoint", lambda run, state: saved.append(file_sha256(real_save(run, state))))
     with pytest.raises(GateFailed) as err:
