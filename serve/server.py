@@ -110,9 +110,9 @@ def run_server(settings: ServeSettings, host: str, port: int, log_level: str) ->
     """Serve until SIGTERM/SIGINT; returns 0 after a graceful shutdown. Artifact problems and a port that cannot
     be bound raise OkdpipeError before anything is served."""
     configure_logging(log_level)
-    _warn_if_exposed(host, settings.api_key)
     app = create_app(settings)
     listener = bind_listener(host, port)
+    _warn_if_exposed(host, settings.api_key)  # once bound: a host that does not resolve exposes nothing
     config = uvicorn.Config(
         app,
         log_config=None,
@@ -136,6 +136,12 @@ def bind_listener(host: str, port: int) -> socket.socket:
     try:
         return socket.create_server((host, port), family=family, backlog=BACKLOG)
     except OSError as error:
+        if error.errno is not None and error.errno < 0:  # a resolver's code (socket.EAI_*), unknown to os.strerror
+            reason = str(error.strerror).split(" (while")[0]
+            raise OkdpipeError(
+                f"--host {host}: not a name this machine can resolve ({reason}); give an address such as "
+                "127.0.0.1 or a known host name"
+            ) from None
         reason = os.strerror(error.errno) if error.errno else str(error)
         raise OkdpipeError(f"cannot listen on {host}:{port} ({reason}); pick a free --port or another --host") from None
 

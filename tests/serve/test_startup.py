@@ -51,6 +51,13 @@ def test_port_in_use_is_one_line(artifact_dir):
     )
 
 
+def test_a_host_that_does_not_resolve_is_named_as_that(artifact_dir):
+    """The resolver's code (-2) is no errno: it once read "(Unknown error -2); pick a free --port"."""
+    line = start_and_fail(artifact_dir, "--host", "no-such-host.invalid", "--port", "0")
+    assert line.startswith("error: --host no-such-host.invalid: not a name this machine can resolve (")
+    assert line.endswith("); give an address such as 127.0.0.1 or a known host name")
+
+
 @pytest.mark.parametrize(
     ("card_changes", "message"),
     [
