@@ -468,6 +468,31 @@ def test_h11_refusals_carry_the_status_to_answer_with(data, refusal):
     assert status == refusal[0] and message.startswith(refusal[1]), message
 
 
+REQUEST_LINE_RULE = (
+    "malformed HTTP request: illegal request line; send METHOD TARGET HTTP/1.1 with single spaces, the target "
+    "without spaces or raw non-ASCII bytes (percent-encode them)"
+)
+HEADER_LINE_RULE = (
+    "malformed HTTP request: illegal header line; send each header as Name: value (no space before the colon, no "
+    "control characters)"
+)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"GET /v2/models/\xc3\xa9 HTTP/1.1\r\nHost: x\r\n\r\n", REQUEST_LINE_RULE),
+        (b"GET /v2 /health HTTP/1.1\r\nHost: x\r\n\r\n", REQUEST_LINE_RULE),
+        (b"\x00GET / HTTP/1.1\r\n\r\n", REQUEST_LINE_RULE),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nno colon\r\n\r\n", HEADER_LINE_RULE),
+        (b"GET / HTTP/1.1\r\nHost : x\r\n\r\n", HEADER_LINE_RULE),
+    ],
+)
+def test_a_head_h11_refuses_is_told_in_words_without_byte_reprs(data, message):
+    """h11 quotes the refused line as bytearray(b'...'); the client is told what a valid one looks like."""
+    assert _h11_outcome(data) == (400, message)
+
+
 def test_a_head_of_exactly_the_limit_is_a_request():
     event = _h11_outcome(_head_of(MAX_HEAD_BYTES))
     assert isinstance(event, h11.Request) and event.target == b"/v2/health/live"
