@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -32,7 +32,7 @@ from okdpipe.serve.metrics import ServerMetrics
 from okdpipe.serve.middleware import ServingMiddleware
 from okdpipe.serve.model import OnnxClassifier
 from okdpipe.serve.outputs import classify_response, infer_outputs
-from okdpipe.serve.preprocess import image_to_tensor, multipart_file
+from okdpipe.serve.preprocess import image_to_tensor, is_multipart, multipart_file
 from okdpipe.serve.protocol import (
     HEADER_LENGTH,
     ClientError,
@@ -51,6 +51,8 @@ SERVER_EXTENSIONS = ["binary_tensor_data", "parameters"]
 PARSE_THREADS = max(1, min(4, (os.cpu_count() or 1) - 1))  # per lane
 READ_METHODS = ["GET", "HEAD"]  # HEAD on every GET route: a probe or a load balancer may check with it
 LANES = ("parse", "decode")  # JSON and binary /infer bodies; images for /classify
+# The query parameters each route reads, by route name (its function's name); every other route reads none.
+QUERY_PARAMETERS = {"classify": ("top_k",)}
 T = TypeVar("T")
 
 
@@ -175,7 +177,13 @@ def create_app(settings: ServeSettings, classifier: OnnxClassifier | None = None
         await state.stop()
 
     app = FastAPI(
-        title="okdpipe serve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+        title="okdpipe serve",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        dependencies=[Depends(refuse_unknown_query)],
     )
     app.state.serving = state
     _add_error_handlers(app)
@@ -183,6 +191,17 @@ def create_app(settings: ServeSettings, classifier: OnnxClassifier | None = None
     _add_model_routes(app, state)
     app.add_middleware(ServingMiddleware, metrics=state.metrics, api_key=settings.api_key)
     return app
+
+
+def refuse_unknown_query(request: Request) -> None:
+    """Every route refuses a query parameter it does not read: `classify?topk=5` answered with the default top 1
+    would look like an answer to what was asked. Runs before each route, so a new route is covered too."""
+    route = request.scope["route"]
+    accepted = QUERY_PARAMETERS.get(route.name, ())
+    unknown = [name for name in request.query_params if name not in accepted]
+    if unknown:
+        takes = f"takes only {', '.join(accepted)}" if accepted else "takes no query parameters"
+        raise ClientError(400, f"unknown query parameter {unknown[0][:40]!r}; {route.path} {takes}")
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -298,7 +317,7 @@ def _infer_response(card: ModelCard, parsed: InferRequest, logits: np.ndarray) -
 
 def _image_batch(body: bytes, content_type: str, card: ModelCard) -> np.ndarray:
     """[1, C, H, W] from a raw image body or the file part of a multipart form."""
-    image = multipart_file(body, content_type) if content_type.startswith("multipart/") else body
+    image = multipart_file(body, content_type) if is_multipart(content_type) else body
     return image_to_tensor(image, card.preprocess)
 
 

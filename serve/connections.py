@@ -24,7 +24,7 @@ import time
 from http import HTTPStatus
 
 import h11
-from h11._readers import ChunkedReader
+from h11._readers import ChunkedReader, maybe_read_from_IDLE_client
 from h11._receivebuffer import ReceiveBuffer
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -39,6 +39,23 @@ MAX_DISCARD_BYTES = 1024 * 1024
 LINE_TOO_LONG = f"request line longer than {MAX_HEAD_BYTES} bytes; shorten the URL (send inputs in a POST body)"
 HEAD_TOO_LONG = f"request head longer than {MAX_HEAD_BYTES} bytes; send fewer or shorter headers"
 BODY_LINE_TOO_LONG = f"malformed HTTP request: a chunk-size or trailer line longer than {MAX_HEAD_BYTES} bytes"
+CHUNK_SIZE_LINE_ILLEGAL = (
+    "illegal chunk-size line; send 1 to 20 hexadecimal digits (0-9, a-f), an optional ;extension, then CRLF"
+)
+# h11 quotes the bytes it refuses as Python reprs (bytearray(b'\xef\xbc\x91')); the client is told in words what a
+# valid one looks like instead, by the start of h11's message.
+H11_MESSAGES_IN_WORDS = {
+    "illegal request line": "illegal request line; send METHOD TARGET HTTP/1.1 with single spaces, the target "
+    "without spaces or raw non-ASCII bytes (percent-encode them)",
+    "illegal header line": "illegal header line; send each header as Name: value (no space before the colon, no "
+    "control characters)",
+    "illegal chunk header": CHUNK_SIZE_LINE_ILLEGAL,
+    "malformed chunk footer": "a chunk holds more data than its chunk-size line declares; end each chunk's data "
+    "with CRLF right after the declared size",
+}
+# The blank line that ends a request head (h11's own pattern), and a Transfer-Encoding line of one.
+_HEAD_END = re.compile(rb"\n\r?\n")
+_TRANSFER_ENCODING_LINE = re.compile(rb"^transfer-encoding:([^\r\n]*)", re.IGNORECASE | re.MULTILINE)
 # What of a chunk-size line may have arrived before its CRLF: h11's grammar (1 to 20 hex digits, then a
 # ";extension" or blanks) cut anywhere. Anything else can never become a valid line.
 _PARTIAL_CHUNK_LINE = re.compile(rb"(?P<size>[0-9A-Fa-f]{1,20})(;[^\n]*|[ \t]*\r?)")
@@ -88,10 +105,13 @@ class BoundedHeadConnection(h11.Connection):
         self.request_start = self.trailing_data[0][:METHOD_PEEK_BYTES]
 
     def _get_io_object(self, role, event, io_dict):
-        """h11's reader or writer for the new state, with its chunked-body reader swapped for the limited one."""
+        """h11's reader or writer for the new state, with its chunked-body reader swapped for the limited one and its
+        head reader for one that first refuses a repeated Transfer-Encoding."""
         io_object = super()._get_io_object(role, event, io_dict)
         if type(io_object) is ChunkedReader:
             return LimitedChunkReader(self.max_body_bytes)
+        if io_object is maybe_read_from_IDLE_client:
+            return read_request_head
         return io_object
 
     def _h11_refusal(self, error: h11.RemoteProtocolError, reading_body: bool) -> tuple[int, str]:
@@ -105,7 +125,39 @@ class BoundedHeadConnection(h11.Connection):
             return 400, BODY_LINE_TOO_LONG
         if status == 431:
             return (431, HEAD_TOO_LONG) if b"\n" in self.trailing_data[0] else (414, LINE_TOO_LONG)
-        return status, f"malformed HTTP request: {str(error)[:200]}"
+        return status, in_words(str(error))
+
+
+def in_words(h11_message: str) -> str:
+    """What to tell the client for h11's `h11_message`: the words of H11_MESSAGES_IN_WORDS for one that quotes the
+    refused bytes, else h11's own (a few words, such as 'conflicting Content-Length headers') or this module's."""
+    words = next((words for start, words in H11_MESSAGES_IN_WORDS.items() if h11_message.startswith(start)), None)
+    return f"malformed HTTP request: {words or h11_message[:200]}"
+
+
+def read_request_head(buf: ReceiveBuffer) -> h11.Request | None:
+    """h11's request-head reader, refusing first (400) a complete head in `buf` that repeats Transfer-Encoding."""
+    problem = repeated_transfer_encoding(bytes(buf))
+    if problem is not None:
+        raise h11.LocalProtocolError(problem, error_status_hint=400)
+    return maybe_read_from_IDLE_client(buf)
+
+
+def repeated_transfer_encoding(buffered: bytes) -> str | None:
+    """Why the complete request head at the start of `buffered` gives Transfer-Encoding more than once, else None.
+    h11 answers it 501 (Not Implemented), as if the coding were unknown; like any other header that decides how the
+    body is read given twice (middleware.SINGLE_HEADERS), it is a 400. `chunked, chunked` on one line says the same
+    (RFC 9110 section 5.3), and a body is chunked once only (RFC 9112 section 7)."""
+    end = _HEAD_END.search(buffered)
+    if end is None:
+        return None
+    values = _TRANSFER_ENCODING_LINE.findall(buffered, 0, end.start())
+    if len(values) > 1:
+        return f"header transfer-encoding is given {len(values)} times; give it once"
+    codings = [coding.strip().lower() for coding in values[0].split(b",")] if values else []
+    if codings.count(b"chunked") > 1:
+        return f"header transfer-encoding lists chunked {codings.count(b'chunked')} times; send it once"
+    return None
 
 
 class LimitedChunkReader(ChunkedReader):
@@ -139,7 +191,7 @@ class LimitedChunkReader(ChunkedReader):
         valid one, or if its digits so far (more can only add to them) already declare too much."""
         match = _PARTIAL_CHUNK_LINE.fullmatch(line)
         if match is None:
-            raise h11.RemoteProtocolError(f"illegal chunk-size line {line[:40]!r}", error_status_hint=400)
+            raise h11.RemoteProtocolError(CHUNK_SIZE_LINE_ILLEGAL, error_status_hint=400)
         self._check_declared(int(match["size"], 16))
 
     def _check_declared(self, pending_bytes: int) -> None:

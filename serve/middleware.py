@@ -26,7 +26,8 @@ error_logger = logging.getLogger("okdpipe.serve")
 
 # Liveness/readiness probes (kubelet, load balancers) carry no credentials, so they stay open.
 OPEN_PATH_PREFIX = "/v2/health/"
-# Headers that decide how a request is read; each may appear once (h11 itself refuses two Content-Lengths).
+# Headers that decide how a request is read; each may appear once (h11 itself refuses two Content-Lengths, and
+# connections.repeated_transfer_encoding two Transfer-Encodings, before the head is parsed).
 SINGLE_HEADERS = ("content-type", "content-encoding", "inference-header-content-length", "authorization")
 
 Scope = dict[str, Any]

@@ -7,7 +7,6 @@ which is not a dependency of okdpipe; one file field is all `/classify` accepts.
 from __future__ import annotations
 
 import io
-import re
 import warnings
 
 import numpy as np
@@ -16,8 +15,6 @@ from PIL import Image, UnidentifiedImageError
 from okdpipe.contracts.card import Preprocess
 from okdpipe.contracts.pixels import IMAGE_FORMATS, MAX_IMAGE_PIXELS, UnsupportedImage, image_pixels
 from okdpipe.serve.protocol import ClientError
-
-_BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
 
 
 def image_to_tensor(data: bytes, recipe: Preprocess) -> np.ndarray:
@@ -51,12 +48,35 @@ def _decode_pixels(data: bytes, recipe: Preprocess) -> np.ndarray:
         raise ClientError(400, f"body is not a decodable image ({type(error).__name__})") from None
 
 
+def media_type(content_type: str) -> tuple[str, dict[str, str]]:
+    """A Content-Type as ("type/subtype", {parameter: value}). The type and the parameter names are lower-cased, as
+    they are case-insensitive (RFC 9110 section 8.3.1); values keep their case (a multipart boundary's matters),
+    without the quotes of a quoted one."""
+    kind, *parameters = content_type.split(";")  # a boundary cannot hold ';' (RFC 2046 section 5.1.1)
+    named = {}
+    for parameter in parameters:
+        name, _, value = parameter.strip().partition("=")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            value = value[1:-1]
+        name = name.strip().lower()
+        if name in named:  # which one the client meant would be a guess
+            raise ClientError(400, f"Content-Type gives the parameter {name[:40]!r} more than once; give it once")
+        named[name] = value
+    return kind.strip().lower(), named
+
+
+def is_multipart(content_type: str) -> bool:
+    """Whether the body is a multipart form, whatever the letter case of its media type."""
+    return media_type(content_type)[0].startswith("multipart/")
+
+
 def multipart_file(body: bytes, content_type: str) -> bytes:
     """The content of the first part of a multipart/form-data body that carries a filename (or the only part)."""
-    match = _BOUNDARY.search(content_type)
-    if not match:
+    boundary = media_type(content_type)[1].get("boundary")
+    if not boundary:
         raise ClientError(400, "multipart body without a boundary in Content-Type")
-    parts = [_split_part(raw) for raw in body.split(b"--" + match.group(1).encode("latin-1"))[1:-1]]
+    parts = [_split_part(raw) for raw in body.split(b"--" + boundary.encode("latin-1"))[1:-1]]
     files = [content for headers, content in parts if b"filename=" in headers.lower()]
     if files:
         return files[0]

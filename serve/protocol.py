@@ -95,8 +95,7 @@ def parse_infer_request(body: bytes, header_length: str | None, spec: ModelSpec)
     header = _parse_json_object(header_bytes)
     _known_keys(header, REQUEST_KEYS, "the request")
     images = _decode_input(_single_input(header, spec), binary, spec)
-    parameters = _field(header, "parameters", dict, "parameters") or {}
-    _refuse_unserved(parameters, "parameters")
+    parameters = _parameters(header, "parameters", REQUEST_PARAMETERS)
     top_k = _field(parameters, "top_k", int, "parameters.top_k")
     return InferRequest(
         images=images,
@@ -118,8 +117,9 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     return body[:length], body[length:]
 
 
-# Only a \uD800-\uDFFF escape in the text can make a surrogate (UTF-8 bytes cannot): the check runs only then.
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+# Once the body is decoded as strict UTF-8 (which refuses encoded surrogates, ED A0 80 and the like), only a
+# \uD800-\uDFFF escape in the text can make a surrogate: the check for one runs only then.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -132,10 +132,24 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return value
 
 
-def _parse_json_object(data: bytes) -> dict[str, Any]:
+def _utf8_text(data: bytes) -> str:
+    """`data` decoded as strict UTF-8. json.loads(bytes) would guess UTF-16 or UTF-32 and decode with
+    'surrogatepass', letting encoded surrogates (ED A0 80) through as lone surrogates that no response can carry."""
     try:
-        value = json.loads(data, object_pairs_hook=_unique_keys)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ClientError(
+            400,
+            f"request body is not valid UTF-8 (byte 0x{data[error.start]:02x} at offset {error.start}: "
+            f"{error.reason}); send JSON encoded as UTF-8",
+        ) from None
+
+
+def _parse_json_object(data: bytes) -> dict[str, Any]:
+    text = _utf8_text(data)
+    try:
+        value = json.loads(text, object_pairs_hook=_unique_keys)
+    except json.JSONDecodeError as error:
         raise ClientError(400, f"request body is not valid JSON: {error}") from None
     except ValueError:  # int() refuses a literal longer than sys.get_int_max_str_digits() (4300 digits)
         raise ClientError(400, "request JSON holds an integer with too many digits") from None
@@ -143,7 +157,7 @@ def _parse_json_object(data: bytes) -> dict[str, Any]:
         raise ClientError(400, "request JSON is nested too deeply") from None
     if not isinstance(value, dict):
         raise ClientError(400, "request body must be a JSON object")
-    if _SURROGATE_ESCAPE.search(data) and not _valid_unicode(value):
+    if _SURROGATE_ESCAPE.search(text) and not _valid_unicode(value):
         raise ClientError(400, "request JSON holds a lone surrogate escape (\\ud800-\\udfff); send valid Unicode")
     return value
 
@@ -195,10 +209,7 @@ def _decode_input(tensor: dict[str, Any], binary: bytes, spec: ModelSpec) -> np.
         raise ClientError(400, f"unknown input {name[:40]!r}; this model's input is '{spec.input_name}'")
     shape = _checked_shape(tensor.get("shape"), spec)
     dtype = _checked_datatype(_required(tensor, "datatype", str, "inputs[0].datatype"))
-    parameters = _field(tensor, "parameters", dict, "inputs[0].parameters") or {}
-    _refuse_unserved(parameters, "inputs[0].parameters")
-    if _field(parameters, "binary_data", bool, "inputs[0].parameters.binary_data"):
-        raise ClientError(400, "'inputs[0].parameters.binary_data' is for outputs; an input sends binary_data_size")
+    parameters = _parameters(tensor, "inputs[0].parameters", INPUT_PARAMETERS)
     binary_size = _field(parameters, "binary_data_size", int, "inputs[0].parameters.binary_data_size")
     data = _field(tensor, "data", list, "inputs[0].data")
     if binary_size is not None:
@@ -294,24 +305,43 @@ def _requested_output(item: Any, path: str, binary_default: bool) -> RequestedOu
     name = _required(item, "name", str, f"{path}.name")
     if name not in OUTPUT_NAMES:
         raise ClientError(400, f"unknown output {name[:40]!r}; outputs are {', '.join(OUTPUT_NAMES)}")
-    parameters = _field(item, "parameters", dict, f"{path}.parameters") or {}
-    _refuse_unserved(parameters, f"{path}.parameters")
+    parameters = _parameters(item, f"{path}.parameters", OUTPUT_PARAMETERS)
     binary = _field(parameters, "binary_data", bool, f"{path}.parameters.binary_data")
     return RequestedOutput(name, binary_default if binary is None else binary)
 
 
+# The parameters this server reads, in each place a `parameters` object may appear. Any other key is refused: a
+# misspelt or misplaced one (`topk`, `outputs[0].parameters.top_k`) must not leave the answer silently unchanged.
+REQUEST_PARAMETERS = ("top_k", "binary_data_output")
+INPUT_PARAMETERS = ("binary_data_size",)
+OUTPUT_PARAMETERS = ("binary_data",)
+# Where each parameter this server reads goes, for a client that put it somewhere else.
+PARAMETER_PLACES = {
+    "top_k": "parameters.top_k (the request's parameters)",
+    "binary_data_output": "parameters.binary_data_output (the request's parameters)",
+    "binary_data_size": "inputs[0].parameters.binary_data_size",
+    "binary_data": "outputs[i].parameters.binary_data (an input sends binary_data_size)",
+}
 UNSERVED_PARAMETERS = {  # Triton extensions that change what the answer means: refused, never silently ignored
     "classification": "request the 'labels' output (with parameters.top_k)",
     "shared_memory_region": "send the tensor in the request body (JSON data or binary)",
 }
 
 
-def _refuse_unserved(parameters: dict[str, Any], path: str) -> None:
-    """A client asking for classification would get plain logits, one naming a shared-memory region would get an
-    answer about other input (or look for its result where none was written)."""
-    for key, fix in UNSERVED_PARAMETERS.items():
-        if key in parameters:
-            raise ClientError(400, f"'{path}.{key}' is not supported; {fix}")
+def _parameters(container: dict[str, Any], path: str, read: tuple[str, ...]) -> dict[str, Any]:
+    """`container["parameters"]` (an object, {} when absent), holding only keys in `read`. A client asking for
+    classification would get plain logits, one naming a shared-memory region an answer about other input, and one
+    sending top_k with an output the default top 1: each is a 400 saying what to send instead."""
+    parameters = _field(container, "parameters", dict, path) or {}
+    for key in parameters:
+        if key in read:
+            continue
+        if key in UNSERVED_PARAMETERS:
+            raise ClientError(400, f"'{path}.{key}' is not supported; {UNSERVED_PARAMETERS[key]}")
+        if key in PARAMETER_PLACES:
+            raise ClientError(400, f"'{path}.{key}' is not read there; it goes in {PARAMETER_PLACES[key]}")
+        raise ClientError(400, f"'{path}' has the unknown key {key[:40]!r}; the keys read there are {', '.join(read)}")
+    return parameters
 
 
 def _top_k(value: int, num_classes: int) -> int:

@@ -20,7 +20,7 @@ from test_hostile import (
     strict_json,
 )
 
-from okdpipe.serve.connections import BODY_LINE_TOO_LONG, BoundedHeadConnection
+from okdpipe.serve.connections import BODY_LINE_TOO_LONG, CHUNK_SIZE_LINE_ILLEGAL, BoundedHeadConnection
 from okdpipe.serve.metrics import KNOWN_METHODS
 
 MIB = 1024 * 1024  # the shared `server` fixture runs with --max-body-mb 1
@@ -79,12 +79,22 @@ def test_chunks_declaring_more_than_the_limit_together_are_413_before_the_last_a
 
 @pytest.mark.parametrize(
     "size_line",
-    [b"zz\r\n", b"zz", b"1" * 21, b"5;ext\n", b"5 x", b"\r\n", b"-5\r\n"],
-    ids=["not hex", "not hex, no CRLF yet", "21 digits", "LF alone", "junk after blanks", "empty", "a sign"],
+    [b"zz\r\n", b"zz", b"1" * 21, b"5;ext\n", b"5 x", b"\r\n", b"-5\r\n", "１\r\n".encode()],
+    ids=[
+        "not hex",
+        "not hex, no CRLF yet",
+        "21 digits",
+        "LF alone",
+        "junk after blanks",
+        "empty",
+        "a sign",
+        "fullwidth",
+    ],
 )
 def test_a_malformed_chunk_size_line_is_400_at_once(server, size_line):
     head, body = answer_within(server.port, CHUNKED_HEAD + size_line, seconds=2)
-    assert_refused(head, body, 400, "malformed HTTP request: illegal chunk")
+    assert_refused(head, body, 400, f"malformed HTTP request: {CHUNK_SIZE_LINE_ILLEGAL}")
+    assert strict_json(body)["error"] == f"malformed HTTP request: {CHUNK_SIZE_LINE_ILLEGAL}"
 
 
 def test_a_content_length_of_20_digits_is_413_at_once(server):
@@ -227,3 +237,67 @@ def test_the_declared_total_counts_every_chunk_and_stops_at_the_limit():
 def test_an_endless_chunk_size_or_trailer_line_is_a_400_about_the_body(line):
     """h11 stops buffering it at 16 KiB with the status of a head too long (431); it is the body that is broken."""
     assert _outcome(CHUNKED_HEAD + line) == (400, BODY_LINE_TOO_LONG)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        # a fullwidth digit (UTF-8 EF BC 91) was refused as "illegal chunk header: bytearray(b'\\xef...')"
+        ("１\r\n".encode(), CHUNK_SIZE_LINE_ILLEGAL),
+        ("１".encode(), CHUNK_SIZE_LINE_ILLEGAL),  # before its CRLF: refused by what has arrived
+        (b"\x00\r\n", CHUNK_SIZE_LINE_ILLEGAL),
+        (
+            b"5\r\nabcdefg\r\n",
+            "a chunk holds more data than its chunk-size line declares; end each chunk's data with CRLF right after "
+            "the declared size",
+        ),
+        (
+            b"0\r\nno colon in this trailer\r\n\r\n",
+            "illegal header line; send each header as Name: value (no space before the colon, no control characters)",
+        ),
+    ],
+    ids=["fullwidth digit", "fullwidth digit, no CRLF yet", "NUL", "chunk longer than declared", "bad trailer"],
+)
+def test_a_broken_chunked_body_is_refused_in_words_not_byte_reprs(body, message):
+    assert _outcome(CHUNKED_HEAD + body) == (400, f"malformed HTTP request: {message}")
+
+
+TWICE = "malformed HTTP request: header transfer-encoding is given 2 times; give it once"
+
+
+@pytest.mark.parametrize(
+    ("encodings", "message"),
+    [
+        (["chunked", "chunked"], TWICE),
+        (["chunked", "CHUNKED"], TWICE),
+        (["gzip", "chunked"], TWICE),  # h11 refused the first as an unknown coding (501) before seeing the second
+        (["chunked", "identity"], TWICE),
+        (["chunked"] * 3, "malformed HTTP request: header transfer-encoding is given 3 times; give it once"),
+        (["chunked, chunked"], "malformed HTTP request: header transfer-encoding lists chunked 2 times; send it once"),
+    ],
+)
+def test_a_repeated_transfer_encoding_is_400_like_any_repeated_body_header(encodings, message):
+    names = ["Transfer-Encoding", "transfer-encoding", "TRANSFER-ENCODING"]
+    lines = "".join(f"{names[index % 3]}: {value}\r\n" for index, value in enumerate(encodings))
+    head = f"POST {INFER} HTTP/1.1\r\nHost: x\r\n{lines}\r\n".encode()
+    assert _outcome(head + b"5\r\nabcde\r\n0\r\n\r\n") == (400, message)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        CHUNKED_HEAD + b"0\r\n\r\n",  # one Transfer-Encoding: read as a request
+        b"GET /v2 HTTP/1.1\r\nHost: x\r\nX-Transfer-Encoding: a\r\nX: transfer-encoding: b\r\n\r\n",
+        CHUNKED_HEAD[:-2] + b"Transfer-Enc",  # a head still arriving is h11's to wait for
+    ],
+    ids=["once", "other headers that hold the name", "incomplete head"],
+)
+def test_a_head_that_does_not_repeat_transfer_encoding_is_not_refused_for_it(data):
+    assert _outcome(data) == "waiting"
+
+
+def test_a_repeated_transfer_encoding_is_answered_400_in_json_over_the_wire(server):
+    data = CHUNKED_HEAD[:-2] + b"Transfer-Encoding: chunked\r\n\r\n5\r\nabcde\r\n0\r\n\r\n"
+    head, body = answer_within(server.port, data, seconds=5)
+    assert_refused(head, body, 400, TWICE)
+    assert strict_json(body)["error"] == TWICE

@@ -82,6 +82,75 @@ def test_a_lone_surrogate_escape_is_400_never_echoed(escaped):
     assert parse_infer_request(paired, None, SPEC).request_id == "\U0001f600"
 
 
+UTF8_FIX = "send JSON encoded as UTF-8"
+
+
+def _with_raw_id(raw: bytes) -> bytes:
+    """A valid JSON request whose "id" string holds `raw` bytes as they are, not escaped."""
+    return _json_request([1, 2, 3, 4.5])[:-1] + b', "id": "' + raw + b'"}'
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"\xed\xa0\x80", "invalid continuation byte"),  # U+D800 encoded as UTF-8: json.loads(bytes) took it
+        (b"\xed\xbf\xbf", "invalid continuation byte"),  # U+DFFF
+        (b"\xc0\xaf", "invalid start byte"),  # an overlong "/"
+        (b"\xff", "invalid start byte"),
+        (b"\xe2\x82", "unexpected end of data"),  # cut short: the last bytes of the body
+    ],
+    ids=["surrogate D800", "surrogate DFFF", "overlong", "0xff", "truncated"],
+)
+def test_a_body_that_is_not_strict_utf8_is_400_naming_the_byte(raw, reason):
+    body = _with_raw_id(raw)[: -2 if raw == b"\xe2\x82" else None]
+    offset = body.index(raw)
+    with pytest.raises(ClientError) as raised:
+        parse_infer_request(body, None, SPEC)
+    expected = f"request body is not valid UTF-8 (byte 0x{raw[0]:02x} at offset {offset}: {reason}); {UTF8_FIX}"
+    assert (raised.value.status, raised.value.message) == (400, expected)
+
+
+@pytest.mark.parametrize(
+    ("encoding", "message"),
+    [
+        (
+            "utf-16",
+            "request body is not valid UTF-8 (byte 0xff at offset 0: invalid start byte); send JSON encoded as UTF-8",
+        ),
+        (
+            "utf-16-le",
+            "request body is not valid JSON: Expecting property name enclosed in double quotes: line 1 column 2 "
+            "(char 1)",
+        ),
+        (
+            "utf-32",
+            "request body is not valid UTF-8 (byte 0xff at offset 0: invalid start byte); send JSON encoded as UTF-8",
+        ),
+    ],
+)
+def test_a_utf16_or_utf32_body_is_refused_not_guessed(encoding, message):
+    """json.loads(bytes) detects UTF-16 and UTF-32 and would parse them; the protocol's JSON is UTF-8."""
+    body = _json_request([1, 2, 3, 4]).decode().encode(encoding)
+    with pytest.raises(ClientError) as raised:
+        parse_infer_request(body, None, SPEC)
+    assert (raised.value.status, raised.value.message) == (400, message)
+
+
+def test_a_raw_surrogate_in_the_json_header_of_a_binary_request_is_400():
+    body, header_length = _binary_request(np.zeros((1, 1, 2, 2), np.float32), "FP32")
+    header = body[: int(header_length)].replace(b'{"inputs"', b'{"id": "\xed\xa0\x80", "inputs"')
+    with pytest.raises(ClientError) as raised:
+        parse_infer_request(header + body[int(header_length) :], str(len(header)), SPEC)
+    assert (raised.value.status, raised.value.message) == (
+        400,
+        f"request body is not valid UTF-8 (byte 0xed at offset 8: invalid continuation byte); {UTF8_FIX}",
+    )
+
+
+def test_valid_utf8_ids_are_read_and_echoed():
+    assert parse_infer_request(_with_raw_id("é😀".encode()), None, SPEC).request_id == "é😀"
+
+
 @pytest.mark.parametrize("datatype", ["FP32", "FP16", "FP64"])
 def test_binary_input_is_read_in_its_datatype_and_served_as_fp32(datatype):
     values = np.arange(8, dtype=np.float64).reshape(2, 1, 2, 2) / 4
@@ -228,8 +297,6 @@ MUST_BE_AN_OBJECT = [0, False, "", [], "{}"]
             "'outputs[0].parameters.binary_data' must be true or false, got an int",
         ),
         ("outputs.0.parameters.binary_data", "false", "'outputs[0].parameters.binary_data' must be true or false"),
-        ("inputs.0.parameters.binary_data", "yes", "'inputs[0].parameters.binary_data' must be true or false"),
-        ("inputs.0.parameters.binary_data", True, "'inputs[0].parameters.binary_data' is for outputs"),
         # Triton's classification extension is not served: never plain logits to a client that asked for it
         *[
             (f"{path}.{key}", value, f"'{where}.{key}' is not supported; {fix}")
@@ -255,6 +322,84 @@ def test_a_field_of_the_wrong_type_or_an_unknown_key_is_400_naming_it(path, valu
     with pytest.raises(ClientError) as raised:
         parse_infer_request(_with(path, value), None, SPEC)
     assert raised.value.status == 400 and message in raised.value.message, raised.value.message
+
+
+OUTPUT_TOP_K = "'outputs[0].parameters.top_k' is not read there; it goes in parameters.top_k (the request's parameters)"
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        # top_k read only at the request level: with an output it left the answer at top 1, whatever its value
+        *[("outputs.0.parameters.top_k", value, OUTPUT_TOP_K) for value in (3, 3.0, True, "3", None, 0)],
+        (
+            "inputs.0.parameters.top_k",
+            3,
+            "'inputs[0].parameters.top_k' is not read there; it goes in parameters.top_k (the request's parameters)",
+        ),
+        *[
+            (
+                "inputs.0.parameters.binary_data",
+                value,
+                "'inputs[0].parameters.binary_data' is not read there; it goes in outputs[i].parameters.binary_data "
+                "(an input sends binary_data_size)",
+            )
+            for value in (True, False, "yes")
+        ],
+        (
+            "parameters.binary_data",
+            True,
+            "'parameters.binary_data' is not read there; it goes in outputs[i].parameters.binary_data (an input "
+            "sends binary_data_size)",
+        ),
+        (
+            "outputs.0.parameters.binary_data_output",
+            True,
+            "'outputs[0].parameters.binary_data_output' is not read there; it goes in parameters.binary_data_output "
+            "(the request's parameters)",
+        ),
+        (
+            "outputs.0.parameters.binary_data_size",
+            4,
+            "'outputs[0].parameters.binary_data_size' is not read there; it goes in "
+            "inputs[0].parameters.binary_data_size",
+        ),
+        # any other key is a typo or a feature this server lacks: named, with the keys read there
+        (
+            "outputs.0.parameters.topk",
+            3,
+            "'outputs[0].parameters' has the unknown key 'topk'; the keys read there are binary_data",
+        ),
+        (
+            "parameters.topk",
+            3,
+            "'parameters' has the unknown key 'topk'; the keys read there are top_k, binary_data_output",
+        ),
+        (
+            "parameters.priority",
+            1,
+            "'parameters' has the unknown key 'priority'; the keys read there are top_k, binary_data_output",
+        ),
+        (
+            "inputs.0.parameters.shared_memory_byte_size",
+            16,
+            "'inputs[0].parameters' has the unknown key "
+            "'shared_memory_byte_size'; the keys read there are binary_data_size",
+        ),
+    ],
+)
+def test_a_parameter_not_read_where_it_is_sent_is_400_saying_where_it_goes(path, value, message):
+    with pytest.raises(ClientError) as raised:
+        parse_infer_request(_with(path, value), None, SPEC)
+    assert (raised.value.status, raised.value.message) == (400, message)
+
+
+def test_an_output_top_k_beyond_any_float_is_refused_like_any_other():
+    """1e400 reads as inf: refused for where it is, before its value could matter."""
+    body = _with("outputs.0.parameters.top_k", 123456789).replace(b"123456789", b"1e400")
+    with pytest.raises(ClientError) as raised:
+        parse_infer_request(body, None, SPEC)
+    assert (raised.value.status, raised.value.message) == (400, OUTPUT_TOP_K)
 
 
 def test_null_optional_fields_mean_absent():
@@ -321,6 +466,31 @@ MANY_HEADERS = b"".join(b"X-H%d: %s\r\n" % (index, b"v" * 100) for index in rang
 def test_h11_refusals_carry_the_status_to_answer_with(data, refusal):
     status, message = _h11_outcome(data)
     assert status == refusal[0] and message.startswith(refusal[1]), message
+
+
+REQUEST_LINE_RULE = (
+    "malformed HTTP request: illegal request line; send METHOD TARGET HTTP/1.1 with single spaces, the target "
+    "without spaces or raw non-ASCII bytes (percent-encode them)"
+)
+HEADER_LINE_RULE = (
+    "malformed HTTP request: illegal header line; send each header as Name: value (no space before the colon, no "
+    "control characters)"
+)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"GET /v2/models/\xc3\xa9 HTTP/1.1\r\nHost: x\r\n\r\n", REQUEST_LINE_RULE),
+        (b"GET /v2 /health HTTP/1.1\r\nHost: x\r\n\r\n", REQUEST_LINE_RULE),
+        (b"\x00GET / HTTP/1.1\r\n\r\n", REQUEST_LINE_RULE),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nno colon\r\n\r\n", HEADER_LINE_RULE),
+        (b"GET / HTTP/1.1\r\nHost : x\r\n\r\n", HEADER_LINE_RULE),
+    ],
+)
+def test_a_head_h11_refuses_is_told_in_words_without_byte_reprs(data, message):
+    """h11 quotes the refused line as bytearray(b'...'); the client is told what a valid one looks like."""
+    assert _h11_outcome(data) == (400, message)
 
 
 def test_a_head_of_exactly_the_limit_is_a_request():
