@@ -71,6 +71,27 @@ def test_unknown_or_unsuitable_models_are_one_line(arch, fragment):
         create_model(arch, num_classes=10, in_channels=1)
 
 
+def test_a_timm_model_with_two_classifier_heads_is_one_line():
+    """DeiT distilled (like LeViT and CrossViT) has a head and a distillation head; timm names both."""
+    with pytest.raises(OkdpipeError) as caught:
+        create_model("timm:deit_tiny_distilled_patch16_224", num_classes=10, in_channels=1)
+    assert str(caught.value) == (
+        "--arch timm:deit_tiny_distilled_patch16_224: it has 2 classifier heads (head, head_dist); only models "
+        "that end in one Linear classifier can be students, choose a single-head model"
+    )
+
+
+def test_a_classifier_path_the_model_lacks_is_one_line():
+    from okdpipe.distill.models.external import classifier_module
+
+    with pytest.raises(OkdpipeError) as caught:
+        classifier_module(torch.nn.Sequential(torch.nn.Linear(2, 2)), "head.fc", "timm:x")
+    assert str(caught.value) == (
+        "--arch timm:x: its library names 'head.fc' as the classifier but the model has no such layer; "
+        "only models that end in one Linear classifier can be students"
+    )
+
+
 def test_shared_trunk_and_stage_methods_refuse_external_archs():
     from okdpipe.distill.methods import METHODS
     from okdpipe.distill.methods.ffsd import FFSD
