@@ -156,6 +156,28 @@ def test_a_state_dict_of_the_wrong_kind_is_one_line_not_a_traceback(tmp_path, ch
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize(
+    ("make", "kind"),
+    [
+        (lambda t: torch.empty_like(t, device="meta"), "meta"),
+        (lambda t: t.to_sparse(), "sparse_coo"),
+        (lambda t: t.reshape(t.shape[0], -1).to_sparse_csr(), "sparse_csr"),
+    ],
+    ids=["meta", "sparse", "sparse-csr"],
+)
+def test_tensors_without_dense_values_are_one_line_naming_the_kind(tmp_path, make, kind):
+    """A meta tensor has no data and a sparse one no strided storage: the NaN check raised NotImplementedError."""
+    state = create_model("resnet8", 4, 3).state_dict()
+    state["stem.0.weight"] = make(state["stem.0.weight"])
+    torch.save(state, tmp_path / "odd.pt")
+    with pytest.raises(OkdpipeError) as error:
+        initialise(Students("resnet8", 1, 4, 3), tmp_path / "odd.pt")
+    assert str(error.value) == (
+        f"--init {tmp_path / 'odd.pt'}: the file holds {kind} tensors (stem.0.weight), which okdpipe cannot load; "
+        "save dense weights"
+    )
+
+
 def test_a_pickled_module_is_refused_in_one_whole_sentence_with_the_fix(tmp_path):
     """A whole pickled nn.Module needs unpickling (it could run code): refused, with torch's paragraph replaced by
     one whole sentence and the way to re-save it, for --init and for a model file alike."""
