@@ -56,7 +56,22 @@ def list_images(class_dir: Path) -> list[Path]:
     warn_linked_folders(links)
     if not files:
         raise OkdpipeError(f"{class_dir}: class folder has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    require_utf8_paths(files)
     return sorted(files)
+
+
+def require_utf8_paths(paths: list[Path]) -> None:
+    """Every path valid UTF-8. Python keeps the bytes of a name that is not as lone surrogates, which no UTF-8
+    text can hold: the decode cache's key, the data fingerprint, the manifest and every message name the files,
+    so such a name is refused up front, shown with its bad bytes escaped."""
+    for path in paths:
+        try:
+            str(path).encode("utf-8")
+        except UnicodeEncodeError:
+            shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+            raise OkdpipeError(
+                f"{shown}: the name is not valid UTF-8; rename it (okdpipe records every image by name)"
+            ) from None
 
 
 def warn_linked_folders(links: list[Path]) -> None:
@@ -71,10 +86,11 @@ def warn_linked_folders(links: list[Path]) -> None:
 
 
 def class_names(split_dir: Path) -> tuple[str, ...]:
-    names = tuple(sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not is_hidden(p.name)))
-    if not names:
+    folders = sorted(p for p in split_dir.iterdir() if p.is_dir() and not is_hidden(p.name))
+    if not folders:
         raise OkdpipeError(f"{split_dir}: no class folders; expected {split_dir}/<class>/<image files>")
-    return names
+    require_utf8_paths(folders)  # a class name is a label of the model card
+    return tuple(p.name for p in folders)
 
 
 def scan_split(split_dir: Path, classes: tuple[str, ...]) -> tuple[list[Path], torch.Tensor]:
@@ -197,6 +213,7 @@ def split_listing(source: Path, classes: tuple[str, ...]) -> Listing:
         paths, labels = scan_split(source, classes)
         return Listing(source, tuple(paths), tuple(labels.tolist()))
     paths, names = read_list(source)
+    require_utf8_paths(paths)  # the list is UTF-8 text, but the folder it lies in may not be
     return Listing(source, tuple(paths), tuple(label_indices(names, classes, source)))
 
 

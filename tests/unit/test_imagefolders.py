@@ -251,6 +251,39 @@ def test_a_linked_folder_inside_a_class_folder_is_named_in_a_warning_not_followe
     ) in capsys.readouterr().err
 
 
+BYTES_NAME = os.fsdecode(b"caf\xe9")  # Latin-1 bytes, not UTF-8: Python keeps the byte as a lone surrogate
+
+
+def refusal_of_bytes_name(root: Path) -> str:
+    with pytest.raises(OkdpipeError) as error:
+        load_dataset("imagefolder", root, val_split=0, cache=False)
+    return str(error.value)
+
+
+@pytest.mark.parametrize(
+    "bad_path, named",
+    [(f"train/cat/{BYTES_NAME}.png", "train/cat/caf\\xe9.png"), (f"train/{BYTES_NAME}/a.png", "train/caf\\xe9")],
+    ids=["file", "class folder"],
+)
+def test_a_name_that_is_not_utf8_is_one_line_naming_it(tmp_path, bad_path, named):
+    """Its surrogate gave a UnicodeEncodeError from the decode cache's key, with the cache off too."""
+    for path in (bad_path, "train/cat/b.png", "train/dog/c.png"):
+        save(tmp_path / path, Image.new("RGB", (8, 8)))
+    assert refusal_of_bytes_name(tmp_path) == (
+        f"{tmp_path}/{named}: the name is not valid UTF-8; rename it (okdpipe records every image by name)"
+    )
+
+
+def test_a_list_file_in_a_folder_whose_name_is_not_utf8_is_one_line(tmp_path):
+    root = tmp_path / BYTES_NAME
+    for name in ("a.png", "b.png"):
+        save(root / name, Image.new("RGB", (8, 8)))
+    (root / "train.csv").write_text("a.png,cat\nb.png,dog\n")
+    assert refusal_of_bytes_name(root) == (
+        f"{tmp_path}/caf\\xe9/a.png: the name is not valid UTF-8; rename it (okdpipe records every image by name)"
+    )
+
+
 @pytest.mark.parametrize(
     "names, problem",
     [
