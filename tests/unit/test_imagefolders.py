@@ -220,12 +220,15 @@ def test_pipes_devices_and_folders_named_like_images_are_bad_images_not_hangs(tm
     with pytest.raises(OkdpipeError) as error:
         load_dataset("imagefolder", tmp_path, val_split=0)
     assert str(error.value).startswith(
-        f"3 unreadable image file(s) under {tmp_path}: {special[0]} (not a regular file but a folder); "
-        f"{special[1]} (not a regular file but a pipe (FIFO)); {special[2]} (not a regular file but a device); "
+        f"2 unreadable image file(s) under {tmp_path}: {special[0]} (not a regular file but a folder); "
+        f"{special[1]} (not a regular file but a pipe (FIFO)); "
     )
+    assert f"skipping 1 linked image file(s) inside class folders (links are not followed): {special[2]};" in (
+        capsys.readouterr().err
+    )  # the link to /dev/zero is never opened (a list file naming a device is tested below)
     bundle = load_dataset("imagefolder", tmp_path, val_split=0, skip_bad_images=True, decode_workers=1)
     assert len(bundle.train) == 6  # the image inside album.jpg/ is not walked into either
-    assert "skipping 3 unreadable image file(s)" in capsys.readouterr().err
+    assert "skipping 2 unreadable image file(s)" in capsys.readouterr().err
 
 
 @pytest.mark.timeout(60)
@@ -249,6 +252,33 @@ def test_a_linked_folder_inside_a_class_folder_is_named_in_a_warning_not_followe
         "warning: skipping 1 linked folder(s) inside class folders (links are not followed): "
         f"{tmp_path / 'train' / 'cat' / 'more'}; replace a link with a real folder to train on its images"
     ) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_class_folder_that_is_a_link_is_refused_in_one_line(tmp_path, split):
+    """A link to a sibling became a duplicate class of the same images, silently."""
+    write_image_folder(tmp_path, {"train": 6, "val": 3}, ["cat", "dog"], size=8)
+    (tmp_path / split / "cat").rename(tmp_path / split / "kitty")
+    (tmp_path / split / "cat").symlink_to("kitty", target_is_directory=True)
+    with pytest.raises(OkdpipeError) as error:
+        load_dataset("imagefolder", tmp_path, image_size=8)
+    assert str(error.value) == (
+        f"{tmp_path / split / 'cat'}: the class folder is a link (to kitty); links are not followed, so replace it "
+        "with a real folder or remove it"
+    )
+
+
+def test_a_linked_image_file_is_named_in_a_warning_not_followed(tmp_path, capsys):
+    """A link into another class taught the same image under two labels."""
+    write_image_folder(tmp_path, {"train": 6}, ["cat", "dog"], size=8)
+    cat_image = sorted((tmp_path / "train" / "cat").iterdir())[0]
+    (tmp_path / "train" / "dog" / "alias.png").symlink_to(cat_image)
+    bundle = load_dataset("imagefolder", tmp_path, val_split=0, image_size=8)
+    assert len(bundle.train) == 6
+    assert capsys.readouterr().err.strip() == (
+        "warning: skipping 1 linked image file(s) inside class folders (links are not followed): "
+        f"{tmp_path / 'train' / 'dog' / 'alias.png'}; put the file itself there to train on it"
+    )
 
 
 BYTES_NAME = os.fsdecode(b"caf\xe9")  # Latin-1 bytes, not UTF-8: Python keeps the byte as a lone surrogate
