@@ -436,6 +436,38 @@ def test_list_file_problems_are_one_line(tmp_path, train, test, problem):
         load_dataset("imagefolder", tmp_path, val_split=0)
 
 
+def test_list_file_lines_end_at_newlines_only(tmp_path):
+    """splitlines() cut a name holding U+2028 (or \\x1c, \\x85...) into two lines; \\r\\n still ends a line."""
+    images, _ = tagged_images(3, (8, 8, 3), 1, seed=4)
+    for name, image in zip(("a\u2028b.png", "c\x1cd.png", "e.png"), images):
+        save(tmp_path / name, Image.fromarray(image))
+    (tmp_path / "train.csv").write_bytes("a\u2028b.png,x\r\nc\x1cd.png,y\r\ne.png,x\r\n".encode())
+    bundle = load_dataset("imagefolder", tmp_path, val_split=0, image_size=8)
+    assert bundle.train.labels.tolist() == [0, 1, 0]
+    assert torch.equal(bundle.train.images[0], torch.from_numpy(images[0]).permute(2, 0, 1))
+
+
+def test_a_quoted_path_running_over_a_line_break_is_one_line(tmp_path):
+    """csv read the quoted field on over the next line, listing a name that holds a newline."""
+    save(tmp_path / "a\nb.png", Image.new("RGB", (8, 8)))
+    save(tmp_path / "c.png", Image.new("RGB", (8, 8)))
+    assert list_file_refusal(tmp_path, 'c.png,y\n"a\nb.png",x\n') == (
+        f"{tmp_path / 'train.csv'} line 2: a quoted path is not closed on its line (a name holding a line break "
+        "cannot be listed); rename the file, one `path,label` per line"
+    )
+    assert list_file_refusal(tmp_path, 'c.png,y\n"a"b.png,x\n') == (
+        f"{tmp_path / 'train.csv'} line 2: not a CSV `path,label` line (',' expected after '\"'); quote a path "
+        'holding commas or quotes as "a, b.png" (a quote inside doubled: "say ""hi"".png")'
+    )
+
+
+def list_file_refusal(root: Path, text: str) -> str:
+    (root / "train.csv").write_text(text)
+    with pytest.raises(OkdpipeError) as error:
+        load_dataset("imagefolder", root, val_split=0, image_size=8)
+    return str(error.value)
+
+
 def test_missing_listed_file_is_a_bad_image_and_folder_plus_list_is_ambiguous(tmp_path):
     save(tmp_path / "a.png", Image.new("RGB", (8, 8)))
     save(tmp_path / "b.png", Image.new("RGB", (8, 8)))
