@@ -56,6 +56,20 @@ def test_one_channel_input_gets_a_first_conv_of_one_channel(arch):
         assert model(torch.randn(3, 1, 28, 28)).shape == (3, 10)
 
 
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "efficientnet_b0"])
+def test_the_rebuilt_one_channel_first_conv_keeps_the_originals_geometry(name):
+    """Stride, padding, dilation, groups and bias as torchvision built it: a default-stride conv would change every
+    feature map size after it."""
+    from torchvision import models
+
+    original = next(m for m in models.get_model(name, weights=None).modules() if isinstance(m, torch.nn.Conv2d))
+    rebuilt = next(m for m in create_model(f"torchvision:{name}", 10, 1).modules() if isinstance(m, torch.nn.Conv2d))
+    geometry = ("out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode")
+    assert [getattr(rebuilt, a) for a in geometry] == [getattr(original, a) for a in geometry]
+    assert (rebuilt.in_channels, rebuilt.bias is None) == (1, original.bias is None)
+    assert original.stride != (1, 1) and original.padding != (0, 0)  # the defaults would not pass for them
+
+
 @pytest.mark.parametrize(
     "arch, fragment",
     [

@@ -137,6 +137,19 @@ def test_anything_else_that_does_not_fit_is_one_line(tmp_path):
         initialise(Students("resnet8", 1, 4, 3), tmp_path / "junk.safetensors")
 
 
+def test_a_classifier_of_another_width_as_well_as_class_count_is_refused_not_reinitialised(tmp_path):
+    """Only the class count may differ: a head of another input width means the file is for another network."""
+    source = create_model("resnet8", 4, 3).state_dict()
+    source["classifier.weight"] = torch.zeros(7, 32)  # resnet8's head is [4, 64]
+    torch.save(source, tmp_path / "wide.pt")
+    with pytest.raises(OkdpipeError) as error:
+        initialise(Students("resnet8", 1, 4, 3), tmp_path / "wide.pt")
+    assert str(error.value) == (
+        f"--init {tmp_path / 'wide.pt'}: classifier.weight has shape [7, 32] in the file but [4, 64] in the "
+        "students; the file is for another architecture or width (only the classifier's class count may differ)"
+    )
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

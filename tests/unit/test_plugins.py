@@ -374,6 +374,18 @@ def test_features_and_stage_maps_are_checked_only_where_the_method_reads_them(cl
         check_contract(model, "resnet8", 3, (1, 8, 8), features=False, stages=True)
 
 
+def test_a_plugin_file_named_like_an_imported_module_is_refused_not_run(tmp_path, clean_environment):
+    """json.py would replace the json module every later import gets (or be skipped silently for it)."""
+    (tmp_path / "json.py").write_text("raise SystemExit('must not run')\n")
+    with pytest.raises(OkdpipeError) as error:
+        plugins.load_plugins([str(tmp_path / "json.py")])
+    assert (
+        str(error.value)
+        == f"plug-in {tmp_path / 'json.py'}: a module named 'json' is already imported; rename the file"
+    )
+    assert sys.modules["json"] is json
+
+
 def test_a_builder_that_returns_no_backbone_is_one_line(contract_plugin, clean_environment):
     from okdpipe.distill.models import create_model
 
