@@ -137,14 +137,20 @@ def test_anything_else_that_does_not_fit_is_one_line(tmp_path):
         initialise(Students("resnet8", 1, 4, 3), tmp_path / "junk.safetensors")
 
 
+def refusal_of_changed_resnet8(path: Path, key: str, change) -> str:
+    """--init's one-line refusal of a resnet8 state dict whose entry `key` is replaced by change(entry)."""
+    state = create_model("resnet8", 4, 3).state_dict()
+    state[key] = change(state[key])
+    torch.save(state, path)
+    with pytest.raises(OkdpipeError) as error:
+        initialise(Students("resnet8", 1, 4, 3), path)
+    return str(error.value)
+
+
 def test_a_classifier_of_another_width_as_well_as_class_count_is_refused_not_reinitialised(tmp_path):
     """Only the class count may differ: a head of another input width means the file is for another network."""
-    source = create_model("resnet8", 4, 3).state_dict()
-    source["classifier.weight"] = torch.zeros(7, 32)  # resnet8's head is [4, 64]
-    torch.save(source, tmp_path / "wide.pt")
-    with pytest.raises(OkdpipeError) as error:
-        initialise(Students("resnet8", 1, 4, 3), tmp_path / "wide.pt")
-    assert str(error.value) == (
+    wide = refusal_of_changed_resnet8(tmp_path / "wide.pt", "classifier.weight", lambda _: torch.zeros(7, 32))
+    assert wide == (
         f"--init {tmp_path / 'wide.pt'}: classifier.weight has shape [7, 32] in the file but [4, 64] in the "
         "students; the file is for another architecture or width (only the classifier's class count may differ)"
     )
@@ -180,12 +186,7 @@ def test_a_state_dict_of_the_wrong_kind_is_one_line_not_a_traceback(tmp_path, ch
 )
 def test_tensors_without_dense_values_are_one_line_naming_the_kind(tmp_path, make, kind):
     """A meta tensor has no data and a sparse one no strided storage: the NaN check raised NotImplementedError."""
-    state = create_model("resnet8", 4, 3).state_dict()
-    state["stem.0.weight"] = make(state["stem.0.weight"])
-    torch.save(state, tmp_path / "odd.pt")
-    with pytest.raises(OkdpipeError) as error:
-        initialise(Students("resnet8", 1, 4, 3), tmp_path / "odd.pt")
-    assert str(error.value) == (
+    assert refusal_of_changed_resnet8(tmp_path / "odd.pt", "stem.0.weight", make) == (
         f"--init {tmp_path / 'odd.pt'}: the file holds {kind} tensors (stem.0.weight), which okdpipe cannot load; "
         "save dense weights"
     )
