@@ -148,6 +148,31 @@ def test_an_image_with_no_8_bit_reading_is_a_bad_image_not_a_flat_one(values, me
         ImageDecoder((4, 4), 1).pixels(buffer.getvalue())
 
 
+@pytest.mark.parametrize(
+    ("values", "image_format", "mode"),
+    [
+        (np.arange(16, dtype=np.uint16).reshape(4, 4) * 16, "PNG", "I;16"),
+        (np.arange(16, dtype=np.int32).reshape(4, 4) * 16, "TIFF", "I"),
+    ],
+    ids=["16-bit PNG", "32-bit TIFF"],
+)
+def test_a_wide_image_of_8_bit_values_is_a_bad_image_not_a_black_one(values, image_format, mode):
+    """Values 0..240 kept their top 8 bits: every pixel 0, a flat black image, silently (and /classify agreed)."""
+    from okdpipe.datasets.decoding import BadImage, ImageDecoder
+
+    buffer = io.BytesIO()
+    Image.fromarray(values).save(buffer, format=image_format)
+    with pytest.raises(BadImage) as error:
+        ImageDecoder((4, 4), 1).pixels(buffer.getvalue())
+    assert str(error.value) == (
+        f"cannot decode image (a {mode!r} image whose values all lie below 256 would read as black at 8 bits (its top "
+        "8 bits); save it 8 bit, or scale its values to the 16-bit range)"
+    )
+    buffer = io.BytesIO()
+    Image.fromarray(values * 256).save(buffer, format=image_format)  # the same picture in the 16-bit range
+    assert ImageDecoder((4, 4), 1).pixels(buffer.getvalue())[..., 0].tolist() == values.reshape(4, 4).tolist()
+
+
 @pytest.mark.parametrize("image_format", ["EPS", "ICO", "TGA"])
 def test_a_format_outside_the_read_list_is_a_bad_image_whatever_its_suffix(tmp_path, image_format):
     """Pillow opens EPS by running Ghostscript on the file's bytes; serve's /classify refuses these formats, so
