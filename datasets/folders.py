@@ -47,34 +47,67 @@ def list_images(class_dir: Path) -> list[Path]:
     Anything named like an image is listed, whatever it is (a pipe, a device, a folder `photo.jpg/`), so that
     decoding reports it as a bad image. A linked folder is not followed (its images could be another class's, or
     a split's, or loop): it is named in a warning instead of being left out silently."""
-    files, links = [], []
+    files, links, linked_files = [], [], []
     for folder, subfolders, names in os.walk(class_dir):
         links += [Path(folder, n) for n in subfolders if Path(folder, n).is_symlink() and not is_hidden(n)]
         inside = [n for n in subfolders if not is_hidden(n) and not Path(folder, n).is_symlink()]
-        files += [Path(folder, n) for n in [*names, *inside] if is_image_name(n)]
+        images = [Path(folder, n) for n in [*names, *inside] if is_image_name(n)]
+        files += [path for path in images if not path.is_symlink()]
+        linked_files += [path for path in images if path.is_symlink()]
         subfolders[:] = [n for n in inside if not is_image_name(n)]
-    warn_linked_folders(links)
+    warn_linked(links, "folder", "replace a link with a real folder to train on its images")
+    warn_linked(sorted(linked_files), "image file", "put the file itself there to train on it")
     if not files:
         raise OkdpipeError(f"{class_dir}: class folder has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    require_utf8_paths(files)
     return sorted(files)
 
 
-def warn_linked_folders(links: list[Path]) -> None:
+def require_utf8_paths(paths: list[Path]) -> None:
+    """Every path valid UTF-8. Python keeps the bytes of a name that is not as lone surrogates, which no UTF-8
+    text can hold: the decode cache's key, the data fingerprint, the manifest and every message name the files,
+    so such a name is refused up front, shown with its bad bytes escaped."""
+    for path in paths:
+        try:
+            str(path).encode("utf-8")
+        except UnicodeEncodeError:
+            shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+            raise OkdpipeError(
+                f"{shown}: the name is not valid UTF-8; rename it (okdpipe records every image by name)"
+            ) from None
+
+
+def warn_linked(links: list[Path], kind: str, fix: str) -> None:
+    """Links inside class folders are not followed (a linked folder could hold another class's or split's images,
+    or loop; a linked image could be another class's, taught under two labels): each skipped one is named."""
     if links:
         more = f" and {len(links) - BAD_FILES_SHOWN} more" if len(links) > BAD_FILES_SHOWN else ""
         listed = "; ".join(map(str, links[:BAD_FILES_SHOWN]))
         say(
-            f"warning: skipping {len(links)} linked folder(s) inside class folders (links are not followed): "
-            f"{listed}{more}; replace a link with a real folder to train on its images",
+            f"warning: skipping {len(links)} linked {kind}(s) inside class folders (links are not followed): "
+            f"{listed}{more}; {fix}",
             err=True,
         )
 
 
 def class_names(split_dir: Path) -> tuple[str, ...]:
-    names = tuple(sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not is_hidden(p.name)))
-    if not names:
+    folders = sorted(p for p in split_dir.iterdir() if p.is_dir() and not is_hidden(p.name))
+    if not folders:
         raise OkdpipeError(f"{split_dir}: no class folders; expected {split_dir}/<class>/<image files>")
-    return names
+    refuse_linked_class_folders(folders)
+    require_utf8_paths(folders)  # a class name is a label of the model card
+    return tuple(p.name for p in folders)
+
+
+def refuse_linked_class_folders(folders: list[Path]) -> None:
+    """A class folder that is a link (to a sibling, another split's class, anywhere) is not followed: it would make
+    a second class of the same images, or bring in images the folder does not hold."""
+    linked = [folder for folder in folders if folder.is_symlink()]
+    if linked:
+        raise OkdpipeError(
+            f"{linked[0]}: the class folder is a link (to {os.readlink(linked[0])}); links are not followed, so "
+            "replace it with a real folder or remove it"
+        )
 
 
 def scan_split(split_dir: Path, classes: tuple[str, ...]) -> tuple[list[Path], torch.Tensor]:
@@ -197,6 +230,7 @@ def split_listing(source: Path, classes: tuple[str, ...]) -> Listing:
         paths, labels = scan_split(source, classes)
         return Listing(source, tuple(paths), tuple(labels.tolist()))
     paths, names = read_list(source)
+    require_utf8_paths(paths)  # the list is UTF-8 text, but the folder it lies in may not be
     return Listing(source, tuple(paths), tuple(label_indices(names, classes, source)))
 
 

@@ -4,9 +4,10 @@
     photos/0001.jpg,cat        <- relative to the list file's folder (or absolute)
     "photos/a, b.jpg",dog      <- CSV quoting for commas in names
 
-Blank lines and lines starting with `#` are skipped; a file listed twice is an error naming both lines. A listed
-file that is missing or cannot be decoded counts as a bad image (listed, then refused or skipped with
---skip-bad-images), like a broken file in a class folder.
+Lines end at a newline (\\n or \\r\\n) only, so a name may hold any other character (U+2028 too); a quoted path must
+close on its own line. Blank lines and lines starting with `#` are skipped; a file listed twice is an error naming
+both lines. A listed file that is missing or cannot be decoded counts as a bad image (listed, then refused or
+skipped with --skip-bad-images), like a broken file in a class folder.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def read_list(list_file: Path) -> tuple[list[Path], list[str]]:
         ) from None
     paths, labels = [], []
     first_line: dict[str, int] = {}  # each listed file (its real path) -> the line that first listed it
-    for number, row in enumerate(csv.reader(text.splitlines()), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):
+        row = parse_row(line, number, list_file)  # csv itself ends a line at \r, so \r\n needs nothing more
         if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
             continue
         cells = [cell.strip() for cell in row]
@@ -57,6 +59,23 @@ def read_list(list_file: Path) -> tuple[list[Path], list[str]]:
     if not paths:
         raise OkdpipeError(f"{list_file}: lists no images; write one `path,label` line per image")
     return paths, labels
+
+
+def parse_row(line: str, number: int, list_file: Path) -> list[str]:
+    """One line's CSV cells. Lines end at \\n (or \\r\\n) only: str.splitlines() also split at U+2028 and the other
+    Unicode line breaks, which can be part of a file name, and csv let a quoted path run on over the next line."""
+    try:
+        return next(csv.reader([line], strict=True), [])
+    except csv.Error as error:
+        if "unexpected end of data" in str(error):
+            raise OkdpipeError(
+                f"{list_file} line {number}: a quoted path is not closed on its line (a name holding a line break "
+                "cannot be listed); rename the file, one `path,label` per line"
+            ) from None
+        raise OkdpipeError(
+            f"{list_file} line {number}: not a CSV `path,label` line ({error}); quote a path holding commas or "
+            'quotes as "a, b.png" (a quote inside doubled: "say ""hi"".png")'
+        ) from None
 
 
 def refuse_duplicate(first: int, number: int, listed: str, list_file: Path) -> None:

@@ -37,7 +37,7 @@ import torch
 from okdpipe.distill.checkpoint import CHECKPOINT
 from okdpipe.errors import OkdpipeError
 from okdpipe.files import file_sha256
-from okdpipe.modelfile import load_tensors, non_finite_tensors
+from okdpipe.modelfile import load_tensors, non_finite_tensors, refuse_unreadable_tensors
 
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "state_dict_ema", "model_ema")
 SHOWN = 5  # names of each kind listed in the report
@@ -55,8 +55,13 @@ def check_weights_file(path: str | Path) -> Path:
 
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str, str]:
     """The tensors of a weights file by name, what kind of file it was, and the architecture when the file
-    names it (an okdpipe MODEL.pt; "" otherwise)."""
-    path = check_weights_file(path)
+    names it (an okdpipe MODEL.pt; "" otherwise). Meta and sparse tensors are refused (they hold no dense values)."""
+    weights, kind, arch = _read_weights_file(check_weights_file(path))
+    refuse_unreadable_tensors(weights.items(), f"--init {path}")
+    return weights, kind, arch
+
+
+def _read_weights_file(path: Path) -> tuple[dict[str, torch.Tensor], str, str]:
     if path.suffix == ".safetensors" or is_safetensors(path):  # by content too: renamed .pth, it is still one
         return _read_safetensors(path), "safetensors", ""
     payload = load_tensors(

@@ -148,19 +148,43 @@ def read_model_file(path: str | os.PathLike) -> tuple[dict, ModelInfo]:
     payload = load_tensors(path, "not a readable okdpipe model file", "pass the MODEL.pt `okdpipe select` wrote")
     MODEL_FILE.check(payload, path)
     state = payload.get("state_dict")
-    if not isinstance(state, dict) or not state or not all(_is_dense_tensor(v) for v in state.values()):
-        raise OkdpipeError(f"{path}: the model file holds no state_dict of dense tensors; {MODEL_FILE.fix}")
+    if not isinstance(state, dict) or not state or not all(_is_tensor(v) for v in state.values()):
+        raise OkdpipeError(f"{path}: the model file holds no state_dict of tensors; {MODEL_FILE.fix}")
+    refuse_unreadable_tensors(state.items(), path)
     if weights_sha256(state) != payload.get("weights_sha256"):
         raise OkdpipeError(f"{path}: weights do not match their recorded sha256; the file is corrupt")
     info = info_from_payload(payload, path)
     return state, info
 
 
-def _is_dense_tensor(value: Any) -> bool:
-    """A plain (strided) tensor: what a network's state dict holds; a sparse one cannot even be hashed."""
+def _is_tensor(value: Any) -> bool:
     import torch
 
-    return isinstance(value, torch.Tensor) and value.layout == torch.strided
+    return isinstance(value, torch.Tensor)
+
+
+def unreadable_tensor(named: Iterable[tuple[str, Any]]) -> tuple[str, str] | None:
+    """The first (name, kind) among (name, tensor) pairs whose values are not a plain dense array: a meta tensor
+    (a shape without data, as models built on torch.device("meta") have) or any layout but strided (sparse COO,
+    CSR, jagged). Hashing, the NaN check and loading all read the values, which these cannot give."""
+    import torch
+
+    for name, tensor in named:
+        if tensor.is_meta:
+            return name, "meta"
+        if tensor.layout != torch.strided:
+            return name, str(tensor.layout).removeprefix("torch.")
+    return None
+
+
+def refuse_unreadable_tensors(named: Iterable[tuple[str, Any]], where: object) -> None:
+    """One line naming the first tensor of a weights file (`where`) that unreadable_tensor finds."""
+    found = unreadable_tensor(named)
+    if found:
+        name, kind = found
+        raise OkdpipeError(
+            f"{where}: the file holds {kind} tensors ({name}), which okdpipe cannot load; save dense weights"
+        )
 
 
 def info_from_payload(payload: dict, where: object) -> ModelInfo:

@@ -1,11 +1,12 @@
-"""The backbone contract, checked with one tiny forward pass before training starts (and under --dry-run).
+"""The backbone contract, checked with a few tiny forward passes before training starts (and under --dry-run).
 
 Students and export call every backbone the same way: `forward_features(x, return_stages=True)` -> (final map,
 stage maps), `pool(final map)` -> features [B, num_features], `classifier(features)` -> logits [B, num_classes],
 and `forward(x)` (what export traces) -> the same logits. A plug-in, timm or torchvision network that breaks this
 would otherwise fail deep inside training (a torch.stack of logits of two sizes, a loss on the wrong class count)
-or export a model whose output is not what its card says; one forward pass on a batch of two zero images finds it
-first, and the message names the backbone, the shape it gave and the shape expected.
+or export a model whose output is not what its card says; a few forward passes on batches of zero images (two
+and three, in eval and in training mode) find it first, and the message names the backbone, the shape it gave and
+the shape expected. NaN or inf logits and a backbone with nothing to train are refused here too.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import torch
 from okdpipe.distill.models.external import first_line
 from okdpipe.errors import OkdpipeError
 
-PROBE_BATCH = 2  # two images, so a network that drops or mixes the batch axis shows it
+# Two images, so a network that drops or mixes the batch axis shows it; then three, so one whose output depends on
+# the batch size fails here rather than later in training or in export's parity check.
+PROBE_BATCHES = (2, 3)
 INTERFACE = ("forward_features", "pool", "classifier", "num_features", "stage_channels")
 
 
@@ -36,55 +39,102 @@ def check_interface(model: object, arch: str) -> None:
 def check_contract(
     model: torch.nn.Module, arch: str, num_classes: int, image_shape: Sequence[int], *, features: bool, stages: bool
 ) -> None:
-    """One forward pass of a batch of PROBE_BATCH zero images of `image_shape` (C, H, W): logits [B, num_classes]
-    both through the students' path and through forward(); pooled features [B, num_features] when the method
-    reads them (`features`); one 4-D map per stage of the declared widths when it reads stage maps (`stages`)."""
-    device = next(model.parameters(), torch.zeros(())).device
-    x = torch.zeros(PROBE_BATCH, *image_shape, device=device)
+    """Forward passes of zero images of `image_shape` (C, H, W), each batch size of PROBE_BATCHES in eval mode and
+    in training mode: logits [B, num_classes], finite, both through the students' path and through forward();
+    pooled features [B, num_features] when the method reads them (`features`); one 4-D map per stage of the
+    declared widths when it reads stage maps (`stages`). A backbone must also have something to train."""
+    check_trainable(model, arch)
     was_training = model.training
-    model.eval()
+    try:
+        for batch in PROBE_BATCHES:
+            for training in (False, True):
+                model.train(training)
+                probe = Probe(arch, batch, training)
+                check_outputs(probe, run_forward(model, probe, image_shape), model, num_classes, features, stages)
+    finally:
+        model.train(was_training)
+
+
+class Probe:
+    """One probing pass: the backbone, the batch size and the mode, as the messages name them."""
+
+    def __init__(self, arch: str, batch: int, training: bool):
+        self.arch, self.batch, self.training = arch, batch, training
+
+    def describe(self) -> str:
+        return f"for a batch of {self.batch}" + (" in training mode" if self.training else "")
+
+
+def check_trainable(model: torch.nn.Module, arch: str) -> None:
+    """An optimiser needs at least one parameter that requires a gradient; without one the first backward fails."""
+    if not any(p.requires_grad for p in model.parameters()):
+        raise OkdpipeError(
+            f"backbone {arch!r} has no trainable parameters (none, or all with requires_grad=False); give it "
+            "layers with weights to train"
+        )
+
+
+def run_forward(model: torch.nn.Module, probe: Probe, image_shape: Sequence[int]) -> tuple:
+    """(stage maps, pooled features, students' logits, forward()'s logits) for a batch of zero images."""
+    device = next(model.parameters(), torch.zeros(())).device
+    x = torch.zeros(probe.batch, *image_shape, device=device)
     try:
         fmap, maps = model.forward_features(x, return_stages=True)
         pooled = model.pool(fmap)
-        logits, whole = model.classifier(pooled), model(x)
+        return maps, pooled, model.classifier(pooled), model(x)
     except Exception as exc:  # plug-in and library code may raise any type: each is this backbone's failure
         shape = "x".join(map(str, image_shape))
         raise OkdpipeError(
-            f"backbone {arch!r} fails a forward pass on a batch of {shape} (CxHxW) images ({first_line(exc)}); "
+            f"backbone {probe.arch!r} fails a forward pass on a batch of {probe.batch} {shape} (CxHxW) images"
+            f"{' in training mode' if probe.training else ''} ({first_line(exc)}); "
             "fix the backbone or choose one that takes this dataset's images"
         ) from None
-    finally:
-        model.train(was_training)
-    expect(arch, "logits", logits, (PROBE_BATCH, num_classes), "batch, num_classes")
-    expect(arch, "forward() output", whole, (PROBE_BATCH, num_classes), "batch, num_classes")
+
+
+def check_outputs(probe: Probe, outputs: tuple, model: torch.nn.Module, num_classes: int, features: bool, stages: bool):
+    maps, pooled, logits, whole = outputs
+    expect(probe, "logits", logits, (probe.batch, num_classes), "batch, num_classes")
+    expect(probe, "forward() output", whole, (probe.batch, num_classes), "batch, num_classes")
+    expect_finite(probe, "logits", logits)
+    expect_finite(probe, "forward() output", whole)
     if features:
-        expect(arch, "pooled features", pooled, (PROBE_BATCH, model.num_features), "batch, num_features")
+        expect(probe, "pooled features", pooled, (probe.batch, model.num_features), "batch, num_features")
     if stages:
-        check_stage_maps(arch, maps, model.stage_channels)
+        check_stage_maps(probe, maps, model.stage_channels)
 
 
-def check_stage_maps(arch: str, maps: object, widths: Sequence[int]) -> None:
+def expect_finite(probe: Probe, what: str, value: torch.Tensor) -> None:
+    """NaN or inf from the backbone itself, on zero images before any step: training would blame the learning rate."""
+    if value.is_floating_point() and not torch.isfinite(value).all():
+        raise OkdpipeError(
+            f"backbone {probe.arch!r} gives {what} holding NaN or inf on zero images {probe.describe()}, before "
+            "any training step; fix the backbone's forward"
+        )
+
+
+def check_stage_maps(probe: Probe, maps: object, widths: Sequence[int]) -> None:
     """One map [B, width_i, h, w] per declared stage width (FFSD and MBDE read them)."""
     if not isinstance(maps, (list, tuple)) or len(maps) != len(widths):
         count = len(maps) if isinstance(maps, (list, tuple)) else type(maps).__name__
         raise OkdpipeError(
-            f"backbone {arch!r} gives {count} stage maps, expected {len(widths)} (one per stage_channels entry "
-            f"{list(widths)}); fix the backbone's forward_features or stage_channels"
+            f"backbone {probe.arch!r} gives {count} stage maps, expected {len(widths)} (one per stage_channels "
+            f"entry {list(widths)}); fix the backbone's forward_features or stage_channels"
         )
     for i, (fmap, width) in enumerate(zip(maps, widths)):
         got = shape_of(fmap)
-        if len(got) != 4 or got[:2] != [PROBE_BATCH, width]:
+        if len(got) != 4 or got[:2] != [probe.batch, width]:
             raise OkdpipeError(
-                f"backbone {arch!r} gives stage map {i} of shape {got}, expected [{PROBE_BATCH}, {width}, H, W] "
-                "(batch, stage_channels, height, width); fix the backbone's forward_features or stage_channels"
+                f"backbone {probe.arch!r} gives stage map {i} of shape {got} {probe.describe()}, expected "
+                f"[{probe.batch}, {width}, H, W] (batch, stage_channels, height, width); fix the backbone's "
+                "forward_features or stage_channels"
             )
 
 
-def expect(arch: str, what: str, value: object, shape: tuple[int, ...], axes: str) -> None:
+def expect(probe: Probe, what: str, value: object, shape: tuple[int, ...], axes: str) -> None:
     got = shape_of(value)
     if got != list(shape):
         raise OkdpipeError(
-            f"backbone {arch!r} gives {what} of shape {got} for a batch of {PROBE_BATCH}, expected {list(shape)} "
+            f"backbone {probe.arch!r} gives {what} of shape {got} {probe.describe()}, expected {list(shape)} "
             f"({axes}); fix the backbone so that it keeps this contract"
         )
 

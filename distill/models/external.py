@@ -84,7 +84,7 @@ def create_external(arch: str, num_classes: int, in_channels: int, **kwargs: Any
         raise OkdpipeError(f"--arch {arch}: {library} models take no okdpipe options (got {', '.join(kwargs)})")
     build = build_timm if library == "timm" else build_torchvision
     net, path = build(name, num_classes, in_channels)
-    classifier = net.get_submodule(path)
+    classifier = classifier_module(net, path, arch)
     if not isinstance(classifier, nn.Linear) or classifier.out_features != num_classes:
         raise OkdpipeError(
             f"--arch {arch}: its classifier ({path}: {type(classifier).__name__}) is not a Linear layer with "
@@ -92,6 +92,23 @@ def create_external(arch: str, num_classes: int, in_channels: int, **kwargs: Any
         )
     net.set_submodule(path, nn.Identity())
     return ExternalBackbone(net, classifier, path, arch)
+
+
+def classifier_module(net: nn.Module, path: str | tuple[str, ...], arch: str) -> nn.Module:
+    """The module at the library's classifier path. timm names two paths for models with two heads (DeiT
+    distilled, LeViT, CrossViT: their logits average the heads), which one moved-out Linear cannot stand for."""
+    if not isinstance(path, str):
+        raise OkdpipeError(
+            f"--arch {arch}: it has {len(path)} classifier heads ({', '.join(map(str, path))}); only models that "
+            "end in one Linear classifier can be students, choose a single-head model"
+        )
+    try:
+        return net.get_submodule(path)
+    except AttributeError:
+        raise OkdpipeError(
+            f"--arch {arch}: its library names {path!r} as the classifier but the model has no such layer; "
+            "only models that end in one Linear classifier can be students"
+        ) from None
 
 
 def check_external(arch: str) -> None:

@@ -53,7 +53,8 @@ def image_pixels(image: Image.Image, channels: int, size: tuple[int, int], polic
 def to_channels(image: Image.Image, channels: int) -> Image.Image:
     """Any Pillow mode -> "L" (channels=1) or "RGB" (channels=3).
 
-    16-bit images keep their top 8 bits (Pillow's own conversion clips everything above 255 to white); alpha is
+    16-bit images keep their top 8 bits (Pillow's own conversion clips everything above 255 to white), and one whose
+    values are all below 256 (8-bit values saved wide) is refused rather than read as black; alpha is
     dropped (as torchvision's `convert("RGB")` does); palettes expand through RGBA so a transparent index does
     not warn; grayscale becomes RGB by repeating the channel; colour becomes gray by ITU-R 601-2 luma.
     """
@@ -68,6 +69,11 @@ def to_channels(image: Image.Image, channels: int) -> Image.Image:
         values = np.asarray(image)
         if values.size and (values.min() < 0 or values.max() > 0xFFFF):  # mode "I" holds 32-bit integers too
             raise UnsupportedImage("a 32-bit integer image with values beyond 16 bits; save 8 or 16 bit")
+        if values.size and 0 < values.max() < 0x100:  # 8-bit values in a 16- or 32-bit file: their top 8 bits are 0
+            raise UnsupportedImage(
+                f"a {image.mode!r} image whose values all lie below 256 would read as black at 8 bits (its top 8 "
+                "bits); save it 8 bit, or scale its values to the 16-bit range"
+            )
         wide = values.astype(np.uint32) >> 8
         image = Image.fromarray(wide.clip(0, 255).astype(np.uint8))
     elif image.mode in ("P", "PA"):

@@ -180,6 +180,25 @@ def test_a_missing_or_mistyped_field_is_one_line(model_file, tmp_path, case, cha
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    ("make", "kind"),
+    [(lambda t: torch.empty_like(t, device="meta"), "meta"), (lambda t: t.to_sparse(), "sparse_coo")],
+    ids=["meta", "sparse"],
+)
+def test_a_model_file_of_meta_or_sparse_tensors_is_one_line_naming_the_kind(model_file, tmp_path, make, kind):
+    """weights_sha256 read the values to check the file and raised NotImplementedError on a meta tensor."""
+
+    def change(payload):
+        payload["state_dict"]["classifier.weight"] = make(payload["state_dict"]["classifier.weight"])
+
+    path = rewrite(model_file, tmp_path / "odd.pt", change)
+    with pytest.raises(OkdpipeError) as error:
+        read_model_file(path)
+    assert str(error.value) == (
+        f"{path}: the file holds {kind} tensors (classifier.weight), which okdpipe cannot load; save dense weights"
+    )
+
+
 def test_save_model_file_refuses_nan_and_inf_weights(tmp_path):
     info = model_info()
     for bad in (float("nan"), float("inf")):

@@ -56,6 +56,20 @@ def test_one_channel_input_gets_a_first_conv_of_one_channel(arch):
         assert model(torch.randn(3, 1, 28, 28)).shape == (3, 10)
 
 
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "efficientnet_b0"])
+def test_the_rebuilt_one_channel_first_conv_keeps_the_originals_geometry(name):
+    """Stride, padding, dilation, groups and bias as torchvision built it: a default-stride conv would change every
+    feature map size after it."""
+    from torchvision import models
+
+    original = next(m for m in models.get_model(name, weights=None).modules() if isinstance(m, torch.nn.Conv2d))
+    rebuilt = next(m for m in create_model(f"torchvision:{name}", 10, 1).modules() if isinstance(m, torch.nn.Conv2d))
+    geometry = ("out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode")
+    assert [getattr(rebuilt, a) for a in geometry] == [getattr(original, a) for a in geometry]
+    assert (rebuilt.in_channels, rebuilt.bias is None) == (1, original.bias is None)
+    assert original.stride != (1, 1) and original.padding != (0, 0)  # the defaults would not pass for them
+
+
 @pytest.mark.parametrize(
     "arch, fragment",
     [
@@ -69,6 +83,27 @@ def test_one_channel_input_gets_a_first_conv_of_one_channel(arch):
 def test_unknown_or_unsuitable_models_are_one_line(arch, fragment):
     with pytest.raises(OkdpipeError, match=fragment):
         create_model(arch, num_classes=10, in_channels=1)
+
+
+def test_a_timm_model_with_two_classifier_heads_is_one_line():
+    """DeiT distilled (like LeViT and CrossViT) has a head and a distillation head; timm names both."""
+    with pytest.raises(OkdpipeError) as caught:
+        create_model("timm:deit_tiny_distilled_patch16_224", num_classes=10, in_channels=1)
+    assert str(caught.value) == (
+        "--arch timm:deit_tiny_distilled_patch16_224: it has 2 classifier heads (head, head_dist); only models "
+        "that end in one Linear classifier can be students, choose a single-head model"
+    )
+
+
+def test_a_classifier_path_the_model_lacks_is_one_line():
+    from okdpipe.distill.models.external import classifier_module
+
+    with pytest.raises(OkdpipeError) as caught:
+        classifier_module(torch.nn.Sequential(torch.nn.Linear(2, 2)), "head.fc", "timm:x")
+    assert str(caught.value) == (
+        "--arch timm:x: its library names 'head.fc' as the classifier but the model has no such layer; "
+        "only models that end in one Linear classifier can be students"
+    )
 
 
 def test_shared_trunk_and_stage_methods_refuse_external_archs():

@@ -148,6 +148,31 @@ def test_an_image_with_no_8_bit_reading_is_a_bad_image_not_a_flat_one(values, me
         ImageDecoder((4, 4), 1).pixels(buffer.getvalue())
 
 
+@pytest.mark.parametrize(
+    ("values", "image_format", "mode"),
+    [
+        (np.arange(16, dtype=np.uint16).reshape(4, 4) * 16, "PNG", "I;16"),
+        (np.arange(16, dtype=np.int32).reshape(4, 4) * 16, "TIFF", "I"),
+    ],
+    ids=["16-bit PNG", "32-bit TIFF"],
+)
+def test_a_wide_image_of_8_bit_values_is_a_bad_image_not_a_black_one(values, image_format, mode):
+    """Values 0..240 kept their top 8 bits: every pixel 0, a flat black image, silently (and /classify agreed)."""
+    from okdpipe.datasets.decoding import BadImage, ImageDecoder
+
+    buffer = io.BytesIO()
+    Image.fromarray(values).save(buffer, format=image_format)
+    with pytest.raises(BadImage) as error:
+        ImageDecoder((4, 4), 1).pixels(buffer.getvalue())
+    assert str(error.value) == (
+        f"cannot decode image (a {mode!r} image whose values all lie below 256 would read as black at 8 bits (its top "
+        "8 bits); save it 8 bit, or scale its values to the 16-bit range)"
+    )
+    buffer = io.BytesIO()
+    Image.fromarray(values * 256).save(buffer, format=image_format)  # the same picture in the 16-bit range
+    assert ImageDecoder((4, 4), 1).pixels(buffer.getvalue())[..., 0].tolist() == values.reshape(4, 4).tolist()
+
+
 @pytest.mark.parametrize("image_format", ["EPS", "ICO", "TGA"])
 def test_a_format_outside_the_read_list_is_a_bad_image_whatever_its_suffix(tmp_path, image_format):
     """Pillow opens EPS by running Ghostscript on the file's bytes; serve's /classify refuses these formats, so
@@ -220,12 +245,15 @@ def test_pipes_devices_and_folders_named_like_images_are_bad_images_not_hangs(tm
     with pytest.raises(OkdpipeError) as error:
         load_dataset("imagefolder", tmp_path, val_split=0)
     assert str(error.value).startswith(
-        f"3 unreadable image file(s) under {tmp_path}: {special[0]} (not a regular file but a folder); "
-        f"{special[1]} (not a regular file but a pipe (FIFO)); {special[2]} (not a regular file but a device); "
+        f"2 unreadable image file(s) under {tmp_path}: {special[0]} (not a regular file but a folder); "
+        f"{special[1]} (not a regular file but a pipe (FIFO)); "
     )
+    assert f"skipping 1 linked image file(s) inside class folders (links are not followed): {special[2]};" in (
+        capsys.readouterr().err
+    )  # the link to /dev/zero is never opened (a list file naming a device is tested below)
     bundle = load_dataset("imagefolder", tmp_path, val_split=0, skip_bad_images=True, decode_workers=1)
     assert len(bundle.train) == 6  # the image inside album.jpg/ is not walked into either
-    assert "skipping 3 unreadable image file(s)" in capsys.readouterr().err
+    assert "skipping 2 unreadable image file(s)" in capsys.readouterr().err
 
 
 @pytest.mark.timeout(60)
@@ -249,6 +277,66 @@ def test_a_linked_folder_inside_a_class_folder_is_named_in_a_warning_not_followe
         "warning: skipping 1 linked folder(s) inside class folders (links are not followed): "
         f"{tmp_path / 'train' / 'cat' / 'more'}; replace a link with a real folder to train on its images"
     ) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_class_folder_that_is_a_link_is_refused_in_one_line(tmp_path, split):
+    """A link to a sibling became a duplicate class of the same images, silently."""
+    write_image_folder(tmp_path, {"train": 6, "val": 3}, ["cat", "dog"], size=8)
+    (tmp_path / split / "cat").rename(tmp_path / split / "kitty")
+    (tmp_path / split / "cat").symlink_to("kitty", target_is_directory=True)
+    with pytest.raises(OkdpipeError) as error:
+        load_dataset("imagefolder", tmp_path, image_size=8)
+    assert str(error.value) == (
+        f"{tmp_path / split / 'cat'}: the class folder is a link (to kitty); links are not followed, so replace it "
+        "with a real folder or remove it"
+    )
+
+
+def test_a_linked_image_file_is_named_in_a_warning_not_followed(tmp_path, capsys):
+    """A link into another class taught the same image under two labels."""
+    write_image_folder(tmp_path, {"train": 6}, ["cat", "dog"], size=8)
+    cat_image = sorted((tmp_path / "train" / "cat").iterdir())[0]
+    (tmp_path / "train" / "dog" / "alias.png").symlink_to(cat_image)
+    bundle = load_dataset("imagefolder", tmp_path, val_split=0, image_size=8)
+    assert len(bundle.train) == 6
+    assert capsys.readouterr().err.strip() == (
+        "warning: skipping 1 linked image file(s) inside class folders (links are not followed): "
+        f"{tmp_path / 'train' / 'dog' / 'alias.png'}; put the file itself there to train on it"
+    )
+
+
+BYTES_NAME = os.fsdecode(b"caf\xe9")  # Latin-1 bytes, not UTF-8: Python keeps the byte as a lone surrogate
+
+
+def refusal_of_bytes_name(root: Path) -> str:
+    with pytest.raises(OkdpipeError) as error:
+        load_dataset("imagefolder", root, val_split=0, cache=False)
+    return str(error.value)
+
+
+@pytest.mark.parametrize(
+    "bad_path, named",
+    [(f"train/cat/{BYTES_NAME}.png", "train/cat/caf\\xe9.png"), (f"train/{BYTES_NAME}/a.png", "train/caf\\xe9")],
+    ids=["file", "class folder"],
+)
+def test_a_name_that_is_not_utf8_is_one_line_naming_it(tmp_path, bad_path, named):
+    """Its surrogate gave a UnicodeEncodeError from the decode cache's key, with the cache off too."""
+    for path in (bad_path, "train/cat/b.png", "train/dog/c.png"):
+        save(tmp_path / path, Image.new("RGB", (8, 8)))
+    assert refusal_of_bytes_name(tmp_path) == (
+        f"{tmp_path}/{named}: the name is not valid UTF-8; rename it (okdpipe records every image by name)"
+    )
+
+
+def test_a_list_file_in_a_folder_whose_name_is_not_utf8_is_one_line(tmp_path):
+    root = tmp_path / BYTES_NAME
+    for name in ("a.png", "b.png"):
+        save(root / name, Image.new("RGB", (8, 8)))
+    (root / "train.csv").write_text("a.png,cat\nb.png,dog\n")
+    assert refusal_of_bytes_name(root) == (
+        f"{tmp_path}/caf\\xe9/a.png: the name is not valid UTF-8; rename it (okdpipe records every image by name)"
+    )
 
 
 @pytest.mark.parametrize(
@@ -371,6 +459,38 @@ def test_list_file_problems_are_one_line(tmp_path, train, test, problem):
         (tmp_path / "test.csv").write_text(test)
     with pytest.raises(OkdpipeError, match=re.escape(problem)):
         load_dataset("imagefolder", tmp_path, val_split=0)
+
+
+def test_list_file_lines_end_at_newlines_only(tmp_path):
+    """splitlines() cut a name holding U+2028 (or \\x1c, \\x85...) into two lines; \\r\\n still ends a line."""
+    images, _ = tagged_images(3, (8, 8, 3), 1, seed=4)
+    for name, image in zip(("a\u2028b.png", "c\x1cd.png", "e.png"), images):
+        save(tmp_path / name, Image.fromarray(image))
+    (tmp_path / "train.csv").write_bytes("a\u2028b.png,x\r\nc\x1cd.png,y\r\ne.png,x\r\n".encode())
+    bundle = load_dataset("imagefolder", tmp_path, val_split=0, image_size=8)
+    assert bundle.train.labels.tolist() == [0, 1, 0]
+    assert torch.equal(bundle.train.images[0], torch.from_numpy(images[0]).permute(2, 0, 1))
+
+
+def test_a_quoted_path_running_over_a_line_break_is_one_line(tmp_path):
+    """csv read the quoted field on over the next line, listing a name that holds a newline."""
+    save(tmp_path / "a\nb.png", Image.new("RGB", (8, 8)))
+    save(tmp_path / "c.png", Image.new("RGB", (8, 8)))
+    assert list_file_refusal(tmp_path, 'c.png,y\n"a\nb.png",x\n') == (
+        f"{tmp_path / 'train.csv'} line 2: a quoted path is not closed on its line (a name holding a line break "
+        "cannot be listed); rename the file, one `path,label` per line"
+    )
+    assert list_file_refusal(tmp_path, 'c.png,y\n"a"b.png,x\n') == (
+        f"{tmp_path / 'train.csv'} line 2: not a CSV `path,label` line (',' expected after '\"'); quote a path "
+        'holding commas or quotes as "a, b.png" (a quote inside doubled: "say ""hi"".png")'
+    )
+
+
+def list_file_refusal(root: Path, text: str) -> str:
+    (root / "train.csv").write_text(text)
+    with pytest.raises(OkdpipeError) as error:
+        load_dataset("imagefolder", root, val_split=0, image_size=8)
+    return str(error.value)
 
 
 def test_missing_listed_file_is_a_bad_image_and_folder_plus_list_is_ambiguous(tmp_path):

@@ -137,6 +137,25 @@ def test_anything_else_that_does_not_fit_is_one_line(tmp_path):
         initialise(Students("resnet8", 1, 4, 3), tmp_path / "junk.safetensors")
 
 
+def refusal_of_changed_resnet8(path: Path, key: str, change) -> str:
+    """--init's one-line refusal of a resnet8 state dict whose entry `key` is replaced by change(entry)."""
+    state = create_model("resnet8", 4, 3).state_dict()
+    state[key] = change(state[key])
+    torch.save(state, path)
+    with pytest.raises(OkdpipeError) as error:
+        initialise(Students("resnet8", 1, 4, 3), path)
+    return str(error.value)
+
+
+def test_a_classifier_of_another_width_as_well_as_class_count_is_refused_not_reinitialised(tmp_path):
+    """Only the class count may differ: a head of another input width means the file is for another network."""
+    wide = refusal_of_changed_resnet8(tmp_path / "wide.pt", "classifier.weight", lambda _: torch.zeros(7, 32))
+    assert wide == (
+        f"--init {tmp_path / 'wide.pt'}: classifier.weight has shape [7, 32] in the file but [4, 64] in the "
+        "students; the file is for another architecture or width (only the classifier's class count may differ)"
+    )
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -154,6 +173,23 @@ def test_a_state_dict_of_the_wrong_kind_is_one_line_not_a_traceback(tmp_path, ch
     with pytest.raises(OkdpipeError, match=re.escape(message)) as error:
         initialise(Students("resnet8", 1, 4, 3), tmp_path / "odd.pt")
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("make", "kind"),
+    [
+        (lambda t: torch.empty_like(t, device="meta"), "meta"),
+        (lambda t: t.to_sparse(), "sparse_coo"),
+        (lambda t: t.reshape(t.shape[0], -1).to_sparse_csr(), "sparse_csr"),
+    ],
+    ids=["meta", "sparse", "sparse-csr"],
+)
+def test_tensors_without_dense_values_are_one_line_naming_the_kind(tmp_path, make, kind):
+    """A meta tensor has no data and a sparse one no strided storage: the NaN check raised NotImplementedError."""
+    assert refusal_of_changed_resnet8(tmp_path / "odd.pt", "stem.0.weight", make) == (
+        f"--init {tmp_path / 'odd.pt'}: the file holds {kind} tensors (stem.0.weight), which okdpipe cannot load; "
+        "save dense weights"
+    )
 
 
 def test_a_pickled_module_is_refused_in_one_whole_sentence_with_the_fix(tmp_path):

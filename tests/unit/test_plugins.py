@@ -244,6 +244,39 @@ CONTRACT_BREAKERS = textwrap.dedent(
         return LooksUp(b.stem, b.stages, b.classifier, [8])
 
 
+    class NanInTraining(Backbone):
+        def pool(self, fmap):
+            return super().pool(fmap) * float("nan") if self.training else super().pool(fmap)
+
+
+    class InfInEval(Backbone):
+        def forward(self, x):
+            return super().forward(x) if self.training else torch.full_like(super().forward(x), float("inf"))
+
+
+    class BatchOfTwoOnly(Backbone):
+        def forward(self, x):
+            return super().forward(x)[:2]
+
+
+    def small_as(backbone_class):
+        """A builder of small()'s network with another Backbone subclass's behaviour."""
+        def build(num_classes, in_channels=3):
+            b = small(num_classes, in_channels)
+            return backbone_class(b.stem, b.stages, b.classifier, [8])
+        return build
+
+
+    MODELS.register("contract_nan_in_training")(small_as(NanInTraining))
+    MODELS.register("contract_inf_in_eval")(small_as(InfInEval))
+    MODELS.register("contract_batch_of_two")(small_as(BatchOfTwoOnly))
+
+
+    @MODELS.register("contract_frozen")
+    def frozen(num_classes, in_channels=3):
+        return small(num_classes, in_channels).requires_grad_(False)
+
+
     @MODELS.register("contract_builder_raises")
     def builder_raises(num_classes, in_channels=3):
         return Backbone(nn.Identity(), [], nn.Identity(), [8])  # no nn.Linear classifier: Backbone refuses
@@ -279,6 +312,35 @@ def test_a_backbone_breaking_the_contract_is_one_line_naming_the_shapes(
     assert str(error.value).startswith(f"backbone {arch!r} {message}")
 
 
+@pytest.mark.parametrize(
+    "arch, message",
+    [
+        ("contract_nan_in_training", "gives logits holding NaN or inf on zero images for a batch of 2 in training "
+         "mode, before any training step; fix the backbone's forward"),
+        ("contract_inf_in_eval", "gives forward() output holding NaN or inf on zero images for a batch of 2, before "
+         "any training step; fix the backbone's forward"),
+        ("contract_batch_of_two", "gives forward() output of shape [2, 3] for a batch of 3, expected [3, 3] (batch, "
+         "num_classes); fix the backbone so that it keeps this contract"),
+        ("contract_frozen", "has no trainable parameters (none, or all with requires_grad=False); give it layers "
+         "with weights to train"),
+    ],
+)  # fmt: skip
+def test_non_finite_logits_a_batch_size_dependence_and_nothing_to_train_are_one_line(
+    contract_plugin, clean_environment, arch, message
+):
+    """NaN or inf from the backbone was blamed on the learning rate, a frozen one failed at the first backward, and
+    one that only handles batches of two failed later in training or in export's parity check."""
+    from okdpipe.distill.models import create_model
+    from okdpipe.distill.models.contract import check_contract
+
+    plugins.load_plugins([str(contract_plugin)])
+    model = create_model(arch, num_classes=3, in_channels=1).eval()
+    with pytest.raises(OkdpipeError) as error:
+        check_contract(model, arch, 3, (1, 8, 8), features=False, stages=False)
+    assert str(error.value) == f"backbone {arch!r} {message}"
+    assert not model.training  # the probe leaves the mode as it found it
+
+
 def test_a_plugin_backbone_that_raises_in_its_builder_or_forward_is_one_line(contract_plugin, clean_environment):
     """Any exception type from plug-in code: a KeyError in forward and a builder's failure were tracebacks."""
     from okdpipe.distill.models import create_model
@@ -306,8 +368,22 @@ def test_features_and_stage_maps_are_checked_only_where_the_method_reads_them(cl
     with pytest.raises(OkdpipeError, match=r"gives pooled features of shape \[2, 64\] .* expected \[2, 7\]"):
         check_contract(model, "resnet8", 3, (1, 8, 8), features=True, stages=False)
     model.stage_channels = [16, 32, 65]
-    with pytest.raises(OkdpipeError, match=r"gives stage map 2 of shape \[2, 64, 2, 2\], expected \[2, 65, H, W\]"):
+    with pytest.raises(
+        OkdpipeError, match=r"gives stage map 2 of shape \[2, 64, 2, 2\] for a batch of 2, expected \[2, 65, H, W\]"
+    ):
         check_contract(model, "resnet8", 3, (1, 8, 8), features=False, stages=True)
+
+
+def test_a_plugin_file_named_like_an_imported_module_is_refused_not_run(tmp_path, clean_environment):
+    """json.py would replace the json module every later import gets (or be skipped silently for it)."""
+    (tmp_path / "json.py").write_text("raise SystemExit('must not run')\n")
+    with pytest.raises(OkdpipeError) as error:
+        plugins.load_plugins([str(tmp_path / "json.py")])
+    assert (
+        str(error.value)
+        == f"plug-in {tmp_path / 'json.py'}: a module named 'json' is already imported; rename the file"
+    )
+    assert sys.modules["json"] is json
 
 
 def test_a_builder_that_returns_no_backbone_is_one_line(contract_plugin, clean_environment):
