@@ -59,7 +59,7 @@ def test_select_flags_a_nan_or_inf_weight(bad):
 
 @pytest.mark.parametrize("bad", NON_FINITE)
 def test_export_refuses_a_nan_or_inf_weight(bad):
-    with pytest.raises(GateFailed, match="weight weight \\(and 0 more\\) holds NaN or inf"):
+    with pytest.raises(GateFailed, match="weight weight holds NaN or inf"):
         check_finite_weights(linear_with_weight(bad), "MODEL.pt")
     check_finite_weights(linear_with_weight(0.5), "MODEL.pt")  # a finite model passes
 
