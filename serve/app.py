@@ -39,6 +39,7 @@ from okdpipe.serve.protocol import (
     InferRequest,
     ModelSpec,
     encode_infer_response,
+    given_more_than_once,
     parse_infer_request,
     plain_int,
 )
@@ -323,7 +324,7 @@ def _image_batch(body: bytes, content_type: str, card: ModelCard) -> np.ndarray:
 
 def _query_top_k(values: list[str], num_classes: int) -> int:
     if len(values) > 1:
-        raise ClientError(400, f"top_k is given {len(values)} times; give it once")
+        raise ClientError(400, given_more_than_once("top_k", len(values)))
     text = values[0]
     value = plain_int(text, max_digits=6)
     if value is None or not 1 <= value <= num_classes:

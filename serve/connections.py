@@ -29,6 +29,7 @@ from h11._receivebuffer import ReceiveBuffer
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from okdpipe.serve.metrics import REFUSED_ROUTE, REFUSED_SCOPE_KEY, ServerMetrics
+from okdpipe.serve.protocol import given_more_than_once
 
 # h11's own default: room for any real client's headers (an API key is at most 4 KiB), and bounded so a client
 # cannot make the server buffer an endless head.
@@ -153,7 +154,7 @@ def repeated_transfer_encoding(buffered: bytes) -> str | None:
         return None
     values = _TRANSFER_ENCODING_LINE.findall(buffered, 0, end.start())
     if len(values) > 1:
-        return f"header transfer-encoding is given {len(values)} times; give it once"
+        return given_more_than_once("header transfer-encoding", len(values))
     codings = [coding.strip().lower() for coding in values[0].split(b",")] if values else []
     if codings.count(b"chunked") > 1:
         return f"header transfer-encoding lists chunked {codings.count(b'chunked')} times; send it once"

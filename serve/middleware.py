@@ -19,7 +19,7 @@ from typing import Any
 from starlette.requests import ClientDisconnect
 
 from okdpipe.serve.metrics import REFUSED_SCOPE_KEY, ServerMetrics
-from okdpipe.serve.protocol import plain_int
+from okdpipe.serve.protocol import given_more_than_once, plain_int
 
 access_logger = logging.getLogger("okdpipe.serve.access")
 error_logger = logging.getLogger("okdpipe.serve")
@@ -130,7 +130,7 @@ def header_problem(raw_headers: list[tuple[bytes, bytes]]) -> tuple[int, str] | 
     names = [name.decode("latin-1").lower() for name, _ in raw_headers]
     for name in SINGLE_HEADERS:
         if names.count(name) > 1:
-            return 400, f"header {name} is given {names.count(name)} times; give it once"
+            return 400, given_more_than_once(f"header {name}", names.count(name))
     encoding = next((value.decode("latin-1") for key, value in raw_headers if key.lower() == b"content-encoding"), "")
     if encoding.strip().lower() not in ("", "identity"):
         return 415, f"Content-Encoding {encoding.strip()[:40]!r} is not accepted; send the body uncompressed"

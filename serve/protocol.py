@@ -87,6 +87,12 @@ def plain_int(text: str | None, max_digits: int = 18) -> int | None:
     return int(text)
 
 
+def given_more_than_once(what: str, count: int) -> str:
+    """The one wording for anything a request may give once only (a header, a query parameter): which copy counts
+    would be a guess."""
+    return f"{what} is given {count} times; give it once"
+
+
 def parse_infer_request(body: bytes, header_length: str | None, spec: ModelSpec) -> InferRequest:
     """Split the body (JSON or JSON + binary), then validate every field the protocol defines: the one input
     tensor against the model, the requested outputs and the parameters this server reads. A field of the wrong
