@@ -101,7 +101,7 @@ def _make_parents(paths: list[Path]) -> list[Path]:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             _remove_empty(created)
-            raise OkdpipeError(f"{path}: cannot write ({exc.strerror or exc})") from None
+            raise _cannot_write(path, exc) from None
         created = missing + created
     return created
 
@@ -116,9 +116,9 @@ def _written_temp(path: Path, write: Callable[[BinaryIO], None]) -> Path:
     """A synced temp file beside `path` (whose folder exists) holding what `write` wrote; nothing left behind when
     it fails."""
     try:
-        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{_temp_stem(path.name)}.", suffix=".tmp")
     except OSError as exc:
-        raise OkdpipeError(f"{path}: cannot write ({exc.strerror or exc})") from None
+        raise _cannot_write(path, exc) from None
     tmp = Path(name)
     try:
         os.chmod(tmp, _default_mode())
@@ -132,6 +132,12 @@ def _written_temp(path: Path, write: Callable[[BinaryIO], None]) -> Path:
             raise _cannot_write(path, exc) from None
         raise
     return tmp
+
+
+def _temp_stem(name: str) -> str:
+    """The start of a file's name that its temp file's name keeps: at most 200 bytes, so that the temp's name (14
+    bytes more) fits the file system's 255 wherever the file's own name does."""
+    return os.fsdecode(os.fsencode(name)[:200])
 
 
 def disk_error(exc: BaseException) -> OSError | None:
@@ -192,8 +198,9 @@ def _os_error_behind(exc: BaseException, errnos: frozenset[int]) -> OSError | No
     return None
 
 
-def path_error_message(exc: OSError) -> str:
-    """One line for a path_error: the path (a long one shortened) and what to do."""
+def path_error_message(exc: OSError, what: str = "") -> str:
+    """One line for a path_error: what the path is for (when known), the path (a long one shortened) and what to
+    do."""
     name = os.fsdecode(exc.filename) if exc.filename is not None else "a path"
     if len(name) > 120:
         name = f"{name[:60]}...{name[-40:]} ({len(os.fsencode(name))} bytes)"
@@ -201,11 +208,17 @@ def path_error_message(exc: OSError) -> str:
         errno.ENAMETOOLONG: "each folder or file name may have at most 255 bytes; choose a shorter path",
         errno.ELOOP: "a symbolic link on it points back into itself; fix the link",
     }.get(exc.errno, "choose a path you may read and write, or change its permissions")
-    return f"{name}: {exc.strerror}; {fix}"
+    reason = f"{exc.strerror} for the file system" if exc.errno == errno.ENAMETOOLONG else exc.strerror
+    return f"{what + ' ' if what else ''}{name}: {reason}; {fix}"
 
 
 def _cannot_write(path: Path, exc: OSError) -> OkdpipeError:
-    return OkdpipeError(f"{path}: cannot write ({exc.strerror or exc}); the previous file is unchanged")
+    """One line for a write that failed before its rename: a path the file system refuses is named as that (not as
+    a full disk), and the line says what is left there, an earlier file untouched or no file at all."""
+    if exc.errno in PATH_ERRNOS and exc.filename is not None:
+        return OkdpipeError(path_error_message(exc))
+    left = "the previous file is unchanged" if path.is_file() else f"no file was written at {path.name}"
+    return OkdpipeError(f"{path}: cannot write ({exc.strerror or exc}); {left}")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -261,6 +274,8 @@ def read_user_file(path: str | os.PathLike, what: str, limit: int, wait_s: float
     except IsADirectoryError:
         raise OkdpipeError(f"{path}: the {what} is a folder; pass a file") from None
     except OSError as exc:
+        if exc.errno in (errno.ENAMETOOLONG, errno.ELOOP):  # the path is at fault, not the file it names
+            raise OkdpipeError(path_error_message(exc, what)) from None
         reason = "not found" if isinstance(exc, FileNotFoundError) else f"cannot read it ({exc.strerror})"
         raise OkdpipeError(f"{path}: {what} {reason}") from None
     if stat.S_ISDIR(os.fstat(fd).st_mode):

@@ -266,3 +266,45 @@ def test_a_nameless_full_disk_error_or_a_truncated_file_is_named_by_the_folder(t
     monkeypatch.setattr(files.shutil, "disk_usage", lambda path: SimpleNamespace(free=10 << 30))
     with pytest.raises(ValueError, match="Wire format"), files.writes_into(tmp_path):
         raise ValueError("Error parsing message with type 'onnx.ModelProto': Wire format was corrupt")
+
+
+@pytest.mark.parametrize("before", ["an earlier file", "no file"])
+def test_a_full_disk_says_what_is_left_where_the_file_goes(tmp_path, disk_space, before):
+    """The line says "the previous file is unchanged" only when there was one; a new file says none was written."""
+    report = tmp_path / "report.json"
+    if before == "an earlier file":
+        report.write_text("{}")
+    disk_space(3)
+    with pytest.raises(OkdpipeError) as error:
+        files.atomic_write_text(report, "a report")
+    left = "the previous file is unchanged" if before == "an earlier file" else "no file was written at report.json"
+    assert str(error.value) == f"{report}: cannot write (No space left on device); {left}"
+    assert [p.name for p in tmp_path.iterdir()] == (["report.json"] if before == "an earlier file" else [])
+
+
+def test_a_file_name_near_255_bytes_is_written_through_its_temp_file(tmp_path):
+    """The temp file beside it keeps only the start of the name: a 250-byte name is written, not refused."""
+    for name in ("b" * 250, "\u00e9" * 127):  # 254 bytes of two-byte characters
+        files.atomic_write_text(tmp_path / name, "x")
+        assert (tmp_path / name).read_text() == "x"
+    assert len(list(tmp_path.iterdir())) == 2
+
+
+@pytest.mark.parametrize("errno_", [errno.ENAMETOOLONG, errno.ELOOP])
+def test_a_config_path_the_file_system_refuses_is_named_as_that_not_as_unreadable(tmp_path, errno_):
+    """pipeline, compare and distill read their config through read_user_file: a 300-byte name said "config file
+    cannot read it (File name too long)", as if the file were at fault."""
+    from okdpipe.config import read_yaml
+
+    if errno_ == errno.ENAMETOOLONG:
+        path = tmp_path / ("a" * 300 + ".yaml")
+        expected = f"config file {str(path)[:60]}...{str(path)[-40:]} ({len(str(path))} bytes): File name too long "
+        expected += "for the file system; each folder or file name may have at most 255 bytes; choose a shorter path"
+    else:
+        path = tmp_path / "loop.yaml"
+        path.symlink_to(path)
+        expected = f"config file {path}: Too many levels of symbolic links; a symbolic link on it points back into "
+        expected += "itself; fix the link"
+    with pytest.raises(OkdpipeError) as error:
+        read_yaml(path)
+    assert str(error.value) == expected
