@@ -157,7 +157,7 @@ def run(cfg, run_dir: Path, resume: bool) -> None:
     from okdpipe.console import say
     from okdpipe.distill.distributed import is_main_process, launched_world_size
     from okdpipe.distill.methods import METHODS  # noqa: F401  (registers every method)
-    from okdpipe.distill.trainer import fit
+    from okdpipe.distill.trainer import check_before_announcing, fit
     from okdpipe.errors import OkdpipeError
     from okdpipe.run import RunDir
 
@@ -167,6 +167,7 @@ def run(cfg, run_dir: Path, resume: bool) -> None:
         except OkdpipeError as exc:
             raise typer.Exit(exc.exit_code) from None  # rank 0 reports the same error
         return
+    check_before_announcing(cfg, RunDir(run_dir), resume)  # a refused start never says "resuming" first
     world_size = launched_world_size() or cfg.nproc_per_node
     processes = f" on {world_size} processes" if world_size > 1 else ""
     say(f"{'resuming' if resume else 'training'} {cfg.method} x {cfg.arch} on {cfg.dataset}{processes} -> {run_dir}")

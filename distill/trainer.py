@@ -48,7 +48,7 @@ from okdpipe.datasets import DATASETS, make_loader
 from okdpipe.datasets.load import check_options
 from okdpipe.datasets.views import view_policy
 from okdpipe.distill import distributed
-from okdpipe.distill.checkpoint import LAST, has_checkpoint, load_checkpoint, save_checkpoint
+from okdpipe.distill.checkpoint import LAST, PENDING, has_checkpoint, load_checkpoint, save_checkpoint
 from okdpipe.distill.diagnose import chance_warning
 from okdpipe.distill.distributed import Group
 from okdpipe.distill.evaluate import calibration_sample, evaluate_run, recalibrate_bn
@@ -214,10 +214,7 @@ def preflight(cfg: DistillConfig, run: RunDir, resume: bool) -> DistillConfig:
     run folder (writable, free, or resumable with the same settings), the data, a batch that fits the training
     split and memory, and the --init weights loaded into the students. `okdpipe distill --dry-run` runs it, so a
     dry run refuses what the real run refuses, with the same line. Returns the config as fit would train it."""
-    cfg = with_method_defaults_of(with_world_size(cfg))
-    require(cfg.loggers)
-    check_training(cfg)
-    cfg = with_used_plugins(cfg)
+    cfg = checked_config(cfg)
     check_out(run)
     check_start(run, resume)
     s = build_session(cfg, run, Group(world_size=cfg.nproc_per_node))
@@ -585,10 +582,7 @@ def fit(
     With nproc_per_node > 1 this process starts that many workers, each running `fit`, and returns rank 0's
     summary; under torchrun (or inside a running process group) it is one of the workers. The process that
     writes the run directory holds its lock throughout: a second run into the same directory fails at once."""
-    cfg = with_method_defaults_of(with_world_size(cfg))
-    require(cfg.loggers)
-    check_training(cfg)
-    cfg = with_used_plugins(cfg)
+    cfg = checked_config(cfg)
     if distributed.holds_run_lock():
         check_out(run)
     created = not run.root.exists()
@@ -636,11 +630,35 @@ def check_out(run: RunDir) -> None:
     run.check_files(run.checkpoints / LAST)
 
 
+def checked_config(cfg: DistillConfig) -> DistillConfig:
+    """The config as the run trains it (its method's and backbone's defaults, the plug-ins it uses), after every
+    check that needs neither data nor the run folder."""
+    cfg = with_method_defaults_of(with_world_size(cfg))
+    require(cfg.loggers)
+    check_training(cfg)
+    return with_used_plugins(cfg)
+
+
+def check_before_announcing(cfg: DistillConfig, run: RunDir, resume: bool) -> None:
+    """What fit refuses at once, checked before `okdpipe distill` says it is training or resuming: the config, the
+    run folder, and a checkpoint there or not as --resume needs. Nothing is written, so a save stopped between its
+    steps is not settled here (the run making it may still be alive; fit settles it holding the run's lock): a
+    pending checkpoint counts only towards --resume, where settling may make it the checkpoint."""
+    checked_config(cfg)
+    check_out(run)
+    last, pending = run.checkpoints / LAST, run.checkpoints / PENDING
+    refuse_start(run, resume, last.is_file() or (resume and pending.is_file()))
+
+
 def check_start(run: RunDir, resume: bool) -> None:
     """A new run needs a folder without a checkpoint; --resume needs one with."""
-    if has_checkpoint(run) and not resume:
+    refuse_start(run, resume, has_checkpoint(run))
+
+
+def refuse_start(run: RunDir, resume: bool, found: bool) -> None:
+    if found and not resume:
         raise OkdpipeError(f"{run.root} already holds a run; pass --resume to continue it or choose another --out")
-    if resume and not has_checkpoint(run):
+    if resume and not found:
         raise OkdpipeError(
             f"--resume: {run.root} has no checkpoint to resume from (none is written before the first epoch ends); "
             "run the same command without --resume"

@@ -18,7 +18,7 @@ from pathlib import Path
 from okdpipe.compare.protocol import entries, entry_config, record_path, run_dir
 from okdpipe.console import say
 from okdpipe.errors import OkdpipeError
-from okdpipe.files import atomic_write_json, atomic_write_text, loads_finite
+from okdpipe.files import atomic_write_json, atomic_write_text, check_can_create_folder, loads_finite
 
 
 def check_entries(protocol: dict) -> None:
@@ -51,7 +51,7 @@ def train(protocol: dict, out: Path, name: str, seed: int) -> None:
     from okdpipe.config import build_config, dump_yaml
     from okdpipe.distill.checkpoint import has_checkpoint
     from okdpipe.distill.methods import METHODS  # noqa: F401  (registers every method)
-    from okdpipe.distill.trainer import fit
+    from okdpipe.distill.trainer import check_before_announcing, fit
     from okdpipe.run import RunDir
 
     path = run_dir(out, name, seed)
@@ -60,6 +60,7 @@ def train(protocol: dict, out: Path, name: str, seed: int) -> None:
     cfg = build_config(entry_config(protocol, name, seed), {}, [])
     atomic_write_text(out / f".{name}-s{seed}.yaml", dump_yaml(cfg))
     resume = has_checkpoint(RunDir(path))
+    check_before_announcing(cfg, RunDir(path), resume)  # a run folder fit refuses is named before "training"
     say(f"{'resuming' if resume else 'training'} {cfg.method} ({name}) seed {seed} -> {path}")
     fit(cfg, RunDir(path), resume=resume, echo=say)
 
@@ -134,6 +135,14 @@ def remaining(started: float, done: int, left: int) -> str:
     return f", about {seconds / 60:.0f} min left" if left else ""
 
 
+def check_destinations(out: Path, records: Path, todo: list[tuple[str, int]]) -> None:
+    """The records folder and every run folder still to train can be made, before the first line says what will
+    run: a dangling link or a file in their place would otherwise stop the protocol hours in, at that run."""
+    check_can_create_folder(records, "the protocol's records")
+    for name, seed in todo:
+        check_can_create_folder(run_dir(out, name, seed), f"entry {name} seed {seed}: the run folder")
+
+
 def run_protocol(protocol: dict, plan: list[tuple[str, int]]) -> None:
     """Every (entry, seed) of `plan` without a record: trained, selected, measured. One progress line per run
     (a plain line, so logs read the same as a terminal; each run's epochs show distill's own bar)."""
@@ -141,6 +150,7 @@ def run_protocol(protocol: dict, plan: list[tuple[str, int]]) -> None:
     for path in sorted(records.glob("*-s*.json")):  # a record the summary would refuse stops us before training
         read_record(path, protocol)
     todo = [(name, seed) for name, seed in plan if not record_path(records, name, seed).is_file()]
+    check_destinations(out, records, todo)
     say(f"{len(plan) - len(todo)} of {len(plan)} runs already have a record; {len(todo)} to run")
     started = time.monotonic()
     for index, (name, seed) in enumerate(todo):

@@ -207,3 +207,31 @@ def test_a_refused_start_leaves_no_run_folder_but_keeps_an_existing_one(tmp_path
         ["distill", "--dataset", "cifar10", "--data-dir", str(tmp_path / "none"), "--out", str(mine)], "data directory"
     )
     assert (mine / "notes.txt").read_text() == "keep"
+
+
+@pytest.mark.timeout(900)  # imports torch: minutes on a busy 2-core machine
+@pytest.mark.parametrize("case", ["resume into a dangling link", "resume without a checkpoint", "a finished run"])
+def test_a_refused_start_announces_nothing(tmp_path, monkeypatch, capsys, case):
+    """`distill --resume --out <dangling link>` printed "resuming ..." before refusing: every check of the run folder
+    comes before the line that says the run starts (fit, which would refuse it later, is not reached)."""
+    from okdpipe.config import build_config
+    from okdpipe.distill import command, trainer
+    from okdpipe.errors import OkdpipeError
+
+    out = tmp_path / "r"
+    if case == "resume into a dangling link":
+        out.symlink_to(tmp_path / "nowhere")
+        fragment = f"--out {out}: {out} is a link to nothing (its target is missing, or it loops)"
+    elif case == "resume without a checkpoint":
+        out.mkdir()
+        fragment = f"--resume: {out} has no checkpoint to resume from"
+    else:
+        (out / "checkpoints").mkdir(parents=True)
+        (out / "checkpoints" / "last.pt").write_bytes(b"x")
+        fragment = f"{out} already holds a run; pass --resume to continue it"
+    monkeypatch.setattr(trainer, "fit", lambda *args, **kwargs: pytest.fail("fit was reached"))
+    cfg = build_config({}, {"dataset": "synthetic", "arch": "resnet8"}, [])
+    with pytest.raises(OkdpipeError) as error:
+        command.run(cfg, out, resume=case.startswith("resume"))
+    assert str(error.value).startswith(fragment)
+    assert capsys.readouterr().out == ""

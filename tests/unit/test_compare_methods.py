@@ -340,3 +340,25 @@ def test_a_record_of_an_entry_the_protocol_lacks_is_refused(tmp_path):
         f"error: {Path('results/fmnist-compare/kd-s0.json')}: kd is not an entry of the protocol; "
         "delete the record or add the entry\n"
     )
+
+
+@pytest.mark.parametrize("blocked", ["records", "run folder"])
+def test_a_destination_that_cannot_be_made_is_refused_before_anything_is_said(tmp_path, monkeypatch, capsys, blocked):
+    """A dangling link where a run folder or the records go stopped the protocol at that run, after "training"."""
+    from okdpipe.compare import runner
+
+    protocol = {**read_protocol(ROOT / "configs" / "fmnist-compare.yaml")}
+    protocol.update(out=str(tmp_path / "runs"), records=str(tmp_path / "records"))
+    (tmp_path / "runs").mkdir()
+    link = tmp_path / "records" if blocked == "records" else tmp_path / "runs" / "pcl-s9"
+    link.symlink_to(tmp_path / "nowhere")
+    trained = []
+    monkeypatch.setattr(runner, "train", lambda *args: trained.append(args))
+    with pytest.raises(OkdpipeError) as error:
+        runner.run_protocol(protocol, [("dml", 9), ("pcl", 9)])
+    what = "the protocol's records" if blocked == "records" else "entry pcl seed 9: the run folder"
+    assert str(error.value) == (
+        f"{what} {link}: {link} is a link to nothing (its target is missing, or it loops); "
+        "remove the link or choose another path"
+    )
+    assert (trained, capsys.readouterr().out) == ([], "")
