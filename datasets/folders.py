@@ -22,6 +22,7 @@ from okdpipe.datasets.load import check_labels
 from okdpipe.datasets.spec import DATASETS, AugmentConfig, DatasetSpec
 from okdpipe.datasets.splits import RawDataset, TensorSplit, require_dir
 from okdpipe.errors import OkdpipeError
+from okdpipe.files import missing_or_kind
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jfif", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 IGNORED_FOLDERS = {"__MACOSX"}  # macOS zip archives' resource forks: `._name.jpg` files that are not images
@@ -215,13 +216,36 @@ def file_stat(path: Path, for_cache: bool = False) -> str:
 
 
 def split_source(root: Path, names: tuple[str, ...]) -> Path | None:
-    """The split's class folder (`val/`) or list file (`val.csv`) under any of its `names`; two of them is an error."""
-    found = [root / n for n in names if (root / n).is_dir()] + [
-        root / f"{n}.csv" for n in names if (root / f"{n}.csv").is_file()
+    """The split's class folder (`val/`) or list file (`val.csv`) under any of its `names`; two of them is an error,
+    and so is anything else under such a name (see usable_split_path)."""
+    found = [root / n for n in names if usable_split_path(root / n, folder=True)] + [
+        root / f"{n}.csv" for n in names if usable_split_path(root / f"{n}.csv", folder=False)
     ]
     if len(found) > 1:
         raise OkdpipeError(f"{root}: {' and '.join(p.name for p in found)} both describe one split; keep one of them")
     return found[0] if found else None
+
+
+def usable_split_path(path: Path, folder: bool) -> bool:
+    """Whether a split's folder (or list file) is at `path`: False when nothing is there. Anything else under the
+    name (a link to nothing or a loop, a file named `val`, a folder named `val.csv`, a pipe, a folder that cannot
+    be read) is an error: treating the split as absent would train without it silently."""
+    if not path.is_symlink() and not path.exists():
+        return False
+    wanted = "a folder of class folders" if folder else "a `path,label` list file"
+    fix = f"make it {wanted}, or remove it"
+    if not (path.is_dir() if folder else path.is_file()):
+        raise OkdpipeError(f"{path}: {missing_or_kind(path, wanted)}; {fix}")
+    try:
+        if folder:
+            os.listdir(path)
+        else:
+            open(path, "rb").close()
+    except OSError as exc:
+        raise OkdpipeError(
+            f"{path}: cannot be read ({exc.strerror or exc}); give okdpipe read access, or remove it"
+        ) from None
+    return True
 
 
 def split_listing(source: Path, classes: tuple[str, ...]) -> Listing:

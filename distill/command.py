@@ -82,6 +82,12 @@ def distill_command(
         help="Start the students from this local weights file: a state dict, an okdpipe MODEL.pt, or a timm or "
         "torchvision checkpoint (.pth, .safetensors). A classifier of another class count is re-initialised.",
     ),
+    init_partial: bool = typer.Option(
+        False,
+        "--init-partial",
+        help="Load an --init file that matches only part of the students (the rest stays random); without it "
+        "such a file is refused.",
+    ),
     plugin: list[str] = typer.Option(
         [],
         "--plugin",
@@ -126,6 +132,7 @@ def distill_command(
         loggers=logger or None,
         mlflow_uri=mlflow_uri,
         init=init,
+        init_partial=init_partial or None,
     )
     file_values = read_yaml(config) if config else {}
     if resume and not config and out and (out / "config.yaml").is_file():

@@ -17,7 +17,16 @@ Keys are matched to each student's own (for timm:/torchvision: students the libr
   channels x gives the gray conv's response to x); other channel counts are an error saying so;
 - any other shape difference: an error naming the first such entry;
 - in the file but not in the student ("unexpected") or in the student but not in the file ("missing"):
-  reported; a file sharing no entry with the student is an error.
+  reported.
+
+What counts is the weights: parameters and floating-point buffers (BatchNorm's running mean and variance), not
+integer counters (`num_batches_tracked`, which torchvision's and timm's published files often leave out). A file
+that loads no weight (it shares no entry with the students, or only counters) is an error naming what it matched.
+A partial match is an error too, since training would start silently half at random: a weight of the students
+that the file lacks (other than the classifier, which a backbone-only file may leave out), or a weight of the file
+that the students lack (a deeper network of the same width matches all of a shallower one's names). With
+`--init-partial` (`init_partial: true`) what matches is loaded and the rest reported, as for fine-tuning a part of
+a network on purpose.
 
 Peers of different architectures (`--arch resnet8,mobilenetv2`): an okdpipe MODEL.pt names its architecture, so
 it initialises the students of that architecture and the others keep their random initialisation; any other file
@@ -139,8 +148,36 @@ def library_keys(weights: dict[str, torch.Tensor], classifier_path: str) -> dict
     return {("classifier." + k[len(head) :] if k.startswith(head) else "net." + k): v for k, v in weights.items()}
 
 
-def match(target: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], where: str) -> dict[str, Any]:
-    """Which entries of `weights` a student with state `target` takes (see the module docstring)."""
+def match(
+    target: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], where: str, partial: bool = False
+) -> dict[str, Any]:
+    """Which entries of `weights` a student with state `target` takes, and which weights either side lacks (see
+    the module docstring); a file that loads no weight, or only part of them without `partial`, is refused."""
+    loaded, reinitialised, adapted = fit_entries(target, weights, where)
+    refuse_no_weight(target, weights, loaded, where)
+    missing = [k for k in target if k not in loaded and k not in reinitialised and is_weight(target[k])]
+    unexpected = [k for k in weights if k not in target and is_weight(weights[k])]
+    if not partial:
+        refuse_partial(missing, unexpected, sum(map(is_weight, target.values())), where)
+    return {
+        "loaded": loaded,
+        "reinitialised": reinitialised,
+        "adapted": adapted,
+        "missing": missing,
+        "unexpected": unexpected,
+    }
+
+
+def is_weight(tensor: torch.Tensor) -> bool:
+    """A parameter or a floating-point buffer (BatchNorm's running statistics): what a network computes with.
+    Integer buffers are counters (`num_batches_tracked`), which published files often leave out."""
+    return tensor.is_floating_point()
+
+
+def fit_entries(target: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], where: str):
+    """The entries of `weights` that fit `target` (name -> tensor), the classifier entries re-initialised for
+    another class count, and the first convolution when adapted to the dataset's channels; any other misfit is
+    an error."""
     loaded, reinitialised, adapted = {}, [], []
     first_conv = next((k for k, v in target.items() if v.dim() == 4), None)
     for key, value in weights.items():
@@ -171,21 +208,45 @@ def match(target: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], whe
                 "students; the file is for another architecture or width (only the classifier's class count "
                 "may differ)"
             )
+    return loaded, reinitialised, adapted
+
+
+def refuse_no_weight(target: dict, weights: dict, loaded: dict, where: str) -> None:
+    """A file that shares no entry with the students, or only integer counters, would leave every weight random."""
     if not loaded:
         raise OkdpipeError(
             f"--init {where}: none of its {len(weights)} entries matches the students' {len(target)} "
             f"(file: {', '.join(list(weights)[:3])}...; students: {', '.join(list(target)[:3])}...); "
             "is it for this --arch?"
         )
-    missing = [k for k in target if k not in loaded and k not in reinitialised]
-    unexpected = [k for k in weights if k not in target]
-    return {
-        "loaded": loaded,
-        "reinitialised": reinitialised,
-        "adapted": adapted,
-        "missing": missing,
-        "unexpected": unexpected,
-    }
+    if not any(map(is_weight, loaded.values())):
+        raise OkdpipeError(
+            f"--init {where}: loads no weight: the only entries it shares with the students are {len(loaded)} "
+            f"integer counter(s) ({first_names(list(loaded))}), no parameter or BatchNorm statistic; "
+            "it is for another architecture: pass a weights file for this --arch"
+        )
+
+
+def refuse_partial(missing: list[str], unexpected: list[str], total: int, where: str) -> None:
+    """Students that would start partly at random, or a file for a larger network, are refused unless
+    --init-partial asks for that; a backbone-only file may lack the classifier (it is fine-tuned anyway)."""
+    lacking = [k for k in missing if not k.startswith("classifier.")]
+    fix = "pass a weights file for this --arch, or --init-partial to load only what matches"
+    if lacking:
+        raise OkdpipeError(
+            f"--init {where}: the file has no values for {len(lacking)} of the students' {total} weights "
+            f"({first_names(lacking)}), which would start at random; {fix}"
+        )
+    if unexpected:
+        raise OkdpipeError(
+            f"--init {where}: {len(unexpected)} of the file's weights are not in the students "
+            f"({first_names(unexpected)}): it is for a larger or other architecture; {fix}"
+        )
+
+
+def first_names(names: list[str]) -> str:
+    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+    return ", ".join(names[:3]) + more
 
 
 def _other_class_count(value: torch.Tensor, want: torch.Tensor) -> bool:
@@ -211,10 +272,11 @@ def _same_but_input(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dim() == b.dim() == 4 and a.shape[0] == b.shape[0] and a.shape[2:] == b.shape[2:]
 
 
-def initialise(students, path: str | Path, method=None) -> dict[str, Any]:
+def initialise(students, path: str | Path, method=None, partial: bool = False) -> dict[str, Any]:
     """Load `path` into every student it is for (`initialised_students`; each keeps its own fresh classifier when
     that is re-initialised), and into any copy of the students `method` holds (PCL's mean teacher starts as a copy
-    of the students); returns the report the manifest keeps."""
+    of the students); `partial` loads a file that matches only part of the students. Returns the report the
+    manifest keeps."""
     weights, kind, arch = read_weights(path)
     targets = initialised_students(students, arch, path)
     template = students.member_state(targets[0])
@@ -222,7 +284,7 @@ def initialise(students, path: str | Path, method=None) -> dict[str, Any]:
     if path_in_library:  # the library's own checkpoint, or one of okdpipe's: whichever names match more
         renamed = library_keys(weights, path_in_library)
         weights = max(weights, renamed, key=lambda named: sum(k in template for k in named))
-    found = match(template, weights, str(path))
+    found = match(template, weights, str(path), partial)
     refuse_non_finite({k: found["loaded"][k] for k in template if k in found["loaded"]}, path)  # students' order
     states = [students.member_state(i) for i in range(students.count)]
     for i in targets:
@@ -231,7 +293,7 @@ def initialise(students, path: str | Path, method=None) -> dict[str, Any]:
     copies = [m for m in (method.modules() if method is not None else []) if type(m) is type(students)]
     for copy in copies:
         copy.load_state_dict(students.state_dict())
-    return {**report(path, kind, found, len(template)), "students": targets}
+    return {**report(path, kind, found, sum(map(is_weight, template.values()))), "students": targets}
 
 
 def refuse_non_finite(loaded: dict[str, torch.Tensor], path: str | Path) -> None:
@@ -267,7 +329,7 @@ def report(path: str | Path, kind: str, found: dict[str, Any], total: int) -> di
         "path": str(Path(path).resolve()),
         "sha256": file_sha256(path),
         "kind": kind,
-        "loaded": len(found["loaded"]),
+        "loaded": sum(map(is_weight, found["loaded"].values())),
         "of": total,
         "reinitialised": found["reinitialised"],
         "adapted_channels": found["adapted"],
@@ -280,7 +342,7 @@ def report(path: str | Path, kind: str, found: dict[str, Any], total: int) -> di
 
 def summary_line(record: dict[str, Any]) -> str:
     """One line for the console: what --init did."""
-    parts = [f"init: loaded {record['loaded']} of {record['of']} tensors from {record['path']} ({record['kind']})"]
+    parts = [f"init: loaded {record['loaded']} of {record['of']} weights from {record['path']} ({record['kind']})"]
     parts.append(f"into students {','.join(map(str, record['students']))}")
     if record["reinitialised"]:
         parts.append(f"re-initialised {', '.join(record['reinitialised'])} (another class count)")

@@ -221,7 +221,7 @@ def preflight(cfg: DistillConfig, run: RunDir, resume: bool) -> DistillConfig:
     if resume:
         restore(s)
     elif cfg.init:
-        initialise(s.students, cfg.init, s.method)
+        initialise(s.students, cfg.init, s.method, cfg.init_partial)
     return cfg
 
 
@@ -722,7 +722,7 @@ def train(
             "pass e.g. --val-split 0.1"
         )
     start = restore(s) if resume else 0
-    initial = initialise(s.students, cfg.init, s.method) if cfg.init and not resume else None
+    initial = initialise(s.students, cfg.init, s.method, cfg.init_partial) if cfg.init and not resume else None
     group.copy_from_main(s.students, s.method)
     group.barrier()  # every rank has read the checkpoint and the manifest before rank 0 writes them
     if group.is_main:

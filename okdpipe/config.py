@@ -95,6 +95,11 @@ class DistillConfig(Strict):
         description="initial weights for every student: a state dict, an okdpipe MODEL.pt, or a timm or torchvision "
         "checkpoint (.pth, .safetensors); a local file, never downloaded",
     )
+    init_partial: bool = Field(
+        False,
+        description="load an init file that matches only part of the students (the rest stays random, extra "
+        "weights of the file are left out); without it such a file is refused",
+    )
     method_params: dict[str, Any] = Field(default_factory=dict)
     data_options: dict[str, Any] = Field(default_factory=dict, description="extra dataset loader options")
     loggers: list[Literal["tensorboard", "mlflow"]] = Field(
@@ -116,6 +121,12 @@ class DistillConfig(Strict):
     def _milestones_in_range(self) -> DistillConfig:
         if any(not 0 < m < 1 for m in self.milestones):
             raise ValueError("milestones are fractions of the run, each strictly between 0 and 1")
+        return self
+
+    @model_validator(mode="after")
+    def _init_partial_needs_init(self) -> DistillConfig:
+        if self.init_partial and not self.init:
+            raise ValueError("init_partial is set but init is not; pass the weights file with --init PATH")
         return self
 
     @model_validator(mode="before")

@@ -656,3 +656,73 @@ def test_a_split_missing_a_training_class_is_one_line_with_the_fix(tmp_path):
         f"{tmp_path / 'val'}: class folders differ from the training set's (missing ['b'], extra []); give every "
         "split one folder per training class, each with at least one image"
     )
+
+
+FOLDER_KIND = "a folder of class folders"
+LIST_KIND = "a `path,label` list file"
+
+
+def plant_dangling(path: Path) -> None:
+    path.symlink_to(path.parent / "nowhere")
+
+
+def plant_loop(path: Path) -> None:
+    path.symlink_to(path.name)  # a link to itself
+
+
+def plant_file(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    path.write_text("not a split\n")
+
+
+@pytest.mark.parametrize(
+    ("name", "plant", "what", "kind"),
+    [
+        ("test", plant_dangling, "is a link to nothing (its target is missing, or it loops)", FOLDER_KIND),
+        ("test", plant_loop, "is a link to nothing (its target is missing, or it loops)", FOLDER_KIND),
+        ("val", plant_file, "is a file", FOLDER_KIND),
+        ("valid", plant_file, "is a file", FOLDER_KIND),
+        ("test", plant_file, "is a file", FOLDER_KIND),
+        ("train", plant_file, "is a file", FOLDER_KIND),
+        ("val.csv", Path.mkdir, "is a folder", LIST_KIND),
+        ("train.csv", plant_dangling, "is a link to nothing (its target is missing, or it loops)", LIST_KIND),
+        ("test.csv", os.mkfifo, "is a device, pipe or socket", LIST_KIND),
+    ],
+    ids=[
+        "dangling test",
+        "test loop",
+        "val file",
+        "valid file",
+        "test file",
+        "train file",
+        "val.csv folder",
+        "dangling train.csv",
+        "test.csv pipe",
+    ],
+)
+def test_a_split_name_that_is_not_a_usable_folder_or_list_is_one_line_not_ignored(tmp_path, name, plant, what, kind):
+    """Each of these was taken as "no such split": training went on without a test or val split, silently."""
+    write_image_folder(tmp_path, {"train": 6}, ["cat", "dog"], size=8)
+    plant(tmp_path / name)
+    with pytest.raises(OkdpipeError) as error:
+        load_dataset("imagefolder", tmp_path, image_size=8)
+    assert str(error.value) == f"{tmp_path / name}: {what}, not {kind}; make it {kind}, or remove it"
+
+
+def test_a_split_folder_that_cannot_be_read_is_one_line(tmp_path, monkeypatch):
+    """An unreadable test/ (root reads any folder, so the refusal of the listing is simulated) was taken as none."""
+    write_image_folder(tmp_path, {"train": 6, "test": 2}, ["cat", "dog"], size=8)
+    listdir = os.listdir
+
+    def refuse_test(path):
+        if Path(path) == tmp_path / "test":
+            raise PermissionError(13, "Permission denied")
+        return listdir(path)
+
+    monkeypatch.setattr(os, "listdir", refuse_test)
+    with pytest.raises(OkdpipeError) as error:
+        load_dataset("imagefolder", tmp_path, image_size=8)
+    assert str(error.value) == (
+        f"{tmp_path / 'test'}: cannot be read (Permission denied); give okdpipe read access, or remove it"
+    )

@@ -21,6 +21,12 @@ from okdpipe.distill.students import Students
 from okdpipe.errors import OkdpipeError
 
 ROOT = Path(__file__).resolve().parents[2]
+RESNET8_WEIGHTS = 47  # its parameters and BatchNorm running statistics; its 9 BatchNorm counters are not weights
+
+
+def weight_count(state: dict) -> int:
+    """What --init counts as loaded: floating-point tensors (parameters and BatchNorm statistics)."""
+    return sum(value.is_floating_point() for value in state.values())
 
 
 def test_torchvision_checkpoint_fine_tunes_to_another_class_count(tmp_path):
@@ -38,7 +44,7 @@ def test_torchvision_checkpoint_fine_tunes_to_another_class_count(tmp_path):
             if not key.startswith("classifier.3."):
                 assert torch.equal(state["net." + key], value), key
         assert torch.equal(state["classifier.weight"], fresh[i])  # each keeps its own fresh classifier
-    assert record["loaded"] == len(source) - 2 and record["of"] == len(source)
+    assert (record["loaded"], record["of"]) == (208, 210)  # weights: the 34 BatchNorm counters are not counted
     assert record["reinitialised"] == ["classifier.weight", "classifier.bias"]
     assert record["missing"] == record["unexpected"] == 0 and record["kind"] == "state-dict"
     digest = hashlib.sha256((tmp_path / "mobilenet_v3_small.pth").read_bytes()).hexdigest()
@@ -56,7 +62,7 @@ def test_timm_safetensors_for_rgb_is_summed_into_a_grayscale_first_conv(tmp_path
     state = students.member_state(0)
     assert torch.allclose(state["net.conv_stem.weight"], source["conv_stem.weight"].sum(1, keepdim=True))
     assert torch.equal(state["classifier.weight"], source["classifier.weight"])  # same class count: loaded
-    assert record["adapted_channels"] == ["net.conv_stem.weight"] and record["loaded"] == len(source)
+    assert record["adapted_channels"] == ["net.conv_stem.weight"] and record["loaded"] == weight_count(source)
 
 
 def test_a_grayscale_model_file_initialises_rgb_students_with_its_first_conv_repeated(tmp_path):
@@ -92,7 +98,7 @@ def test_wrapped_checkpoints_and_dataparallel_prefixes_are_unwrapped(tmp_path):
     students = Students("resnet8", 2, 4, 3)
     record = initialise(students, tmp_path / "ckpt.pth")
     assert all(torch.equal(students.member_state(1)[k], v) for k, v in source.items())
-    assert record["loaded"] == len(source) and record["missing"] == 0
+    assert record["loaded"] == RESNET8_WEIGHTS and record["missing"] == 0
 
 
 def test_shared_trunk_students_and_pcls_mean_teacher_start_from_the_file(tmp_path):
@@ -233,12 +239,12 @@ def test_cli_fine_tunes_a_saved_model_with_another_class_count_and_records_it(tm
     common = ["distill", "--arch", "resnet8", "--dataset", "synthetic", "--set", "data_options.num_classes=6"]
     result = okdpipe(*common, "--epochs", "1", "--batch-size", "16", "--init", tmp_path / "model.pt", "--out", run)
     assert result.returncode == 0, result.stderr
-    assert "init: loaded 54 of 56 tensors" in result.stdout
+    assert "init: loaded 45 of 47 weights" in result.stdout
     manifest = json.loads((run / "manifest.json").read_text())
     record = manifest["init"]
     assert record["path"] == str((tmp_path / "model.pt").resolve()) and record["kind"] == "okdpipe-model"
     assert record["sha256"] == hashlib.sha256((tmp_path / "model.pt").read_bytes()).hexdigest()
-    assert (record["loaded"], record["reinitialised"]) == (54, ["classifier.weight", "classifier.bias"])
+    assert (record["loaded"], record["reinitialised"]) == (45, ["classifier.weight", "classifier.bias"])
     assert manifest["config"]["init"] == str(tmp_path / "model.pt")
     mismatch = okdpipe(*common, "--arch", "resnet20", "--init", tmp_path / "model.pt", "--out", tmp_path / "bad")
     assert mismatch.returncode == 2 and mismatch.stderr.startswith("error: --init ")
@@ -274,7 +280,7 @@ def test_a_safetensors_file_is_recognised_by_its_content_not_its_name(tmp_path):
     for name, kind in (("renamed.pth", "safetensors"), ("plain.pth", "state-dict")):
         students = Students("resnet8", 1, 10, 1)
         record = initialise(students, tmp_path / name)
-        assert (record["kind"], record["loaded"]) == (kind, len(source))
+        assert (record["kind"], record["loaded"]) == (kind, RESNET8_WEIGHTS)
         assert torch.equal(students.member_state(0)["stem.0.weight"], source["stem.0.weight"])
 
 
@@ -291,3 +297,88 @@ def test_a_training_checkpoint_is_refused_naming_the_model_file_to_pass(tmp_path
         f"model's weights; pass the MODEL.pt that `okdpipe select {run}` writes from it, or continue that run with "
         f"`okdpipe distill --resume --out {run}`"
     )
+
+
+def refusal(path: Path, state: dict, students: Students | None = None) -> str:
+    """--init's one-line refusal of `state` saved at `path`, for one resnet8 student of 4 classes."""
+    torch.save(state, path)
+    with pytest.raises(OkdpipeError) as error:
+        initialise(students or Students("resnet8", 1, 4, 3), path)
+    assert "\n" not in str(error.value)
+    return str(error.value)
+
+
+def test_a_file_that_matches_only_batchnorm_counters_loads_no_weight_and_is_refused(tmp_path):
+    """num_batches_tracked has the same name and shape in every network with the same BatchNorm names: matching
+    only those counters was reported as a success, and training started from random weights."""
+    counters = {k: v for k, v in create_model("resnet8", 4, 3).state_dict().items() if "num_batches" in k}
+    foreign = {"fc.weight": torch.zeros(3, 3), **counters}
+    assert refusal(tmp_path / "counters.pt", foreign) == (
+        f"--init {tmp_path / 'counters.pt'}: loads no weight: the only entries it shares with the students are 9 "
+        "integer counter(s) (stem.1.num_batches_tracked, stages.0.0.residual.0.1.num_batches_tracked, "
+        "stages.0.0.residual.1.1.num_batches_tracked and 6 more), no parameter or BatchNorm statistic; it is for "
+        "another architecture: pass a weights file for this --arch"
+    )
+
+
+def test_a_file_lacking_some_of_the_students_weights_is_refused_unless_partial(tmp_path):
+    source = create_model("resnet8", 4, 3).state_dict()
+    stem_only = {k: v for k, v in source.items() if k.startswith("stem.")}
+    assert refusal(tmp_path / "stem.pt", stem_only) == (
+        f"--init {tmp_path / 'stem.pt'}: the file has no values for 40 of the students' 47 weights "
+        "(stages.0.0.residual.0.0.weight, stages.0.0.residual.0.1.weight, stages.0.0.residual.0.1.bias and 37 "
+        "more), which would start at random; pass a weights file for this --arch, or --init-partial to load only "
+        "what matches"
+    )
+    bn_statistics_left_out = {k: v for k, v in source.items() if "running_" not in k}  # named_parameters() only
+    assert "the file has no values for 18 of the students' 47 weights" in refusal(
+        tmp_path / "params.pt", bn_statistics_left_out
+    )
+    students = Students("resnet8", 1, 4, 3)
+    record = initialise(students, tmp_path / "stem.pt", partial=True)
+    assert (record["loaded"], record["of"], record["missing"]) == (5, 47, 42)
+    assert torch.equal(students.member_state(0)["stem.0.weight"], source["stem.0.weight"])
+
+
+def test_a_file_of_a_deeper_network_is_refused_unless_partial(tmp_path):
+    """resnet20 has all of resnet8's names at the same shapes: its file loaded "56 of 56" into resnet8 silently."""
+    torch.manual_seed(5)
+    deeper = create_model("resnet20", 4, 3).state_dict()
+    message = refusal(tmp_path / "resnet20.pt", deeper)
+    assert message.startswith(f"--init {tmp_path / 'resnet20.pt'}: 60 of the file's weights are not in the students (")
+    assert message.endswith(
+        "and 57 more): it is for a larger or other architecture; pass a weights file for this --arch, or "
+        "--init-partial to load only what matches"
+    )
+    students = Students("resnet8", 1, 4, 3)
+    record = initialise(students, tmp_path / "resnet20.pt", partial=True)
+    assert (record["loaded"], record["of"], record["unexpected"]) == (47, 47, 60)
+    assert torch.equal(students.member_state(0)["classifier.weight"], deeper["classifier.weight"])
+
+
+def test_a_file_without_its_classifier_or_its_counters_loads_the_rest_as_published(tmp_path):
+    """A backbone-only file leaves the classifier fresh (as for another class count); torchvision's and timm's
+    published files often leave out num_batches_tracked. Neither is a partial match."""
+    torch.manual_seed(6)
+    source = create_model("resnet8", 4, 3).state_dict()
+    backbone = {k: v for k, v in source.items() if not k.startswith("classifier.") and "num_batches" not in k}
+    torch.save(backbone, tmp_path / "backbone.pt")
+    students = Students("resnet8", 1, 4, 3)
+    record = initialise(students, tmp_path / "backbone.pt")
+    assert (record["loaded"], record["of"], record["missing_first"]) == (
+        45,
+        47,
+        ["classifier.weight", "classifier.bias"],
+    )
+    assert all(torch.equal(students.member_state(0)[k], v) for k, v in backbone.items())
+
+
+def test_init_partial_reaches_the_config_and_needs_init(tmp_path):
+    from okdpipe.config import DistillConfig
+
+    assert DistillConfig(init="stem.pt", init_partial=True).init_partial
+    alone = okdpipe("distill", "--dataset", "synthetic", "--out", tmp_path / "run", "--dry-run", "--init-partial")
+    assert alone.returncode == 2 and "Traceback" not in alone.stderr
+    assert alone.stderr.splitlines() == [
+        "error: bad config: Value error, init_partial is set but init is not; pass the weights file with --init PATH"
+    ]
