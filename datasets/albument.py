@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 from okdpipe.datasets.rng import STREAM_SAMPLE, derive_seed
 from okdpipe.datasets.spec import AugmentConfig
 from okdpipe.datasets.splits import Split
+from okdpipe.foreign import ForeignBreach
 
 SampleKey = tuple[int, int]  # (epoch, index into the split)
 
@@ -68,8 +69,11 @@ def albumentations_pipeline(config: AugmentConfig, size: tuple[int, int]) -> A.C
 class AugmentedViews(Dataset):
     """Item (epoch, index) -> (uint8 views [V, C, H, W], keep mask bool [V, H, W] or None, label)."""
 
-    def __init__(self, split: Split, config: AugmentConfig, views: int, seed: int, size: tuple[int, int]):
+    def __init__(
+        self, split: Split, config: AugmentConfig, views: int, seed: int, size: tuple[int, int], channels: int
+    ):
         self.split, self.config, self.views, self.seed = split, config, views, seed
+        self.shape = (*size, channels)  # what every read() must give: HWC
         self.pipeline = None if config.is_identity else albumentations_pipeline(config, size)
 
     def __len__(self) -> int:
@@ -78,6 +82,7 @@ class AugmentedViews(Dataset):
     def __getitem__(self, key: SampleKey) -> tuple[torch.Tensor, torch.Tensor | None, int]:
         epoch, index = key
         image = self.split.read(index)
+        self.check_image(image, index)
         drawn = [
             self.draw_view(image, derive_seed(self.seed, epoch, index, view, STREAM_SAMPLE))
             for view in range(self.views)
@@ -85,6 +90,18 @@ class AugmentedViews(Dataset):
         pixels = torch.stack([torch.from_numpy(p).permute(2, 0, 1) for p, _ in drawn])
         keep = torch.stack([torch.from_numpy(k) for _, k in drawn]) if self.config.cutout else None
         return pixels, keep, int(self.split.labels[index])
+
+    def check_image(self, image: object, index: int) -> None:
+        """A split read image by image is a plug-in's (its decode or its own Split): an image of another dtype or
+        shape would fail later in augmentation or collation, far from its cause."""
+        if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.shape == self.shape:
+            return
+        got = f"{image.dtype} {list(image.shape)}" if isinstance(image, np.ndarray) else f"a {type(image).__name__}"
+        paths = getattr(self.split, "paths", None)
+        which = f"image {index}" + (f" ({paths[index]})" if paths is not None else "")
+        raise ForeignBreach(
+            "dataset", f"{which} was read as {got}, expected uint8 {list(self.shape)} (height, width, channels)"
+        )
 
     def draw_view(self, image: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
         if self.pipeline is None:

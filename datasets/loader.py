@@ -71,7 +71,7 @@ class AlbumentationsBatches:
         seed: int,
         num_workers: int,
     ):
-        self.dataset = AugmentedViews(split, config, views, seed, spec.input_size)
+        self.dataset = AugmentedViews(split, config, views, seed, spec.input_size, spec.in_channels)
         self.device, self.seed, self.num_workers = device, seed, num_workers
         self.mean, self.std = spec_stats(spec, device)
 

@@ -62,8 +62,9 @@ from okdpipe.distill.models.contract import check_students
 from okdpipe.distill.models.external import is_external
 from okdpipe.distill.students import Students
 from okdpipe.distill.trackers import Trackers, open_trackers, require
-from okdpipe.errors import GateFailed, OkdpipeError
+from okdpipe.errors import GateFailed, OkdpipeError, PluginFailed
 from okdpipe.files import atomic_write_text, check_can_create_folder, loads_finite, recorded_path
+from okdpipe.foreign import Foreign, ForeignBreach, blamed, of_stage
 from okdpipe.modelfile import non_finite_tensors
 from okdpipe.plugins import loaded_spec
 from okdpipe.run import RunDir, environment, now_iso
@@ -152,6 +153,8 @@ class Session:
     group: Group = field(default_factory=Group)
     trackers: Trackers = field(default_factory=Trackers)
     warned_at_chance: bool = False
+    foreign: list[Foreign] = field(default_factory=list)  # what plug-ins or libraries provide (okdpipe/foreign.py)
+    where: str = ""  # where the run is, for the line that blames a plug-in failing there
 
     def trained_parameters(self) -> list[torch.Tensor]:
         """Every parameter some optimiser steps: the ones whose gradients data parallelism averages."""
@@ -249,7 +252,11 @@ def build_session(cfg: DistillConfig, run: RunDir, group: Group = Group()) -> Se
     spec = bundle.spec
     students, method = build_models(cfg, spec, device)
     check_students(
-        students, (spec.in_channels, *spec.input_size), features=method.needs_features, stages=method.needs_stages
+        students,
+        (spec.in_channels, *spec.input_size),
+        features=method.needs_features,
+        stages=method.needs_stages,
+        eval_batch=min(cfg.eval_batch_size, max(len(bundle.val), len(bundle.test))),  # validation's largest batch
     )
     optimizer = build_optimizer(cfg, [{"params": list(students.parameters())}, *method.param_groups()])
     views = method.num_views(students.count)
@@ -287,6 +294,7 @@ def build_session(cfg: DistillConfig, run: RunDir, group: Group = Group()) -> Se
         group=group,
     )
     session.forward = torch.compile(students) if cfg.compile else students
+    session.foreign = of_stage(cfg.method, cfg.dataset, arch_names(cfg.arch))
     images, processes = len(bundle.train), group.world_size
     if images < cfg.batch_size and images % processes:  # an epoch is then one batch, shared out by the processes
         raise OkdpipeError(
@@ -373,6 +381,7 @@ def train_epoch(s: Session, epoch: int, stop_after_steps: Optional[int]) -> Opti
     sums: dict[str, torch.Tensor] = {}
     first_bad = torch.tensor(-1, device=s.device)  # step of the first non-finite loss, kept without a sync
     seen, started = 0, time.perf_counter()
+    s.where = step_where(s, epoch * spe)
     with progress_bar(spe, f"epoch {epoch + 1}/{cfg.epochs}", s.group.is_main) as advance:
         for i, batch in enumerate(s.train_loader.epoch(epoch)):
             step = epoch * spe + i
@@ -387,6 +396,7 @@ def train_epoch(s: Session, epoch: int, stop_after_steps: Optional[int]) -> Opti
             if (i + 1) % LOG_EVERY_STEPS == 0 or i + 1 == spe:
                 stop_if_diverged(s, int(first_bad), "the loss")
                 log_step(s, advance, s.group.mean_of(losses), epoch, i, seen / (time.perf_counter() - started))
+            s.where = step_where(s, step + 1)  # reading the next batch is part of the next step
     seconds = time.perf_counter() - started
     return {
         "epoch": epoch + 1,
@@ -400,19 +410,37 @@ def stop_if_diverged(s: Session, step: int, what: str) -> None:
     """A non-finite loss or weight ends the run before anything of its epoch is recorded (exit 1)."""
     if step < 0:
         return
-    spe = len(s.train_loader)
-    kept = (
-        f"the last good checkpoint (epoch {len(s.history)}) is kept"
-        if s.history
-        else "no epoch had finished, so there is no checkpoint"
-    )
     message = (
-        f"training diverged: {what} became NaN or infinite at epoch {step // spe + 1}, step {step + 1} "
-        f"(of {s.cfg.epochs * spe}); {kept}; lower --lr (now {s.cfg.lr:g}) or set --set grad_clip=1.0"
+        f"training diverged: {what} became NaN or infinite {step_where(s, step)}; {kept_checkpoint(s)}; lower --lr "
+        f"(now {s.cfg.lr:g}) or set --set grad_clip=1.0"
     )
     if s.group.is_main:
         s.run.update_manifest(status="diverged", error=message)
     raise GateFailed(message)
+
+
+def step_where(s: Session, step: int) -> str:
+    """Step `step` (0-based, counted over the run) as the messages name it."""
+    spe = len(s.train_loader)
+    return f"at epoch {step // spe + 1}, step {step + 1} (of {s.cfg.epochs * spe})"
+
+
+def kept_checkpoint(s: Session) -> str:
+    """What a run that stops now leaves to --resume from."""
+    if not s.history:
+        return "no epoch had finished, so there is no checkpoint"
+    return f"the last good checkpoint (epoch {len(s.history)}) is kept"
+
+
+@contextlib.contextmanager
+def failure_recorded(s: Session):
+    """A plug-in failing mid-run is recorded in the manifest (status failed) before the command reports it."""
+    try:
+        yield
+    except PluginFailed as exc:
+        if s.group.is_main and s.run.manifest_path.is_file():
+            s.run.update_manifest(status="failed", error=str(exc))
+        raise
 
 
 def stop_if_non_finite(s: Session, epoch: int, record: dict[str, Any], split: str) -> None:
@@ -465,6 +493,7 @@ def train_step(s: Session, batch, ctx: StepContext) -> dict[str, torch.Tensor]:
     with s.autocast():
         out = s.forward(batch.views, features=s.method.needs_features, stages=s.method.needs_stages)
         losses = s.method.step(batch.views, batch.labels, out, ctx)
+    check_losses(losses)
     optimizers = [s.optimizer, *s.extra_optimizers]
     for optimizer in optimizers:
         optimizer.zero_grad(set_to_none=True)
@@ -478,6 +507,25 @@ def train_step(s: Session, batch, ctx: StepContext) -> dict[str, torch.Tensor]:
         optimizer.step()
     s.method.after_step(ctx)
     return losses
+
+
+def check_losses(losses: Any) -> None:
+    """What a method's step() returns is backpropagated, summed and logged: a dict of scalar tensors, its 'loss' a
+    float attached to the graph. Anything else would fail deep in autograd or in the log line."""
+    if not isinstance(losses, dict) or not torch.is_tensor(losses.get("loss")):
+        got = f"a dict with keys {sorted(map(str, losses))}" if isinstance(losses, dict) else type(losses).__name__
+        raise ForeignBreach("method", f"step() returned {got}, expected a dict holding a scalar 'loss' tensor")
+    for key, value in losses.items():
+        if not torch.is_tensor(value) or value.dim() != 0:
+            raise ForeignBreach("method", f"step() returned {key!r} as {described(value)}, expected a scalar")
+    if not losses["loss"].is_floating_point() or not losses["loss"].requires_grad:
+        raise ForeignBreach("method", f"step() returned a 'loss' without a gradient ({described(losses['loss'])})")
+
+
+def described(value: Any) -> str:
+    if torch.is_tensor(value):
+        return f"a {str(value.dtype).removeprefix('torch.')} tensor of shape {list(value.shape)}"
+    return f"a {type(value).__name__}"
 
 
 @contextlib.contextmanager
@@ -734,7 +782,7 @@ def train(
         s.trackers = open_trackers(
             run, s.cfg.model_dump(mode="json"), dump_yaml(cfg), cfg.loggers, cfg.mlflow_uri, start * len(s.train_loader)
         )
-    with s.trackers:
+    with s.trackers, failure_recorded(s), blamed(s.foreign, lambda: s.where, lambda: f"; {kept_checkpoint(s)}"):
         for epoch in range(start, cfg.epochs):
             summary = train_epoch(s, epoch, stop_after_steps)
             if summary is None:
@@ -744,9 +792,11 @@ def train(
             if bad is not None:
                 stop_if_diverged(s, (epoch + 1) * len(s.train_loader) - 1, f"the weight {bad}")
             if cfg.precise_bn:  # every rank alike: the calibration sample is not sharded
+                s.where = f"in BatchNorm recalibration (precise_bn) after epoch {epoch + 1}"
                 started = time.perf_counter()
                 recalibrate_bn(s.students, s.calib_loader.epoch(0), BN_CALIBRATION_BATCHES, forward=on_view_0)
                 summary["precise_bn_seconds"] = time.perf_counter() - started  # its cost beside the epoch's "seconds"
+            s.where = f"in validation after epoch {epoch + 1}"
             summary["val"] = evaluate(s, s.val_loader)
             stop_if_non_finite(s, epoch, summary, "validation")
             s.history.append(summary)
@@ -794,6 +844,7 @@ def configure_determinism() -> None:
 
 def finish(s: Session) -> dict[str, Any]:
     """Measure every model on the test split once, at the end; nothing is chosen with these numbers."""
+    s.where = "in the final test evaluation"
     test = evaluate(s, s.test_loader)
     stop_if_non_finite(s, s.cfg.epochs - 1, {"test": test}, "test")
     if s.group.is_main:

@@ -2,7 +2,7 @@
 happen inside them, so `okdpipe --help` stays instant.
 
 Exit codes, the same for every command: see okdpipe/errors.py (0 ok, 1 a check or gate failed, 2 bad input or
-usage, 130 interrupted by Ctrl-C, 143 by SIGTERM).
+usage, 3 a plug-in's code failed mid-stage, 130 interrupted by Ctrl-C, 143 by SIGTERM).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def root(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show the libraries' warnings and logs."),
 ) -> None:
     """okdpipe: online knowledge distillation to deployment. Exit codes: 0 ok, 1 a check or gate failed, 2 bad
-    input or usage."""
+    input or usage, 3 a plug-in's code failed."""
     set_verbosity(QUIET if quiet else VERBOSE if verbose else NORMAL)
 
 

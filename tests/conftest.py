@@ -22,3 +22,16 @@ def private_decode_cache(tmp_path_factory):
         os.environ.pop("OKDPIPE_CACHE", None)
     else:
         os.environ["OKDPIPE_CACHE"] = previous
+
+
+@pytest.fixture(scope="session")
+def write_plugin(tmp_path_factory):
+    """write_plugin(module, source) -> the path of a plug-in file `module`.py, in a folder of its own. A module name
+    is imported once per session, so fixtures that write one are module- or session-scoped."""
+
+    def write(module: str, source: str) -> Path:
+        path = tmp_path_factory.mktemp(module) / f"{module}.py"
+        path.write_text(source)
+        return path
+
+    return write

@@ -21,6 +21,9 @@ from okdpipe.errors import OkdpipeError
 # Two images, so a network that drops or mixes the batch axis shows it; then three, so one whose output depends on
 # the batch size fails here rather than later in training or in export's parity check.
 PROBE_BATCHES = (2, 3)
+# Then, in eval mode, the batch validation will use, up to this many images: a forward that only fails on larger
+# batches fails here instead of after the first epoch, without the probe needing validation's memory.
+EVAL_PROBE_CAP = 64
 INTERFACE = ("forward_features", "pool", "classifier", "num_features", "stage_channels")
 
 
@@ -37,20 +40,31 @@ def check_interface(model: object, arch: str) -> None:
 
 @torch.no_grad()
 def check_contract(
-    model: torch.nn.Module, arch: str, num_classes: int, image_shape: Sequence[int], *, features: bool, stages: bool
+    model: torch.nn.Module,
+    arch: str,
+    num_classes: int,
+    image_shape: Sequence[int],
+    *,
+    features: bool,
+    stages: bool,
+    eval_batch: int = 0,
 ) -> None:
     """Forward passes of zero images of `image_shape` (C, H, W), each batch size of PROBE_BATCHES in eval mode and
-    in training mode: logits [B, num_classes], finite, both through the students' path and through forward();
-    pooled features [B, num_features] when the method reads them (`features`); one 4-D map per stage of the
-    declared widths when it reads stage maps (`stages`). A backbone must also have something to train."""
+    in training mode, then `eval_batch` (capped at EVAL_PROBE_CAP) in eval mode: logits [B, num_classes], finite,
+    both through the students' path and through forward(); pooled features [B, num_features] when the method reads
+    them (`features`); one 4-D map per stage of the declared widths when it reads stage maps (`stages`). A backbone
+    must also have something to train, and leave its input as it found it."""
     check_trainable(model, arch)
+    passes = [(batch, training) for batch in PROBE_BATCHES for training in (False, True)]
+    if eval_batch > max(PROBE_BATCHES):
+        passes.append((min(eval_batch, EVAL_PROBE_CAP), False))
     was_training = model.training
     try:
-        for batch in PROBE_BATCHES:
-            for training in (False, True):
-                model.train(training)
-                probe = Probe(arch, batch, training)
-                check_outputs(probe, run_forward(model, probe, image_shape), model, num_classes, features, stages)
+        for batch, training in passes:
+            model.train(training)
+            probe = Probe(arch, batch, training)
+            check_outputs(probe, run_forward(model, probe, image_shape), model, num_classes, features, stages)
+        check_input_untouched(model, arch, image_shape)
     finally:
         model.train(was_training)
 
@@ -74,10 +88,13 @@ def check_trainable(model: torch.nn.Module, arch: str) -> None:
         )
 
 
-def run_forward(model: torch.nn.Module, probe: Probe, image_shape: Sequence[int]) -> tuple:
-    """(stage maps, pooled features, students' logits, forward()'s logits) for a batch of zero images."""
+def run_forward(
+    model: torch.nn.Module, probe: Probe, image_shape: Sequence[int], x: torch.Tensor | None = None
+) -> tuple:
+    """(stage maps, pooled features, students' logits, forward()'s logits) for `x`, by default a batch of zero
+    images."""
     device = next(model.parameters(), torch.zeros(())).device
-    x = torch.zeros(probe.batch, *image_shape, device=device)
+    x = torch.zeros(probe.batch, *image_shape, device=device) if x is None else x
     try:
         fmap, maps = model.forward_features(x, return_stages=True)
         pooled = model.pool(fmap)
@@ -89,6 +106,24 @@ def run_forward(model: torch.nn.Module, probe: Probe, image_shape: Sequence[int]
             f"{' in training mode' if probe.training else ''} ({first_line(exc)}); "
             "fix the backbone or choose one that takes this dataset's images"
         ) from None
+
+
+def check_input_untouched(model: torch.nn.Module, arch: str, image_shape: Sequence[int]) -> None:
+    """The peers share each batch (and export compares two runs on one input): a forward that writes into its
+    input (x.mul_(), an in-place activation on x) changes the images the next peer sees. Random images, since an
+    in-place scaling leaves zeros as they were."""
+    device = next(model.parameters(), torch.zeros(())).device
+    images = torch.rand(PROBE_BATCHES[0], *image_shape, generator=torch.Generator().manual_seed(0)).to(device)
+    for training in (False, True):
+        model.train(training)
+        probe = Probe(arch, len(images), training)
+        given = images.clone()
+        run_forward(model, probe, image_shape, given)
+        if not torch.equal(given, images):
+            raise OkdpipeError(
+                f"backbone {arch!r} changes its input images in place {probe.describe()}; the peers share each "
+                "batch, so fix the backbone's forward to work on a copy (x = x * 2, not x.mul_(2))"
+            )
 
 
 def check_outputs(probe: Probe, outputs: tuple, model: torch.nn.Module, num_classes: int, features: bool, stages: bool):
@@ -144,8 +179,11 @@ def shape_of(value: object) -> list[int] | str:
     return list(value.shape) if torch.is_tensor(value) else type(value).__name__
 
 
-def check_students(students, image_shape: Sequence[int], *, features: bool, stages: bool) -> None:
+def check_students(students, image_shape: Sequence[int], *, features: bool, stages: bool, eval_batch: int = 0) -> None:
     """check_contract on one student of each architecture (a standalone copy: the students are untouched)."""
     first_of = {arch: i for i, arch in reversed(list(enumerate(students.archs)))}
     for arch, i in first_of.items():
-        check_contract(students.extract(i), arch, students.num_classes, image_shape, features=features, stages=stages)
+        model = students.extract(i)
+        check_contract(
+            model, arch, students.num_classes, image_shape, features=features, stages=stages, eval_batch=eval_batch
+        )

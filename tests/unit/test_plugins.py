@@ -39,10 +39,8 @@ PLUGIN_SOURCE = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-def plugin_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("plugin") / "okdpipe_test_file_plugin.py"
-    path.write_text(PLUGIN_SOURCE)
-    return path
+def plugin_file(write_plugin) -> Path:
+    return write_plugin("okdpipe_test_file_plugin", PLUGIN_SOURCE)
 
 
 @pytest.fixture()
@@ -285,10 +283,8 @@ CONTRACT_BREAKERS = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-def contract_plugin(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("contract") / "okdpipe_test_contract_plugin.py"
-    path.write_text(CONTRACT_BREAKERS)
-    return path
+def contract_plugin(write_plugin) -> Path:
+    return write_plugin("okdpipe_test_contract_plugin", CONTRACT_BREAKERS)
 
 
 @pytest.mark.parametrize(
