@@ -12,6 +12,9 @@ A chunked body is refused here (413) as soon as its chunk-size lines declare mor
 chunk-size line is refused (400) as soon as what has arrived of it cannot start a valid one: the app only sees
 the chunks' bytes, so it would wait for bytes a client announced and never sends (then answer 408, late).
 
+A chunked body ends for the app at its last chunk: the trailer section after it (fields this server ignores) is
+read before the next request, but never holds the answer.
+
 Every request refused here is counted in /metrics under the route "(refused)"; it never reaches a route.
 """
 
@@ -92,6 +95,12 @@ class BoundedHeadConnection(h11.Connection):
             if self.refusal is not None:
                 raise h11.RemoteProtocolError(self.refusal[1], self.refusal[0])
         return event
+
+    @property
+    def awaiting_trailer_section(self) -> bool:
+        """True once a chunked body's last chunk (size 0) is read and only its trailer section is still to come."""
+        reader = self._reader
+        return self.their_state is h11.SEND_BODY and isinstance(reader, LimitedChunkReader) and reader._reading_trailer
 
     def start_next_cycle(self) -> None:
         super().start_next_cycle()
@@ -267,6 +276,22 @@ class _GuardedProtocol(H11Protocol):
         self._discarded_bytes += len(data)
         if self._discarded_bytes > MAX_DISCARD_BYTES:
             self.transport.close()
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        self._end_body_at_last_chunk()
+
+    def _end_body_at_last_chunk(self) -> None:
+        """Tell the app a chunked body has ended at its last chunk, not after the trailer section: trailer fields
+        change nothing this server reads, and a section still arriving (or never ended) must not hold the answer
+        until the body timeout (408). h11 still reads the section before the next request; a connection whose
+        section never ends is closed like any answered request still sending (_close_if_stalled)."""
+        cycle = self.cycle
+        if cycle is None or not cycle.more_body or self.transport.is_closing():
+            return
+        if self.conn.awaiting_trailer_section:
+            cycle.more_body = False
+            cycle.message_event.set()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
