@@ -12,6 +12,9 @@ A chunked body is refused here (413) as soon as its chunk-size lines declare mor
 chunk-size line is refused (400) as soon as what has arrived of it cannot start a valid one: the app only sees
 the chunks' bytes, so it would wait for bytes a client announced and never sends (then answer 408, late).
 
+A chunked body ends for the app at its last chunk: the trailer section after it (fields this server ignores) is
+read before the next request, but never holds the answer.
+
 Every request refused here is counted in /metrics under the route "(refused)"; it never reaches a route.
 """
 
@@ -29,7 +32,7 @@ from h11._receivebuffer import ReceiveBuffer
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from okdpipe.serve.metrics import REFUSED_ROUTE, REFUSED_SCOPE_KEY, ServerMetrics
-from okdpipe.serve.protocol import given_more_than_once
+from okdpipe.serve.protocol import coding_not_supported, given_more_than_once
 
 # h11's own default: room for any real client's headers (an API key is at most 4 KiB), and bounded so a client
 # cannot make the server buffer an endless head.
@@ -93,6 +96,12 @@ class BoundedHeadConnection(h11.Connection):
                 raise h11.RemoteProtocolError(self.refusal[1], self.refusal[0])
         return event
 
+    @property
+    def awaiting_trailer_section(self) -> bool:
+        """True once a chunked body's last chunk (size 0) is read and only its trailer section is still to come."""
+        reader = self._reader
+        return self.their_state is h11.SEND_BODY and isinstance(reader, LimitedChunkReader) and reader._reading_trailer
+
     def start_next_cycle(self) -> None:
         super().start_next_cycle()
         self.request_start = b""
@@ -107,7 +116,7 @@ class BoundedHeadConnection(h11.Connection):
 
     def _get_io_object(self, role, event, io_dict):
         """h11's reader or writer for the new state, with its chunked-body reader swapped for the limited one and its
-        head reader for one that first refuses a repeated Transfer-Encoding."""
+        head reader for one that refuses a Transfer-Encoding it cannot read in words of its own."""
         io_object = super()._get_io_object(role, event, io_dict)
         if type(io_object) is ChunkedReader:
             return LimitedChunkReader(self.max_body_bytes)
@@ -117,11 +126,12 @@ class BoundedHeadConnection(h11.Connection):
 
     def _h11_refusal(self, error: h11.RemoteProtocolError, reading_body: bool) -> tuple[int, str]:
         """h11's suggested status: 400 (malformed), 413 (a chunked body declared too large), 501 (a
-        Transfer-Encoding other than chunked), or 431 when its buffer outgrew the limit before an event ended: in a
-        head that is a 431 (a 414 when not even the request line ended), in a chunked body a 400."""
+        Transfer-Encoding other than chunked alone, RFC 9112 section 6.1), or 431 when its buffer outgrew the limit
+        before an event ended: in a head that is a 431 (a 414 when not even the request line ended), in a chunked
+        body a 400."""
         status = error.error_status_hint
-        if status == 413:
-            return 413, str(error)
+        if status in (413, 501):  # worded here already: the request is well-formed, only too large or unsupported
+            return status, str(error)
         if status == 431 and reading_body:
             return 400, BODY_LINE_TOO_LONG
         if status == 431:
@@ -137,22 +147,39 @@ def in_words(h11_message: str) -> str:
 
 
 def read_request_head(buf: ReceiveBuffer) -> h11.Request | None:
-    """h11's request-head reader, refusing first (400) a complete head in `buf` that repeats Transfer-Encoding."""
-    problem = repeated_transfer_encoding(bytes(buf))
+    """h11's request-head reader, refusing first (400) a complete head in `buf` that repeats Transfer-Encoding, and
+    saying (501) that a Transfer-Encoding h11 does not implement is unsupported, where h11 calls it malformed."""
+    encoding_lines = transfer_encodings(bytes(buf))
+    problem = repeated_transfer_encoding(encoding_lines)
     if problem is not None:
         raise h11.LocalProtocolError(problem, error_status_hint=400)
-    return maybe_read_from_IDLE_client(buf)
+    try:
+        return maybe_read_from_IDLE_client(buf)
+    except h11.LocalProtocolError as error:
+        if error.error_status_hint != 501 or not encoding_lines:
+            raise
+        raise h11.LocalProtocolError(transfer_coding_not_supported(encoding_lines[0]), error_status_hint=501) from None
 
 
-def repeated_transfer_encoding(buffered: bytes) -> str | None:
-    """Why the complete request head at the start of `buffered` gives Transfer-Encoding more than once, else None.
+def transfer_encodings(buffered: bytes) -> list[bytes]:
+    """The value of each Transfer-Encoding line of the complete request head at the start of `buffered` (none while
+    the head is still arriving)."""
+    end = _HEAD_END.search(buffered)
+    return [] if end is None else _TRANSFER_ENCODING_LINE.findall(buffered, 0, end.start())
+
+
+def transfer_coding_not_supported(value: bytes) -> str:
+    """Why a Transfer-Encoding other than `chunked` alone (the one coding h11 reads, RFC 9112 section 6.1: a 501)
+    cannot be read, and what can."""
+    supported = "send the body with a Content-Length, or with Transfer-Encoding: chunked alone"
+    return coding_not_supported("Transfer-Encoding", value.decode("latin-1"), supported)
+
+
+def repeated_transfer_encoding(values: list[bytes]) -> str | None:
+    """Why the Transfer-Encoding line `values` of a request head give it more than once, else None.
     h11 answers it 501 (Not Implemented), as if the coding were unknown; like any other header that decides how the
     body is read given twice (middleware.SINGLE_HEADERS), it is a 400. `chunked, chunked` on one line says the same
     (RFC 9110 section 5.3), and a body is chunked once only (RFC 9112 section 7)."""
-    end = _HEAD_END.search(buffered)
-    if end is None:
-        return None
-    values = _TRANSFER_ENCODING_LINE.findall(buffered, 0, end.start())
     if len(values) > 1:
         return given_more_than_once("header transfer-encoding", len(values))
     codings = [coding.strip().lower() for coding in values[0].split(b",")] if values else []
@@ -249,6 +276,22 @@ class _GuardedProtocol(H11Protocol):
         self._discarded_bytes += len(data)
         if self._discarded_bytes > MAX_DISCARD_BYTES:
             self.transport.close()
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        self._end_body_at_last_chunk()
+
+    def _end_body_at_last_chunk(self) -> None:
+        """Tell the app a chunked body has ended at its last chunk, not after the trailer section: trailer fields
+        change nothing this server reads, and a section still arriving (or never ended) must not hold the answer
+        until the body timeout (408). h11 still reads the section before the next request; a connection whose
+        section never ends is closed like any answered request still sending (_close_if_stalled)."""
+        cycle = self.cycle
+        if cycle is None or not cycle.more_body or self.transport.is_closing():
+            return
+        if self.conn.awaiting_trailer_section:
+            cycle.more_body = False
+            cycle.message_event.set()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()

@@ -19,13 +19,16 @@ from typing import Any
 from starlette.requests import ClientDisconnect
 
 from okdpipe.serve.metrics import REFUSED_SCOPE_KEY, ServerMetrics
-from okdpipe.serve.protocol import given_more_than_once, plain_int
+from okdpipe.serve.protocol import coding_not_supported, given_more_than_once, plain_int
 
 access_logger = logging.getLogger("okdpipe.serve.access")
 error_logger = logging.getLogger("okdpipe.serve")
 
 # Liveness/readiness probes (kubelet, load balancers) carry no credentials, so they stay open.
 OPEN_PATH_PREFIX = "/v2/health/"
+# The one content coding a body may have; RFC 9110 section 15.5.16: a 415 for a content coding names the accepted
+# ones in Accept-Encoding.
+ACCEPTED_CONTENT_CODING = "identity"
 # Headers that decide how a request is read; each may appear once (h11 itself refuses two Content-Lengths, and
 # connections.repeated_transfer_encoding two Transfer-Encodings, before the head is parsed).
 SINGLE_HEADERS = ("content-type", "content-encoding", "inference-header-content-length", "authorization")
@@ -64,7 +67,9 @@ class ServingMiddleware:
                     tracked_send, 401, "missing or wrong bearer token", {"www-authenticate": "Bearer"}
                 )
             elif problem := header_problem(scope["headers"]):
-                await send_json_error(tracked_send, *problem)
+                status, message = problem
+                headers = {"accept-encoding": ACCEPTED_CONTENT_CODING} if status == 415 else None
+                await send_json_error(tracked_send, status, message, headers)
             else:
                 await self.app(scope, receive, tracked_send)
         except ClientDisconnect:  # the client went away mid-upload: nothing to answer, nothing went wrong here
@@ -132,8 +137,9 @@ def header_problem(raw_headers: list[tuple[bytes, bytes]]) -> tuple[int, str] | 
         if names.count(name) > 1:
             return 400, given_more_than_once(f"header {name}", names.count(name))
     encoding = next((value.decode("latin-1") for key, value in raw_headers if key.lower() == b"content-encoding"), "")
-    if encoding.strip().lower() not in ("", "identity"):
-        return 415, f"Content-Encoding {encoding.strip()[:40]!r} is not accepted; send the body uncompressed"
+    if encoding.strip().lower() not in ("", ACCEPTED_CONTENT_CODING):
+        supported = "send the body uncompressed (no Content-Encoding)"
+        return 415, coding_not_supported("Content-Encoding", encoding, supported)
     return None
 
 

@@ -93,6 +93,12 @@ def given_more_than_once(what: str, count: int) -> str:
     return f"{what} is given {count} times; give it once"
 
 
+def coding_not_supported(header: str, value: str, supported: str) -> str:
+    """The one wording for a body coding this server does not implement (a Transfer-Encoding, a Content-Encoding):
+    the request is well-formed HTTP, the server only lacks that coding, so the client is told what it does read."""
+    return f"{header} {value.strip()[:40]!r} is not supported; {supported}"
+
+
 def parse_infer_request(body: bytes, header_length: str | None, spec: ModelSpec) -> InferRequest:
     """Split the body (JSON or JSON + binary), then validate every field the protocol defines: the one input
     tensor against the model, the requested outputs and the parameters this server reads. A field of the wrong

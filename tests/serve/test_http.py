@@ -367,7 +367,11 @@ def test_metrics_and_access_log_record_requests(client, server):
 @pytest.mark.parametrize(
     ("headers", "status", "message"),
     [
-        ([("content-encoding", "gzip")], 415, "Content-Encoding 'gzip' is not accepted; send the body uncompressed"),
+        (
+            [("content-encoding", "gzip")],
+            415,
+            "Content-Encoding 'gzip' is not supported; send the body uncompressed (no Content-Encoding)",
+        ),
         (
             [("content-type", "application/json"), ("content-type", "image/png")],
             400,
@@ -386,4 +390,6 @@ def test_a_head_that_reads_two_ways_is_refused_not_guessed(client, images, heade
     body = gzip.compress(json.dumps(json_request(images[:1])).encode())
     response = client.post(INFER, content=body, headers=httpx.Headers(headers))
     assert response.status_code == status and response.json() == {"error": message}
+    # RFC 9110 section 15.5.16: a 415 for a content coding names the codings accepted
+    assert response.headers.get("accept-encoding") == ("identity" if status == 415 else None)
     assert client.post(INFER, json=json_request(images[:1])).status_code == 200  # and the server goes on

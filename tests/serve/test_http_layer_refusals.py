@@ -301,3 +301,20 @@ def test_a_repeated_transfer_encoding_is_answered_400_in_json_over_the_wire(serv
     head, body = answer_within(server.port, data, seconds=5)
     assert_refused(head, body, 400, TWICE)
     assert strict_json(body)["error"] == TWICE
+
+
+NOT_SUPPORTED = "is not supported; send the body with a Content-Length, or with Transfer-Encoding: chunked alone"
+
+
+@pytest.mark.parametrize("coding", ["gzip", "gzip, chunked", "chunked, gzip", "deflate", "compress", "identity"])
+def test_a_transfer_coding_other_than_chunked_is_501_not_supported_not_malformed(coding):
+    """RFC 9112 section 6.1: a coding the server does not implement is a 501, and the request is well-formed."""
+    head = f"POST {INFER} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: {coding}\r\n\r\n".encode()
+    assert _outcome(head) == (501, f"Transfer-Encoding '{coding}' {NOT_SUPPORTED}")
+
+
+def test_an_unsupported_transfer_coding_is_answered_501_in_json_over_the_wire(server):
+    data = f"POST {INFER} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n".encode()
+    head, body = answer_within(server.port, data + b"5\r\nabcde\r\n0\r\n\r\n", seconds=5)
+    assert_refused(head, body, 501, NOT_SUPPORTED)
+    assert strict_json(body) == {"error": f"Transfer-Encoding 'gzip, chunked' {NOT_SUPPORTED}"}

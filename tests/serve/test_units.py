@@ -459,7 +459,7 @@ MANY_HEADERS = b"".join(b"X-H%d: %s\r\n" % (index, b"v" * 100) for index in rang
         (b"GET /v2 /health HTTP/1.1\r\nHost: x\r\n\r\n", (400, "malformed HTTP request: illegal request line")),
         (
             b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n",
-            (501, "malformed HTTP request: Only Transfer-Encoding: chunked is supported"),
+            (501, "Transfer-Encoding 'gzip' is not supported; send the body with a Content-Length, or with"),
         ),
     ],
 )
