@@ -109,6 +109,7 @@ class Bench:
             )
             start_ms = (time.perf_counter() - began) * 1000.0
             check_card_names(session, card)
+            check_fp32_claim(card)
             predict = session_predict(session, card)
             latency = self.latency(predict, split, card.preprocess, macs)
         return Entry(
@@ -171,6 +172,21 @@ class Bench:
     def note(self, text: str) -> None:
         if text not in self.notes:
             self.notes.append(text)
+
+
+def check_fp32_claim(card: ModelCard) -> None:
+    """An INT8 card's nodes kept in FP32 must be FP32 in its graph: bench's ranking table marks them as such."""
+    claimed = (card.raw.get("quantization") or {}).get("fp32_nodes") or []
+    if not claimed:
+        return
+    from okdpipe.export.quantize import quantized_claims
+
+    wrong = quantized_claims(card.model_path, claimed)
+    if wrong:
+        raise OkdpipeError(
+            f"{card.directory}: the card says node {wrong[0]!r} runs in FP32, but the model lacks it or stores its "
+            "weights in integers (an edited card, or one copied from another export); re-export"
+        )
 
 
 def sensitivity_rows(card: ModelCard) -> list[dict]:

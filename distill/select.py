@@ -38,6 +38,7 @@ from okdpipe.errors import OkdpipeError
 from okdpipe.files import atomic_write_files, check_can_write_file, file_sha256, json_text
 from okdpipe.modelfile import ModelInfo, model_file_bytes, non_finite_tensors
 from okdpipe.run import now_iso
+from okdpipe.scoring import drop_points
 
 STRATEGIES = "auto, best, leader, mean-teacher, hybrid, soup, student:N, or a candidate's name"
 
@@ -340,7 +341,7 @@ def score_shipped(candidate: Scored, precision: ShippingPrecision, session: Sele
     except OkdpipeError as error:
         candidate.refused = f"{precision.name}: {error}"
         return
-    drop = (candidate.top1 - figures["val_top1"]) * 100.0
+    drop = drop_points(candidate.top1, figures["val_top1"])
     candidate.shipped = {"precision": precision.name, **figures, "drop_points": drop}
 
 

@@ -15,6 +15,9 @@ from okdpipe.stage_config import RecordedPath, StageConfig
 # Opsets 18+ come from torch's dynamo exporter, 13-17 from its TorchScript exporter (the dynamo exporter builds
 # nothing below 18 and its down-conversion fails on ordinary CNNs). Outside this range the export is refused.
 MIN_OPSET, DYNAMO_MIN_OPSET, MAX_OPSET = 13, 18, 23
+# --tune-budget: trials (30) or seconds (300s), digits 0-9 written plainly (no padding: 007 is refused, as every
+# other numeric option refuses it)
+TUNE_BUDGET = re.compile(r"(0|[1-9][0-9]*)(s?)")
 
 
 class ExportConfig(StageConfig):
@@ -54,8 +57,8 @@ class ExportConfig(StageConfig):
     @classmethod
     def _budget_is_trials_or_seconds(cls, value: object) -> str:
         text = str(value).strip()
-        if not re.fullmatch(r"[0-9]+s?", text):
-            raise ValueError(f"tune_budget {value!r} must be a number of trials (30) or of seconds (300s)")
+        if not TUNE_BUDGET.fullmatch(text):
+            raise ValueError(f"tune_budget {value!r} must be a plain number of trials (30) or of seconds (300s)")
         return text
 
     @model_validator(mode="after")

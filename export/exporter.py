@@ -40,7 +40,7 @@ from okdpipe.files import (
 from okdpipe.interrupts import surfacing_interrupts
 from okdpipe.modelfile import ModelInfo, non_finite_tensors
 from okdpipe.ortsession import create_session
-from okdpipe.scoring import first_batch, score
+from okdpipe.scoring import drop_points, first_batch, score
 
 ONNX_FILE = "model.onnx"
 STAGING_PREFIX = ".export-"
@@ -66,6 +66,7 @@ class ExportContext:
     fp32_top1: float | None = None
     spec: Any = None  # the dataset's DatasetSpec (QAT's training loader augments as training did)
     out_dir: Path | None = None  # OUT, where QAT keeps its resumable work folder
+    peers: Any = None  # the run's students, QAT's teacher (--qat-teacher ensemble), loaded before OUT is touched
 
 
 def export_model(model_path: str | os.PathLike, out_dir: str | os.PathLike, config: ExportConfig) -> list[ModelCard]:
@@ -106,8 +107,7 @@ def export_context(model_path: str | os.PathLike, config: ExportConfig) -> Expor
 
     model, info = load_model_file(model_path)
     check_finite_weights(model, model_path)
-    if config.qat_epochs and config.qat_teacher == "ensemble":
-        qat.teacher_run(info, model_path)
+    peers = qat.load_peers(info, model_path) if config.qat_epochs and config.qat_teacher == "ensemble" else None
     source = recorded_source(info, model_path).with_data_dir(config.data_dir)
     bundle = source.load()
     check_fits_dataset(info, bundle.spec, model_path)
@@ -130,6 +130,7 @@ def export_context(model_path: str | os.PathLike, config: ExportConfig) -> Expor
         onnx_export.parity_batches(first),
         config,
         spec=bundle.spec,
+        peers=peers,
     )
 
 
@@ -424,7 +425,18 @@ def build_int8(ctx: ExportContext, fp32_path: Path, onnx_path: Path) -> dict:
             shutil.copyfile(outcome.chosen.path, onnx_path)
         sensitivity = outcome.sensitivity or analyse(workbench, outcome.chosen.recipe, probe, ort_predict, Path(work))
         record = workbench.record(outcome.chosen.recipe)
+    check_fp32_claim(onnx_path, record["fp32_nodes"], "the accuracy-aware search kept")
     return {**record, "sensitivity": sensitivity, "tuning": outcome.record()}
+
+
+def check_fp32_claim(onnx_path: Path, fp32_nodes: list[str], who: str) -> None:
+    """The card will say these nodes run in FP32: the written graph must agree, or the export is refused."""
+    wrong = quantize.quantized_claims(onnx_path, fp32_nodes)
+    if wrong:
+        raise GateFailed(
+            f"{who} {', '.join(wrong[:3])} in FP32, but the int8 graph lacks it or stores its weights in integers; "
+            "the card would not describe the model: export with --tune-budget 0 and report this"
+        )
 
 
 def int8_trial(ctx: ExportContext, onnx_path: Path, recipe: quantize.Recipe, started: float) -> tune.Trial:
@@ -433,7 +445,7 @@ def int8_trial(ctx: ExportContext, onnx_path: Path, recipe: quantize.Recipe, sta
         top1 = val_top1(ctx, onnx_path, f"the int8 export of {ctx.model_path}")
     except GateFailed as failed:
         return tune.Trial(0, "plain", recipe, None, None, False, time.monotonic() - started, onnx_path, str(failed))
-    drop = (ctx.fp32_top1 - top1) * 100.0
+    drop = drop_points(ctx.fp32_top1, top1)
     meets = drop <= ctx.config.max_accuracy_drop
     return tune.Trial(0, "plain", recipe, top1, drop, meets, time.monotonic() - started, onnx_path)
 
@@ -464,7 +476,7 @@ def missed_limit(ctx: ExportContext, outcome: tune.Outcome) -> str:
 def accuracy_with_drop(ctx: ExportContext, predict, precision: str) -> dict:
     """Validation top-1 of the variant and its drop vs fp32, in percentage points; GateFailed over the limit."""
     result = score(predict, ctx.val, ctx.preprocess, what=f"the {precision} export of {ctx.model_path}")
-    drop = (ctx.fp32_top1 - result.top1) * 100.0
+    drop = drop_points(ctx.fp32_top1, result.top1)
     if not drop <= ctx.config.max_accuracy_drop:
         raise GateFailed(
             f"{precision} loses {drop:.2f} points of validation top-1 ({ctx.fp32_top1:.4f} -> {result.top1:.4f}), "

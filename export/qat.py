@@ -64,7 +64,7 @@ class QatResult:
 def quantization_aware_int8(ctx, onnx_path: Path) -> QatResult:
     """Fine-tune `ctx.model` with fake quantization, write it as QDQ ONNX to `onnx_path`; see module docstring."""
     config, settings = ctx.config, quantize.int8_settings(quantize.cpu_features())
-    teacher = None if config.qat_teacher == "labels" else ensemble_teacher(ctx, config.qat_temperature)
+    teacher = None if config.qat_teacher == "labels" else ensemble_teacher(ctx.peers, config.qat_temperature)
     work = ctx.out_dir / f"{WORK_PREFIX}{work_key(ctx, settings)}"
     remove_other_work(ctx.out_dir, work)
     network = fakequant.prepare(ctx.model, settings)
@@ -92,6 +92,7 @@ def qat_record(ctx, settings: dict, history: list[dict], opset: int) -> dict:
         "fp32_nodes": [],
         "epochs": config.qat_epochs,
         "teacher": config.qat_teacher,
+        "teacher_students": ctx.peers.count if distilled else 0,  # 1: the FP32 student itself (a one-student run)
         "loss": "(1-alpha) CE + alpha T^2 KL(teacher || student)" if distilled else "CE",
         "lr": config.qat_lr,
         "optimizer": f"SGD momentum {MOMENTUM}, cosine to 0 per step",
@@ -104,12 +105,21 @@ def qat_record(ctx, settings: dict, history: list[dict], opset: int) -> dict:
     }
 
 
-def ensemble_teacher(ctx, temperature: float) -> Teacher:
-    """The run's peers, rebuilt from its checkpoint: T log(mean_i softmax(z_i / T)), whose softmax at T is the
-    averaged peer distribution (what `distill.losses.kd` takes as teacher logits)."""
+def load_peers(info, model_path):
+    """The run's students in eval mode, rebuilt from its checkpoint (checked before export touches OUT); a run
+    that cannot give them is one line that also names the teacher-free fine-tune."""
     from okdpipe.distill.finished import load_run
 
-    students = load_run(teacher_run(ctx.info, ctx.model_path), device="cpu").students.eval()
+    run_dir = teacher_run(info, model_path)
+    try:
+        return load_run(run_dir, device="cpu").students.eval()
+    except OkdpipeError as error:
+        raise type(error)(f"{error}; or use --qat-teacher labels (fine-tune on the labels alone)") from None
+
+
+def ensemble_teacher(students, temperature: float) -> Teacher:
+    """The run's peers as one teacher: T log(mean_i softmax(z_i / T)), whose softmax at T is the averaged peer
+    distribution (what `distill.losses.kd` takes as teacher logits)."""
 
     @torch.no_grad()
     def teacher(inputs: torch.Tensor) -> torch.Tensor:

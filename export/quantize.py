@@ -180,6 +180,21 @@ def quantized_nodes(int8_path: Path) -> list[tuple[str, str]]:
     ]
 
 
+def quantized_claims(int8_path: Path, fp32_nodes: Iterable[str]) -> list[str]:
+    """The nodes of `fp32_nodes` that the graph does not keep in FP32: absent from it, or computing on an integer
+    constant (a weight or bias stored as int8/int32 behind a DequantizeLinear). An empty list when the claim holds.
+    (A kept node may still read an activation quantized for another consumer: only its own constants are checked.)"""
+    import onnx
+
+    graph = onnx.load(str(int8_path), load_external_data=False).graph
+    constants = {init.name for init in graph.initializer}
+    integer_constants = {
+        node.output[0] for node in graph.node if node.op_type == "DequantizeLinear" and node.input[0] in constants
+    }
+    nodes = {node.name: node for node in graph.node}
+    return [name for name in fp32_nodes if name not in nodes or integer_constants.intersection(nodes[name].input)]
+
+
 def _quantize_prepared(
     prepared, out_path, reader, recipe: Recipe, settings: dict, cache: Path | None, only: str | None = None
 ) -> None:

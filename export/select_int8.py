@@ -27,11 +27,12 @@ class Int8Precision:
     def __init__(self, config: ExportConfig | None = None):
         self.config = config or ExportConfig()
         self._settings = quantize.int8_settings(quantize.cpu_features())
+        self.calibration_samples: int | None = None  # images calibration read (calib_size or the whole train split)
 
     def settings(self) -> dict[str, Any]:
         return {
             "recipe": "plain static QDQ, as `okdpipe export --quantize int8` before any accuracy-aware search",
-            "calibration": {"method": self.config.calib_method, "samples": self.config.calib_size, "split": "train"},
+            "calibration": {"method": self.config.calib_method, "samples": self.calibration_samples, "split": "train"},
             "per_channel": self._settings["per_channel"],
             "reduce_range": self._settings["reduce_range"],
             "opset": self.config.opset,
@@ -49,6 +50,7 @@ class Int8Precision:
                 session.bundle.train, preprocess, self.config.calib_size, onnx_export.INPUT_NAME
             )
             quantize.quantize_int8_static(fp32, int8, reader, self.config.calib_method, self._settings)
+            self.calibration_samples = reader.samples
             int8_session, _ = create_session(int8)
             result = score(
                 lambda batch: onnx_export.run_session(int8_session, batch),

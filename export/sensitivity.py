@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from okdpipe.export.quantize import Int8Workbench, Recipe, quantized_nodes
-from okdpipe.scoring import SCORE_BATCH, normalised_batches
+from okdpipe.scoring import SCORE_BATCH, drop_points, normalised_batches
 
 Predict = Callable[[np.ndarray], np.ndarray]
 METRIC = "mean squared logit error / mean squared FP32 logit, on the validation sample"
@@ -99,7 +99,7 @@ def analyse(
         "metric": METRIC,
         "measured_with": recipe.record(),
         "int8_error": int8_error,
-        "int8_top1_drop_points": None if int8_top1 is None else (probe.fp32_top1 - int8_top1) * 100.0,
+        "int8_top1_drop_points": None if int8_top1 is None else drop_points(probe.fp32_top1, int8_top1),
         "nodes": ranked(rows),
     }
 
@@ -110,7 +110,7 @@ def node_row(name: str, op_type: str, error: float | None, top1: float | None, f
         "node": name,
         "op_type": op_type,
         "error": error,
-        "top1_drop_points": None if top1 is None else (fp32_top1 - top1) * 100.0,
+        "top1_drop_points": None if top1 is None else drop_points(fp32_top1, top1),
     }
 
 

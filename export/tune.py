@@ -15,7 +15,6 @@ The sensitivity pass is not a trial (its cost counts against a budget in seconds
 from __future__ import annotations
 
 import contextlib
-import re
 import sys
 import time
 from collections.abc import Callable
@@ -23,8 +22,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from okdpipe.errors import GateFailed, OkdpipeError
+from okdpipe.export.config import TUNE_BUDGET
 from okdpipe.export.quantize import Int8Workbench, Recipe
 from okdpipe.export.sensitivity import OutOfBudget, Predict, Probe, analyse
+from okdpipe.scoring import drop_points
 
 ORT_DEFAULT_PERCENTILE = 99.999  # what ORT's percentile calibrator keeps when given no CalibPercentile
 CALIBRATIONS = (
@@ -34,7 +35,6 @@ CALIBRATIONS = (
     ("percentile", 99.99),
     ("percentile", 99.9),
 )
-BUDGET_FORMAT = re.compile(r"^([0-9]+)(s?)$")
 
 
 @dataclass(frozen=True)
@@ -46,9 +46,9 @@ class TuneBudget:
 
     @classmethod
     def parse(cls, text: str) -> TuneBudget:
-        match = BUDGET_FORMAT.match(str(text).strip())
+        match = TUNE_BUDGET.fullmatch(str(text).strip())
         if not match:
-            raise OkdpipeError(f"--tune-budget {text!r}: give a number of trials (20) or of seconds (120s)")
+            raise OkdpipeError(f"--tune-budget {text!r}: give a plain number of trials (20) or of seconds (120s)")
         value = int(match.group(1))
         return cls(seconds=float(value)) if match.group(2) else cls(trials=value)
 
@@ -164,7 +164,7 @@ class Int8Tuner:
             top1 = self.evaluate(path)
         except GateFailed as failed:  # non-finite logits: a failed trial, never an accuracy
             return Trial(number, phase, recipe, None, None, False, time.monotonic() - start, path, str(failed))
-        drop = (self.fp32_top1 - top1) * 100.0
+        drop = drop_points(self.fp32_top1, top1)
         meets = drop <= self.max_drop
         return Trial(number, phase, recipe, top1, drop, meets, time.monotonic() - start, path)
 

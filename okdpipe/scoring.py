@@ -17,6 +17,14 @@ from okdpipe.progress import progress
 
 Predict = Callable[[np.ndarray], np.ndarray]
 SCORE_BATCH = 256
+DROP_DECIMALS = 9  # a real drop is a multiple of 100/N points (N images): 1e-4 or coarser up to a million images
+
+
+def drop_points(reference_top1: float, top1: float) -> float:
+    """How many percentage points `top1` lies below `reference_top1`, rounded to DROP_DECIMALS. Rounding takes off
+    the float error of a difference of two fractions, which would otherwise put a drop of exactly the limit over
+    it: (0.30 - 0.29) * 100 is 1.0000000000000009, and `--max-accuracy-drop 1` would refuse one image in 100."""
+    return round((reference_top1 - top1) * 100.0, DROP_DECIMALS)
 
 
 def normalised_batches(

@@ -36,7 +36,7 @@ def test_budget_is_trials_or_seconds(text, trials, seconds, off):
     assert (budget.trials, budget.seconds, budget.off) == (trials, seconds, off)
 
 
-@pytest.mark.parametrize("text", ["2m", "-1", "1.5", "", "s", "３０", "٣s", "²"])  # digits are 0-9 only
+@pytest.mark.parametrize("text", ["2m", "-1", "1.5", "", "s", "３０", "٣s", "²", "007", "00s", "1e3", "nan", "10 s"])
 def test_a_bad_budget_is_refused_with_the_fix(text):
     with pytest.raises(OkdpipeError, match="number of trials"):
         tune.TuneBudget.parse(text)
@@ -120,6 +120,112 @@ def test_a_trial_budget_bounds_the_search(tmp_path, monkeypatch):
     assert outcome.chosen is None and outcome.stopped == "budget spent"
     assert len(outcome.trials) == 1 + 3 and len(workbench.asked) == 3 and measured_with == []
     assert outcome.record()["budget"] == {"trials": 3} and outcome.record()["chosen_trial"] is None
+
+
+def test_a_drop_of_exactly_the_limit_meets_it(tmp_path, monkeypatch):
+    """29 of 100 against FP32's 30 of 100 is a drop of exactly 1 point; (0.30 - 0.29) * 100 in floats is not."""
+    assert (0.30 - 0.29) * 100.0 > 1.0  # the float trap this guards against
+    workbench = ScriptedWorkbench(tmp_path)
+    budget = tune.TuneBudget.parse("1")
+    tuner = tune.Int8Tuner(workbench, lambda path: None, lambda path: 0.29, 0.30, 1.0, budget, probe=None)
+    trial = tuner.trial(1, "calibration", Recipe("entropy"))
+    assert trial.meets and trial.drop_points == 1.0
+
+
+def test_the_best_trial_ties_to_the_earlier_and_skips_failures(tmp_path):
+    def trial(number, top1):
+        return tune.Trial(number, "calibration", Recipe("minmax"), top1, None, False, 0.0)
+
+    tuner = tune.Int8Tuner(ScriptedWorkbench(tmp_path), None, None, 0.9, 0.0, tune.TuneBudget.parse("5"), None)
+    tuner.trials = [trial(0, 0.5), trial(1, None), trial(2, 0.7), trial(3, 0.7), trial(4, 0.6)]
+    assert tuner.best().number == 2
+    tuner.trials = [trial(0, None), trial(1, None)]
+    assert tuner.best().number == 0
+
+
+def test_the_ranking_puts_the_most_sensitive_node_first():
+    from okdpipe.export.sensitivity import ranked
+
+    rows = [
+        {"node": "small", "error": 0.01},
+        {"node": "nan", "error": None},
+        {"node": "big", "error": 0.5},
+        {"node": "b-tie", "error": 0.2},
+        {"node": "a-tie", "error": 0.2},
+    ]
+    order = [(row["rank"], row["node"]) for row in ranked(rows)]
+    assert order == [(1, "nan"), (2, "big"), (3, "a-tie"), (4, "b-tie"), (5, "small")]
+
+
+def test_the_relative_logit_error_by_value():
+    from okdpipe.export.sensitivity import relative_error
+
+    reference = np.array([[3.0, -4.0], [0.0, 5.0]])  # mean square (9 + 16 + 0 + 25) / 4 = 12.5
+    assert relative_error(reference, reference) == 0.0
+    shifted = reference + np.array([[1.0, 0.0], [0.0, -2.0]])  # mean squared error (1 + 4) / 4 = 1.25
+    assert relative_error(shifted, reference) == pytest.approx(0.1)
+
+
+def test_the_card_record_names_the_recipe_shipped():
+    from okdpipe.export.quantize import static_record
+
+    recipe = Recipe("percentile", 99.99, per_channel=False, fp32_nodes=("conv_a", "gemm"))
+    settings = {"activation_type": "QUInt8", "weight_type": "QInt8", "per_channel": True, "reduce_range": True}
+    record = static_record(recipe, 40, settings)
+    assert record["fp32_nodes"] == ["conv_a", "gemm"] and record["per_channel"] is False
+    assert record["calibration"] == {"method": "percentile", "percentile": 99.99, "samples": 40, "split": "train"}
+    assert record["reduce_range"] is True and record["method"] == "static" and record["format"] == "QDQ"
+
+
+def hand_made_qdq(path: Path) -> Path:
+    """conv_q reads an int8 weight through a DequantizeLinear, conv_f a float weight; relu reads conv_f."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    initializers = [
+        numpy_helper.from_array(np.ones((2, 1, 1, 1), np.int8), "w_int8"),
+        numpy_helper.from_array(np.float32(0.1), "w_scale"),
+        numpy_helper.from_array(np.ones((2, 2, 1, 1), np.float32), "w_float"),
+    ]
+    nodes = [
+        helper.make_node("DequantizeLinear", ["w_int8", "w_scale"], ["w_dq"], name="dq"),
+        helper.make_node("Conv", ["x", "w_dq"], ["a"], name="conv_q"),
+        helper.make_node("Conv", ["a", "w_float"], ["b"], name="conv_f"),
+        helper.make_node("Relu", ["b"], ["y"], name="relu"),
+    ]
+    tensor = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, None, 4, 4])  # noqa: E731
+    graph = helper.make_graph(nodes, "g", [tensor("x")], [tensor("y")], initializers)
+    onnx.save(helper.make_model(graph), str(path))
+    return path
+
+
+def test_a_claim_of_fp32_nodes_is_checked_on_the_graph(tmp_path):
+    from okdpipe.export.exporter import check_fp32_claim
+    from okdpipe.export.quantize import quantized_claims
+
+    path = hand_made_qdq(tmp_path / "m.onnx")
+    assert quantized_claims(path, ["conv_f", "relu"]) == []
+    assert quantized_claims(path, ["conv_f", "conv_q", "ghost"]) == ["conv_q", "ghost"]
+    check_fp32_claim(path, ["conv_f"], "the search kept")
+    with pytest.raises(GateFailed, match="the search kept conv_q in FP32, but the int8 graph") as refused:
+        check_fp32_claim(path, ["conv_q"], "the search kept")
+    assert "\n" not in str(refused.value)
+
+
+def test_bench_refuses_a_card_claiming_fp32_nodes_the_model_quantizes(tmp_path):
+    from types import SimpleNamespace
+
+    from okdpipe.bench.run import check_fp32_claim
+
+    path = hand_made_qdq(tmp_path / "m.onnx")
+
+    def card(nodes):
+        return SimpleNamespace(raw={"quantization": {"fp32_nodes": nodes}}, model_path=path, directory=tmp_path)
+
+    check_fp32_claim(card(["conv_f"]))
+    check_fp32_claim(SimpleNamespace(raw={"quantization": None}, model_path=path, directory=tmp_path))
+    with pytest.raises(OkdpipeError, match="node 'conv_q' runs in FP32, but the model") as refused:
+        check_fp32_claim(card(["conv_f", "conv_q"]))
+    assert "\n" not in str(refused.value) and str(refused.value).endswith("re-export")
 
 
 # ---------------------------------------------------------------- end to end: a model plain INT8 breaks

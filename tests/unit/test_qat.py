@@ -90,6 +90,118 @@ def test_activation_scale_is_ort_asymmetric_uint8_of_the_ema_range():
     np.testing.assert_allclose(quant(x).numpy(), (q - round(0.85 / scale)) * scale, atol=1e-6)
 
 
+@pytest.mark.parametrize("observed, scale, zero_point", [([0.5, 2.0], 2.0 / 255, 0), ([-3.0, -1.0], 3.0 / 255, 255)])
+def test_the_activation_range_always_holds_zero(observed, scale, zero_point):
+    """ORT widens a calibrated range to hold 0 (a ReLU output, a padded zero): [0.5, 2] quantizes as [0, 2]."""
+    quant = fakequant.ActivationQuant()
+    quant(torch.tensor(observed))
+    quant.freeze()
+    assert math.isclose(float(quant.scale), scale, rel_tol=1e-6) and int(quant.zero_point) == zero_point
+    assert float(quant(torch.tensor([0.0]))) == 0.0  # zero is exactly representable
+
+
+def test_the_zero_point_is_rounded_to_the_nearest_level():
+    """[-0.3, 1.0]: scale 1.3 / 255, zero point round(0.3 / scale) = round(58.85) = 59 (ORT rounds), not 58."""
+    quant = fakequant.ActivationQuant()
+    quant(torch.tensor([-0.3, 1.0]))
+    quant.freeze()
+    assert 0.3 / (1.3 / 255) == pytest.approx(58.846, abs=1e-3) and int(quant.zero_point) == 59
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point, low: int, high: int) -> torch.Tensor:
+    """(clamp(round(x / s) + z, low, high) - z) s, written out (scale per channel along dim 0 when a vector)."""
+    if scale.ndim:
+        scale = scale.reshape(-1, *[1] * (x.ndim - 1))
+    return (torch.clamp(torch.round(x / scale) + zero_point, low, high) - zero_point) * scale
+
+
+def test_a_quantized_layer_computes_the_integer_scheme():
+    """The first conv (BatchNorm folded): uint8 input, int8 per-channel weights, int32 bias on s_in * s_w, its
+    ReLU, then uint8 output, each step written out here."""
+    network = calibrated(shaken_resnet8()).eval()
+    layer = fakequant.quant_layers(network)[0]
+    conv = layer.layer
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        s_in, z_in = layer.input_quant.scale, layer.input_quant.zero_point
+        s_w = conv.weight.abs().flatten(1).amax(1) / 127
+        weight = fake_quant(conv.weight, s_w, 0, -127, 127)
+        bias = torch.round(conv.bias / (s_in * s_w)) * (s_in * s_w)
+        y = torch.nn.functional.conv2d(
+            fake_quant(x, s_in, z_in, 0, 255), weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups
+        )
+        y = y if layer.activation is None else layer.activation(y)
+        expected = fake_quant(y, layer.output_quant.scale, layer.output_quant.zero_point, 0, 255)
+        actual = layer(x)
+    off = (actual - expected).abs() > 1e-6
+    assert float(off.float().mean()) < 1e-3  # a value a float ulp from a rounding tie may land on its neighbour
+    assert float((actual - expected).abs().max()) <= float(layer.output_quant.scale) * 1.001
+
+
+def test_the_qat_learning_rate_is_a_cosine_to_zero():
+    assert qat.cosine_lr(1e-3, 0, 10) == pytest.approx(1e-3)
+    assert qat.cosine_lr(1e-3, 5, 10) == pytest.approx(5e-4)
+    assert qat.cosine_lr(1e-3, 10, 10) == pytest.approx(0.0, abs=1e-12)
+    assert qat.cosine_lr(1e-3, 2, 10) == pytest.approx(1e-3 * (1 + math.cos(math.pi * 0.2)) / 2)
+
+
+def test_the_resume_key_covers_the_teacher_and_every_qat_option(tmp_path):
+    from types import SimpleNamespace
+
+    (tmp_path / "m.pt").write_bytes(b"model")
+
+    def key(**options):
+        config = ExportConfig(**{**QAT, **options})
+        ctx = SimpleNamespace(config=config, model_path=tmp_path / "m.pt", source=SimpleNamespace(as_record=dict))
+        return qat.work_key(ctx, {"reduce_range": False})
+
+    base = key()
+    assert key() == base
+    changed = [{"qat_teacher": "labels"}, {"qat_alpha": 0.5}, {"qat_epochs": 2}, {"qat_lr": 0.01}, {"calib_size": 64}]
+    assert len({base, *(key(**option) for option in changed)}) == 1 + len(changed)
+
+
+class TwoPeers(torch.nn.Module):
+    """A stand-in for a run's students: peer 0 answers the first 4 pixels as logits, peer 1 their negation."""
+
+    count = 2
+
+    def forward(self, views):
+        from types import SimpleNamespace
+
+        logits = views[0].flatten(1)[:, :4]
+        return SimpleNamespace(logits=torch.stack([logits, -logits]))
+
+
+@pytest.mark.parametrize("teacher", ["ensemble", "labels"])
+def test_the_fine_tune_learns_from_the_peer_ensemble_unless_told_labels(teacher, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    taught = {}
+    monkeypatch.setattr(qat, "fine_tune", lambda network, ctx, teacher, work: taught.update(by=teacher) or [])
+    monkeypatch.setattr(qdq, "export_qdq", lambda *args: 18)
+    (tmp_path / "m.pt").write_bytes(b"model")
+    ctx = SimpleNamespace(
+        config=ExportConfig(**QAT, qat_teacher=teacher, qat_temperature=2.0),
+        model=create_model("resnet8", 4, 3),
+        peers=TwoPeers() if teacher == "ensemble" else None,
+        info=SimpleNamespace(in_channels=3, input_size=(16, 16)),
+        model_path=tmp_path / "m.pt",
+        source=SimpleNamespace(as_record=dict),
+        out_dir=tmp_path,
+        train=range(10),
+    )
+    record = qat.quantization_aware_int8(ctx, tmp_path / "m.onnx").record
+    assert record["teacher"] == teacher and record["teacher_students"] == (2 if teacher == "ensemble" else 0)
+    if teacher == "labels":
+        assert taught["by"] is None and record["alpha"] == 0.0
+        return
+    x = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(8))
+    z = x.flatten(1)[:, :4].double().numpy() / 2.0
+    averaged = (np.exp(z) / np.exp(z).sum(1, keepdims=True) + np.exp(-z) / np.exp(-z).sum(1, keepdims=True)) / 2
+    np.testing.assert_allclose(taught["by"](x).numpy(), 2.0 * np.log(averaged), rtol=1e-5, atol=1e-6)
+
+
 def test_gradients_reach_every_weight_through_fake_quantization():
     network = calibrated(shaken_resnet8()).train()
     x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(4))
@@ -136,6 +248,10 @@ def test_qdq_onnx_matches_the_fake_quantized_network(tmp_path):
     np.testing.assert_allclose(stored[bias_dq.input[1]], bias_scale, rtol=1e-6)
     expected_bias = np.round(first.layer.bias.detach().numpy() / bias_scale)
     np.testing.assert_array_equal(stored[bias_dq.input[0]], expected_bias.astype(np.int32))
+    w = first.layer.weight.detach().numpy()  # int8 weights: round half to even of w / s_w, as ORT stores them
+    np.testing.assert_array_equal(
+        stored[producer_input(graph, conv.input[1])], np.rint(w / w_scale[:, None, None, None])
+    )
     x = torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         expected = network(x).numpy()
@@ -230,6 +346,24 @@ def test_ensemble_teacher_without_its_run_names_the_labels_fix(tmp_path):
     result = CliRunner().invoke(app, ["export", str(tmp_path / "m.pt"), *flags])
     assert result.exit_code == 2 and result.output.startswith("error: ") and "--qat-teacher labels" in result.output
     assert result.output.strip().count("\n") == 0 and list(out.iterdir()) == []  # refused before OUT is locked
+
+
+def test_an_unfinished_teacher_run_is_refused_before_out_naming_the_labels_fix(tmp_path):
+    from okdpipe.errors import OkdpipeError
+    from okdpipe.modelfile import ModelInfo, save_model_file
+
+    run = tmp_path / "run"
+    run.mkdir()
+    unfinished = {"manifest_version": 1, "stage": "distill", "config": {}, "status": "running"}
+    (run / "manifest.json").write_text(json.dumps(unfinished))
+    info = ModelInfo("resnet8", 4, 3, (16, 16), (0.5,) * 3, (0.25,) * 3, tuple("abcd"), "synthetic")
+    info.provenance = {"data": {"dataset": "synthetic", "val_split": 0.25, "seed": 0}, "run_dir": str(run)}
+    save_model_file(create_model("resnet8", 4, 3), info, tmp_path / "m.pt")
+    with pytest.raises(OkdpipeError, match="training did not finish") as refused:
+        export_context(tmp_path / "m.pt", ExportConfig(**QAT))
+    message = str(refused.value)
+    assert message.endswith("or use --qat-teacher labels (fine-tune on the labels alone)") and "\n" not in message
+    assert refused.value.exit_code == 2
 
 
 def test_interrupted_export_keeps_only_its_qat_work_and_resumes_from_it(model_file, tmp_path, monkeypatch):

@@ -42,6 +42,21 @@ def test_the_choice_ranks_int8_and_ties_go_to_the_smaller():
     assert choose(scored, "auto", "best-student").name == "student:0"
 
 
+@pytest.mark.parametrize("calib_size", [10, 1000])
+def test_selection_records_the_images_int8_was_calibrated_on(calib_size):
+    """--calib-size is an upper bound: the synthetic split has 48 training images, so 1000 calibrates on 48."""
+    from types import SimpleNamespace
+
+    from okdpipe.distill.models import create_model
+    from okdpipe.export.select_int8 import Int8Precision
+
+    bundle = load_dataset("synthetic", val_split=0.25, seed=0)
+    precision = Int8Precision(ExportConfig(calib_size=calib_size))
+    figures = precision.score(create_model("resnet8", 4, 3).eval(), SimpleNamespace(bundle=bundle))
+    assert 0.0 <= figures["val_top1"] <= 1.0 and figures["val_samples"] == len(bundle.val) == 16
+    assert precision.settings()["calibration"]["samples"] == min(calib_size, len(bundle.train)) == min(calib_size, 48)
+
+
 @pytest.fixture(scope="module")
 def two_students(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs") / "dml"
