@@ -137,8 +137,10 @@ def late(write_plugin) -> Path:
 
 @pytest.fixture()
 def broken(late, monkeypatch):
-    """The plug-in loaded and broken (tests fix it by clearing BROKEN); OKDPIPE_PLUGINS restored afterwards."""
+    """The plug-in loaded and broken (tests fix it by clearing BROKEN); OKDPIPE_PLUGINS and the list of plug-ins
+    named so far restored afterwards."""
     monkeypatch.delenv(plugins.ENVIRONMENT, raising=False)
+    monkeypatch.setattr(plugins, "_named", [])
     [plugin] = plugins.load_plugins([str(late)])
     module = __import__(plugin.module)
     monkeypatch.setattr(module, "BROKEN", True)

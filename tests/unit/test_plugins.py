@@ -45,8 +45,10 @@ def plugin_file(write_plugin) -> Path:
 
 @pytest.fixture()
 def clean_environment(monkeypatch):
-    """Loading a plug-in writes OKDPIPE_PLUGINS for child processes; restore it after each test."""
+    """Loading a plug-in writes OKDPIPE_PLUGINS (every plug-in named so far) for child processes; restore it and
+    the list of names after each test, so plug-ins other test files loaded are not in it."""
     monkeypatch.delenv(plugins.ENVIRONMENT, raising=False)
+    monkeypatch.setattr(plugins, "_named", [])
 
 
 def python(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
