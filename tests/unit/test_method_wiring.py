@@ -55,6 +55,16 @@ def session(tmp_path, **options):
     return build_session(cfg, RunDir(tmp_path / "r"))
 
 
+def test_okdph_trains_each_model_on_its_own_augmentation_kind_unless_told_same(tmp_path):
+    """Two students: rotation for student 0, cutout for student 1 and RandAugment(2, 9) without flip for the
+    hybrid's view (the official code's kinds); --view-augment same gives every view the dataset's own, as does
+    every other method."""
+    expected = (ViewAugment(rotate=15.0), ViewAugment(cutout=16), ViewAugment(hflip=False, randaugment=(2, 9)))
+    assert session(tmp_path, method="okdph").train_loader.source.policy == expected
+    assert session(tmp_path, method="okdph", view_augment="same").train_loader.source.policy is None
+    assert session(tmp_path, method="dml").train_loader.source.policy is None
+
+
 def test_training_recalibrates_on_the_runs_seeded_sample_of_twenty_eval_batches(tmp_path):
     """20 batches of --eval-batch-size (40 of the 48 training images), class-balanced, drawn with the run's seed
     (so select, drawing with the same seed, records the sample training used)."""
