@@ -20,6 +20,7 @@ import yaml
 from typer.testing import CliRunner
 
 from okdpipe.cli import app
+from okdpipe.distill.models import create_model
 from tests.cli.test_conventions import (  # noqa: F401  (fixtures)
     QUICK,
     ROOT,
@@ -134,6 +135,10 @@ MISTAKES = {
         "backbone 'extra_class_cnn' gives logits of shape [2, 5] for a batch of 2, expected [2, 4]",
     ),
     "distill init that is not weights": ([*DISTILL, "--init", "T/list.yaml"], "not a readable weights file"),
+    "distill init of BatchNorm counters only": (
+        [*DISTILL, "--arch", "resnet8", "--init", "T/counters.pt"],
+        "loads no weight: the only entries it shares with the students are 9 integer counter(s)",
+    ),
     "distill out is a device": ([*DISTILL[:-1], "/dev/null"], "not a folder"),
     "distill out in /proc": ([*DISTILL[:-1], "/proc/okdpipe-run"], "is not writable"),
     "pipeline on a GPU nobody has": pytest.param(
@@ -189,6 +194,8 @@ def test_a_dry_run_refuses_what_the_real_run_refuses(artifact, model_file, finis
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     (tmp_path / "empty").write_text("\n")
     (tmp_path / "extra_class_plugin.py").write_text(EXTRA_CLASS_PLUGIN)
+    counters = {k: v for k, v in create_model("resnet8", 4, 3).state_dict().items() if "num_batches" in k}
+    torch.save(counters, tmp_path / "counters.pt")  # BatchNorm counters and no weight: --init refuses it
     os.mkfifo(tmp_path / "fifo")
     (tmp_path / "alink").symlink_to(artifact, target_is_directory=True)
     shutil.copytree(artifact, tmp_path / "acopy")
