@@ -18,6 +18,7 @@ MIN_OPSET, DYNAMO_MIN_OPSET, MAX_OPSET = 13, 18, 23
 # --tune-budget: trials (30) or seconds (300s), digits 0-9 written plainly (no padding: 007 is refused, as every
 # other numeric option refuses it)
 TUNE_BUDGET = re.compile(r"(0|[1-9][0-9]*)(s?)")
+PLAIN_INT8_ONLY = ("calib_method", "tune_budget", "sensitivity_samples")  # read by export/quantize.py and tune.py
 
 
 class ExportConfig(StageConfig):
@@ -60,6 +61,19 @@ class ExportConfig(StageConfig):
         if not TUNE_BUDGET.fullmatch(text):
             raise ValueError(f"tune_budget {value!r} must be a plain number of trials (30) or of seconds (300s)")
         return text
+
+    @model_validator(mode="after")
+    def _qat_reads_no_plain_int8_option(self) -> ExportConfig:
+        """QAT calibrates its own way (EMA min/max, export/qat.py) and runs neither the search nor the sensitivity
+        analysis: one of their options given beside --qat-epochs would be silently ignored."""
+        ignored = [name for name in PLAIN_INT8_ONLY if name in self.model_fields_set]
+        if self.qat_epochs and ignored:
+            flags = ", ".join("--" + name.replace("_", "-") for name in ignored)
+            raise ValueError(
+                f"plain int8's {flags} would be ignored: --qat-epochs replaces plain int8 (QAT calibrates its own "
+                "way and runs no search); drop them or --qat-epochs"
+            )
+        return self
 
     @model_validator(mode="after")
     def _qat_needs_int8(self) -> ExportConfig:

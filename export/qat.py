@@ -176,7 +176,7 @@ def train_epoch(network, optimizer, loader, epoch: int, teacher: Teacher | None,
 
     network.train()
     total, steps, per_epoch = 0.0, 0, len(loader)
-    with progress(per_epoch, f"QAT epoch {epoch + 1}/{config.qat_epochs}") as advance:
+    with progress(per_epoch, f"QAT epoch {epoch + 1}/{config.qat_epochs}", unit="steps") as advance:
         for step, batch in enumerate(loader.epoch(epoch)):
             inputs = batch.views[0]
             for group in optimizer.param_groups:

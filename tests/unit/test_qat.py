@@ -324,6 +324,11 @@ def test_export_ships_qat_int8_and_the_teacher_changes_the_weights(model_file, t
         (["--quantize", "int8", "--qat-epochs", "-1"], "--qat-epochs -1"),
         (["--quantize", "int8", "--qat-epochs", "1", "--qat-lr", "0"], "--qat-lr 0"),
         (["--quantize", "int8", "--qat-epochs", "1", "--qat-alpha", "1.5"], "--qat-alpha 1.5"),
+        (["--quantize", "int8", "--qat-epochs", "1", "--calib-method", "entropy"], "plain int8's --calib-method would"),
+        (
+            ["--quantize", "int8", "--qat-epochs", "2", "--tune-budget", "0", "--sensitivity-samples", "64"],
+            "plain int8's --tune-budget, --sensitivity-samples would be ignored: --qat-epochs replaces plain int8",
+        ),
     ],
 )
 def test_bad_qat_options_are_one_line_before_out_is_touched(model_file, tmp_path, flags, message):
