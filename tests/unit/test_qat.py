@@ -138,6 +138,17 @@ def test_a_quantized_layer_computes_the_integer_scheme():
     assert float((actual - expected).abs().max()) <= float(layer.output_quant.scale) * 1.001
 
 
+def test_an_absorbed_relu_comes_before_the_output_is_observed_and_quantized():
+    """ORT fuses Conv+Relu and quantizes the ReLU's output: each layer with an absorbed ReLU calibrated its output
+    range on values >= 0 (zero point 0), spending no uint8 level on negatives the ReLU removes. (Quantizing before
+    the ReLU gives the same outputs on the grid, so only the calibrated range tells the two apart.)"""
+    network = calibrated(shaken_resnet8()).eval()
+    with_relu = [layer for layer in fakequant.quant_layers(network) if layer.activation is not None]
+    assert with_relu
+    for layer in with_relu:
+        assert float(layer.output_quant.low) >= 0 and int(layer.output_quant.zero_point) == 0
+
+
 def test_the_qat_learning_rate_is_a_cosine_to_zero():
     assert qat.cosine_lr(1e-3, 0, 10) == pytest.approx(1e-3)
     assert qat.cosine_lr(1e-3, 5, 10) == pytest.approx(5e-4)
