@@ -9,7 +9,7 @@ from okdpipe.contracts.inputs import labels_problem
 from okdpipe.datasets.spec import DATASETS
 from okdpipe.datasets.splits import DataBundle, balanced_subset, stratified_holdout
 from okdpipe.errors import OkdpipeError
-from okdpipe.foreign import blamed, of_stage
+from okdpipe.foreign import blamed, dataset
 
 
 def check_options(name: str, loader, options: dict) -> None:  # noqa: ANN001 - any registered loader
@@ -48,9 +48,7 @@ def load_dataset(
     """
     loader = DATASETS.get(name)
     check_options(name, loader, options)
-    with blamed(
-        of_stage(None, name, ()), lambda: "while loading its splits"
-    ):  # a plug-in's loader: its exception is one line
+    with blamed(dataset(name), lambda: "while loading its splits"):  # a plug-in's loader: its exception is one line
         raw = loader(Path(data_dir) if data_dir is not None else None, **options)
     check_labels(raw.spec.labels, f"dataset {name!r}", "fix the names its loader gives the classes")
     if raw.val is None:

@@ -52,6 +52,7 @@ from okdpipe.distill.checkpoint import LAST, PENDING, has_checkpoint, load_check
 from okdpipe.distill.diagnose import chance_warning
 from okdpipe.distill.distributed import Group
 from okdpipe.distill.evaluate import calibration_sample, evaluate_run, recalibrate_bn
+from okdpipe.distill.foreign_parts import of_stage
 from okdpipe.distill.fused import FusedStudents
 from okdpipe.distill.init_weights import initialise, summary_line
 from okdpipe.distill.methods import METHODS, Method, StepContext
@@ -64,7 +65,7 @@ from okdpipe.distill.students import Students
 from okdpipe.distill.trackers import Trackers, open_trackers, require
 from okdpipe.errors import GateFailed, OkdpipeError, PluginFailed
 from okdpipe.files import atomic_write_text, check_can_create_folder, loads_finite, recorded_path
-from okdpipe.foreign import Foreign, ForeignBreach, blamed, of_stage
+from okdpipe.foreign import Foreign, ForeignBreach, blamed
 from okdpipe.modelfile import non_finite_tensors
 from okdpipe.plugins import loaded_spec
 from okdpipe.run import RunDir, environment, now_iso

@@ -55,26 +55,12 @@ def registered(kind: str, name: str, obj: Any) -> Optional[Foreign]:
     return Foreign(kind, name, f"plug-in {record['plugin']!r}", record["module"]) if record else None
 
 
-def backbone(arch: str) -> Optional[Foreign]:
-    """A registered backbone's plug-in, or for `timm:NAME` and `torchvision:NAME` the library."""
-    from okdpipe.distill.models.base import registered_builder
-    from okdpipe.distill.models.external import is_external
-
-    if not is_external(arch):
-        return registered("backbone", arch, registered_builder(arch))
-    library = arch.partition(":")[0]
-    return Foreign("backbone", arch, library, library)
-
-
-def of_stage(method: str | None, dataset: str | None, archs: Iterable[str]) -> list[Foreign]:
-    """The foreign parts among a stage's method, dataset and backbones (None: the stage runs no such code)."""
+def dataset(name: str) -> list[Foreign]:
+    """The dataset `name` as a foreign part when a plug-in registered it (a list: what `blamed` takes)."""
     from okdpipe.datasets import DATASETS
-    from okdpipe.distill.methods import METHODS
 
-    parts = [registered("method", method, METHODS.get(method)) if method else None]
-    parts.append(registered("dataset", dataset, DATASETS.get(dataset)) if dataset else None)
-    parts += [backbone(arch) for arch in dict.fromkeys(archs)]
-    return [part for part in parts if part is not None]
+    part = registered("dataset", name, DATASETS.get(name))
+    return [part] if part is not None else []
 
 
 def culprit(exc: BaseException, parts: Iterable[Foreign]) -> Optional[Foreign]:
